@@ -1,0 +1,153 @@
+//! The application behind `bench_server` and the end-to-end tests: the endpoints of
+//! `shared/bench/SPEC.md` plus the hyper-sessions extras, on any store.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Request, Response, StatusCode};
+use hyper_sessions::{Error, Expiry, Session};
+
+/// The response type of every endpoint.
+pub type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn ok(body: impl Into<Bytes>) -> Response<Body> {
+    text(StatusCode::OK, body)
+}
+
+/// A session error as the handler reports it: 503 when the store is unavailable, 500 otherwise,
+/// never with the error's text.
+fn failure(err: &Error) -> Response<Body> {
+    let status = if err.is_unavailable() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    text(status, Bytes::new())
+}
+
+/// Decodes `%XX` escapes and `+` (as in a query string); invalid escapes are kept as they are.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    out.push(v);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_value(query: Option<&str>) -> String {
+    query
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("v=")))
+        .map_or_else(|| "1".to_owned(), percent_decode)
+}
+
+/// Serves one request.
+pub async fn handle<B>(req: Request<B>) -> Result<Response<Body>, Infallible> {
+    let Ok(session) = Session::from_request(&req) else {
+        return Ok(text(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()));
+    };
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    Ok(route(&session, &path, query.as_deref())
+        .await
+        .unwrap_or_else(|e| failure(&e)))
+}
+
+async fn route(session: &Session, path: &str, query: Option<&str>) -> Result<Response<Body>, Error> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    Ok(match segments.as_slice() {
+        ["untouched"] => ok("ok"),
+        ["read"] => {
+            let n: i64 = session.get("count").await?.unwrap_or(0);
+            ok(n.to_string())
+        }
+        ["counter"] => {
+            let n: i64 = session.get("count").await?.unwrap_or(0);
+            session.insert("count", &(n + 1)).await?;
+            ok((n + 1).to_string())
+        }
+        ["login"] => {
+            session.insert("count", &0_i64).await?;
+            ok("0")
+        }
+        ["set", key] => {
+            session.insert(&percent_decode(key), &query_value(query)).await?;
+            ok("ok")
+        }
+        ["get", key] => match session.get::<serde_json::Value>(&percent_decode(key)).await? {
+            Some(serde_json::Value::String(s)) => ok(s),
+            Some(v) => ok(v.to_string()),
+            None => text(StatusCode::NOT_FOUND, Bytes::new()),
+        },
+        ["keys"] => ok(session.keys().await?.join("\n")),
+        ["incr", key] => {
+            let n: i64 = session
+                .update(&percent_decode(key), |n: Option<i64>| n.unwrap_or(0) + 1)
+                .await?;
+            ok(n.to_string())
+        }
+        ["flash", key] => {
+            session.flash(&percent_decode(key), &query_value(query)).await?;
+            ok("ok")
+        }
+        ["remove", key] => {
+            session.remove(&percent_decode(key)).await?;
+            ok("ok")
+        }
+        ["clear"] => {
+            session.clear().await?;
+            ok("ok")
+        }
+        ["cycle"] => {
+            session.cycle_id().await?;
+            ok("ok")
+        }
+        ["destroy"] => {
+            session.destroy().await?;
+            ok("ok")
+        }
+        ["id"] => ok(session.id().await?.map(|id| id.to_string()).unwrap_or_default()),
+        ["remember", secs] => {
+            let secs = secs.parse().unwrap_or(60);
+            session
+                .set_expiry(Expiry::OnInactivity(Duration::from_secs(secs)))
+                .await?;
+            ok("ok")
+        }
+        ["sleep", ms, "set", key] => {
+            // Load first, so the sleep holds a loaded session open while others save.
+            session.contains("count").await?;
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            session.insert(&percent_decode(key), "1").await?;
+            ok("ok")
+        }
+        _ => text(StatusCode::NOT_FOUND, Bytes::new()),
+    })
+}

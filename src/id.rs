@@ -1,0 +1,190 @@
+//! Session ids: generation from the OS CSPRNG and strict parsing.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A session id: a random (version 4) UUID drawn from the operating system's CSPRNG.
+///
+/// 122 of its 128 bits are random. Its one text form, used in the cookie and by stores, is the
+/// lowercase hyphenated UUID (`8-4-4-4-12` hex digits, 36 characters). Parsing accepts that
+/// form only, with the version and variant bits of a v4 UUID, so an id that this crate cannot
+/// have issued is rejected before any store sees it.
+///
+/// `Debug` does not print the id (it is a bearer secret); `Display` does, for stores and for
+/// applications that index sessions by user.
+///
+/// # Examples
+/// ```
+/// use hyper_sessions::Id;
+///
+/// let id = Id::random();
+/// let text = id.to_string();
+/// assert_eq!(text.len(), 36);
+/// assert_eq!(text.parse::<Id>().unwrap(), id);
+/// assert!("not-an-id".parse::<Id>().is_err());
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(u128);
+
+/// The length of an id's text form.
+pub(crate) const ID_LEN: usize = 36;
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl Id {
+    /// A new random id from the operating system's CSPRNG.
+    ///
+    /// # Panics
+    /// Panics if the operating system cannot supply random bytes (as `uuid::Uuid::new_v4` does);
+    /// there is no safe id to hand out in that case.
+    pub fn random() -> Self {
+        Id(uuid::Uuid::new_v4().as_u128())
+    }
+
+    /// Parses the canonical text form from bytes, as found in a Cookie header.
+    ///
+    /// # Errors
+    /// [`InvalidId`] for anything but a lowercase hyphenated version-4 UUID.
+    pub fn parse_bytes(s: &[u8]) -> Result<Self, InvalidId> {
+        if s.len() != ID_LEN {
+            return Err(InvalidId(()));
+        }
+        let mut value: u128 = 0;
+        for (i, &b) in s.iter().enumerate() {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                if b != b'-' {
+                    return Err(InvalidId(()));
+                }
+                continue;
+            }
+            let digit = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'f' => b - b'a' + 10,
+                _ => return Err(InvalidId(())),
+            };
+            value = (value << 4) | u128::from(digit);
+        }
+        // Version nibble 4 and RFC 4122 variant bits 10.
+        let version = (value >> 76) & 0xf;
+        let variant = (value >> 62) & 0b11;
+        if version != 4 || variant != 0b10 {
+            return Err(InvalidId(()));
+        }
+        Ok(Id(value))
+    }
+
+    /// The id as 16 bytes, big-endian (the UUID's byte order).
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// Writes the canonical text form into a fixed buffer.
+    pub(crate) fn encode(self, out: &mut [u8; ID_LEN]) {
+        let mut pos = 0;
+        for nibble in (0..32).rev() {
+            if matches!(pos, 8 | 13 | 18 | 23) {
+                out[pos] = b'-';
+                pos += 1;
+            }
+            // The mask keeps the value below 16.
+            #[allow(clippy::cast_possible_truncation)]
+            let digit = ((self.0 >> (nibble * 4)) & 0xf) as usize;
+            out[pos] = HEX[digit];
+            pos += 1;
+        }
+    }
+
+    /// The id's top 32 bits, which are random: a shard index for in-process maps.
+    #[cfg(feature = "memory")]
+    #[allow(clippy::cast_possible_truncation)]
+    pub(crate) fn high_bits(self) -> u32 {
+        (self.0 >> 96) as u32
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; ID_LEN];
+        self.encode(&mut buf);
+        // Only ASCII hex digits and hyphens were written.
+        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Id(<redacted>)")
+    }
+}
+
+impl FromStr for Id {
+    type Err = InvalidId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Id::parse_bytes(s.as_bytes())
+    }
+}
+
+/// The error for text that is not a session id this crate could have issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidId(());
+
+impl fmt::Display for InvalidId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a canonical version-4 session id")
+    }
+}
+
+impl std::error::Error for InvalidId {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_matches_uuid_text() {
+        for _ in 0..1000 {
+            let id = Id::random();
+            let text = id.to_string();
+            assert_eq!(text, uuid::Uuid::from_u128(id.0).hyphenated().to_string());
+            assert_eq!(text.parse::<Id>().unwrap(), id);
+        }
+    }
+
+    #[test]
+    fn ids_differ() {
+        let a = Id::random();
+        let b = Id::random();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn rejects_non_canonical_forms() {
+        let good = Id::random().to_string();
+        assert!(good.parse::<Id>().is_ok());
+        let upper = good.to_uppercase();
+        assert!(upper.parse::<Id>().is_err(), "uppercase is not canonical");
+        let simple = good.replace('-', "");
+        assert!(simple.parse::<Id>().is_err(), "unhyphenated is not canonical");
+        let braced = format!("{{{good}}}");
+        assert!(braced.parse::<Id>().is_err());
+        assert!(format!("{good} ").parse::<Id>().is_err());
+        assert!(good[..35].parse::<Id>().is_err());
+        assert!("".parse::<Id>().is_err());
+        // Right shape, but version 1 and the nil UUID: never issued by us.
+        assert!("6ba7b810-9dad-11d1-80b4-00c04fd430c8".parse::<Id>().is_err());
+        assert!("00000000-0000-0000-0000-000000000000".parse::<Id>().is_err());
+        // Version 4 with the wrong variant.
+        assert!("6ba7b810-9dad-41d1-c0b4-00c04fd430c8".parse::<Id>().is_err());
+        // Non-ASCII of the right byte length.
+        let mut bytes = good.into_bytes();
+        bytes[0] = 0xff;
+        assert!(Id::parse_bytes(&bytes).is_err());
+    }
+
+    #[test]
+    fn debug_does_not_leak() {
+        let id = Id::random();
+        assert!(!format!("{id:?}").contains(&id.to_string()[..8]));
+    }
+}

@@ -1,0 +1,112 @@
+//! Server-side sessions for [hyper] 1.x services.
+//!
+//! Wrap any `hyper::service::Service<Request<B>>` once with a [`SessionLayer`], and every request
+//! carries a [`Session`]: typed `get` / `insert` / `remove` / `contains`, flash values that live
+//! for one read, atomic `update`s, `clear`, `destroy`, and id cycling on login. Session data
+//! lives in a [`SessionStore`] chosen by a cargo feature.
+//!
+//! # Example
+//! ```no_run
+//! use std::convert::Infallible;
+//!
+//! use http_body_util::Full;
+//! use hyper::body::{Bytes, Incoming};
+//! use hyper::server::conn::http1;
+//! use hyper::service::service_fn;
+//! use hyper::{Request, Response};
+//! use hyper_sessions::{MemoryStore, Session, SessionLayer};
+//! use hyper_util::rt::TokioIo;
+//!
+//! async fn handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+//!     let session = Session::from_request(&req).expect("SessionLayer is installed");
+//!     let body = match session.update("count", |n: Option<u64>| n.unwrap_or(0) + 1).await {
+//!         Ok(n) => format!("Visited {n} times"),
+//!         Err(_) => "session unavailable".to_owned(),
+//!     };
+//!     Ok(Response::new(Full::new(Bytes::from(body))))
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let service = SessionLayer::new(MemoryStore::default()).wrap(service_fn(handler));
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//!     loop {
+//!         let (stream, _) = listener.accept().await?;
+//!         let service = service.clone();
+//!         tokio::spawn(async move {
+//!             let _ = http1::Builder::new()
+//!                 .serve_connection(TokioIo::new(stream), service)
+//!                 .await;
+//!         });
+//!     }
+//! }
+//! ```
+//!
+//! # How a request goes
+//! 1. The layer finds the session cookie and parses the id strictly; an id this crate could
+//!    not have issued is dropped without a store lookup, and the request gets a fresh session.
+//! 2. The [`Session`] goes into the request's extensions. Nothing is loaded yet: a request that
+//!    never uses its session costs no store I/O.
+//! 3. The first read or write loads the record (one store round trip).
+//! 4. After the handler answers: nothing changed, nothing written (but for a throttled expiry
+//!    refresh); changes are saved with one compare-and-set; an emptied or destroyed session is
+//!    deleted and its cookie removed; a cycled id gets a new record and cookie. An empty new
+//!    session is never stored and sets no cookie.
+//! 5. A failed save is never dropped: it is logged (through the [`log`] crate) with its cause
+//!    and the response becomes a 503 (store unavailable) or 500, or whatever the
+//!    [error handler](SessionLayerBuilder::error_handler) answers.
+//!
+//! # No lost updates
+//! Saves are compare-and-set on a record version. When another request of the same session
+//! saved first, the session reloads, replays this request's own changes (the keys it set,
+//! removed or cleared, and its [`update`](Session::update)s) on the fresh record and tries
+//! again. Two concurrent requests that write different keys both keep their writes, and
+//! concurrent `update` increments are all counted. A write racing a
+//! [`destroy`](Session::destroy) never brings the destroyed session back: it fails with
+//! [`Error::is_gone`].
+//!
+//! # Security model
+//! - Ids are 122 random bits from the operating system's CSPRNG (UUID v4), parsed strictly.
+//! - A client-chosen id is never adopted: an id the store does not hold starts a fresh session
+//!   under a new id, and creating a record never overwrites an existing one.
+//! - The cookie is `HttpOnly; SameSite=Lax; Secure; Path=/` by default; each weakening setter
+//!   says why in its docs, and `__Host-`/`__Secure-` names are checked when the layer is built.
+//! - Responses that set or remove the cookie carry `Vary: Cookie` and `Cache-Control: private`.
+//! - The record is loaded and its expiry re-checked on every use; a store is never trusted to
+//!   have removed expired sessions. Call [`Session::cycle_id`] on login.
+//!
+//! # Feature flags
+//! - `memory` (default): [`MemoryStore`], in-process, sharded, bounded and swept.
+//!
+//! Without any store feature the crate still builds: bring your own [`SessionStore`].
+//!
+//! # Stability
+//! The public API is the items re-exported here. [`Error`] is opaque (ask it `is_*`), and the
+//! public enums are `#[non_exhaustive]`, so both can grow without breaking you.
+//!
+//! [hyper]: https://docs.rs/hyper
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod config;
+mod cookie;
+mod error;
+mod id;
+mod record;
+mod service;
+mod session;
+mod store;
+
+pub use crate::config::{ErrorHandler, Expiry, SameSite};
+pub use crate::cookie::{CookieLookup, find_in_header, find_session_id};
+pub use crate::error::{Error, StoreError, StoreErrorKind};
+pub use crate::id::{Id, InvalidId};
+pub use crate::record::{Record, from_unix_ms, unix_ms};
+pub use crate::service::{
+    DEFAULT_MAX_RECORD_BYTES, ResponseFuture, SessionLayer, SessionLayerBuilder, SessionService,
+};
+pub use crate::session::Session;
+pub use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
+
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use crate::store::memory::{MemoryStore, MemoryStoreBuilder};
