@@ -27,10 +27,10 @@ async fn counter(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
         session
             .flash("message", &format!("Hello from visit {}", visits + 1))
             .await?;
-        let mut body = format!("Visited page {visits} times");
-        if let Some(message) = previous {
-            body.push_str(&format!("\nFlash: {message}"));
-        }
+        let body = match previous {
+            Some(message) => format!("Visited page {visits} times\nFlash: {message}"),
+            None => format!("Visited page {visits} times"),
+        };
         Ok::<_, hyper_sessions::Error>(body)
     };
     Ok(match page.await {
@@ -46,7 +46,10 @@ async fn counter(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8000);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8000);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let service = SessionLayer::new(MemoryStore::default()).wrap(service_fn(counter));
     let listener = tokio::net::TcpListener::bind(addr).await?;

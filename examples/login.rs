@@ -23,7 +23,8 @@ use hyper_util::rt::TokioIo;
 fn redirect(to: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::default());
     *resp.status_mut() = StatusCode::SEE_OTHER;
-    resp.headers_mut().insert(LOCATION, to.parse().expect("valid header"));
+    resp.headers_mut()
+        .insert(LOCATION, to.parse().expect("valid header"));
     resp
 }
 
@@ -40,7 +41,9 @@ async fn app(session: &Session, req: &Request<Incoming>) -> Result<Response<Full
             // A new id on login: an id planted before login is worthless after it.
             session.cycle_id().await?;
             session.insert("user", &user).await?;
-            session.flash("notice", &format!("Welcome, {user}!")).await?;
+            session
+                .flash("notice", &format!("Welcome, {user}!"))
+                .await?;
             Ok(redirect("/"))
         }
         "/logout" => {
@@ -80,7 +83,10 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8000);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8000);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let service = SessionLayer::new(MemoryStore::default()).wrap(service_fn(handle));
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -121,8 +121,11 @@ pub(crate) fn apply(config: &Config, headers: &mut HeaderMap, action: CookieActi
     if !varies {
         headers.append(VARY, HeaderValue::from_static("Cookie"));
     }
-    match headers.get(CACHE_CONTROL).map(|v| v.to_str().map(str::to_owned)) {
-        None => {
+    match headers
+        .get(CACHE_CONTROL)
+        .map(|v| v.to_str().map(str::to_owned))
+    {
+        None | Some(Err(_)) => {
             headers.insert(CACHE_CONTROL, HeaderValue::from_static("private"));
         }
         Some(Ok(cc)) => {
@@ -136,9 +139,6 @@ pub(crate) fn apply(config: &Config, headers: &mut HeaderMap, action: CookieActi
                     headers.insert(CACHE_CONTROL, v);
                 }
             }
-        }
-        Some(Err(_)) => {
-            headers.insert(CACHE_CONTROL, HeaderValue::from_static("private"));
         }
     }
 }
@@ -188,6 +188,58 @@ mod tests {
         let (a, b) = (Id::random(), Id::random());
         let h = headers(&[format!("id={a}; id={b}").as_bytes()]);
         assert_eq!(find_session_id(&h, "id"), CookieLookup::Found(a));
+    }
+
+    fn config() -> Config {
+        let layer_cookie = crate::config::CookieSettings::default();
+        let (cookie_prefix, cookie_attributes) = layer_cookie.render().unwrap();
+        Config {
+            cookie_name: "id".into(),
+            cookie_prefix,
+            cookie_attributes,
+            expiry: crate::Expiry::default(),
+            absolute_lifetime: None,
+            max_record_bytes: 1000,
+            max_save_attempts: 1,
+            error_handler: std::sync::Arc::new(crate::config::default_error_handler),
+        }
+    }
+
+    #[test]
+    fn cache_headers_keep_shared_caches_out() {
+        let config = config();
+        let id = Id::random();
+        let mut h = HeaderMap::new();
+        apply(&config, &mut h, CookieAction::None);
+        assert!(h.is_empty(), "no cookie, no headers");
+        apply(
+            &config,
+            &mut h,
+            CookieAction::Set(id, Some(Duration::from_secs(60))),
+        );
+        assert_eq!(h.get(VARY).unwrap(), "Cookie");
+        assert_eq!(h.get(CACHE_CONTROL).unwrap(), "private");
+        let value = h.get(SET_COOKIE).unwrap().to_str().unwrap();
+        assert!(value.starts_with(&format!("id={id}; ")) && value.ends_with("; Max-Age=60"));
+
+        let mut h = HeaderMap::new();
+        h.insert(VARY, HeaderValue::from_static("Accept-Encoding, cookie"));
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=60"),
+        );
+        apply(&config, &mut h, CookieAction::Remove);
+        assert_eq!(
+            h.get_all(VARY).iter().count(),
+            1,
+            "Vary already named Cookie"
+        );
+        assert_eq!(h.get(CACHE_CONTROL).unwrap(), "public, max-age=60, private");
+
+        let mut h = HeaderMap::new();
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        apply(&config, &mut h, CookieAction::Remove);
+        assert_eq!(h.get(CACHE_CONTROL).unwrap(), "no-store");
     }
 
     #[test]

@@ -165,17 +165,32 @@ mod tests {
         let upper = good.to_uppercase();
         assert!(upper.parse::<Id>().is_err(), "uppercase is not canonical");
         let simple = good.replace('-', "");
-        assert!(simple.parse::<Id>().is_err(), "unhyphenated is not canonical");
+        assert!(
+            simple.parse::<Id>().is_err(),
+            "unhyphenated is not canonical"
+        );
         let braced = format!("{{{good}}}");
         assert!(braced.parse::<Id>().is_err());
         assert!(format!("{good} ").parse::<Id>().is_err());
         assert!(good[..35].parse::<Id>().is_err());
         assert!("".parse::<Id>().is_err());
         // Right shape, but version 1 and the nil UUID: never issued by us.
-        assert!("6ba7b810-9dad-11d1-80b4-00c04fd430c8".parse::<Id>().is_err());
-        assert!("00000000-0000-0000-0000-000000000000".parse::<Id>().is_err());
+        assert!(
+            "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+                .parse::<Id>()
+                .is_err()
+        );
+        assert!(
+            "00000000-0000-0000-0000-000000000000"
+                .parse::<Id>()
+                .is_err()
+        );
         // Version 4 with the wrong variant.
-        assert!("6ba7b810-9dad-41d1-c0b4-00c04fd430c8".parse::<Id>().is_err());
+        assert!(
+            "6ba7b810-9dad-41d1-c0b4-00c04fd430c8"
+                .parse::<Id>()
+                .is_err()
+        );
         // Non-ASCII of the right byte length.
         let mut bytes = good.into_bytes();
         bytes[0] = 0xff;

@@ -57,7 +57,7 @@ impl Record {
     }
 
     /// `expires_at` in whole milliseconds since the Unix epoch (0 for instants before it), the
-    /// form most stores keep (`PXAT` in Redis, an integer column in SQLite).
+    /// form most stores keep (`PXAT` in Redis, an integer column in `SQLite`).
     pub fn expires_at_unix_ms(&self) -> u64 {
         unix_ms(self.expires_at)
     }
@@ -257,7 +257,18 @@ mod tests {
         ] {
             assert!(SessionData::decode(bad, 1 << 20).is_err(), "{bad:?}");
         }
-        let deep = format!("{{\"d\":{{\"a\":{}{}}}}}", "[".repeat(10_000), "]".repeat(10_000));
+        // Deep nesting inside a value is kept raw, without recursion (no stack overflow);
+        // reading it back as a JSON tree then fails cleanly at serde_json's depth limit.
+        let deep = format!(
+            "{{\"d\":{{\"a\":{}{}}}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let data = SessionData::decode(deep.as_bytes(), 1 << 20).unwrap();
+        let raw = data.values.get("a").unwrap().get();
+        assert!(serde_json::from_str::<serde_json::Value>(raw).is_err());
+        // Deep nesting in the record's own structure is refused.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(SessionData::decode(deep.as_bytes(), 1 << 20).is_err());
     }
 

@@ -245,7 +245,9 @@ impl SessionLayerBuilder {
             return Err(config_error("the idle timeout must be longer than zero"));
         }
         if self.absolute_lifetime.is_some_and(|l| l.is_zero()) {
-            return Err(config_error("the absolute lifetime must be longer than zero"));
+            return Err(config_error(
+                "the absolute lifetime must be longer than zero",
+            ));
         }
         if self.max_record_bytes == 0 {
             return Err(config_error("the record size limit must be above zero"));

@@ -170,7 +170,8 @@ impl State {
     fn refresh_due(&self, config: &Config, stored: &Stored, now_ms: u64) -> bool {
         let idle = duration_ms(self.policy(config).idle_timeout());
         let target = self.target_expiry(config, now_ms);
-        target > stored.expires_ms && target - stored.expires_ms >= idle / u64::from(REFRESH_DIVISOR)
+        target > stored.expires_ms
+            && target - stored.expires_ms >= idle / u64::from(REFRESH_DIVISOR)
     }
 
     fn dirty(&self) -> bool {
@@ -218,7 +219,13 @@ impl State {
         }
     }
 
-    fn record(&self, id: Id, version: u64, expires_ms: u64, config: &Config) -> Result<Record, Error> {
+    fn record(
+        &self,
+        id: Id,
+        version: u64,
+        expires_ms: u64,
+        config: &Config,
+    ) -> Result<Record, Error> {
         let bytes = self.data.encode();
         if bytes.len() > config.max_record_bytes {
             return Err(too_large(bytes.len(), config.max_record_bytes));
@@ -277,8 +284,10 @@ impl State {
     /// A record now holds the changes up to `applied`.
     fn stored_as(&mut self, record: &Record, applied: usize, config: &Config, now: SystemTime) {
         let new_id = self.stored.is_none_or(|s| s.id != record.id());
-        let refreshed =
-            new_id || self.stored.is_some_and(|s| s.expires_ms != record.expires_at_unix_ms());
+        let refreshed = new_id
+            || self
+                .stored
+                .is_some_and(|s| s.expires_ms != record.expires_at_unix_ms());
         self.stored = Some(Stored {
             id: record.id(),
             version: record.version(),
@@ -289,16 +298,29 @@ impl State {
         self.expiry_changed = false;
         self.new_id = None;
         if refreshed {
-            self.cookie_for(record.id(), record.expires_at_unix_ms(), new_id, config, now);
+            self.cookie_for(
+                record.id(),
+                record.expires_at_unix_ms(),
+                new_id,
+                config,
+                now,
+            );
         }
     }
 
     /// Sends the cookie when the id is new, or when a persistent cookie's lifetime moved.
-    fn cookie_for(&mut self, id: Id, expires_ms: u64, new_id: bool, config: &Config, now: SystemTime) {
+    fn cookie_for(
+        &mut self,
+        id: Id,
+        expires_ms: u64,
+        new_id: bool,
+        config: &Config,
+        now: SystemTime,
+    ) {
         let persistent = self.policy(config).persistent_cookie();
         if new_id || persistent {
-            let max_age = persistent
-                .then(|| Duration::from_millis(expires_ms.saturating_sub(unix_ms(now))));
+            let max_age =
+                persistent.then(|| Duration::from_millis(expires_ms.saturating_sub(unix_ms(now))));
             self.set_cookie = Some((id, max_age));
         }
     }
@@ -313,7 +335,12 @@ impl State {
     }
 
     /// Rebases this request's changes on a fresher copy of the record.
-    fn rebase(&mut self, fresh: Option<Record>, config: &Config, now: SystemTime) -> Result<(), Error> {
+    fn rebase(
+        &mut self,
+        fresh: Option<Record>,
+        config: &Config,
+        now: SystemTime,
+    ) -> Result<(), Error> {
         let mut probe = State::default();
         probe.install(fresh, config, now);
         let Some(stored) = probe.stored else {
@@ -332,7 +359,10 @@ impl State {
     fn cookie_action(&self, client_sent_cookie: bool) -> CookieAction {
         if let Some((id, max_age)) = self.set_cookie {
             CookieAction::Set(id, max_age)
-        } else if client_sent_cookie && self.used && (self.destroyed || (self.loaded && self.stored.is_none())) {
+        } else if client_sent_cookie
+            && self.used
+            && (self.destroyed || (self.loaded && self.stored.is_none()))
+        {
             CookieAction::Remove
         } else {
             CookieAction::None
@@ -394,7 +424,10 @@ impl Session {
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic in user code (a Deserialize impl) must not wedge the session.
-        self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -433,7 +466,8 @@ impl Session {
             }
             Err(e) => return Err(e.into()),
         };
-        self.state().install(record, self.config(), SystemTime::now());
+        self.state()
+            .install(record, self.config(), SystemTime::now());
         Ok(())
     }
 
@@ -492,7 +526,11 @@ impl Session {
 
     fn check_size(&self, st: &State, key: &str, raw: &RawValue) -> Result<(), Error> {
         let max = self.config().max_record_bytes;
-        let old = st.data.values.get(key).map_or(0, |v| key.len() + v.get().len() + 4);
+        let old = st
+            .data
+            .values
+            .get(key)
+            .map_or(0, |v| key.len() + v.get().len() + 4);
         let new = st.data.approx_len() - old + key.len() + raw.get().len() + 4;
         if new > max {
             return Err(too_large(new, max));
@@ -602,7 +640,11 @@ impl Session {
             return Err(e);
         }
         let st = self.state();
-        let raw = st.data.values.get(key).ok_or_else(|| Error::new(Kind::Gone))?;
+        let raw = st
+            .data
+            .values
+            .get(key)
+            .ok_or_else(|| Error::new(Kind::Gone))?;
         serde_json::from_str(raw.get()).map_err(serde_error)
     }
 
@@ -787,7 +829,6 @@ impl Session {
     fn client_sent_cookie(&self) -> bool {
         !matches!(self.inner.cookie, CookieLookup::Absent)
     }
-
 }
 
 impl fmt::Debug for Session {

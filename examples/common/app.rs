@@ -80,7 +80,11 @@ pub async fn handle<B>(req: Request<B>) -> Result<Response<Body>, Infallible> {
         .unwrap_or_else(|e| failure(&e)))
 }
 
-async fn route(session: &Session, path: &str, query: Option<&str>) -> Result<Response<Body>, Error> {
+async fn route(
+    session: &Session,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, Error> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     Ok(match segments.as_slice() {
         ["untouched"] => ok("ok"),
@@ -98,10 +102,15 @@ async fn route(session: &Session, path: &str, query: Option<&str>) -> Result<Res
             ok("0")
         }
         ["set", key] => {
-            session.insert(&percent_decode(key), &query_value(query)).await?;
+            session
+                .insert(&percent_decode(key), &query_value(query))
+                .await?;
             ok("ok")
         }
-        ["get", key] => match session.get::<serde_json::Value>(&percent_decode(key)).await? {
+        ["get", key] => match session
+            .get::<serde_json::Value>(&percent_decode(key))
+            .await?
+        {
             Some(serde_json::Value::String(s)) => ok(s),
             Some(v) => ok(v.to_string()),
             None => text(StatusCode::NOT_FOUND, Bytes::new()),
@@ -114,7 +123,9 @@ async fn route(session: &Session, path: &str, query: Option<&str>) -> Result<Res
             ok(n.to_string())
         }
         ["flash", key] => {
-            session.flash(&percent_decode(key), &query_value(query)).await?;
+            session
+                .flash(&percent_decode(key), &query_value(query))
+                .await?;
             ok("ok")
         }
         ["remove", key] => {
@@ -133,7 +144,11 @@ async fn route(session: &Session, path: &str, query: Option<&str>) -> Result<Res
             session.destroy().await?;
             ok("ok")
         }
-        ["id"] => ok(session.id().await?.map(|id| id.to_string()).unwrap_or_default()),
+        ["id"] => ok(session
+            .id()
+            .await?
+            .map(|id| id.to_string())
+            .unwrap_or_default()),
         ["remember", secs] => {
             let secs = secs.parse().unwrap_or(60);
             session

@@ -254,9 +254,10 @@ impl fmt::Debug for MemoryStore {
 impl SessionStore for MemoryStore {
     async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
         let shard = self.shard(id);
-        Ok(shard.get(id).filter(|e| e.live(now_ms())).map(|e| {
-            Record::new(*id, e.data.clone(), e.version, from_unix_ms(e.expires_ms))
-        }))
+        Ok(shard
+            .get(id)
+            .filter(|e| e.live(now_ms()))
+            .map(|e| Record::new(*id, e.data.clone(), e.version, from_unix_ms(e.expires_ms))))
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
@@ -283,7 +284,11 @@ impl SessionStore for MemoryStore {
         Ok(CreateOutcome::Created)
     }
 
-    async fn save(&self, record: &Record, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+    async fn save(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<SaveOutcome, StoreError> {
         let now_ms = now_ms();
         let mut shard = self.shard(&record.id());
         match shard.get_mut(&record.id()) {

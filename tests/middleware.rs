@@ -1,0 +1,413 @@
+//! The layer's own behaviour, independent of the store: cookie handling, bad input, store
+//! failures, expiry policies, the round-trip budget.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{Browser, Conn, Observed, serve};
+use hyper::StatusCode;
+use hyper_sessions::{Expiry, Id, MemoryStore, SameSite, Session, SessionLayer, SessionStore};
+
+fn observed() -> Observed<MemoryStore> {
+    Observed::new(MemoryStore::default())
+}
+
+fn counts(s: &Observed<MemoryStore>) -> (usize, usize) {
+    (
+        s.loads.load(Ordering::SeqCst),
+        s.writes.load(Ordering::SeqCst),
+    )
+}
+
+fn reset(s: &Observed<MemoryStore>) {
+    s.loads.store(0, Ordering::SeqCst);
+    s.writes.store(0, Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn round_trip_budget_per_request_kind() {
+    let store = observed();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(server.addr).await;
+    b.get("/login").await;
+    assert_eq!(counts(&store), (0, 1), "new session: one create, no load");
+    reset(&store);
+    b.get("/untouched").await;
+    assert_eq!(counts(&store), (0, 0), "untouched: no store I/O");
+    b.get("/read").await;
+    assert_eq!(counts(&store), (1, 0), "read: one load");
+    reset(&store);
+    b.get("/counter").await;
+    assert_eq!(counts(&store), (1, 1), "write: load + compare-and-set");
+    reset(&store);
+    b.get("/incr/n").await;
+    assert_eq!(counts(&store), (1, 1), "update: load + compare-and-set");
+    reset(&store);
+    b.get("/destroy").await;
+    assert_eq!(counts(&store), (0, 1), "destroy: one delete");
+}
+
+#[tokio::test]
+async fn impossible_ids_never_reach_the_store() {
+    let store = observed();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut c = Conn::http1(server.addr).await;
+    let valid = Id::random().to_string();
+    let bad: Vec<Vec<u8>> = vec![
+        b"id=".to_vec(),
+        b"id=garbage".to_vec(),
+        format!("id={}", valid.to_uppercase()).into_bytes(),
+        format!("id={}", valid.replace('-', "")).into_bytes(),
+        format!("id={valid}x").into_bytes(),
+        format!("id=\"{valid}\"").into_bytes(),
+        b"id=6ba7b810-9dad-11d1-80b4-00c04fd430c8".to_vec(), // a v1 UUID
+        b"id=\xc3\xa9\xff\xfe".to_vec(),                     // not UTF-8
+        format!("id={}", "a".repeat(4000)).into_bytes(),
+        b"id".to_vec(),
+        b";;;===;".to_vec(),
+    ];
+    for cookie in &bad {
+        let r = c.get_with("/read", &[cookie]).await;
+        assert_eq!(r.status, StatusCode::OK, "{cookie:?}");
+        assert_eq!(r.body, "0");
+        let r = c.get_with("/counter", &[cookie]).await;
+        assert_eq!(r.body, "1", "{cookie:?}");
+        assert!(r.cookie_pair().is_some(), "a fresh session gets a fresh id");
+    }
+    assert_eq!(counts(&store).0, 0, "an impossible id was looked up");
+}
+
+#[tokio::test]
+async fn duplicated_and_mixed_cookies() {
+    let store = observed();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(server.addr).await;
+    b.get("/counter").await;
+    b.get("/counter").await;
+    let mine = b.cookie.clone().unwrap();
+    let mut c = Conn::http1(server.addr).await;
+    // The first valid session cookie wins; junk before it and other names are ignored.
+    let header = format!("theme=dark; id=junk; {mine}; id={}", Id::random());
+    assert_eq!(c.get_with("/read", &[header.as_bytes()]).await.body, "2");
+    // Split across two Cookie headers (HTTP/2 clients do this).
+    assert_eq!(
+        c.get_with("/read", &[b"a=1; id=nope", mine.as_bytes()])
+            .await
+            .body,
+        "2"
+    );
+}
+
+#[tokio::test]
+async fn huge_cookie_header_is_refused_or_ignored_without_panic() {
+    let server = serve(&SessionLayer::new(MemoryStore::default())).await;
+    let mut c = Conn::http1(server.addr).await;
+    let big = format!("x={}", "y".repeat(60_000));
+    let r = c.get_with("/read", &[big.as_bytes()]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, "0");
+    let huge = "z=1; ".repeat(200_000);
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(stream))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/read")
+        .header("host", "x")
+        .header("cookie", huge)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    match sender.send_request(req).await {
+        Ok(resp) => assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(e) => assert!(!e.is_user(), "unexpected client error {e}"),
+    }
+    // The server is still serving.
+    assert_eq!(
+        Conn::http1(server.addr).await.get("/read", None).await.body,
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn store_down_while_loading_is_an_error_not_a_fresh_session() {
+    let store = observed();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(server.addr).await;
+    b.get("/counter").await;
+    let cookie = b.cookie.clone();
+    store.down.store(true, Ordering::SeqCst);
+    let r = b.get("/read").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.is_empty());
+    assert!(
+        r.set_cookies().is_empty(),
+        "an outage must not drop the cookie"
+    );
+    assert_eq!(b.cookie, cookie);
+    assert_eq!(
+        b.get("/untouched").await.status,
+        StatusCode::OK,
+        "untouched needs no store"
+    );
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        b.get("/read").await.body,
+        "1",
+        "the session survived the outage"
+    );
+}
+
+/// A store that loads fine but fails every write: the failure happens after the handler
+/// answered, so the error hook decides the response.
+#[tokio::test]
+async fn failed_save_replaces_the_response() {
+    let store = observed();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(server.addr).await;
+    b.get("/counter").await;
+    // Load works, then the store goes down before the save.
+    let down = store.down.clone();
+    let mut c = Conn::http1(server.addr).await;
+    let cookie = b.cookie.clone().unwrap();
+    let sleeper = tokio::spawn(async move {
+        let mut c2 = Conn::http1(b.conn_addr()).await;
+        c2.get("/sleep/200/set/x", Some(&cookie)).await
+    });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    down.store(true, Ordering::SeqCst);
+    let r = sleeper.await.unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a failed save was reported as success"
+    );
+    assert!(r.body.is_empty(), "no internals leak into the body");
+    // A new session whose create fails sets no cookie.
+    let r = c.get("/counter", None).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.set_cookies().is_empty());
+    store.down.store(false, Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn custom_error_handler_decides_the_status() {
+    let store = observed();
+    let layer = SessionLayer::builder(store.clone())
+        .error_handler(|err| {
+            assert!(err.is_store() && err.is_unavailable());
+            assert!(
+                std::error::Error::source(err).is_some(),
+                "the cause is kept"
+            );
+            let mut resp = hyper::Response::new(());
+            *resp.status_mut() = StatusCode::IM_A_TEAPOT;
+            resp.headers_mut()
+                .insert("retry-after", "5".parse().unwrap());
+            resp
+        })
+        .build()
+        .unwrap();
+    let server = serve(&layer).await;
+    store.down.store(true, Ordering::SeqCst);
+    let r = Conn::http1(server.addr).await.get("/login", None).await;
+    assert_eq!(r.status, StatusCode::IM_A_TEAPOT);
+    assert_eq!(r.headers.get("retry-after").unwrap(), "5");
+}
+
+#[tokio::test]
+async fn configured_cookie_attributes_are_repeated_on_removal() {
+    let layer = SessionLayer::builder(MemoryStore::default())
+        .cookie_name("__Secure-sid")
+        .cookie_domain("example.test")
+        .cookie_path("/app")
+        .cookie_same_site(SameSite::Strict)
+        .cookie_partitioned(true)
+        .build()
+        .unwrap();
+    let server = serve(&layer).await;
+    let mut c = Conn::http1(server.addr).await;
+    let r = c.get("/counter", None).await;
+    let set = r.session_cookie().unwrap();
+    assert!(set.starts_with("__Secure-sid="));
+    let pair = set.split(';').next().unwrap().to_owned();
+    let r = c.get("/destroy", Some(&pair)).await;
+    let removal = r.session_cookie().unwrap();
+    for attr in [
+        "Domain=example.test",
+        "Path=/app",
+        "SameSite=Strict",
+        "Secure",
+        "HttpOnly",
+        "Partitioned",
+        "Max-Age=0",
+    ] {
+        assert!(
+            set.contains(attr) || attr == "Max-Age=0",
+            "{attr} missing in {set}"
+        );
+        assert!(
+            removal.contains(attr),
+            "{attr} missing in removal {removal}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn misconfigured_cookies_fail_at_build_time() {
+    let host_with_domain = SessionLayer::builder(MemoryStore::default())
+        .cookie_name("__Host-id")
+        .cookie_domain("example.test")
+        .build();
+    assert!(host_with_domain.unwrap_err().is_config());
+    let insecure_none = SessionLayer::builder(MemoryStore::default())
+        .cookie_secure(false)
+        .cookie_same_site(SameSite::None)
+        .build();
+    assert!(insecure_none.unwrap_err().is_config());
+    let zero = SessionLayer::builder(MemoryStore::default())
+        .expiry(Expiry::OnInactivity(Duration::ZERO))
+        .build();
+    assert!(zero.unwrap_err().is_config());
+    assert!(
+        SessionLayer::builder(MemoryStore::default())
+            .cookie_name("__Host-id")
+            .build()
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn browser_session_cookie_has_no_max_age_but_a_server_bound() {
+    let store = MemoryStore::default();
+    let layer = SessionLayer::builder(store.clone())
+        .expiry(Expiry::OnSessionEnd(Duration::from_millis(400)))
+        .build()
+        .unwrap();
+    let server = serve(&layer).await;
+    let mut b = Browser::new(server.addr).await;
+    let set = b.get("/counter").await.session_cookie().unwrap();
+    assert!(
+        !set.contains("Max-Age") && !set.contains("Expires"),
+        "{set}"
+    );
+    let r = b.get("/counter").await;
+    assert!(
+        r.set_cookies().is_empty(),
+        "a browser-session cookie need not be re-sent"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        b.get("/read").await.body,
+        "0",
+        "the server-side bound was not applied"
+    );
+}
+
+#[tokio::test]
+async fn per_session_expiry_remember_me() {
+    let store = MemoryStore::default();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(server.addr).await;
+    b.get("/counter").await;
+    let r = b.get("/remember/2592000").await;
+    let set = r
+        .session_cookie()
+        .expect("a new lifetime re-sends the cookie");
+    assert!(
+        set.contains("Max-Age=2592000") || set.contains("Max-Age=2591999"),
+        "{set}"
+    );
+    let rec = store.load(&b.id().unwrap()).await.unwrap().unwrap();
+    let remaining = rec
+        .expires_at()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(remaining > Duration::from_secs(29 * 86_400));
+    // The override is kept with the session.
+    b.get("/counter").await;
+    let rec = store.load(&b.id().unwrap()).await.unwrap().unwrap();
+    let remaining = rec
+        .expires_at()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(remaining > Duration::from_secs(29 * 86_400));
+}
+
+#[tokio::test]
+async fn memory_store_bound_refuses_new_sessions_only() {
+    let store = MemoryStore::builder().max_sessions(4).shards(1).build();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut users = Vec::new();
+    for _ in 0..4 {
+        let mut b = Browser::new(server.addr).await;
+        assert_eq!(b.get("/counter").await.status, StatusCode::OK);
+        users.push(b);
+    }
+    let mut extra = Browser::new(server.addr).await;
+    let r = extra.get("/counter").await;
+    assert_eq!(
+        r.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the bound was not enforced"
+    );
+    assert!(r.set_cookies().is_empty());
+    assert_eq!(store.len(), 4);
+    for b in &mut users {
+        assert_eq!(
+            b.get("/counter").await.body,
+            "2",
+            "existing sessions keep working"
+        );
+    }
+    users[0].get("/destroy").await;
+    assert_eq!(
+        extra.get("/counter").await.status,
+        StatusCode::OK,
+        "room again after a logout"
+    );
+}
+
+#[tokio::test]
+async fn memory_store_sweeps_expired_sessions_in_the_background() {
+    let store = MemoryStore::builder()
+        .sweep_interval(Duration::from_millis(100))
+        .build();
+    let layer = SessionLayer::builder(store.clone())
+        .expiry(Expiry::OnInactivity(Duration::from_millis(150)))
+        .build()
+        .unwrap();
+    let server = serve(&layer).await;
+    for _ in 0..20 {
+        Conn::http1(server.addr).await.get("/counter", None).await;
+    }
+    assert_eq!(store.len(), 20);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(store.len(), 0, "expired sessions were not swept");
+}
+
+#[tokio::test]
+async fn missing_layer_is_a_clear_error() {
+    let req = hyper::Request::new(());
+    let err = Session::from_request(&req).unwrap_err();
+    assert!(err.is_missing_layer());
+    assert!(err.to_string().contains("SessionLayer"));
+}
+
+#[tokio::test]
+async fn handler_errors_and_destroyed_handles() {
+    let store = MemoryStore::default();
+    let server = serve(&SessionLayer::new(store)).await;
+    let mut b = Browser::new(server.addr).await;
+    b.get("/set/n?v=text").await;
+    // /incr on a string: a typed error, answered 500 by the app, and nothing changed.
+    assert_eq!(
+        b.get("/incr/n").await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(b.get("/get/n").await.body, "text");
+}
