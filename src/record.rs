@@ -36,6 +36,13 @@ impl Record {
         }
     }
 
+    /// The same record with another expiry.
+    #[must_use]
+    pub fn with_expires_at(mut self, expires_at: SystemTime) -> Self {
+        self.expires_at = expires_at;
+        self
+    }
+
     /// The session id.
     pub fn id(&self) -> Id {
         self.id

@@ -13,7 +13,7 @@ use crate::cookie::{CookieAction, CookieLookup};
 use crate::error::{Chain, Error, Kind};
 use crate::id::Id;
 use crate::record::{Record, SessionData, from_unix_ms, unix_ms};
-use crate::store::{CreateOutcome, DynStore, SaveOutcome};
+use crate::store::{CreateOutcome, DynStore, Refresh, SaveOutcome};
 
 /// What every request of one layer shares: the store and the configuration.
 pub(crate) struct Shared {
@@ -455,7 +455,8 @@ impl Session {
             // `loaded` starts true for every other lookup.
             return Ok(());
         };
-        let record = match self.store().load(&id).await {
+        let refresh = self.layer_refresh(SystemTime::now());
+        let record = match self.store().load_refreshing(&id, refresh).await {
             Ok(record) => record,
             Err(e) if e.is_corrupt() => {
                 log::error!(
@@ -469,6 +470,17 @@ impl Session {
         self.state()
             .install(record, self.config(), SystemTime::now());
         Ok(())
+    }
+
+    /// The refresh to ask of the store with a load, under the layer's policy (a session with
+    /// its own policy, or past its deadline, is corrected by a later touch or save).
+    fn layer_refresh(&self, now: SystemTime) -> Refresh {
+        let idle = self.config().expiry.idle_timeout();
+        let expires_at = now + idle;
+        Refresh {
+            expires_at,
+            if_before: expires_at - idle / REFRESH_DIVISOR,
+        }
     }
 
     /// The value under `key`, deserialized as `T`, or `None` if there is none.

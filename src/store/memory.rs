@@ -12,7 +12,7 @@ use bytes::Bytes;
 use crate::error::StoreError;
 use crate::id::Id;
 use crate::record::{Record, from_unix_ms, unix_ms};
-use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
+use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 
 /// Sessions kept in this process's memory: fast, and gone when the process exits.
 ///
@@ -303,6 +303,28 @@ impl SessionStore for MemoryStore {
             }
             _ => Ok(SaveOutcome::Missing),
         }
+    }
+
+    async fn load_refreshing(
+        &self,
+        id: &Id,
+        refresh: Refresh,
+    ) -> Result<Option<Record>, StoreError> {
+        let now_ms = now_ms();
+        let mut shard = self.shard(id);
+        let Some(e) = shard.get_mut(id).filter(|e| e.live(now_ms)) else {
+            return Ok(None);
+        };
+        let (expires_ms, if_before) = (unix_ms(refresh.expires_at), unix_ms(refresh.if_before));
+        if e.expires_ms < if_before && e.expires_ms < expires_ms {
+            e.expires_ms = expires_ms;
+        }
+        Ok(Some(Record::new(
+            *id,
+            e.data.clone(),
+            e.version,
+            from_unix_ms(e.expires_ms),
+        )))
     }
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {

@@ -54,6 +54,11 @@ pub enum SaveOutcome {
 /// - **`delete`** removes the record if present; deleting a missing record succeeds.
 /// - **`touch`** moves a live record's expiry to `expires_at` without changing its data or
 ///   version, and answers whether a live record was there. It never revives an expired one.
+/// - **`load_refreshing`** (provided) is `load` plus, when the live record expires before
+///   [`Refresh::if_before`], a `touch` to [`Refresh::expires_at`]; the record returned carries
+///   the expiry it has afterwards. The layer calls it for every load, so that an idle timeout
+///   slides on reads. The default makes two calls when a refresh is due; a store that can do
+///   both in one round trip (Redis `GETEX`, a Lua script) should override it.
 /// - Failures are [`StoreError`]s with their cause: [`StoreError::unavailable`] for an
 ///   unreachable, slow or full store (the middleware answers 503 by default),
 ///   [`StoreError::corrupt`] for a record that cannot be read back (the middleware starts a
@@ -159,6 +164,38 @@ pub trait SessionStore: Send + Sync + 'static {
         id: &Id,
         expires_at: SystemTime,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Loads the live record and, if it expires before `refresh.if_before`, moves its expiry to
+    /// `refresh.expires_at`, returning the record with its new expiry.
+    fn load_refreshing(
+        &self,
+        id: &Id,
+        refresh: Refresh,
+    ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send {
+        async move {
+            let Some(record) = self.load(id).await? else {
+                return Ok(None);
+            };
+            if record.expires_at() >= refresh.if_before || refresh.expires_at <= record.expires_at()
+            {
+                return Ok(Some(record));
+            }
+            if !self.touch(id, refresh.expires_at).await? {
+                // Deleted or expired between the two calls.
+                return Ok(None);
+            }
+            Ok(Some(record.with_expires_at(refresh.expires_at)))
+        }
+    }
+}
+
+/// The expiry refresh asked of [`SessionStore::load_refreshing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refresh {
+    /// The expiry to give the record.
+    pub expires_at: SystemTime,
+    /// Refresh only a record that expires before this instant.
+    pub if_before: SystemTime,
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -170,6 +207,8 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn save<'a>(&'a self, record: &'a Record, expected: u64) -> BoxFuture<'a, SaveOutcome>;
     fn delete<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, ()>;
     fn touch<'a>(&'a self, id: &'a Id, expires_at: SystemTime) -> BoxFuture<'a, bool>;
+    fn load_refreshing<'a>(&'a self, id: &'a Id, refresh: Refresh)
+    -> BoxFuture<'a, Option<Record>>;
 }
 
 impl<S: SessionStore> DynStore for S {
@@ -187,5 +226,12 @@ impl<S: SessionStore> DynStore for S {
     }
     fn touch<'a>(&'a self, id: &'a Id, expires_at: SystemTime) -> BoxFuture<'a, bool> {
         Box::pin(SessionStore::touch(self, id, expires_at))
+    }
+    fn load_refreshing<'a>(
+        &'a self,
+        id: &'a Id,
+        refresh: Refresh,
+    ) -> BoxFuture<'a, Option<Record>> {
+        Box::pin(SessionStore::load_refreshing(self, id, refresh))
     }
 }

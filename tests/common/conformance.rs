@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use hyper::StatusCode;
-use hyper_sessions::{CreateOutcome, Expiry, Id, Record, SaveOutcome, SessionLayer, SessionStore};
+use hyper_sessions::{
+    CreateOutcome, Expiry, Id, Record, Refresh, SaveOutcome, SessionLayer, SessionStore,
+};
 
 use super::{Browser, Conn, serve};
 
@@ -21,7 +23,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $fixture;
             round_trip, load_missing, expired_records_are_never_returned, delete,
             create_never_overwrites, create_replaces_expired, compare_and_set,
-            save_never_recreates, touch, concurrent_compare_and_set, large_and_awkward_records,
+            save_never_recreates, touch, load_refreshing, concurrent_compare_and_set, large_and_awkward_records,
             cookie_lifecycle, counter_and_read, flash_lives_for_one_read, destroy_removes_everything,
             cycle_id_moves_the_data, unknown_and_corrupt_ids_start_fresh,
             concurrent_updates_are_all_counted, concurrent_writers_keep_distinct_keys,
@@ -197,6 +199,45 @@ pub async fn touch<S: SessionStore>(store: S) {
     assert_eq!(back.data(), &Bytes::from(DATA));
     assert_eq!(back.expires_at_unix_ms(), hyper_sessions::unix_ms(later));
     assert!(!store.touch(&Id::random(), later).await.unwrap());
+}
+
+pub async fn load_refreshing<S: SessionStore>(store: S) {
+    let id = Id::random();
+    store
+        .create(&record(id, DATA, 1, in_ms(300)))
+        .await
+        .unwrap();
+    // Not due: expires after `if_before`; nothing moves.
+    let early = Refresh {
+        expires_at: in_ms(60_000),
+        if_before: in_ms(100),
+    };
+    let rec = store.load_refreshing(&id, early).await.unwrap().unwrap();
+    assert!(rec.expires_at_unix_ms() <= hyper_sessions::unix_ms(in_ms(300)));
+    // Due: moved in the same call, and the record says so.
+    let later = in_ms(60_000);
+    let due = Refresh {
+        expires_at: later,
+        if_before: in_ms(50_000),
+    };
+    let rec = store.load_refreshing(&id, due).await.unwrap().unwrap();
+    assert_eq!(rec.expires_at_unix_ms(), hyper_sessions::unix_ms(later));
+    assert_eq!(rec.version(), 1);
+    assert_eq!(rec.data(), &Bytes::from(DATA));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let rec = store
+        .load(&id)
+        .await
+        .unwrap()
+        .expect("the refresh was stored");
+    assert_eq!(rec.expires_at_unix_ms(), hyper_sessions::unix_ms(later));
+    assert!(
+        store
+            .load_refreshing(&Id::random(), due)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 pub async fn concurrent_compare_and_set<S: SessionStore + Clone>(store: S) {
