@@ -40,15 +40,24 @@ pub fn find_session_id(headers: &HeaderMap, name: &str) -> CookieLookup {
 /// [`find_session_id`] for the bytes of one Cookie header value.
 pub fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
     let mut lookup = CookieLookup::Absent;
-    for pair in header.split(|&b| b == b';') {
-        let pair = trim(pair);
-        let Some(eq) = pair.iter().position(|&b| b == b'=') else {
-            continue;
+    let mut rest = header;
+    while !rest.is_empty() {
+        // One `name=value` pair, up to the next `;`.
+        let (pair, next) = match rest.iter().position(|&b| b == b';') {
+            Some(end) => (&rest[..end], &rest[end + 1..]),
+            None => (rest, &[][..]),
         };
-        if trim(&pair[..eq]) != name {
+        rest = next;
+        let pair = trim_start(pair);
+        // Cheap rejection first: the pair must start with the name.
+        if pair.len() <= name.len() || !pair.starts_with(name) {
             continue;
         }
-        match Id::parse_bytes(trim(&pair[eq + 1..])) {
+        let after = trim_start(&pair[name.len()..]);
+        let Some((b'=', value)) = after.split_first() else {
+            continue;
+        };
+        match Id::parse_bytes(trim(value)) {
             Ok(id) => return CookieLookup::Found(id),
             Err(_) => lookup = CookieLookup::Invalid,
         }
@@ -56,10 +65,15 @@ pub fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
     lookup
 }
 
-fn trim(mut s: &[u8]) -> &[u8] {
+fn trim_start(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
         s = rest;
     }
+    s
+}
+
+fn trim(s: &[u8]) -> &[u8] {
+    let mut s = trim_start(s);
     while let [rest @ .., b' ' | b'\t'] = s {
         s = rest;
     }
@@ -80,12 +94,15 @@ const EXPIRED: &str = "; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT";
 
 /// Renders the `Set-Cookie` value for an action (`None` for [`CookieAction::None`]).
 pub(crate) fn set_cookie_value(config: &Config, action: CookieAction) -> Option<HeaderValue> {
+    if action == CookieAction::None {
+        return None;
+    }
     let mut out = String::with_capacity(
-        config.cookie_prefix.len() + 36 + config.cookie_attributes.len() + 64,
+        config.cookie_prefix.len() + 36 + config.cookie_attributes.len() + EXPIRED.len(),
     );
     out.push_str(&config.cookie_prefix);
     match action {
-        CookieAction::None => return None,
+        CookieAction::None => {}
         CookieAction::Set(id, max_age) => {
             let mut buf = [0u8; crate::id::ID_LEN];
             id.encode(&mut buf);
@@ -102,7 +119,7 @@ pub(crate) fn set_cookie_value(config: &Config, action: CookieAction) -> Option<
         }
     }
     // The parts were validated when the layer was built.
-    HeaderValue::from_str(&out).ok()
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
 }
 
 /// Adds the cookie header, plus `Vary: Cookie` and a `Cache-Control` that keeps shared caches

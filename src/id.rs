@@ -31,6 +31,30 @@ pub(crate) const ID_LEN: usize = 36;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// The value of each lowercase hex digit, 0xff for every other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0u8;
+    while i < 16 {
+        table[HEX[i as usize] as usize] = i;
+        i += 1;
+    }
+    table
+};
+
+/// Appends the lowercase hex digits of `digits` to `acc`, or `None` on any other byte.
+#[inline]
+fn hex_run(digits: &[u8], mut acc: u64) -> Option<u64> {
+    let mut bad = 0u8;
+    for &b in digits {
+        let v = HEX_VALUE[b as usize];
+        bad |= v;
+        acc = (acc << 4) | u64::from(v & 0xf);
+    }
+    // Any invalid byte has its high bit set.
+    (bad & 0x80 == 0).then_some(acc)
+}
+
 impl Id {
     /// A new random id from the operating system's CSPRNG.
     ///
@@ -46,31 +70,25 @@ impl Id {
     /// # Errors
     /// [`InvalidId`] for anything but a lowercase hyphenated version-4 UUID.
     pub fn parse_bytes(s: &[u8]) -> Result<Self, InvalidId> {
-        if s.len() != ID_LEN {
+        let Ok(s) = <&[u8; ID_LEN]>::try_from(s) else {
+            return Err(InvalidId(()));
+        };
+        if s[8] != b'-' || s[13] != b'-' || s[18] != b'-' || s[23] != b'-' {
             return Err(InvalidId(()));
         }
-        let mut value: u128 = 0;
-        for (i, &b) in s.iter().enumerate() {
-            if matches!(i, 8 | 13 | 18 | 23) {
-                if b != b'-' {
-                    return Err(InvalidId(()));
-                }
-                continue;
-            }
-            let digit = match b {
-                b'0'..=b'9' => b - b'0',
-                b'a'..=b'f' => b - b'a' + 10,
-                _ => return Err(InvalidId(())),
-            };
-            value = (value << 4) | u128::from(digit);
-        }
+        // Two 64-bit halves: 16 hex digits each, skipping the hyphens.
+        let hi = hex_run(&s[0..8], 0)
+            .and_then(|v| hex_run(&s[9..13], v))
+            .and_then(|v| hex_run(&s[14..18], v));
+        let lo = hex_run(&s[19..23], 0).and_then(|v| hex_run(&s[24..36], v));
+        let (Some(hi), Some(lo)) = (hi, lo) else {
+            return Err(InvalidId(()));
+        };
         // Version nibble 4 and RFC 4122 variant bits 10.
-        let version = (value >> 76) & 0xf;
-        let variant = (value >> 62) & 0b11;
-        if version != 4 || variant != 0b10 {
+        if (hi >> 12) & 0xf != 4 || lo >> 62 != 0b10 {
             return Err(InvalidId(()));
         }
-        Ok(Id(value))
+        Ok(Id((u128::from(hi) << 64) | u128::from(lo)))
     }
 
     /// The id as 16 bytes, big-endian (the UUID's byte order).

@@ -1,12 +1,13 @@
 //! The [`Session`] handle: typed access, flash values, the change log and the commit.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::value::RawValue;
 
 use crate::config::{Config, Expiry};
 use crate::cookie::{CookieAction, CookieLookup};
@@ -73,13 +74,13 @@ struct Stored {
     expires_ms: u64,
 }
 
-type UpdateFn = Arc<dyn Fn(Option<&RawValue>) -> Result<Box<RawValue>, Error> + Send + Sync>;
+type UpdateFn = Arc<dyn Fn(Option<&str>) -> Result<Box<str>, Error> + Send + Sync>;
 
 /// One change this request made, kept so it can be replayed on a fresher record.
 #[derive(Clone)]
 enum Change {
-    Set(String, Box<RawValue>),
-    Flash(String, Box<RawValue>),
+    Set(String, Box<str>),
+    Flash(String, Box<str>),
     Remove(String),
     Clear,
     Update(String, UpdateFn),
@@ -96,7 +97,7 @@ impl Change {
             }
             Change::Clear => data.clear(),
             Change::Update(k, f) => {
-                let new = f(data.values.get(k).map(|v| &**v))?;
+                let new = f(data.get(k))?;
                 data.set(k, new);
             }
             Change::SetExpiry(e) => data.expiry = Some(*e),
@@ -184,7 +185,7 @@ impl State {
             return false;
         }
         match &self.stored {
-            None => self.dirty() && !self.data.values.is_empty(),
+            None => self.dirty() && !self.data.is_empty(),
             Some(stored) => self.dirty() || self.refresh_due(config, stored, now_ms),
         }
     }
@@ -253,7 +254,7 @@ impl State {
                 replaces: None,
             });
         };
-        if self.data.values.is_empty() {
+        if self.data.is_empty() {
             if self.dirty() {
                 return Ok(Plan::Delete(stored.id));
             }
@@ -371,7 +372,9 @@ impl State {
 }
 
 fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    d.as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(d.subsec_millis()))
 }
 
 fn too_large(len: usize, max: usize) -> Error {
@@ -383,6 +386,12 @@ fn too_large(len: usize, max: usize) -> Error {
 
 fn serde_error(e: serde_json::Error) -> Error {
     Error::with(Kind::Serde, e)
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Box<str>, Error> {
+    serde_json::to_string(value)
+        .map(String::into_boxed_str)
+        .map_err(serde_error)
 }
 
 impl Session {
@@ -438,7 +447,8 @@ impl Session {
         &*self.inner.shared.store
     }
 
-    /// Loads the record on first use.
+    /// Loads the record on first use. The fast path (already loaded) is synchronous, so the
+    /// futures of `get`, `insert` and the rest stay small; the load itself is boxed.
     async fn ready(&self) -> Result<(), Error> {
         {
             let mut st = self.state();
@@ -447,29 +457,35 @@ impl Session {
                 return st.check_live();
             }
         }
-        let _io = self.inner.io.lock().await;
-        if self.state().loaded {
-            return self.state().check_live();
-        }
-        let CookieLookup::Found(id) = self.inner.cookie else {
-            // `loaded` starts true for every other lookup.
-            return Ok(());
-        };
-        let refresh = self.layer_refresh(SystemTime::now());
-        let record = match self.store().load_refreshing(&id, refresh).await {
-            Ok(record) => record,
-            Err(e) if e.is_corrupt() => {
-                log::error!(
-                    "hyper-sessions: ignoring unreadable session record: {}; starting a fresh session",
-                    Chain(&e)
-                );
-                None
+        self.load().await
+    }
+
+    fn load(&self) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + '_>> {
+        Box::pin(async move {
+            let _io = self.inner.io.lock().await;
+            if self.state().loaded {
+                return self.state().check_live();
             }
-            Err(e) => return Err(e.into()),
-        };
-        self.state()
-            .install(record, self.config(), SystemTime::now());
-        Ok(())
+            let CookieLookup::Found(id) = self.inner.cookie else {
+                // `loaded` starts true for every other lookup.
+                return Ok(());
+            };
+            let refresh = self.layer_refresh(SystemTime::now());
+            let record = match self.store().load_refreshing(&id, refresh).await {
+                Ok(record) => record,
+                Err(e) if e.is_corrupt() => {
+                    log::error!(
+                        "hyper-sessions: ignoring unreadable session record: {}; starting a fresh session",
+                        Chain(&e)
+                    );
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.state()
+                .install(record, self.config(), SystemTime::now());
+            Ok(())
+        })
     }
 
     /// The refresh to ask of the store with a load, under the layer's policy (a session with
@@ -494,10 +510,10 @@ impl Session {
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
         self.ready().await?;
         let mut st = self.state();
-        let Some(raw) = st.data.values.get(key) else {
+        let Some(raw) = st.data.get(key) else {
             return Ok(None);
         };
-        let value = serde_json::from_str(raw.get()).map_err(serde_error)?;
+        let value = serde_json::from_str(raw).map_err(serde_error)?;
         if st.data.is_flash(key) {
             st.data.remove(key);
             st.changes.push(Change::Remove(key.to_owned()));
@@ -512,13 +528,7 @@ impl Session {
     /// session would exceed the layer's record size limit (nothing is changed then), or a
     /// store error while loading.
     pub async fn insert<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), Error> {
-        let raw = serde_json::value::to_raw_value(value).map_err(serde_error)?;
-        self.ready().await?;
-        let mut st = self.state();
-        self.check_size(&st, key, &raw)?;
-        st.data.set(key, raw.clone());
-        st.changes.push(Change::Set(key.to_owned(), raw));
-        Ok(())
+        self.write(key, to_json(value)?, false).await
     }
 
     /// Stores a flash value: the next [`get`](Session::get) of `key`, in this request or a
@@ -527,23 +537,26 @@ impl Session {
     /// # Errors
     /// As for [`insert`](Session::insert).
     pub async fn flash<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), Error> {
-        let raw = serde_json::value::to_raw_value(value).map_err(serde_error)?;
+        self.write(key, to_json(value)?, true).await
+    }
+
+    async fn write(&self, key: &str, raw: Box<str>, flash: bool) -> Result<(), Error> {
         self.ready().await?;
         let mut st = self.state();
         self.check_size(&st, key, &raw)?;
-        st.data.set_flash(key, raw.clone());
-        st.changes.push(Change::Flash(key.to_owned(), raw));
+        if flash {
+            st.data.set_flash(key, raw.clone());
+            st.changes.push(Change::Flash(key.to_owned(), raw));
+        } else {
+            st.data.set(key, raw.clone());
+            st.changes.push(Change::Set(key.to_owned(), raw));
+        }
         Ok(())
     }
 
-    fn check_size(&self, st: &State, key: &str, raw: &RawValue) -> Result<(), Error> {
+    fn check_size(&self, st: &State, key: &str, raw: &str) -> Result<(), Error> {
         let max = self.config().max_record_bytes;
-        let old = st
-            .data
-            .values
-            .get(key)
-            .map_or(0, |v| key.len() + v.get().len() + 4);
-        let new = st.data.approx_len() - old + key.len() + raw.get().len() + 4;
+        let new = st.data.approx_len() - st.data.entry_len(key) + key.len() + raw.len() + 4;
         if new > max {
             return Err(too_large(new, max));
         }
@@ -570,7 +583,7 @@ impl Session {
     /// A store error while loading.
     pub async fn contains(&self, key: &str) -> Result<bool, Error> {
         self.ready().await?;
-        Ok(self.state().data.values.contains_key(key))
+        Ok(self.state().data.contains(key))
     }
 
     /// The keys of the session's values, sorted.
@@ -579,7 +592,7 @@ impl Session {
     /// A store error while loading.
     pub async fn keys(&self) -> Result<Vec<String>, Error> {
         self.ready().await?;
-        Ok(self.state().data.values.keys().cloned().collect())
+        Ok(self.state().data.keys())
     }
 
     /// Whether the session holds no values.
@@ -588,7 +601,7 @@ impl Session {
     /// A store error while loading.
     pub async fn is_empty(&self) -> Result<bool, Error> {
         self.ready().await?;
-        Ok(self.state().data.values.is_empty())
+        Ok(self.state().data.is_empty())
     }
 
     /// Removes every value. A session left empty is deleted from the store at the end of the
@@ -629,17 +642,17 @@ impl Session {
         T: Serialize + DeserializeOwned,
         F: Fn(Option<T>) -> T + Send + Sync + 'static,
     {
-        let op: UpdateFn = Arc::new(move |current: Option<&RawValue>| {
+        let op: UpdateFn = Arc::new(move |current: Option<&str>| {
             let current = current
-                .map(|raw| serde_json::from_str::<T>(raw.get()))
+                .map(serde_json::from_str::<T>)
                 .transpose()
                 .map_err(serde_error)?;
-            serde_json::value::to_raw_value(&f(current)).map_err(serde_error)
+            to_json(&f(current))
         });
         self.ready().await?;
         {
             let mut st = self.state();
-            let new = op(st.data.values.get(key).map(|v| &**v))?;
+            let new = op(st.data.get(key))?;
             self.check_size(&st, key, &new)?;
             st.data.set(key, new);
             st.changes.push(Change::Update(key.to_owned(), op));
@@ -652,12 +665,8 @@ impl Session {
             return Err(e);
         }
         let st = self.state();
-        let raw = st
-            .data
-            .values
-            .get(key)
-            .ok_or_else(|| Error::new(Kind::Gone))?;
-        serde_json::from_str(raw.get()).map_err(serde_error)
+        let raw = st.data.get(key).ok_or_else(|| Error::new(Kind::Gone))?;
+        serde_json::from_str(raw).map_err(serde_error)
     }
 
     /// Deletes the session from the store now; the response removes the cookie. The handle
@@ -716,7 +725,7 @@ impl Session {
         if let Some(stored) = st.stored {
             return Ok(Some(stored.id));
         }
-        if st.data.values.is_empty() {
+        if st.data.is_empty() {
             return Ok(None);
         }
         Ok(Some(*st.new_id.get_or_insert_with(Id::random)))
@@ -747,7 +756,11 @@ impl Session {
     }
 
     /// Saves what changed, as the layer does after the response (and `update` at once).
-    async fn commit(&self) -> Result<(), Error> {
+    fn commit(&self) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + '_>> {
+        Box::pin(self.commit_inner())
+    }
+
+    async fn commit_inner(&self) -> Result<(), Error> {
         let _io = self.inner.io.lock().await;
         let config = self.config();
         let store = self.store();
@@ -833,7 +846,7 @@ impl Session {
 
     /// Commits and returns the cookie action for the response.
     pub(crate) async fn finish(&self) -> (Result<(), Error>, CookieAction) {
-        let result = self.commit().await;
+        let result = self.commit_inner().await;
         let action = self.state().cookie_action(self.client_sent_cookie());
         (result, action)
     }
@@ -849,7 +862,7 @@ impl fmt::Debug for Session {
         f.debug_struct("Session")
             .field("loaded", &st.loaded)
             .field("stored", &st.stored.is_some())
-            .field("keys", &st.data.values.len())
+            .field("keys", &st.data.len())
             .field("pending_changes", &st.changes.len())
             .field("destroyed", &st.destroyed)
             .finish_non_exhaustive()
