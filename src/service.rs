@@ -18,6 +18,9 @@ use crate::error::{Chain, Error};
 use crate::session::{Session, Shared};
 use crate::store::SessionStore;
 
+#[cfg(feature = "tower")]
+mod tower;
+
 /// The default limit on a session record's encoded size: 1 MiB.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 
@@ -307,16 +310,18 @@ impl<S> SessionService<S> {
         &self.inner
     }
 
-    /// Creates the session for a request and puts it in the extensions.
-    fn attach<B>(&self, req: &mut Request<B>) -> Session {
-        let lookup = find_session_id(req.headers(), &self.shared.config.cookie_name);
-        if lookup == CookieLookup::Invalid {
-            log::debug!("hyper-sessions: malformed or forged session cookie ignored");
-        }
-        let session = Session::new(Arc::clone(&self.shared), lookup);
-        req.extensions_mut().insert(session.clone());
-        session
+}
+
+/// Creates the session for a request and puts it in the extensions: the part of a call that
+/// comes before the inner service, shared by the hyper and tower paths.
+fn attach<B>(shared: &Arc<Shared>, req: &mut Request<B>) -> Session {
+    let lookup = find_session_id(req.headers(), &shared.config.cookie_name);
+    if lookup == CookieLookup::Invalid {
+        log::debug!("hyper-sessions: malformed or forged session cookie ignored");
     }
+    let session = Session::new(Arc::clone(shared), lookup);
+    req.extensions_mut().insert(session.clone());
+    session
 }
 
 impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for SessionService<S>
@@ -329,12 +334,8 @@ where
     type Future = ResponseFuture<S::Future, ResBody>;
 
     fn call(&self, mut req: Request<ReqBody>) -> Self::Future {
-        let session = self.attach(&mut req);
-        ResponseFuture {
-            inner: self.inner.call(req),
-            session: Some(session),
-            commit: None,
-        }
+        let session = attach(&self.shared, &mut req);
+        ResponseFuture::new(self.inner.call(req), session)
     }
 }
 
@@ -347,6 +348,18 @@ pin_project! {
         inner: F,
         session: Option<Session>,
         commit: Option<CommitFuture<B>>,
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    /// The inner service's future for a request that carries `session`: the part of a call that
+    /// comes after the inner service, shared by the hyper and tower paths.
+    fn new(inner: F, session: Session) -> Self {
+        ResponseFuture {
+            inner,
+            session: Some(session),
+            commit: None,
+        }
     }
 }
 
