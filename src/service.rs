@@ -309,7 +309,6 @@ impl<S> SessionService<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
-
 }
 
 /// Creates the session for a request and puts it in the extensions: the part of a call that

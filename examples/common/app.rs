@@ -75,9 +75,14 @@ pub async fn handle<B>(req: Request<B>) -> Result<Response<Body>, Infallible> {
     };
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    Ok(route(&session, &path, query.as_deref())
+    Ok(respond(&session, &path, query.as_deref()).await)
+}
+
+/// Serves one request whose session was taken by the caller (the axum extractor in the tests).
+pub async fn respond(session: &Session, path: &str, query: Option<&str>) -> Response<Body> {
+    route(session, path, query)
         .await
-        .unwrap_or_else(|e| failure(&e)))
+        .unwrap_or_else(|e| failure(&e))
 }
 
 async fn route(
