@@ -3,14 +3,16 @@
 //!
 //! ```text
 //! cargo run --example axum --features axum     # http://127.0.0.1:8000/ (PORT or --port to change)
-//! curl -c jar -b jar http://127.0.0.1:8000/                       # the counter and its flash
-//! curl -c jar -b jar -i 'http://127.0.0.1:8000/login?user=ada'    # new id, flash, redirect
-//! curl -c jar -b jar http://127.0.0.1:8000/me                     # the protected page
-//! curl -c jar -b jar -i http://127.0.0.1:8000/logout              # removal cookie
+//! curl -c jar -b jar http://127.0.0.1:8000/                            # counter and flash
+//! curl -c jar -b jar -i 'http://127.0.0.1:8000/auth/login?user=ada'  # new id, flash, redirect
+//! curl -c jar -b jar http://127.0.0.1:8000/auth/me                     # the protected page
+//! curl -c jar -b jar -i http://127.0.0.1:8000/auth/logout              # removal cookie
 //! ```
 //!
-//! `/untouched`, `/read` and `/counter` answer as `shared/bench/SPEC.md` says (one `count`
-//! key, plain-text bodies), so this server can be measured next to tower-sessions' figures.
+//! `/untouched`, `/read`, `/counter` and `/login` answer as the peer benchmark's server contract
+//! says (one `count` key, plain-text bodies; `/login` sets `count = 0` without cycling the id),
+//! so this server can be measured next to tower-sessions' figures:
+//! `cargo run --release --example axum --features axum -- --port PORT`.
 
 use std::net::SocketAddr;
 
@@ -72,6 +74,12 @@ async fn read(session: Session) -> Result<String> {
     Ok(n.to_string())
 }
 
+/// `/login` of the benchmark: `count = 0`, creating a session when there is none.
+async fn bench_login(session: Session) -> Result<&'static str> {
+    session.insert("count", &0_i64).await?;
+    Ok("0")
+}
+
 /// `/untouched` of the benchmark: the session is not extracted, so it costs no store I/O.
 async fn untouched() -> &'static str {
     "ok"
@@ -94,7 +102,7 @@ async fn login(session: Session, Query(login): Query<Login>) -> Result<Redirect>
     session
         .flash("notice", &format!("Welcome, {user}!"))
         .await?;
-    Ok(Redirect::to("/me"))
+    Ok(Redirect::to("/auth/me"))
 }
 
 /// A page for logged-in users only.
@@ -102,7 +110,7 @@ async fn me(session: Session) -> Result<Response> {
     let Some(user) = session.get::<String>("user").await? else {
         return Ok((
             StatusCode::UNAUTHORIZED,
-            "Not logged in. Visit /login?user=NAME\n",
+            "Not logged in. Visit /auth/login?user=NAME\n",
         )
             .into_response());
     };
@@ -113,7 +121,7 @@ async fn me(session: Session) -> Result<Response> {
 /// Logs out: the record is deleted and the cookie removed.
 async fn logout(session: Session) -> Result<Redirect> {
     session.destroy().await?;
-    Ok(Redirect::to("/me"))
+    Ok(Redirect::to("/auth/me"))
 }
 
 fn port() -> u16 {
@@ -138,9 +146,10 @@ async fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         .route("/counter", get(counter))
         .route("/read", get(read))
         .route("/untouched", get(untouched))
-        .route("/login", get(login))
-        .route("/me", get(me))
-        .route("/logout", get(logout))
+        .route("/login", get(bench_login))
+        .route("/auth/login", get(login))
+        .route("/auth/me", get(me))
+        .route("/auth/logout", get(logout))
         .layer(SessionLayer::new(MemoryStore::default()));
     let addr = SocketAddr::from(([127, 0, 0, 1], port()));
     let listener = tokio::net::TcpListener::bind(addr).await?;

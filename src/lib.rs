@@ -79,7 +79,7 @@
 //! - `memory` (default): [`MemoryStore`], in-process, sharded, bounded and swept.
 //! - `tower`: [`SessionLayer`] is a `tower_layer::Layer` and [`SessionService`] a
 //!   `tower_service::Service` (readiness forwarded to the inner service), for
-//!   `tower::ServiceBuilder` stacks, tonic and axum. Adds only `tower-layer` and `tower-service`.
+//!   `tower::ServiceBuilder` stacks and axum. Adds only `tower-layer` and `tower-service`.
 //! - `axum` (implies `tower`): [`Session`] is an axum extractor (`FromRequestParts`), rejecting
 //!   with [`MissingSessionLayer`] (a 500) when the layer is missing. Adds only `axum-core` 0.5
 //!   (axum 0.8).

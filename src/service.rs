@@ -28,7 +28,8 @@ pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 /// apply it.
 ///
 /// Build it with [`SessionLayer::new`] (secure defaults) or [`SessionLayer::builder`]. Cloning is
-/// cheap; every clone shares the store.
+/// cheap; every clone shares the store. With the `tower` feature it is also a
+/// `tower_layer::Layer`, for `tower::ServiceBuilder` stacks and axum's `Router::layer`.
 ///
 /// # Examples
 /// ```no_run
@@ -285,10 +286,12 @@ impl fmt::Debug for SessionLayerBuilder {
     }
 }
 
-/// A hyper service with sessions: made by [`SessionLayer::wrap`].
+/// A hyper service with sessions: made by [`SessionLayer::wrap`] (or, with the `tower` feature,
+/// by `SessionLayer` as a `tower_layer::Layer`).
 ///
 /// It has the inner service's request and response types and error, and is served exactly like
-/// it. The response body type must implement `Default` (an empty body), used when a failed save
+/// it: a `hyper::service::Service` when the inner service is one, and with the `tower` feature a
+/// `tower_service::Service` when the inner service is a `Clone` one. The response body type must implement `Default` (an empty body), used when a failed save
 /// replaces the response.
 #[derive(Clone)]
 pub struct SessionService<S> {
