@@ -291,8 +291,8 @@ impl fmt::Debug for SessionLayerBuilder {
 ///
 /// It has the inner service's request and response types and error, and is served exactly like
 /// it: a `hyper::service::Service` when the inner service is one, and with the `tower` feature a
-/// `tower_service::Service` when the inner service is a `Clone` one. The response body type must implement `Default` (an empty body), used when a failed save
-/// replaces the response.
+/// `tower_service::Service` when the inner service is a `Clone` one. The response body type
+/// must implement `Default` (an empty body), used when a failed save replaces the response.
 #[derive(Clone)]
 pub struct SessionService<S> {
     inner: S,
