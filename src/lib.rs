@@ -77,6 +77,12 @@
 //!
 //! # Feature flags
 //! - `memory` (default): [`MemoryStore`], in-process, sharded, bounded and swept.
+//! - `tower`: [`SessionLayer`] is a `tower_layer::Layer` and [`SessionService`] a
+//!   `tower_service::Service` (readiness forwarded to the inner service), for
+//!   `tower::ServiceBuilder` stacks and axum. Adds only `tower-layer` and `tower-service`.
+//! - `axum` (implies `tower`): [`Session`] is an axum extractor (`FromRequestParts`), rejecting
+//!   with [`MissingSessionLayer`] (a 500) when the layer is missing. Adds only `axum-core` 0.5
+//!   (axum 0.8).
 //!
 //! Without any store feature the crate still builds: bring your own [`SessionStore`].
 //!
@@ -90,6 +96,8 @@
 mod config;
 mod cookie;
 mod error;
+#[cfg(feature = "axum")]
+mod extract;
 mod id;
 mod record;
 mod service;
@@ -99,6 +107,9 @@ mod store;
 pub use crate::config::{ErrorHandler, Expiry, SameSite};
 pub use crate::cookie::{CookieLookup, find_in_header, find_session_id};
 pub use crate::error::{Error, StoreError, StoreErrorKind};
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use crate::extract::MissingSessionLayer;
 pub use crate::id::{Id, InvalidId};
 pub use crate::record::{Record, from_unix_ms, unix_ms};
 pub use crate::service::{

@@ -18,6 +18,9 @@ use crate::error::{Chain, Error};
 use crate::session::{Session, Shared};
 use crate::store::SessionStore;
 
+#[cfg(feature = "tower")]
+mod tower;
+
 /// The default limit on a session record's encoded size: 1 MiB.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 
@@ -25,7 +28,8 @@ pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 /// apply it.
 ///
 /// Build it with [`SessionLayer::new`] (secure defaults) or [`SessionLayer::builder`]. Cloning is
-/// cheap; every clone shares the store.
+/// cheap; every clone shares the store. With the `tower` feature it is also a
+/// `tower_layer::Layer`, for `tower::ServiceBuilder` stacks and axum's `Router::layer`.
 ///
 /// # Examples
 /// ```no_run
@@ -282,11 +286,13 @@ impl fmt::Debug for SessionLayerBuilder {
     }
 }
 
-/// A hyper service with sessions: made by [`SessionLayer::wrap`].
+/// A hyper service with sessions: made by [`SessionLayer::wrap`] (or, with the `tower` feature,
+/// by `SessionLayer` as a `tower_layer::Layer`).
 ///
 /// It has the inner service's request and response types and error, and is served exactly like
-/// it. The response body type must implement `Default` (an empty body), used when a failed save
-/// replaces the response.
+/// it: a `hyper::service::Service` when the inner service is one, and with the `tower` feature a
+/// `tower_service::Service` when the inner service is a `Clone` one. The response body type
+/// must implement `Default` (an empty body), used when a failed save replaces the response.
 #[derive(Clone)]
 pub struct SessionService<S> {
     inner: S,
@@ -306,17 +312,18 @@ impl<S> SessionService<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+}
 
-    /// Creates the session for a request and puts it in the extensions.
-    fn attach<B>(&self, req: &mut Request<B>) -> Session {
-        let lookup = find_session_id(req.headers(), &self.shared.config.cookie_name);
-        if lookup == CookieLookup::Invalid {
-            log::debug!("hyper-sessions: malformed or forged session cookie ignored");
-        }
-        let session = Session::new(Arc::clone(&self.shared), lookup);
-        req.extensions_mut().insert(session.clone());
-        session
+/// Creates the session for a request and puts it in the extensions: the part of a call that
+/// comes before the inner service, shared by the hyper and tower paths.
+fn attach<B>(shared: &Arc<Shared>, req: &mut Request<B>) -> Session {
+    let lookup = find_session_id(req.headers(), &shared.config.cookie_name);
+    if lookup == CookieLookup::Invalid {
+        log::debug!("hyper-sessions: malformed or forged session cookie ignored");
     }
+    let session = Session::new(Arc::clone(shared), lookup);
+    req.extensions_mut().insert(session.clone());
+    session
 }
 
 impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for SessionService<S>
@@ -329,12 +336,8 @@ where
     type Future = ResponseFuture<S::Future, ResBody>;
 
     fn call(&self, mut req: Request<ReqBody>) -> Self::Future {
-        let session = self.attach(&mut req);
-        ResponseFuture {
-            inner: self.inner.call(req),
-            session: Some(session),
-            commit: None,
-        }
+        let session = attach(&self.shared, &mut req);
+        ResponseFuture::new(self.inner.call(req), session)
     }
 }
 
@@ -347,6 +350,18 @@ pin_project! {
         inner: F,
         session: Option<Session>,
         commit: Option<CommitFuture<B>>,
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    /// The inner service's future for a request that carries `session`: the part of a call that
+    /// comes after the inner service, shared by the hyper and tower paths.
+    fn new(inner: F, session: Session) -> Self {
+        ResponseFuture {
+            inner,
+            session: Some(session),
+            commit: None,
+        }
     }
 }
 

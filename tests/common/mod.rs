@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::header::{COOKIE, SET_COOKIE};
 use hyper::{Request, StatusCode};
 use hyper_sessions::{
@@ -36,9 +36,116 @@ impl Drop for TestServer {
     }
 }
 
-/// Serves the example app behind `layer` on a free loopback port, HTTP/1.1 and HTTP/2.
+/// Which server stack [`serve`] puts the session layer in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// `SessionLayer::wrap` around a hyper `service_fn`: the hyper path.
+    Hyper,
+    /// An axum `Router` with the layer, the handler taking the `Session` extractor, served by
+    /// `axum::serve`.
+    #[cfg(feature = "axum")]
+    Axum,
+    /// A tower `ServiceBuilder` stack: a timeout around the session layer, a concurrency limit
+    /// inside it (whose readiness the layer must forward), served through hyper-util's
+    /// `TowerToHyperService`.
+    #[cfg(feature = "tower")]
+    Tower,
+}
+
+tokio::task_local! {
+    /// The stack [`serve`] uses inside `STACK.scope(stack, test)`; [`Stack::Hyper`] outside.
+    /// This is how the HTTP half of the conformance suite runs unchanged over every stack.
+    pub static STACK: Stack;
+}
+
+/// Serves the example app behind `layer` on a free loopback port, HTTP/1.1 and HTTP/2, in the
+/// stack chosen by [`STACK`] (the hyper path by default).
 pub async fn serve(layer: &SessionLayer) -> TestServer {
-    let service = layer.wrap(hyper::service::service_fn(app::handle));
+    serve_on(STACK.try_with(|s| *s).unwrap_or(Stack::Hyper), layer).await
+}
+
+/// Serves the example app behind `layer` in `stack`. Every stack answers `GET /__stack` with
+/// its name, so a test can check which one it talks to.
+pub async fn serve_on(stack: Stack, layer: &SessionLayer) -> TestServer {
+    match stack {
+        Stack::Hyper => {
+            let service = layer.wrap(hyper::service::service_fn(|req: Request<Incoming>| {
+                let stack_probe = req.uri().path() == "/__stack";
+                async move {
+                    if stack_probe {
+                        Ok(hyper::Response::new(app::Body::from("hyper")))
+                    } else {
+                        app::handle(req).await
+                    }
+                }
+            }));
+            serve_service(service).await
+        }
+        #[cfg(feature = "axum")]
+        Stack::Axum => serve_axum(axum_router(layer)).await,
+        #[cfg(feature = "tower")]
+        Stack::Tower => serve_tower(layer, std::time::Duration::from_secs(30)).await,
+    }
+}
+
+/// The example app as an axum `Router`: every path goes to a handler that takes the `Session`
+/// extractor, behind `layer`.
+#[cfg(feature = "axum")]
+pub fn axum_router(layer: &SessionLayer) -> axum::Router {
+    async fn handler(
+        session: hyper_sessions::Session,
+        uri: hyper::Uri,
+    ) -> hyper::Response<app::Body> {
+        app::respond(&session, uri.path(), uri.query()).await
+    }
+    axum::Router::new()
+        .route("/__stack", axum::routing::get(|| async { "axum" }))
+        .fallback(handler)
+        .layer(layer.clone())
+}
+
+/// Serves an axum router with `axum::serve` on a free loopback port.
+#[cfg(feature = "axum")]
+pub async fn serve_axum(router: axum::Router) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    TestServer { addr, task }
+}
+
+/// Serves the example app in a tower stack: `timeout` around the session layer, a concurrency
+/// limit of 256 inside it, then the app as a `tower::service_fn`.
+#[cfg(feature = "tower")]
+pub async fn serve_tower(layer: &SessionLayer, timeout: std::time::Duration) -> TestServer {
+    let service = tower::ServiceBuilder::new()
+        .timeout(timeout)
+        .layer(layer.clone())
+        .concurrency_limit(256)
+        .service_fn(|req: Request<Incoming>| async move {
+            if req.uri().path() == "/__stack" {
+                Ok(hyper::Response::new(app::Body::from("tower")))
+            } else {
+                app::handle(req).await
+            }
+        });
+    serve_service(hyper_util::service::TowerToHyperService::new(service)).await
+}
+
+/// Serves a hyper service on a free loopback port, HTTP/1.1 and HTTP/2.
+pub async fn serve_service<S, B>(service: S) -> TestServer
+where
+    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
