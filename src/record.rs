@@ -12,32 +12,39 @@ use crate::id::Id;
 /// One stored session, as a [`SessionStore`](crate::SessionStore) keeps it.
 ///
 /// The store treats `data` as opaque bytes (the middleware encodes and decodes it), and keeps
-/// `version` and `expires_at` beside it: `version` drives the compare-and-set of
-/// [`SessionStore::save`](crate::SessionStore::save), and `expires_at` is when the store must
-/// stop returning the record.
+/// `version` and the expiry beside it: `version` drives the compare-and-set of
+/// [`SessionStore::save`](crate::SessionStore::save), and the expiry is when the store must
+/// stop returning the record. Expiry instants have millisecond precision.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
     id: Id,
     data: Bytes,
     version: u64,
-    expires_at: SystemTime,
+    expires_ms: u64,
 }
 
 impl Record {
-    /// A record with these parts. Stores call this when they load one.
+    /// A record with these parts. Stores call this (or [`Record::from_unix_ms`]) when they load
+    /// one.
     pub fn new(id: Id, data: Bytes, version: u64, expires_at: SystemTime) -> Self {
+        Record::from_unix_ms(id, data, version, unix_ms(expires_at))
+    }
+
+    /// A record whose expiry is given in milliseconds since the Unix epoch, the form most
+    /// stores keep (`PXAT` in Redis, an integer column in `SQLite`).
+    pub fn from_unix_ms(id: Id, data: Bytes, version: u64, expires_at_unix_ms: u64) -> Self {
         Record {
             id,
             data,
             version,
-            expires_at,
+            expires_ms: expires_at_unix_ms,
         }
     }
 
     /// The same record with another expiry.
     #[must_use]
     pub fn with_expires_at(mut self, expires_at: SystemTime) -> Self {
-        self.expires_at = expires_at;
+        self.expires_ms = unix_ms(expires_at);
         self
     }
 
@@ -58,18 +65,17 @@ impl Record {
 
     /// When the record expires. A store must not return it from `load` at or after this instant.
     pub fn expires_at(&self) -> SystemTime {
-        self.expires_at
+        from_unix_ms(self.expires_ms)
     }
 
-    /// `expires_at` in whole milliseconds since the Unix epoch (0 for instants before it), the
-    /// form most stores keep (`PXAT` in Redis, an integer column in `SQLite`).
+    /// The expiry in whole milliseconds since the Unix epoch.
     pub fn expires_at_unix_ms(&self) -> u64 {
-        unix_ms(self.expires_at)
+        self.expires_ms
     }
 
     /// Whether the record has expired at `now`.
     pub fn is_expired_at(&self, now: SystemTime) -> bool {
-        self.expires_at <= now
+        self.expires_ms <= unix_ms(now)
     }
 }
 
@@ -79,7 +85,7 @@ impl fmt::Debug for Record {
             .field("id", &self.id)
             .field("data_len", &self.data.len())
             .field("version", &self.version)
-            .field("expires_at", &self.expires_at)
+            .field("expires_at_unix_ms", &self.expires_ms)
             .finish()
     }
 }

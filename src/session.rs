@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -14,7 +15,7 @@ use crate::cookie::{CookieAction, CookieLookup};
 use crate::error::{Chain, Error, Kind};
 use crate::id::Id;
 use crate::record::{Record, SessionData, from_unix_ms, unix_ms};
-use crate::store::{CreateOutcome, DynStore, Refresh, SaveOutcome};
+use crate::store::{BoxFuture, CreateOutcome, DynStore, Refresh, SaveOutcome};
 
 /// What every request of one layer shares: the store and the configuration.
 pub(crate) struct Shared {
@@ -122,8 +123,46 @@ struct State {
     destroyed: bool,
     /// An explicit save (`update`) failed: nothing more is written for this request.
     failed: bool,
+    /// When this request last read the clock (Unix ms): at the load, or at a commit.
+    clock_ms: u64,
     /// The cookie to send: set after a create, a cycle or an expiry refresh.
     set_cookie: Option<(Id, Option<Duration>)>,
+}
+
+/// The future of [`Session::load`].
+struct Load<'a> {
+    session: &'a Session,
+    store: Option<BoxFuture<'a, Option<Record>>>,
+    now_ms: u64,
+}
+
+impl Future for Load<'_> {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(store) = self.store.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let record = match ready!(store.as_mut().poll(cx)) {
+            Ok(record) => record,
+            Err(e) if e.is_corrupt() => {
+                log::error!(
+                    "hyper-sessions: ignoring unreadable session record: {}; starting a fresh session",
+                    Chain(&e)
+                );
+                None
+            }
+            Err(e) => {
+                self.store = None;
+                return Poll::Ready(Err(e.into()));
+            }
+        };
+        self.store = None;
+        let session = self.session;
+        let mut st = session.state();
+        st.install(record, session.config(), self.now_ms);
+        Poll::Ready(st.check_live())
+    }
 }
 
 /// The store work a commit has to do next, decided under the state lock.
@@ -190,16 +229,20 @@ impl State {
         }
     }
 
-    /// Installs a loaded record (or its absence).
-    fn install(&mut self, record: Option<Record>, config: &Config, now: SystemTime) {
+    /// Installs a loaded record (or its absence), unless a concurrent load already did.
+    fn install(&mut self, record: Option<Record>, config: &Config, now_ms: u64) {
+        if self.loaded {
+            return;
+        }
         self.loaded = true;
+        self.clock_ms = now_ms;
         let Some(record) = record else { return };
-        if record.is_expired_at(now) {
+        if record.expires_at_unix_ms() <= now_ms {
             return;
         }
         match SessionData::decode(record.data(), config.max_record_bytes) {
             Ok(data) => {
-                if data.deadline.is_some_and(|d| d <= unix_ms(now)) {
+                if data.deadline.is_some_and(|d| d <= now_ms) {
                     return;
                 }
                 self.data = data;
@@ -231,11 +274,11 @@ impl State {
         if bytes.len() > config.max_record_bytes {
             return Err(too_large(bytes.len(), config.max_record_bytes));
         }
-        Ok(Record::new(id, bytes, version, from_unix_ms(expires_ms)))
+        Ok(Record::from_unix_ms(id, bytes, version, expires_ms))
     }
 
-    fn plan(&mut self, config: &Config, now: SystemTime) -> Result<Plan, Error> {
-        let now_ms = unix_ms(now);
+    fn plan(&mut self, config: &Config, now_ms: u64) -> Result<Plan, Error> {
+        self.clock_ms = now_ms;
         if !self.needs_commit(config, now_ms) {
             return Ok(Plan::Nothing);
         }
@@ -283,7 +326,7 @@ impl State {
     }
 
     /// A record now holds the changes up to `applied`.
-    fn stored_as(&mut self, record: &Record, applied: usize, config: &Config, now: SystemTime) {
+    fn stored_as(&mut self, record: &Record, applied: usize, config: &Config, now_ms: u64) {
         let new_id = self.stored.is_none_or(|s| s.id != record.id());
         let refreshed = new_id
             || self
@@ -304,24 +347,17 @@ impl State {
                 record.expires_at_unix_ms(),
                 new_id,
                 config,
-                now,
+                now_ms,
             );
         }
     }
 
     /// Sends the cookie when the id is new, or when a persistent cookie's lifetime moved.
-    fn cookie_for(
-        &mut self,
-        id: Id,
-        expires_ms: u64,
-        new_id: bool,
-        config: &Config,
-        now: SystemTime,
-    ) {
+    fn cookie_for(&mut self, id: Id, expires_ms: u64, new_id: bool, config: &Config, now_ms: u64) {
         let persistent = self.policy(config).persistent_cookie();
         if new_id || persistent {
             let max_age =
-                persistent.then(|| Duration::from_millis(expires_ms.saturating_sub(unix_ms(now))));
+                persistent.then(|| Duration::from_millis(expires_ms.saturating_sub(now_ms)));
             self.set_cookie = Some((id, max_age));
         }
     }
@@ -336,14 +372,9 @@ impl State {
     }
 
     /// Rebases this request's changes on a fresher copy of the record.
-    fn rebase(
-        &mut self,
-        fresh: Option<Record>,
-        config: &Config,
-        now: SystemTime,
-    ) -> Result<(), Error> {
+    fn rebase(&mut self, fresh: Option<Record>, config: &Config, now_ms: u64) -> Result<(), Error> {
         let mut probe = State::default();
-        probe.install(fresh, config, now);
+        probe.install(fresh, config, now_ms);
         let Some(stored) = probe.stored else {
             self.gone();
             return Err(Error::new(Kind::Gone));
@@ -460,43 +491,30 @@ impl Session {
         self.load().await
     }
 
-    fn load(&self) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + '_>> {
-        Box::pin(async move {
-            let _io = self.inner.io.lock().await;
-            if self.state().loaded {
-                return self.state().check_live();
+    /// The load, as one boxed store call and a small named future around it. Clones of the
+    /// handle that load at the same time each ask the store; the first answer is installed.
+    fn load(&self) -> Load<'_> {
+        let now_ms = unix_ms(SystemTime::now());
+        let store = match self.inner.cookie {
+            CookieLookup::Found(id) => {
+                Some(self.store().load_refreshing(id, self.layer_refresh(now_ms)))
             }
-            let CookieLookup::Found(id) = self.inner.cookie else {
-                // `loaded` starts true for every other lookup.
-                return Ok(());
-            };
-            let refresh = self.layer_refresh(SystemTime::now());
-            let record = match self.store().load_refreshing(&id, refresh).await {
-                Ok(record) => record,
-                Err(e) if e.is_corrupt() => {
-                    log::error!(
-                        "hyper-sessions: ignoring unreadable session record: {}; starting a fresh session",
-                        Chain(&e)
-                    );
-                    None
-                }
-                Err(e) => return Err(e.into()),
-            };
-            self.state()
-                .install(record, self.config(), SystemTime::now());
-            Ok(())
-        })
+            // `loaded` starts true for every other lookup.
+            _ => None,
+        };
+        Load {
+            session: self,
+            store,
+            now_ms,
+        }
     }
 
     /// The refresh to ask of the store with a load, under the layer's policy (a session with
     /// its own policy, or past its deadline, is corrected by a later touch or save).
-    fn layer_refresh(&self, now: SystemTime) -> Refresh {
-        let idle = self.config().expiry.idle_timeout();
-        let expires_at = now + idle;
-        Refresh {
-            expires_at,
-            if_before: expires_at - idle / REFRESH_DIVISOR,
-        }
+    fn layer_refresh(&self, now_ms: u64) -> Refresh {
+        let idle = duration_ms(self.config().expiry.idle_timeout());
+        let expires_ms = now_ms.saturating_add(idle);
+        Refresh::from_unix_ms(expires_ms, expires_ms - idle / u64::from(REFRESH_DIVISOR))
     }
 
     /// The value under `key`, deserialized as `T`, or `None` if there is none.
@@ -765,7 +783,7 @@ impl Session {
         let config = self.config();
         let store = self.store();
         for _ in 0..config.max_save_attempts {
-            let now = SystemTime::now();
+            let now = unix_ms(SystemTime::now());
             let plan = self.state().plan(config, now)?;
             match plan {
                 Plan::Nothing => return Ok(()),
@@ -820,7 +838,8 @@ impl Session {
                     }
                     SaveOutcome::Conflict => {
                         let fresh = store.load(&record.id()).await?;
-                        self.state().rebase(fresh, config, SystemTime::now())?;
+                        self.state()
+                            .rebase(fresh, config, unix_ms(SystemTime::now()))?;
                     }
                     SaveOutcome::Missing => {
                         self.state().gone();
@@ -838,7 +857,8 @@ impl Session {
         if !st.used {
             return Some(CookieAction::None);
         }
-        if st.needs_commit(self.config(), unix_ms(SystemTime::now())) {
+        // The clock as read at the load (or last commit) is recent enough to decide.
+        if st.needs_commit(self.config(), st.clock_ms) {
             return None;
         }
         Some(st.cookie_action(self.client_sent_cookie()))

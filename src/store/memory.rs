@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use crate::error::StoreError;
 use crate::id::Id;
-use crate::record::{Record, from_unix_ms, unix_ms};
+use crate::record::{Record, unix_ms};
 use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 
 /// Sessions kept in this process's memory: fast, and gone when the process exits.
@@ -257,7 +257,7 @@ impl SessionStore for MemoryStore {
         Ok(shard
             .get(id)
             .filter(|e| e.live(now_ms()))
-            .map(|e| Record::new(*id, e.data.clone(), e.version, from_unix_ms(e.expires_ms))))
+            .map(|e| Record::from_unix_ms(*id, e.data.clone(), e.version, e.expires_ms)))
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
@@ -315,15 +315,14 @@ impl SessionStore for MemoryStore {
         let Some(e) = shard.get_mut(id).filter(|e| e.live(now_ms)) else {
             return Ok(None);
         };
-        let (expires_ms, if_before) = (unix_ms(refresh.expires_at), unix_ms(refresh.if_before));
-        if e.expires_ms < if_before && e.expires_ms < expires_ms {
-            e.expires_ms = expires_ms;
+        if refresh.is_due(e.expires_ms) {
+            e.expires_ms = refresh.expires_at_unix_ms();
         }
-        Ok(Some(Record::new(
+        Ok(Some(Record::from_unix_ms(
             *id,
             e.data.clone(),
             e.version,
-            from_unix_ms(e.expires_ms),
+            e.expires_ms,
         )))
     }
 

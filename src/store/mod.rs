@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use crate::error::StoreError;
 use crate::id::Id;
-use crate::record::Record;
+use crate::record::{Record, from_unix_ms, unix_ms};
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
@@ -55,7 +55,7 @@ pub enum SaveOutcome {
 /// - **`touch`** moves a live record's expiry to `expires_at` without changing its data or
 ///   version, and answers whether a live record was there. It never revives an expired one.
 /// - **`load_refreshing`** (provided) is `load` plus, when the live record expires before
-///   [`Refresh::if_before`], a `touch` to [`Refresh::expires_at`]; the record returned carries
+///   [`Refresh::if_before`] ([`Refresh::is_due`]), a `touch` to [`Refresh::expires_at`]; the record returned carries
 ///   the expiry it has afterwards. The layer calls it for every load, so that an idle timeout
 ///   slides on reads. The default makes two calls when a refresh is due; a store that can do
 ///   both in one round trip (Redis `GETEX`, a Lua script) should override it.
@@ -176,29 +176,67 @@ pub trait SessionStore: Send + Sync + 'static {
             let Some(record) = self.load(id).await? else {
                 return Ok(None);
             };
-            if record.expires_at() >= refresh.if_before || refresh.expires_at <= record.expires_at()
-            {
+            if !refresh.is_due(record.expires_at_unix_ms()) {
                 return Ok(Some(record));
             }
-            if !self.touch(id, refresh.expires_at).await? {
+            if !self.touch(id, refresh.expires_at()).await? {
                 // Deleted or expired between the two calls.
                 return Ok(None);
             }
-            Ok(Some(record.with_expires_at(refresh.expires_at)))
+            Ok(Some(record.with_expires_at(refresh.expires_at())))
         }
     }
 }
 
-/// The expiry refresh asked of [`SessionStore::load_refreshing`].
+/// The expiry refresh asked of [`SessionStore::load_refreshing`]: move the record's expiry to
+/// [`expires_at`](Refresh::expires_at) if it expires before [`if_before`](Refresh::if_before).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refresh {
-    /// The expiry to give the record.
-    pub expires_at: SystemTime,
-    /// Refresh only a record that expires before this instant.
-    pub if_before: SystemTime,
+    expires_ms: u64,
+    if_before_ms: u64,
 }
 
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+impl Refresh {
+    /// A refresh to `expires_at` of a record that expires before `if_before`.
+    pub fn new(expires_at: SystemTime, if_before: SystemTime) -> Self {
+        Refresh::from_unix_ms(unix_ms(expires_at), unix_ms(if_before))
+    }
+
+    /// [`Refresh::new`] with instants in milliseconds since the Unix epoch.
+    pub fn from_unix_ms(expires_at_unix_ms: u64, if_before_unix_ms: u64) -> Self {
+        Refresh {
+            expires_ms: expires_at_unix_ms,
+            if_before_ms: if_before_unix_ms,
+        }
+    }
+
+    /// The expiry to give the record.
+    pub fn expires_at(&self) -> SystemTime {
+        from_unix_ms(self.expires_ms)
+    }
+
+    /// Refresh only a record that expires before this instant.
+    pub fn if_before(&self) -> SystemTime {
+        from_unix_ms(self.if_before_ms)
+    }
+
+    /// [`expires_at`](Refresh::expires_at) in milliseconds since the Unix epoch.
+    pub fn expires_at_unix_ms(&self) -> u64 {
+        self.expires_ms
+    }
+
+    /// [`if_before`](Refresh::if_before) in milliseconds since the Unix epoch.
+    pub fn if_before_unix_ms(&self) -> u64 {
+        self.if_before_ms
+    }
+
+    /// Whether a record expiring at `expires_at_unix_ms` is due for this refresh.
+    pub fn is_due(&self, expires_at_unix_ms: u64) -> bool {
+        expires_at_unix_ms < self.if_before_ms && expires_at_unix_ms < self.expires_ms
+    }
+}
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// The object-safe twin of [`SessionStore`], so that `Session` need not be generic.
 pub(crate) trait DynStore: Send + Sync + 'static {
@@ -207,8 +245,8 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn save<'a>(&'a self, record: &'a Record, expected: u64) -> BoxFuture<'a, SaveOutcome>;
     fn delete<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, ()>;
     fn touch<'a>(&'a self, id: &'a Id, expires_at: SystemTime) -> BoxFuture<'a, bool>;
-    fn load_refreshing<'a>(&'a self, id: &'a Id, refresh: Refresh)
-    -> BoxFuture<'a, Option<Record>>;
+    /// Takes the id by value, so the caller need not keep it alive.
+    fn load_refreshing(&self, id: Id, refresh: Refresh) -> BoxFuture<'_, Option<Record>>;
 }
 
 impl<S: SessionStore> DynStore for S {
@@ -227,11 +265,7 @@ impl<S: SessionStore> DynStore for S {
     fn touch<'a>(&'a self, id: &'a Id, expires_at: SystemTime) -> BoxFuture<'a, bool> {
         Box::pin(SessionStore::touch(self, id, expires_at))
     }
-    fn load_refreshing<'a>(
-        &'a self,
-        id: &'a Id,
-        refresh: Refresh,
-    ) -> BoxFuture<'a, Option<Record>> {
-        Box::pin(SessionStore::load_refreshing(self, id, refresh))
+    fn load_refreshing(&self, id: Id, refresh: Refresh) -> BoxFuture<'_, Option<Record>> {
+        Box::pin(async move { SessionStore::load_refreshing(self, &id, refresh).await })
     }
 }

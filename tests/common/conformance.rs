@@ -208,18 +208,12 @@ pub async fn load_refreshing<S: SessionStore>(store: S) {
         .await
         .unwrap();
     // Not due: expires after `if_before`; nothing moves.
-    let early = Refresh {
-        expires_at: in_ms(60_000),
-        if_before: in_ms(100),
-    };
+    let early = Refresh::new(in_ms(60_000), in_ms(100));
     let rec = store.load_refreshing(&id, early).await.unwrap().unwrap();
     assert!(rec.expires_at_unix_ms() <= hyper_sessions::unix_ms(in_ms(300)));
     // Due: moved in the same call, and the record says so.
     let later = in_ms(60_000);
-    let due = Refresh {
-        expires_at: later,
-        if_before: in_ms(50_000),
-    };
+    let due = Refresh::new(later, in_ms(50_000));
     let rec = store.load_refreshing(&id, due).await.unwrap().unwrap();
     assert_eq!(rec.expires_at_unix_ms(), hyper_sessions::unix_ms(later));
     assert_eq!(rec.version(), 1);
