@@ -349,12 +349,13 @@ async fn connection_problems_are_clear_errors() {
 /// need the store get 503 meanwhile (never a 200 for a write that was not stored), requests
 /// that do not touch the session go on, and the same application serves again afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn redis_crash_and_restart() {
     // Persistence on, so what was acknowledged can be checked after the restart.
     let mut server =
         RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
     let store = RedisStore::builder()
-        .command_timeout(Duration::from_millis(1000))
+        .command_timeout(Duration::from_secs(1))
         .open(server.url())
         .await
         .unwrap();

@@ -393,7 +393,7 @@ impl RedisStore {
                 self.key(id)
             )));
         };
-        let (version, data) = decode(Bytes::from(value))
+        let (version, data) = decode(&Bytes::from(value))
             .map_err(|e| StoreError::corrupt(format!("redis key {}: {e}", self.key(id))))?;
         let expires_at = from_unix_ms(expires_ms);
         // Redis's clock decided the key was live; ours has the last word.
@@ -442,7 +442,7 @@ fn encode(record: &Record, token: u64) -> Vec<u8> {
 }
 
 /// The version and the payload of a stored value (the payload shares the value's buffer).
-fn decode(value: Bytes) -> Result<(u64, Bytes), &'static str> {
+fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
     const BAD: &str = "value lacks the `<version>:<token>:` header of a session record";
     let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || digits > 20 || value.get(digits) != Some(&b':') {
@@ -642,12 +642,12 @@ mod tests {
         );
         let value = encode(&rec, 0xdead_beef);
         assert!(value.starts_with(b"42:00000000deadbeef:"));
-        let (version, data) = decode(Bytes::from(value)).unwrap();
+        let (version, data) = decode(&Bytes::from(value)).unwrap();
         assert_eq!(version, 42);
         assert_eq!(data, rec.data());
         let max = Record::new(id, Bytes::new(), u64::MAX, SystemTime::now());
         assert_eq!(
-            decode(Bytes::from(encode(&max, u64::MAX))).unwrap().0,
+            decode(&Bytes::from(encode(&max, u64::MAX))).unwrap().0,
             u64::MAX
         );
     }
@@ -665,7 +665,7 @@ mod tests {
             b"99999999999999999999999:0000000000000000:{}",
             b"18446744073709551616:0000000000000000:{}",
         ] {
-            assert!(decode(Bytes::from_static(bad)).is_err(), "{bad:?}");
+            assert!(decode(&Bytes::from_static(bad)).is_err(), "{bad:?}");
         }
     }
 
