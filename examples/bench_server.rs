@@ -1,5 +1,7 @@
 //! The benchmark server of `shared/bench/SPEC.md`:
-//! `bench_server --port PORT --store memory`.
+//! `bench_server --port PORT --store memory`, and with `--features redis` also
+//! `--store redis [--redis URL]` and `--store redis-cluster [--redis URL-of-any-node]`
+//! (default URL `redis://127.0.0.1:6379`).
 //!
 //! Stores other than those compiled in make it exit with status 2 at once.
 
@@ -17,17 +19,21 @@ use hyper_util::rt::TokioIo;
 struct Args {
     port: u16,
     store: String,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    redis: String,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut port = 3000;
     let mut store = "memory".to_owned();
+    let mut redis = "redis://127.0.0.1:6379".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--port" => port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
             "--store" => store = value()?,
+            "--redis" => redis = value()?,
             // Flags of stores this build does not have are accepted and ignored.
             _ if flag.starts_with("--") => {
                 let _ = value();
@@ -35,7 +41,7 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unexpected argument {flag:?}")),
         }
     }
-    Ok(Args { port, store })
+    Ok(Args { port, store, redis })
 }
 
 #[tokio::main]
@@ -50,6 +56,21 @@ async fn main() -> ExitCode {
     let layer = match args.store.as_str() {
         // The /login run creates a session per request: room for a long run.
         "memory" => SessionLayer::new(MemoryStore::builder().max_sessions(20_000_000).build()),
+        #[cfg(feature = "redis")]
+        "redis" | "redis-cluster" => {
+            let store = if args.store == "redis" {
+                hyper_sessions::RedisStore::open(args.redis.as_str()).await
+            } else {
+                hyper_sessions::RedisStore::open_cluster([args.redis.as_str()]).await
+            };
+            match store {
+                Ok(store) => SessionLayer::new(store),
+                Err(e) => {
+                    eprintln!("bench_server: cannot use Redis at {}: {e:?}", args.redis);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         other => {
             eprintln!("bench_server: store {other:?} is not supported by this build");
             return ExitCode::from(2);

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests start for themselves (each store's issue adds its servers).
-APT_PACKAGES=()
+APT_PACKAGES=(redis-server)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -83,6 +83,9 @@
 //! - `axum` (implies `tower`): [`Session`] is an axum extractor (`FromRequestParts`), rejecting
 //!   with [`MissingSessionLayer`] (a 500) when the layer is missing. Adds only `axum-core` 0.5
 //!   (axum 0.8).
+//! - `redis`: [`RedisStore`], sessions shared by every app server through Redis (7.0 or newer,
+//!   or Valkey), on a single node or a Redis Cluster, with the `redis` crate; the server keeps
+//!   the expiry, and a read costs one command.
 //!
 //! Without any store feature the crate still builds: bring your own [`SessionStore`].
 //!
@@ -121,3 +124,7 @@ pub use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use crate::store::memory::{MemoryStore, MemoryStoreBuilder};
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::store::redis::{RedisStore, RedisStoreBuilder};

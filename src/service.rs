@@ -263,7 +263,7 @@ impl SessionLayerBuilder {
             expiry: self.expiry,
             absolute_lifetime: self.absolute_lifetime,
             max_record_bytes: self.max_record_bytes,
-            max_save_attempts: 16,
+            max_save_attempts: 24,
             error_handler: self.error_handler,
         };
         Ok(SessionLayer {

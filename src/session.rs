@@ -408,6 +408,23 @@ fn duration_ms(d: Duration) -> u64 {
         .saturating_add(u64::from(d.subsec_millis()))
 }
 
+/// A random pause below 0.5 ms, doubled per attempt up to 32 ms.
+fn conflict_backoff(attempt: u32) -> Duration {
+    let window_us = 500u64 << attempt.min(6);
+    // Jitter from the clock's nanoseconds and this task's stack address, well mixed; it needs
+    // to differ between the colliding requests, not to be unpredictable.
+    let seed = u64::from(
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos(),
+    ) ^ (&raw const window_us as u64);
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    Duration::from_micros((z ^ (z >> 31)) % window_us)
+}
+
 fn too_large(len: usize, max: usize) -> Error {
     Error::with(
         Kind::TooLarge,
@@ -782,7 +799,7 @@ impl Session {
         let _io = self.inner.io.lock().await;
         let config = self.config();
         let store = self.store();
-        for _ in 0..config.max_save_attempts {
+        for attempt in 0..config.max_save_attempts {
             let now = unix_ms(SystemTime::now());
             let plan = self.state().plan(config, now)?;
             match plan {
@@ -837,6 +854,9 @@ impl Session {
                         return Ok(());
                     }
                     SaveOutcome::Conflict => {
+                        // Writers that collided would collide again if they all retried at
+                        // once: spread them out, wider on each attempt.
+                        tokio::time::sleep(conflict_backoff(attempt)).await;
                         let fresh = store.load(&record.id()).await?;
                         self.state()
                             .rebase(fresh, config, unix_ms(SystemTime::now()))?;

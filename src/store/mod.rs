@@ -10,6 +10,8 @@ use crate::record::{Record, from_unix_ms, unix_ms};
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 /// What [`SessionStore::create`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,622 @@
+//! [`RedisStore`]: sessions in Redis, on one node or a Redis Cluster, with the `redis` crate.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, IntoConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation, Value};
+use bytes::Bytes;
+
+use crate::error::StoreError;
+use crate::id::Id;
+use crate::record::{Record, from_unix_ms, unix_ms};
+use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
+
+/// The latest expiry the store writes: the last millisecond of the year 9999. Later instants
+/// are stored as this one (Redis refuses expiry times that overflow its clock arithmetic).
+const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
+
+/// Loads a record and, when asked and due, moves its expiry in the same call.
+///
+/// `KEYS[1]` the key; `ARGV[1]` refresh only if the key expires before this (Unix ms; `0`: never);
+/// `ARGV[2]` the new expiry (Unix ms). Answers `nil`, or `{value, expiry in Unix ms}` (`-1`
+/// for a key without an expiry, which this store never writes).
+const LOAD_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local e = redis.call('PEXPIRETIME', KEYS[1])
+local b = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+if e > 0 and e < b and e < n then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+  e = n
+end
+return {v, e}
+";
+
+/// Compare-and-set on the version in the value's header.
+///
+/// `KEYS[1]` the key; `ARGV[1]` the expected version; `ARGV[2]` the new version; `ARGV[3]` the
+/// new value (header included); `ARGV[4]` its expiry (Unix ms); `ARGV[5]` the new value's write
+/// token. Answers 0 (missing), 1 (conflict) or 2 (saved). A value that already carries the new
+/// version *and this write's token* is this very write, applied by an earlier attempt whose
+/// reply was lost: it answers 2 again instead of a false conflict.
+const SAVE_LUA: &str = r"
+-- The header `<version>:<token>:` is at most 20 + 1 + 16 + 1 = 38 bytes.
+local h = redis.call('GETRANGE', KEYS[1], 0, 63)
+if h == '' then return 0 end
+local v, t = string.match(h, '^(%d+):(%x+):')
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4])
+  return 2
+end
+if v == ARGV[2] and t == ARGV[5] then return 2 end
+return 1
+";
+
+/// Sessions in Redis (7.0 or newer, or Valkey), on a single node or a Redis Cluster.
+///
+/// One key per session, `<prefix><id>` (prefix `session:` by default), so no command ever spans
+/// two cluster slots. Redis keeps the expiry: every key carries a TTL at the session's
+/// `expires_at` (`PXAT`), so expired sessions disappear without any sweeping, and `load` reads
+/// the expiry back from the key (`PEXPIRETIME`).
+///
+/// # Round trips
+/// Every operation is one command, so one round trip per request kind the layer makes:
+///
+/// | request | commands |
+/// |---|---|
+/// | does not touch the session | none |
+/// | reads (and slides an idle expiry when due) | `EVALSHA` (load script) |
+/// | writes | `EVALSHA` (load) + `EVALSHA` (compare-and-set script) |
+/// | new session | `SET key value NX PXAT ms GET` |
+/// | destroy | `DEL` |
+/// | expiry refresh alone | `PEXPIREAT` |
+///
+/// A script missing from the server's cache (after a restart or `SCRIPT FLUSH`) costs one
+/// `SCRIPT LOAD` and a second `EVALSHA`, once.
+///
+/// # Stored value
+/// A Redis string: a short header `<version>:<token>:` (the version in decimal, a 16-hex-digit
+/// write token), then the session payload byte for byte. The token lets a retried write
+/// recognise itself, so a write whose reply was lost is neither applied twice nor reported as
+/// a conflict. A value without this header is reported as corrupt, which the layer answers
+/// with a fresh session (leaving the value alone).
+///
+/// # Failures
+/// Connection errors, timeouts, a loading, read-only or out-of-memory server are
+/// [`StoreError::unavailable`] (the layer answers 503); a value this store did not write, or a
+/// key of another type, is [`StoreError::corrupt`]; anything else is [`StoreError::other`].
+/// Each operation is bounded by the [command timeout](RedisStoreBuilder::command_timeout)
+/// (2 s by default), so a hung Redis fails requests instead of holding them forever. Reads and
+/// idempotent writes are retried once on a broken connection; the connection itself is
+/// re-established automatically (`ConnectionManager` on a single node, the cluster client's
+/// own reconnection on a cluster), so the same store serves again once Redis is back.
+///
+/// # TLS
+/// `rediss://` URLs need a TLS stack in the `redis` crate, which this crate does not pull in:
+/// enable one of the `redis` crate's features in your own `Cargo.toml` (Cargo unifies the
+/// features of the one `redis` crate in your build), for example
+/// `redis = { version = "1.2", features = ["tokio-rustls-comp", "tls-rustls-webpki-roots"] }`.
+/// Without one, opening a `rediss://` URL fails with an error saying so.
+///
+/// # Examples
+/// ```no_run
+/// use std::time::Duration;
+/// use hyper_sessions::{RedisStore, SessionLayer};
+///
+/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// // Password and database number go in the URL.
+/// let store = RedisStore::builder()
+///     .key_prefix("myapp:session:")
+///     .command_timeout(Duration::from_millis(500))
+///     .open("redis://:secret@127.0.0.1:6379/2")
+///     .await?;
+/// let layer = SessionLayer::new(store);
+///
+/// // A cluster: any node's URL (or several); the others are discovered.
+/// let cluster = RedisStore::open_cluster(["redis://10.0.0.1:7000"]).await?;
+/// # let _ = (layer, cluster);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    prefix: String,
+    timeout: Duration,
+    load: Script,
+    save: Script,
+    /// Write tokens: a random start, then one more per write.
+    tokens: AtomicU64,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Configures a [`RedisStore`]: key prefix and command timeout, then the connection.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RedisStoreBuilder {
+    prefix: String,
+    timeout: Duration,
+}
+
+impl Default for RedisStoreBuilder {
+    fn default() -> Self {
+        RedisStoreBuilder {
+            prefix: "session:".to_owned(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key (default `session:`); the key is the prefix and the session id.
+    ///
+    /// # Examples
+    /// ```
+    /// let builder = hyper_sessions::RedisStore::builder().key_prefix("shop:sess:");
+    /// # let _ = builder;
+    /// ```
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest one store operation may take, reconnecting included (default 2 s; at least
+    /// 1 ms). Past it the operation fails with [`StoreError::unavailable`]; a write that timed
+    /// out may or may not have been applied, and is reported as not stored.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = hyper_sessions::RedisStore::builder().command_timeout(Duration::from_millis(300));
+    /// # let _ = builder;
+    /// ```
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Connects to a single Redis node at `url` (`redis://[[user]:password@]host[:port][/db]`,
+    /// or `redis+unix:///path`), through a `ConnectionManager` that reconnects by itself.
+    ///
+    /// # Errors
+    /// [`StoreError::unavailable`] if the server cannot be reached within the command timeout,
+    /// [`StoreError::other`] for a URL that is not a Redis URL or refused credentials.
+    pub async fn open(self, url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
+        let client = ::redis::Client::open(url).map_err(store_error)?;
+        let config = ConnectionManagerConfig::new()
+            // Fail fast while Redis is down (one connection attempt per failed request), and
+            // pick the connection up again on the first request after it is back.
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(self.timeout));
+        let connect = ConnectionManager::new_with_config(client, config);
+        let manager = tokio::time::timeout(self.timeout, connect)
+            .await
+            .map_err(|_| timed_out(self.timeout))?
+            .map_err(store_error)?;
+        self.with_connection_manager(manager).preloaded().await
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (the others are discovered).
+    ///
+    /// # Errors
+    /// As for [`open`](Self::open).
+    pub async fn open_cluster<I, U>(self, urls: I) -> Result<RedisStore, StoreError>
+    where
+        I: IntoIterator<Item = U>,
+        U: IntoConnectionInfo,
+    {
+        let client = ClusterClient::builder(urls)
+            .connection_timeout(self.timeout)
+            .build()
+            .map_err(store_error)?;
+        let connection = tokio::time::timeout(self.timeout, client.get_async_connection())
+            .await
+            .map_err(|_| timed_out(self.timeout))?
+            .map_err(store_error)?;
+        self.with_cluster_connection(connection).preloaded().await
+    }
+
+    /// A store on an existing single-node `ConnectionManager` (with your own reconnection,
+    /// TLS and protocol settings).
+    pub fn with_connection_manager(self, manager: ConnectionManager) -> RedisStore {
+        self.build(Conn::Single(manager))
+    }
+
+    /// A store on an existing async Redis Cluster connection.
+    pub fn with_cluster_connection(self, connection: ClusterConnection) -> RedisStore {
+        self.build(Conn::Cluster(connection))
+    }
+
+    fn build(self, conn: Conn) -> RedisStore {
+        let (start, _) = uuid::Uuid::new_v4().as_u64_pair();
+        RedisStore {
+            conn,
+            inner: Arc::new(Inner {
+                prefix: self.prefix,
+                timeout: self.timeout,
+                load: Script::new(LOAD_LUA),
+                save: Script::new(SAVE_LUA),
+                tokens: AtomicU64::new(start),
+            }),
+        }
+    }
+}
+
+impl RedisStore {
+    /// A builder, to set the key prefix or the command timeout before connecting.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// Connects to a single Redis node with the default settings; see
+    /// [`RedisStoreBuilder::open`].
+    pub async fn open(url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
+        RedisStoreBuilder::default().open(url).await
+    }
+
+    /// Connects to a Redis Cluster with the default settings; see
+    /// [`RedisStoreBuilder::open_cluster`].
+    pub async fn open_cluster<I, U>(urls: I) -> Result<RedisStore, StoreError>
+    where
+        I: IntoIterator<Item = U>,
+        U: IntoConnectionInfo,
+    {
+        RedisStoreBuilder::default().open_cluster(urls).await
+    }
+
+    /// The key prefix.
+    pub fn key_prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The Redis key of a session: the prefix, then the id in its canonical form.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+    /// let store = hyper_sessions::RedisStore::open("redis://127.0.0.1/").await?;
+    /// let id = hyper_sessions::Id::random();
+    /// assert_eq!(store.key(&id), format!("session:{id}"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn key(&self, id: &Id) -> String {
+        format!("{}{id}", self.inner.prefix)
+    }
+
+    /// Loads the scripts into the server's cache, so that the first requests need no reload.
+    async fn preloaded(self) -> Result<RedisStore, StoreError> {
+        for source in [LOAD_LUA, SAVE_LUA] {
+            let mut cmd = ::redis::cmd("SCRIPT");
+            cmd.arg("LOAD").arg(source);
+            self.run(Req::Cmd(cmd), true).await?;
+        }
+        Ok(self)
+    }
+
+    fn next_token(&self) -> u64 {
+        self.inner.tokens.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs one request, retried once on a broken connection when `retry` (the request is
+    /// idempotent), all within the command timeout.
+    async fn run(&self, req: Req<'_>, retry: bool) -> Result<Value, StoreError> {
+        let attempt = async {
+            match self.conn.exec(&req).await {
+                Err(e) if retry && (e.is_io_error() || e.is_connection_dropped()) => {
+                    self.conn.exec(&req).await
+                }
+                other => other,
+            }
+        };
+        tokio::time::timeout(self.inner.timeout, attempt)
+            .await
+            .map_err(|_| timed_out(self.inner.timeout))?
+            .map_err(store_error)
+    }
+
+    async fn load_with(
+        &self,
+        id: &Id,
+        if_before: u64,
+        expires: u64,
+    ) -> Result<Option<Record>, StoreError> {
+        let mut inv = self.inner.load.key(self.key(id));
+        inv.arg(if_before).arg(expires);
+        let reply = self.run(Req::Script(&inv), true).await?;
+        let (value, expires_ms) = match reply {
+            Value::Nil => return Ok(None),
+            Value::Array(parts) => match <[Value; 2]>::try_from(parts) {
+                Ok([Value::BulkString(v), Value::Int(e)]) => (v, e),
+                Ok(other) => return Err(unexpected("load", &Value::Array(other.into()))),
+                Err(parts) => return Err(unexpected("load", &Value::Array(parts))),
+            },
+            other => return Err(unexpected("load", &other)),
+        };
+        let Ok(expires_ms) = u64::try_from(expires_ms) else {
+            return Err(StoreError::corrupt(format!(
+                "redis key {} has no expiry; this store always sets one",
+                self.key(id)
+            )));
+        };
+        let (version, data) = decode(&Bytes::from(value))
+            .map_err(|e| StoreError::corrupt(format!("redis key {}: {e}", self.key(id))))?;
+        let expires_at = from_unix_ms(expires_ms);
+        // Redis's clock decided the key was live; ours has the last word.
+        if expires_at <= SystemTime::now() {
+            return Ok(None);
+        }
+        Ok(Some(Record::new(*id, data, version, expires_at)))
+    }
+}
+
+/// A request: one command, or a script (`EVALSHA`, with a `SCRIPT LOAD` when the server does
+/// not have it cached).
+enum Req<'a> {
+    Cmd(Cmd),
+    Script(&'a ScriptInvocation<'a>),
+}
+
+impl Conn {
+    async fn exec(&self, req: &Req<'_>) -> RedisResult<Value> {
+        match self {
+            Conn::Single(c) => {
+                let mut c = c.clone();
+                match req {
+                    Req::Cmd(cmd) => cmd.query_async(&mut c).await,
+                    Req::Script(inv) => inv.invoke_async(&mut c).await,
+                }
+            }
+            Conn::Cluster(c) => {
+                let mut c = c.clone();
+                match req {
+                    Req::Cmd(cmd) => cmd.query_async(&mut c).await,
+                    Req::Script(inv) => inv.invoke_async(&mut c).await,
+                }
+            }
+        }
+    }
+}
+
+/// The stored value of a record: `<version>:<token as 16 hex digits>:<data>`.
+fn encode(record: &Record, token: u64) -> Vec<u8> {
+    let header = format!("{}:{token:016x}:", record.version());
+    let mut value = Vec::with_capacity(header.len() + record.data().len());
+    value.extend_from_slice(header.as_bytes());
+    value.extend_from_slice(record.data());
+    value
+}
+
+/// The version and the payload of a stored value (the payload shares the value's buffer).
+fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
+    const BAD: &str = "value lacks the `<version>:<token>:` header of a session record";
+    let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 20 || value.get(digits) != Some(&b':') {
+        return Err(BAD);
+    }
+    let version = std::str::from_utf8(&value[..digits])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or(BAD)?;
+    let token_end = digits + 1 + 16;
+    let token_ok = value.len() > token_end
+        && value[digits + 1..token_end]
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+        && value[token_end] == b':';
+    if !token_ok {
+        return Err(BAD);
+    }
+    Ok((version, value.slice(token_end + 1..)))
+}
+
+/// An instant as a Redis expiry time (Unix ms, within what Redis accepts).
+fn expiry_ms(t: SystemTime) -> u64 {
+    unix_ms(t).clamp(1, MAX_EXPIRES_MS)
+}
+
+fn timed_out(after: Duration) -> StoreError {
+    StoreError::unavailable(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("redis did not answer within {after:?}"),
+    ))
+}
+
+fn unexpected(op: &str, reply: &Value) -> StoreError {
+    StoreError::other(format!("unexpected redis reply to {op}: {reply:?}"))
+}
+
+/// Sorts a redis error into the store's kinds, keeping it as the cause.
+fn store_error(e: RedisError) -> StoreError {
+    use ::redis::{ErrorKind, ServerErrorKind};
+    let unavailable = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            ) | ErrorKind::ClusterConnectionNotFound
+        )
+        || matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS" | "MISCONF"));
+    if unavailable {
+        StoreError::unavailable(e)
+    } else if e.code() == Some("WRONGTYPE") {
+        StoreError::corrupt(e)
+    } else {
+        StoreError::other(e)
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field(
+                "mode",
+                &match self.conn {
+                    Conn::Single(_) => "single node",
+                    Conn::Cluster(_) => "cluster",
+                },
+            )
+            .field("key_prefix", &self.inner.prefix)
+            .field("command_timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionStore for RedisStore {
+    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+        self.load_with(id, 0, 0).await
+    }
+
+    async fn load_refreshing(
+        &self,
+        id: &Id,
+        refresh: Refresh,
+    ) -> Result<Option<Record>, StoreError> {
+        self.load_with(
+            id,
+            refresh.if_before_unix_ms(),
+            refresh.expires_at_unix_ms().clamp(1, MAX_EXPIRES_MS),
+        )
+        .await
+    }
+
+    async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
+        let token = self.next_token();
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(self.key(&record.id()))
+            .arg(encode(record, token))
+            .arg("NX")
+            .arg("PXAT")
+            .arg(expiry_ms(record.expires_at()))
+            .arg("GET");
+        match self.run(Req::Cmd(cmd), true).await {
+            Ok(Value::Nil | Value::Okay) => Ok(CreateOutcome::Created),
+            Ok(Value::BulkString(old)) => {
+                // Our own write, applied by a first attempt whose reply was lost?
+                let mine = format!("{}:{token:016x}:", record.version());
+                if old.starts_with(mine.as_bytes()) {
+                    Ok(CreateOutcome::Created)
+                } else {
+                    Ok(CreateOutcome::IdTaken)
+                }
+            }
+            Ok(other) => Err(unexpected("SET NX", &other)),
+            // A key of another type holds the id: taken all the same.
+            Err(e) if e.is_corrupt() => Ok(CreateOutcome::IdTaken),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn save(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<SaveOutcome, StoreError> {
+        let token = self.next_token();
+        let mut inv = self.inner.save.key(self.key(&record.id()));
+        inv.arg(expected_version)
+            .arg(record.version())
+            .arg(encode(record, token))
+            .arg(expiry_ms(record.expires_at()))
+            .arg(format!("{token:016x}"));
+        match self.run(Req::Script(&inv), true).await? {
+            Value::Int(0) => Ok(SaveOutcome::Missing),
+            // The layer spreads out its retries after a conflict.
+            Value::Int(1) => Ok(SaveOutcome::Conflict),
+            Value::Int(2) => Ok(SaveOutcome::Saved),
+            other => Err(unexpected("save", &other)),
+        }
+    }
+
+    async fn delete(&self, id: &Id) -> Result<(), StoreError> {
+        let mut cmd = ::redis::cmd("DEL");
+        cmd.arg(self.key(id));
+        match self.run(Req::Cmd(cmd), true).await? {
+            Value::Int(_) => Ok(()),
+            other => Err(unexpected("DEL", &other)),
+        }
+    }
+
+    async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
+        let mut cmd = ::redis::cmd("PEXPIREAT");
+        cmd.arg(self.key(id)).arg(expiry_ms(expires_at));
+        match self.run(Req::Cmd(cmd), true).await? {
+            Value::Int(n) => Ok(n == 1),
+            other => Err(unexpected("PEXPIREAT", &other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_round_trip() {
+        let id = Id::random();
+        let rec = Record::new(
+            id,
+            Bytes::from_static(b"{\"d\":{}}:x"),
+            42,
+            SystemTime::now(),
+        );
+        let value = encode(&rec, 0xdead_beef);
+        assert!(value.starts_with(b"42:00000000deadbeef:"));
+        let (version, data) = decode(&Bytes::from(value)).unwrap();
+        assert_eq!(version, 42);
+        assert_eq!(data, rec.data());
+        let max = Record::new(id, Bytes::new(), u64::MAX, SystemTime::now());
+        assert_eq!(
+            decode(&Bytes::from(encode(&max, u64::MAX))).unwrap().0,
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn foreign_values_are_refused() {
+        for bad in [
+            &b""[..],
+            b"{\"d\":{}}",
+            b":0000000000000000:{}",
+            b"1:00000000000000:{}",
+            b"1:000000000000000g:{}",
+            b"1:0000000000000000",
+            b"1:0000000000000000x{}",
+            b"99999999999999999999999:0000000000000000:{}",
+            b"18446744073709551616:0000000000000000:{}",
+        ] {
+            assert!(decode(&Bytes::from_static(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expiry_is_clamped() {
+        assert_eq!(expiry_ms(std::time::UNIX_EPOCH), 1);
+        assert_eq!(
+            expiry_ms(SystemTime::now() + Duration::from_secs(u64::from(u32::MAX) * 100)),
+            MAX_EXPIRES_MS
+        );
+    }
+}

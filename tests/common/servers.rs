@@ -1,0 +1,402 @@
+//! Real servers the store tests start for themselves: `redis-server` on a free loopback port
+//! (killable and restartable on the same port), and a 3-master Redis Cluster.
+//!
+//! Servers are child processes in their own temporary directory; dropping the handle kills the
+//! process and removes the directory. A missing binary fails the test with the Debian package to
+//! install (`scripts/test.sh` installs it).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// The path of `binary` on `PATH`; panics naming the Debian package that provides it.
+pub fn require_binary(binary: &str, debian_package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{binary}` not found on PATH: install the Debian package `{debian_package}` \
+                 (`apt-get install {debian_package}`; scripts/test.sh does this)"
+            )
+        })
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A fresh directory under the system temp dir, removed by [`TempDir`]'s `Drop`.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "hyper-sessions-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `redis-server` child process on `127.0.0.1:port`, without persistence unless asked
+/// (`--save "" --appendonly no`, overridable through `extra_args`).
+pub struct RedisServer {
+    port: u16,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers `PING`.
+    pub async fn start() -> RedisServer {
+        RedisServer::start_with(&[]).await
+    }
+
+    /// As [`start`](Self::start), with more `redis-server` arguments (later ones win, so
+    /// `["--appendonly", "yes"]` turns persistence on).
+    pub async fn start_with(extra_args: &[&str]) -> RedisServer {
+        let extra_args: Vec<String> = extra_args.iter().map(|&s| s.to_owned()).collect();
+        // Another process may grab the free port before the server binds it: try a few.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                extra_args: extra_args.clone(),
+                child: None,
+                dir: TempDir::new("redis"),
+            };
+            match server.spawn_and_wait().await {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("redis-server did not start: {last_error}");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's working directory (its `redis.log`, `nodes.conf`, append-only files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and in the same directory.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let mut last_error = String::new();
+        // The port may sit in TIME_WAIT for a moment; redis sets SO_REUSEADDR, so this is rare.
+        for _ in 0..20 {
+            match self.spawn_and_wait().await {
+                Ok(()) => return,
+                Err(e) => last_error = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "redis-server did not restart on port {}: {last_error}",
+            self.port
+        );
+    }
+
+    /// Runs `redis-cli -p PORT args...` and returns its standard output.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args).await
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
+        ]
+        .iter()
+        .map(|&s| s.to_owned())
+        .collect();
+        args.push("--dir".to_owned());
+        args.push(self.dir.path().to_string_lossy().into_owned());
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let binary = require_binary("redis-server", "redis-server");
+        let mut child = Command::new(binary)
+            .args(self.args())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+                return Err(format!("redis-server exited with {status}: {log}"));
+            }
+            if ping(self.addr()).await {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("no PONG within 10 s".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a Redis server at `addr` answers `PING` with `PONG`.
+pub async fn ping(addr: SocketAddr) -> bool {
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    if s.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    // `+PONG`, or `-NOAUTH ...` from a server with a password: up and answering either way.
+    let mut buf = [0u8; 7];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH")
+    )
+}
+
+/// Runs `redis-cli -p port args...`; panics if it cannot run or fails.
+pub async fn redis_cli(port: u16, args: &[&str]) -> String {
+    let binary = require_binary("redis-cli", "redis-server");
+    let out = tokio::process::Command::new(binary)
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("redis-cli runs");
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Redis Cluster of three masters (no replicas) on free loopback ports.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three `--cluster-enabled` servers, joins them with `redis-cli --cluster create`
+    /// and waits until every node reports `cluster_state:ok`.
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+                .await,
+            );
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        nodes[0].cli(&args).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &nodes {
+            loop {
+                let info = node.cli(&["cluster", "info"]).await;
+                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok: {info}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// Every node's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// A cluster shared by the tests of this process that run at the same time: started by the
+    /// first that asks, stopped when the last holder drops it (so nothing outlives the tests).
+    pub async fn shared() -> Arc<RedisCluster> {
+        static SHARED: Mutex<Weak<RedisCluster>> = Mutex::new(Weak::new());
+        static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _starting = STARTING.lock().await;
+        if let Some(cluster) = SHARED.lock().unwrap().upgrade() {
+            return cluster;
+        }
+        let cluster = Arc::new(RedisCluster::start().await);
+        *SHARED.lock().unwrap() = Arc::downgrade(&cluster);
+        cluster
+    }
+}
+
+/// A `MONITOR` connection: the commands a Redis server executes, as it executes them.
+pub struct Monitor {
+    lines: tokio::io::Lines<BufReader<TcpStream>>,
+    marks: usize,
+    port: u16,
+}
+
+/// One command seen by [`Monitor`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// `lua` for a command run by a script, else the client's address.
+    pub source: String,
+    /// The command name, upper case.
+    pub command: String,
+    /// The whole line, for messages.
+    pub line: String,
+}
+
+impl Monitor {
+    pub async fn start(server: &RedisServer) -> Monitor {
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        stream.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut lines = BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap().unwrap(), "+OK");
+        Monitor {
+            lines,
+            marks: 0,
+            port: server.port(),
+        }
+    }
+
+    /// The commands executed since the last call (or since `start`): sends a marker command
+    /// from another connection and collects everything before it. Commands run by scripts are
+    /// included with `source == "lua"`.
+    pub async fn take(&mut self) -> Vec<Seen> {
+        self.marks += 1;
+        let mark = format!("hyper-sessions-mark-{}", self.marks);
+        let mut marker = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        marker
+            .write_all(format!("ECHO {mark}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut reply = vec![0u8; mark.len() + 16];
+        let n = marker.read(&mut reply).await.unwrap();
+        assert!(n > 0, "no reply to the marker");
+        let mut seen = Vec::new();
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(5), self.lines.next_line())
+                .await
+                .expect("MONITOR went quiet")
+                .unwrap()
+                .expect("MONITOR connection closed");
+            // +1700000000.123456 [0 127.0.0.1:5555] "GET" "key"   or   [0 lua] "GET" ...
+            let Some((_, rest)) = line.split_once(" [") else {
+                continue;
+            };
+            let Some((source, args)) = rest.split_once("] ") else {
+                continue;
+            };
+            let source = source.split_once(' ').map_or(source, |(_, s)| s).to_owned();
+            let command = args
+                .split('"')
+                .nth(1)
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            if command == "ECHO" && args.contains(&mark) {
+                return seen;
+            }
+            seen.push(Seen {
+                source,
+                command,
+                line,
+            });
+        }
+    }
+}
+
+/// The commands of `seen` that clients sent (those run by scripts left out).
+pub fn client_commands(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .filter(|s| s.source != "lua")
+        .map(|s| s.command.clone())
+        .collect()
+}
