@@ -1,6 +1,5 @@
 //! Finding the session cookie in a request and writing `Set-Cookie`.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use http::header::{CACHE_CONTROL, COOKIE, SET_COOKIE, VARY};
@@ -109,8 +108,8 @@ pub(crate) fn set_cookie_value(config: &Config, action: CookieAction) -> Option<
             out.push_str(std::str::from_utf8(&buf).ok()?);
             out.push_str(&config.cookie_attributes);
             if let Some(max_age) = max_age {
-                // Writing to a String cannot fail.
-                let _ = write!(out, "; Max-Age={}", max_age.as_secs());
+                out.push_str("; Max-Age=");
+                push_decimal(&mut out, max_age.as_secs());
             }
         }
         CookieAction::Remove => {
@@ -120,6 +119,24 @@ pub(crate) fn set_cookie_value(config: &Config, action: CookieAction) -> Option<
     }
     // The parts were validated when the layer was built.
     HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
+}
+
+/// Appends `n` in decimal without the formatting machinery.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        // `n % 10` is a single digit.
+        #[allow(clippy::cast_possible_truncation)]
+        let digit = (n % 10) as u8;
+        digits[i] = b'0' + digit;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[i..].iter().map(|&d| char::from(d)));
 }
 
 /// Adds the cookie header, plus `Vary: Cookie` and a `Cache-Control` that keeps shared caches

@@ -98,17 +98,16 @@ impl Id {
 
     /// Writes the canonical text form into a fixed buffer.
     pub(crate) fn encode(self, out: &mut [u8; ID_LEN]) {
+        let bytes = self.0.to_be_bytes();
         let mut pos = 0;
-        for nibble in (0..32).rev() {
-            if matches!(pos, 8 | 13 | 18 | 23) {
+        for (i, byte) in bytes.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
                 out[pos] = b'-';
                 pos += 1;
             }
-            // The mask keeps the value below 16.
-            #[allow(clippy::cast_possible_truncation)]
-            let digit = ((self.0 >> (nibble * 4)) & 0xf) as usize;
-            out[pos] = HEX[digit];
-            pos += 1;
+            out[pos] = HEX[usize::from(byte >> 4)];
+            out[pos + 1] = HEX[usize::from(byte & 0xf)];
+            pos += 2;
         }
     }
 
