@@ -4,21 +4,30 @@
 //! (default URL `redis://127.0.0.1:6379`).
 //!
 //! Stores other than those compiled in make it exit with status 2 at once.
+//!
+//! For the scaling runs of `benches/scale.sh`: `--prefill N` creates N sessions in the store
+//! before serving, each holding `count` and a string of `--value-bytes B` bytes (default 0),
+//! and `--pool-out FILE` writes the cookies of the first 1000 of them, one per line.
 
 #[path = "common/app.rs"]
 mod app;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
 
+use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_sessions::{MemoryStore, SessionLayer};
+use hyper_sessions::{Id, MemoryStore, Record, SessionLayer, SessionStore};
 use hyper_util::rt::TokioIo;
 
 struct Args {
     port: u16,
     store: String,
+    prefill: usize,
+    value_bytes: usize,
+    pool_out: Option<String>,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     redis: String,
 }
@@ -27,6 +36,7 @@ fn parse_args() -> Result<Args, String> {
     let mut port = 3000;
     let mut store = "memory".to_owned();
     let mut redis = "redis://127.0.0.1:6379".to_owned();
+    let (mut prefill, mut value_bytes, mut pool_out) = (0, 0, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -34,6 +44,13 @@ fn parse_args() -> Result<Args, String> {
             "--port" => port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
             "--store" => store = value()?,
             "--redis" => redis = value()?,
+            "--prefill" => prefill = value()?.parse().map_err(|e| format!("--prefill: {e}"))?,
+            "--value-bytes" => {
+                value_bytes = value()?
+                    .parse()
+                    .map_err(|e| format!("--value-bytes: {e}"))?;
+            }
+            "--pool-out" => pool_out = Some(value()?),
             // Flags of stores this build does not have are accepted and ignored.
             _ if flag.starts_with("--") => {
                 let _ = value();
@@ -41,7 +58,14 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unexpected argument {flag:?}")),
         }
     }
-    Ok(Args { port, store, redis })
+    Ok(Args {
+        port,
+        store,
+        prefill,
+        value_bytes,
+        pool_out,
+        redis,
+    })
 }
 
 #[tokio::main]
@@ -53,9 +77,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let layer = match args.store.as_str() {
+    match args.store.as_str() {
         // The /login run creates a session per request: room for a long run.
-        "memory" => SessionLayer::new(MemoryStore::builder().max_sessions(20_000_000).build()),
+        "memory" => {
+            run(
+                MemoryStore::builder().max_sessions(20_000_000).build(),
+                &args,
+            )
+            .await
+        }
         #[cfg(feature = "redis")]
         "redis" | "redis-cluster" => {
             let store = if args.store == "redis" {
@@ -64,19 +94,60 @@ async fn main() -> ExitCode {
                 hyper_sessions::RedisStore::open_cluster([args.redis.as_str()]).await
             };
             match store {
-                Ok(store) => SessionLayer::new(store),
+                Ok(store) => run(store, &args).await,
                 Err(e) => {
                     eprintln!("bench_server: cannot use Redis at {}: {e:?}", args.redis);
-                    return ExitCode::FAILURE;
+                    ExitCode::FAILURE
                 }
             }
         }
         other => {
             eprintln!("bench_server: store {other:?} is not supported by this build");
-            return ExitCode::from(2);
+            ExitCode::from(2)
         }
-    };
-    let service = layer.wrap(service_fn(app::handle));
+    }
+}
+
+/// Creates `args.prefill` sessions straight through the store, 64 at a time, and writes the
+/// cookies of the first 1000 to `args.pool_out`.
+async fn prefill<S: SessionStore + Clone>(store: &S, args: &Args) -> Result<(), String> {
+    let payload = Bytes::from(format!(
+        r#"{{"d":{{"count":0,"pad":"{}"}}}}"#,
+        "x".repeat(args.value_bytes)
+    ));
+    let expires = SystemTime::now() + Duration::from_secs(24 * 3600);
+    let mut pool = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..args.prefill {
+        let id = Id::random();
+        if pool.len() < 1000 {
+            pool.push(format!("id={id}"));
+        }
+        let (store, payload) = (store.clone(), payload.clone());
+        tasks.spawn(async move {
+            store
+                .create(&Record::new(id, payload, 1, expires))
+                .await
+                .map_err(|e| format!("prefill: {e:?}"))
+        });
+        if tasks.len() >= 64 || n + 1 == args.prefill {
+            while let Some(done) = tasks.join_next().await {
+                done.map_err(|e| e.to_string())??;
+            }
+        }
+    }
+    if let Some(path) = &args.pool_out {
+        std::fs::write(path, pool.join("\n") + "\n").map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn run<S: SessionStore + Clone>(store: S, args: &Args) -> ExitCode {
+    if let Err(e) = prefill(&store, args).await {
+        eprintln!("bench_server: {e}");
+        return ExitCode::FAILURE;
+    }
+    let service = SessionLayer::new(store).wrap(service_fn(app::handle));
     let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,

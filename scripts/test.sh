@@ -25,11 +25,13 @@ step cargo fmt --all -- --check
 step cargo clippy --all-features --all-targets -- -D warnings
 step cargo clippy --no-default-features --all-targets -- -D warnings
 # Each optional feature alone and with the defaults (cheap: lints only, no test runs).
-for features in tower axum; do
+for features in tower axum redis; do
   step cargo clippy --no-default-features --features "$features" --all-targets -- -D warnings
   step cargo clippy --features "$features" --all-targets -- -D warnings
 done
 RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --all-features
+# The benchmarks must build; running them is benches/*.sh's job, not CI's.
+step cargo bench --all-features --no-run
 # Doc examples use the memory store; the library and its own tests must work without it.
 step cargo test --no-default-features --lib --tests
 step cargo test --all-features
