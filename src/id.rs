@@ -31,28 +31,29 @@ pub(crate) const ID_LEN: usize = 36;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// The value of each lowercase hex digit, 0xff for every other byte.
-const HEX_VALUE: [u8; 256] = {
-    let mut table = [0xff; 256];
-    let mut i = 0u8;
-    while i < 16 {
-        table[HEX[i as usize] as usize] = i;
-        i += 1;
-    }
-    table
-};
-
-/// Appends the lowercase hex digits of `digits` to `acc`, or `None` on any other byte.
+/// Decodes eight lowercase hex digits held in a `u64` (the first digit in the lowest byte),
+/// all bytes at once; `None` if any byte is not `0-9` or `a-f`.
 #[inline]
-fn hex_run(digits: &[u8], mut acc: u64) -> Option<u64> {
-    let mut bad = 0u8;
-    for &b in digits {
-        let v = HEX_VALUE[b as usize];
-        bad |= v;
-        acc = (acc << 4) | u64::from(v & 0xf);
+fn hex8(x: u64) -> Option<u32> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Per byte, for bytes below 0x80: the high bit says `byte >= lo`.
+    let at_least = |lo: u8| ((x | HIGH) - ONES * u64::from(lo)) & HIGH;
+    let digit = at_least(b'0') & !at_least(b'9' + 1);
+    let letter = at_least(b'a') & !at_least(b'f' + 1);
+    if x & HIGH != 0 || (digit | letter) != HIGH {
+        return None;
     }
-    // Any invalid byte has its high bit set.
-    (bad & 0x80 == 0).then_some(acc)
+    // Nibble values: the low four bits, plus 9 for letters (which have bit 6 set).
+    let v = (x & (ONES * 0x0f)) + ((x >> 6) & ONES) * 9;
+    // Gather: pairs of nibbles into bytes, pairs of bytes into u16s, then the u32.
+    let v = (((v & 0x000f_000f_000f_000f) << 4) | ((v >> 8) & 0x000f_000f_000f_000f))
+        & 0x00ff_00ff_00ff_00ff;
+    let v = (((v & 0x0000_00ff_0000_00ff) << 8) | ((v >> 16) & 0x0000_00ff_0000_00ff))
+        & 0x0000_ffff_0000_ffff;
+    // The masks leave 16 bits in each half.
+    #[allow(clippy::cast_possible_truncation)]
+    Some((((v & 0xffff) << 16) | (v >> 32)) as u32)
 }
 
 impl Id {
@@ -76,14 +77,24 @@ impl Id {
         if s[8] != b'-' || s[13] != b'-' || s[18] != b'-' || s[23] != b'-' {
             return Err(InvalidId(()));
         }
-        // Two 64-bit halves: 16 hex digits each, skipping the hyphens.
-        let hi = hex_run(&s[0..8], 0)
-            .and_then(|v| hex_run(&s[9..13], v))
-            .and_then(|v| hex_run(&s[14..18], v));
-        let lo = hex_run(&s[19..23], 0).and_then(|v| hex_run(&s[24..36], v));
-        let (Some(hi), Some(lo)) = (hi, lo) else {
+        // Four runs of eight hex digits, the hyphens skipped, decoded eight at a time.
+        let run = |a: &[u8], b: &[u8]| {
+            let mut chunk = [0u8; 8];
+            chunk[..a.len()].copy_from_slice(a);
+            chunk[a.len()..].copy_from_slice(b);
+            hex8(u64::from_le_bytes(chunk))
+        };
+        let parts = [
+            run(&s[0..8], &[]),
+            run(&s[9..13], &s[14..18]),
+            run(&s[19..23], &s[24..28]),
+            run(&s[28..36], &[]),
+        ];
+        let [Some(a), Some(b), Some(c), Some(d)] = parts else {
             return Err(InvalidId(()));
         };
+        let hi = (u64::from(a) << 32) | u64::from(b);
+        let lo = (u64::from(c) << 32) | u64::from(d);
         // Version nibble 4 and RFC 4122 variant bits 10.
         if (hi >> 12) & 0xf != 4 || lo >> 62 != 0b10 {
             return Err(InvalidId(()));
@@ -212,6 +223,40 @@ mod tests {
         let mut bytes = good.into_bytes();
         bytes[0] = 0xff;
         assert!(Id::parse_bytes(&bytes).is_err());
+    }
+
+    #[test]
+    fn hex8_matches_a_plain_decoder() {
+        let plain = |b: &[u8; 8]| -> Option<u32> {
+            b.iter().try_fold(0u32, |acc, &c| {
+                let d = match c {
+                    b'0'..=b'9' => c - b'0',
+                    b'a'..=b'f' => c - b'a' + 10,
+                    _ => return None,
+                };
+                Some((acc << 4) | u32::from(d))
+            })
+        };
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let interesting = b"0123456789abcdefABCDEF/:@`g-\x00\x7f\x80\xff";
+        for i in 0..200_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let mut chunk = rng.to_le_bytes();
+            if i % 2 == 0 {
+                // Mostly valid digits, sometimes one odd byte.
+                for (j, c) in chunk.iter_mut().enumerate() {
+                    let pick = (rng >> (j * 5)) as usize;
+                    *c = if j == (i / 2) % 11 {
+                        interesting[pick % interesting.len()]
+                    } else {
+                        HEX[pick % 16]
+                    };
+                }
+            }
+            assert_eq!(hex8(u64::from_le_bytes(chunk)), plain(&chunk), "{chunk:?}");
+        }
     }
 
     #[test]
