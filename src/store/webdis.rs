@@ -80,8 +80,8 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
 /// request, once: `EVAL` with the script itself.
 ///
 /// # Values Webdis cannot carry
-/// Webdis answers in JSON, which carries UTF-8 text only: it replaces a value that is not
-/// UTF-8 by `{}`, and cuts one at its first NUL byte. The layer stores JSON text, so its
+/// Webdis answers in JSON, which it writes for UTF-8 text only: a value that is not UTF-8
+/// becomes `{}` alone or disappears from an array, and one with a NUL byte is cut there. The layer stores JSON text, so its
 /// records always fit; a record with other bytes is refused by `create` and `save`
 /// ([`StoreError::other`], nothing written), and a foreign value that does not come back whole
 /// (the load script also sends its length) is [`StoreError::corrupt`].
@@ -716,6 +716,13 @@ impl WebdisStore {
         };
         let (value, expires_ms, len) = match reply {
             Reply::Nil => return Ok(None),
+            // Webdis leaves a bulk string that is not UTF-8 out of a JSON array.
+            Reply::Array(parts) if matches!(parts.as_slice(), [Reply::Int(_), Reply::Int(_)]) => {
+                return Err(StoreError::corrupt(WebdisError::new(
+                    format!("redis key {key} cannot be read through webdis"),
+                    ReplyError::Unencodable,
+                )));
+            }
             Reply::Array(parts) => match <[Reply; 3]>::try_from(parts) {
                 Ok([Reply::Bulk(v), Reply::Int(e), Reply::Int(len)]) => (v, e, len),
                 Ok(other) => return Err(unexpected("load", &Reply::Array(other.into()))),
