@@ -1,7 +1,8 @@
 //! The benchmark server of `shared/bench/SPEC.md`:
 //! `bench_server --port PORT --store memory`, and with `--features redis` also
 //! `--store redis [--redis URL]` and `--store redis-cluster [--redis URL-of-any-node]`
-//! (default URL `redis://127.0.0.1:6379`).
+//! (default URL `redis://127.0.0.1:6379`), and with `--features webdis`
+//! `--store webdis [--webdis URL]` (default `http://127.0.0.1:7379`).
 //!
 //! Stores other than those compiled in make it exit with status 2 at once.
 
@@ -21,12 +22,15 @@ struct Args {
     store: String,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     redis: String,
+    #[cfg_attr(not(feature = "webdis"), allow(dead_code))]
+    webdis: String,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut port = 3000;
     let mut store = "memory".to_owned();
     let mut redis = "redis://127.0.0.1:6379".to_owned();
+    let mut webdis = "http://127.0.0.1:7379".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -34,6 +38,7 @@ fn parse_args() -> Result<Args, String> {
             "--port" => port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
             "--store" => store = value()?,
             "--redis" => redis = value()?,
+            "--webdis" => webdis = value()?,
             // Flags of stores this build does not have are accepted and ignored.
             _ if flag.starts_with("--") => {
                 let _ = value();
@@ -41,7 +46,12 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unexpected argument {flag:?}")),
         }
     }
-    Ok(Args { port, store, redis })
+    Ok(Args {
+        port,
+        store,
+        redis,
+        webdis,
+    })
 }
 
 #[tokio::main]
@@ -71,6 +81,14 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "webdis")]
+        "webdis" => match hyper_sessions::WebdisStore::open(&args.webdis).await {
+            Ok(store) => SessionLayer::new(store),
+            Err(e) => {
+                eprintln!("bench_server: cannot use Webdis at {}: {e:?}", args.webdis);
+                return ExitCode::FAILURE;
+            }
+        },
         other => {
             eprintln!("bench_server: store {other:?} is not supported by this build");
             return ExitCode::from(2);

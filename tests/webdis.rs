@@ -148,6 +148,7 @@ async fn expect(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::many_single_char_names)] // short names keep the table of expectations readable
 async fn requests_per_request_kind() {
     let (store, mut s) = plain_fixture().await;
     let layer = SessionLayer::new(store);
@@ -614,10 +615,10 @@ async fn redis_and_webdis_stores_share_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn webdis_crash_and_restart() {
-    let mut s = servers().await;
+    let mut servers = servers().await;
     let store = WebdisStore::builder()
         .request_timeout(Duration::from_secs(1))
-        .open(&s.webdis.url())
+        .open(&servers.webdis.url())
         .await
         .unwrap();
     let app = serve(&SessionLayer::new(store)).await;
@@ -675,7 +676,7 @@ async fn webdis_crash_and_restart() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
-    s.webdis.kill();
+    servers.webdis.kill();
     let killed = Instant::now();
     let before_kill = requests.load(Ordering::SeqCst);
 
@@ -713,7 +714,7 @@ async fn webdis_crash_and_restart() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let during = requests.load(Ordering::SeqCst) - before_kill;
 
-    s.webdis.restart().await;
+    servers.webdis.restart().await;
     let restarted = Instant::now();
     let outage = killed.elapsed();
     let recovered = loop {

@@ -363,9 +363,8 @@ impl Target {
             )))
         };
         let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        let scheme = match uri.scheme_str() {
-            Some(s @ ("http" | "https")) => s,
-            _ => return Err(bad("the scheme must be http or https")),
+        let Some(scheme @ ("http" | "https")) = uri.scheme_str() else {
+            return Err(bad("the scheme must be http or https"));
         };
         if uri.query().is_some() || url.contains('#') {
             return Err(bad("no query or fragment allowed"));

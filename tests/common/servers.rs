@@ -764,7 +764,7 @@ impl TlsTerminator {
                 if Instant::now() > deadline {
                     let _ = child.kill();
                     let _ = child.wait();
-                    last_error = "stunnel4 did not listen within 10 s".to_owned();
+                    last_error = String::from("stunnel4 did not listen within 10 s");
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;

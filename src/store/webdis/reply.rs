@@ -227,7 +227,7 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-/// One reply; nesting is bounded by serde_json's recursion limit (128).
+/// One reply; nesting is bounded by `serde_json`'s recursion limit (128).
 fn convert(value: Value) -> Result<Reply, ReplyError> {
     match value {
         Value::Null => Ok(Reply::Nil),
