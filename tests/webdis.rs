@@ -549,13 +549,28 @@ async fn connection_problems_are_clear_errors() {
         started.elapsed()
     );
     holder.abort();
-    // An HTTP server that is not Webdis (this crate's example app: 404, empty body).
-    let other = serve(&SessionLayer::new(hyper_sessions::MemoryStore::default())).await;
-    let err = WebdisStore::open(&format!("http://{}", other.addr))
-        .await
-        .unwrap_err();
-    assert!(!err.is_unavailable(), "{err:?}");
-    assert!(format!("{err:?}").contains("404"), "{err:?}");
+    // A URL that reaches some other HTTP server (a proxy's HTML pages): 200 with HTML is not a
+    // reply, a 502 page is an outage.
+    for (status, unavailable, says) in [
+        (StatusCode::OK, false, "not JSON"),
+        (StatusCode::NOT_FOUND, false, "404"),
+        (StatusCode::BAD_GATEWAY, true, "502"),
+    ] {
+        let html = common::serve_service(hyper::service::service_fn(move |_req| async move {
+            let mut resp = hyper::Response::new(http_body_util::Full::new(Bytes::from_static(
+                b"<!DOCTYPE html><html><body><h1>Welcome to nginx!</h1></body></html>",
+            )));
+            *resp.status_mut() = status;
+            Ok::<_, std::convert::Infallible>(resp)
+        }))
+        .await;
+        let err = WebdisStore::open(&format!("http://{}", html.addr))
+            .await
+            .unwrap_err();
+        assert_eq!(err.is_unavailable(), unavailable, "{status}: {err:?}");
+        let chain = chain(&err);
+        assert!(chain.contains(says) && chain.contains("DOCTYPE"), "{chain}");
+    }
     // Webdis up, Redis down: Webdis answers 503, an outage.
     let (store, mut s) = plain_fixture().await;
     s.redis.kill();
