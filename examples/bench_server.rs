@@ -1,7 +1,8 @@
 //! The benchmark server of `shared/bench/SPEC.md`:
 //! `bench_server --port PORT --store memory`, and with `--features redis` also
 //! `--store redis [--redis URL]` and `--store redis-cluster [--redis URL-of-any-node]`
-//! (default URL `redis://127.0.0.1:6379`).
+//! (default URL `redis://127.0.0.1:6379`), and with `--features webdis`
+//! `--store webdis [--webdis URL]` (default `http://127.0.0.1:7379`).
 //!
 //! Stores other than those compiled in make it exit with status 2 at once.
 //!
@@ -30,6 +31,8 @@ struct Args {
     pool_out: Option<String>,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     redis: String,
+    #[cfg_attr(not(feature = "webdis"), allow(dead_code))]
+    webdis: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -37,6 +40,7 @@ fn parse_args() -> Result<Args, String> {
     let mut store = "memory".to_owned();
     let mut redis = "redis://127.0.0.1:6379".to_owned();
     let (mut prefill, mut value_bytes, mut pool_out) = (0, 0, None);
+    let mut webdis = "http://127.0.0.1:7379".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -51,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--value-bytes: {e}"))?;
             }
             "--pool-out" => pool_out = Some(value()?),
+            "--webdis" => webdis = value()?,
             // Flags of stores this build does not have are accepted and ignored.
             _ if flag.starts_with("--") => {
                 let _ = value();
@@ -65,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
         value_bytes,
         pool_out,
         redis,
+        webdis,
     })
 }
 
@@ -101,6 +107,14 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "webdis")]
+        "webdis" => match hyper_sessions::WebdisStore::open(&args.webdis).await {
+            Ok(store) => run(store, &args).await,
+            Err(e) => {
+                eprintln!("bench_server: cannot use Webdis at {}: {e:?}", args.webdis);
+                ExitCode::FAILURE
+            }
+        },
         other => {
             eprintln!("bench_server: store {other:?} is not supported by this build");
             ExitCode::from(2)

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests start for themselves (each store's issue adds its servers).
-APT_PACKAGES=(redis-server)
+# The webdis feature builds hyper-tls on OpenSSL (libssl-dev, pkg-config); its tests run webdis,
+# stunnel4 as a TLS terminator and openssl to make a test CA.
+APT_PACKAGES=(redis-server webdis stunnel4 openssl libssl-dev pkg-config)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -25,7 +27,7 @@ step cargo fmt --all -- --check
 step cargo clippy --all-features --all-targets -- -D warnings
 step cargo clippy --no-default-features --all-targets -- -D warnings
 # Each optional feature alone and with the defaults (cheap: lints only, no test runs).
-for features in tower axum redis; do
+for features in tower axum redis webdis; do
   step cargo clippy --no-default-features --features "$features" --all-targets -- -D warnings
   step cargo clippy --features "$features" --all-targets -- -D warnings
 done

@@ -90,11 +90,11 @@ impl Id {
             run(&s[19..23], &s[24..28]),
             run(&s[28..36], &[]),
         ];
-        let [Some(a), Some(b), Some(c), Some(d)] = parts else {
+        let [Some(p0), Some(p1), Some(p2), Some(p3)] = parts else {
             return Err(InvalidId(()));
         };
-        let hi = (u64::from(a) << 32) | u64::from(b);
-        let lo = (u64::from(c) << 32) | u64::from(d);
+        let hi = (u64::from(p0) << 32) | u64::from(p1);
+        let lo = (u64::from(p2) << 32) | u64::from(p3);
         // Version nibble 4 and RFC 4122 variant bits 10.
         if (hi >> 12) & 0xf != 4 || lo >> 62 != 0b10 {
             return Err(InvalidId(()));
@@ -226,6 +226,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::cast_possible_truncation)] // random indices from a u64
     fn hex8_matches_a_plain_decoder() {
         let plain = |b: &[u8; 8]| -> Option<u32> {
             b.iter().try_fold(0u32, |acc, &c| {

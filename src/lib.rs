@@ -86,6 +86,11 @@
 //! - `redis`: [`RedisStore`], sessions shared by every app server through Redis (7.0 or newer,
 //!   or Valkey), on a single node or a Redis Cluster, with the `redis` crate; the server keeps
 //!   the expiry, and a read costs one command.
+//! - `webdis`: [`WebdisStore`], the same sessions in Redis reached over HTTP or HTTPS through a
+//!   [Webdis](https://webdis.io/) server (Basic auth for its ACLs, a private CA through
+//!   [`native_tls`]), with hyper-util's pooled keep-alive client and hyper-tls; keys and values
+//!   are the Redis store's, so both can share one Redis. Adds `hyper-util`, `hyper-tls`
+//!   (the system's TLS library), `http-body-util` and `percent-encoding`.
 //!
 //! Without any store feature the crate still builds: bring your own [`SessionStore`].
 //!
@@ -128,3 +133,21 @@ pub use crate::store::memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::store::redis::{RedisStore, RedisStoreBuilder};
+
+#[cfg(feature = "webdis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "webdis")))]
+pub use crate::store::webdis::{WebdisStore, WebdisStoreBuilder};
+
+/// The TLS library of the [`WebdisStore`] (the `native-tls` crate, as re-exported by
+/// hyper-tls), to build the connector passed to [`WebdisStoreBuilder::tls_connector`].
+#[cfg(feature = "webdis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "webdis")))]
+pub use hyper_tls::native_tls;
+
+/// Internals exposed for the fuzz targets only: not part of the API, may change in any release.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// The Webdis reply parser (`fuzz/fuzz_targets/webdis_reply.rs`).
+    #[cfg(feature = "webdis")]
+    pub use crate::store::webdis::reply::{Reply, ReplyError, parse_reply};
+}

@@ -12,6 +12,10 @@ use crate::record::{Record, from_unix_ms, unix_ms};
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(any(feature = "redis", feature = "webdis"))]
+pub(crate) mod redis_common;
+#[cfg(feature = "webdis")]
+pub(crate) mod webdis;
 
 /// What [`SessionStore::create`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

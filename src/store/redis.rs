@@ -13,50 +13,11 @@ use bytes::Bytes;
 
 use crate::error::StoreError;
 use crate::id::Id;
-use crate::record::{Record, from_unix_ms, unix_ms};
+use crate::record::{Record, from_unix_ms};
+use crate::store::redis_common::{
+    LOAD_LUA, SAVE_LUA, clamp_expiry_ms, decode, encode, expiry_ms, header,
+};
 use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
-
-/// The latest expiry the store writes: the last millisecond of the year 9999. Later instants
-/// are stored as this one (Redis refuses expiry times that overflow its clock arithmetic).
-const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
-
-/// Loads a record and, when asked and due, moves its expiry in the same call.
-///
-/// `KEYS[1]` the key; `ARGV[1]` refresh only if the key expires before this (Unix ms; `0`: never);
-/// `ARGV[2]` the new expiry (Unix ms). Answers `nil`, or `{value, expiry in Unix ms}` (`-1`
-/// for a key without an expiry, which this store never writes).
-const LOAD_LUA: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-local e = redis.call('PEXPIRETIME', KEYS[1])
-local b = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-if e > 0 and e < b and e < n then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-  e = n
-end
-return {v, e}
-";
-
-/// Compare-and-set on the version in the value's header.
-///
-/// `KEYS[1]` the key; `ARGV[1]` the expected version; `ARGV[2]` the new version; `ARGV[3]` the
-/// new value (header included); `ARGV[4]` its expiry (Unix ms); `ARGV[5]` the new value's write
-/// token. Answers 0 (missing), 1 (conflict) or 2 (saved). A value that already carries the new
-/// version *and this write's token* is this very write, applied by an earlier attempt whose
-/// reply was lost: it answers 2 again instead of a false conflict.
-const SAVE_LUA: &str = r"
--- The header `<version>:<token>:` is at most 20 + 1 + 16 + 1 = 38 bytes.
-local h = redis.call('GETRANGE', KEYS[1], 0, 63)
-if h == '' then return 0 end
-local v, t = string.match(h, '^(%d+):(%x+):')
-if v == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4])
-  return 2
-end
-if v == ARGV[2] and t == ARGV[5] then return 2 end
-return 1
-";
 
 /// Sessions in Redis (7.0 or newer, or Valkey), on a single node or a Redis Cluster.
 ///
@@ -85,7 +46,9 @@ return 1
 /// write token), then the session payload byte for byte. The token lets a retried write
 /// recognise itself, so a write whose reply was lost is neither applied twice nor reported as
 /// a conflict. A value without this header is reported as corrupt, which the layer answers
-/// with a fresh session (leaving the value alone).
+/// with a fresh session (leaving the value alone). The
+/// `WebdisStore` (feature `webdis`) uses the same keys, values and
+/// scripts, so both serve the same sessions from one Redis.
 ///
 /// # Failures
 /// Connection errors, timeouts, a loading, read-only or out-of-memory server are
@@ -341,8 +304,12 @@ impl RedisStore {
         let reply = self.run(Req::Script(&inv), true).await?;
         let (value, expires_ms) = match reply {
             Value::Nil => return Ok(None),
-            Value::Array(parts) => match <[Value; 2]>::try_from(parts) {
-                Ok([Value::BulkString(v), Value::Int(e)]) => (v, e),
+            Value::Array(parts) => match <[Value; 3]>::try_from(parts) {
+                Ok([Value::BulkString(v), Value::Int(e), Value::Int(len)])
+                    if usize::try_from(len).is_ok_and(|len| len == v.len()) =>
+                {
+                    (v, e)
+                }
                 Ok(other) => return Err(unexpected("load", &Value::Array(other.into()))),
                 Err(parts) => return Err(unexpected("load", &Value::Array(parts))),
             },
@@ -391,43 +358,6 @@ impl Conn {
             }
         }
     }
-}
-
-/// The stored value of a record: `<version>:<token as 16 hex digits>:<data>`.
-fn encode(record: &Record, token: u64) -> Vec<u8> {
-    let header = format!("{}:{token:016x}:", record.version());
-    let mut value = Vec::with_capacity(header.len() + record.data().len());
-    value.extend_from_slice(header.as_bytes());
-    value.extend_from_slice(record.data());
-    value
-}
-
-/// The version and the payload of a stored value (the payload shares the value's buffer).
-fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
-    const BAD: &str = "value lacks the `<version>:<token>:` header of a session record";
-    let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits > 20 || value.get(digits) != Some(&b':') {
-        return Err(BAD);
-    }
-    let version = std::str::from_utf8(&value[..digits])
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or(BAD)?;
-    let token_end = digits + 1 + 16;
-    let token_ok = value.len() > token_end
-        && value[digits + 1..token_end]
-            .iter()
-            .all(u8::is_ascii_hexdigit)
-        && value[token_end] == b':';
-    if !token_ok {
-        return Err(BAD);
-    }
-    Ok((version, value.slice(token_end + 1..)))
-}
-
-/// An instant as a Redis expiry time (Unix ms, within what Redis accepts).
-fn expiry_ms(t: SystemTime) -> u64 {
-    unix_ms(t).clamp(1, MAX_EXPIRES_MS)
 }
 
 fn timed_out(after: Duration) -> StoreError {
@@ -497,7 +427,7 @@ impl SessionStore for RedisStore {
         self.load_with(
             id,
             refresh.if_before_unix_ms(),
-            refresh.expires_at_unix_ms().clamp(1, MAX_EXPIRES_MS),
+            clamp_expiry_ms(refresh.expires_at_unix_ms()),
         )
         .await
     }
@@ -515,7 +445,7 @@ impl SessionStore for RedisStore {
             Ok(Value::Nil | Value::Okay) => Ok(CreateOutcome::Created),
             Ok(Value::BulkString(old)) => {
                 // Our own write, applied by a first attempt whose reply was lost?
-                let mine = format!("{}:{token:016x}:", record.version());
+                let mine = header(record.version(), token);
                 if old.starts_with(mine.as_bytes()) {
                     Ok(CreateOutcome::Created)
                 } else {
@@ -538,9 +468,9 @@ impl SessionStore for RedisStore {
         let mut inv = self.inner.save.key(self.key(&record.id()));
         inv.arg(expected_version)
             .arg(record.version())
-            .arg(encode(record, token))
             .arg(expiry_ms(record.expires_at()))
-            .arg(format!("{token:016x}"));
+            .arg(format!("{token:016x}"))
+            .arg(encode(record, token));
         match self.run(Req::Script(&inv), true).await? {
             Value::Int(0) => Ok(SaveOutcome::Missing),
             // The layer spreads out its retries after a conflict.
@@ -566,57 +496,5 @@ impl SessionStore for RedisStore {
             Value::Int(n) => Ok(n == 1),
             other => Err(unexpected("PEXPIREAT", &other)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn value_round_trip() {
-        let id = Id::random();
-        let rec = Record::new(
-            id,
-            Bytes::from_static(b"{\"d\":{}}:x"),
-            42,
-            SystemTime::now(),
-        );
-        let value = encode(&rec, 0xdead_beef);
-        assert!(value.starts_with(b"42:00000000deadbeef:"));
-        let (version, data) = decode(&Bytes::from(value)).unwrap();
-        assert_eq!(version, 42);
-        assert_eq!(data, rec.data());
-        let max = Record::new(id, Bytes::new(), u64::MAX, SystemTime::now());
-        assert_eq!(
-            decode(&Bytes::from(encode(&max, u64::MAX))).unwrap().0,
-            u64::MAX
-        );
-    }
-
-    #[test]
-    fn foreign_values_are_refused() {
-        for bad in [
-            &b""[..],
-            b"{\"d\":{}}",
-            b":0000000000000000:{}",
-            b"1:00000000000000:{}",
-            b"1:000000000000000g:{}",
-            b"1:0000000000000000",
-            b"1:0000000000000000x{}",
-            b"99999999999999999999999:0000000000000000:{}",
-            b"18446744073709551616:0000000000000000:{}",
-        ] {
-            assert!(decode(&Bytes::from_static(bad)).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn expiry_is_clamped() {
-        assert_eq!(expiry_ms(std::time::UNIX_EPOCH), 1);
-        assert_eq!(
-            expiry_ms(SystemTime::now() + Duration::from_secs(u64::from(u32::MAX) * 100)),
-            MAX_EXPIRES_MS
-        );
     }
 }

@@ -1,5 +1,7 @@
 //! Real servers the store tests start for themselves: `redis-server` on a free loopback port
-//! (killable and restartable on the same port), and a 3-master Redis Cluster.
+//! (killable and restartable on the same port), a 3-master Redis Cluster, `webdis` in front of
+//! a Redis (killable and restartable too), `stunnel4` terminating TLS with a test CA made by
+//! `openssl`, and a TCP proxy that counts connections.
 //!
 //! Servers are child processes in their own temporary directory; dropping the handle kills the
 //! process and removes the directory. A missing binary fails the test with the Debian package to
@@ -399,4 +401,388 @@ pub fn client_commands(seen: &[Seen]) -> Vec<String> {
         .filter(|s| s.source != "lua")
         .map(|s| s.command.clone())
         .collect()
+}
+
+/// A `webdis` child process on `127.0.0.1:port` in front of a [`RedisServer`], from a JSON
+/// config the test writes (`"daemonize": false`, logging every request path to `webdis.log`).
+/// Killable and restartable on the same port.
+pub struct WebdisServer {
+    port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+    /// How many lines of the log [`take_requests`](Self::take_requests) has read.
+    log_read: usize,
+}
+
+impl WebdisServer {
+    /// Webdis for `redis`, every command allowed but `DEBUG`.
+    pub async fn start(redis: &RedisServer) -> WebdisServer {
+        WebdisServer::start_with_acl(redis, r#"[{"disabled": ["DEBUG"]}]"#).await
+    }
+
+    /// Webdis for `redis` that allows nothing without these HTTP Basic credentials
+    /// (`user:password`) and everything with them.
+    pub async fn start_with_basic_auth(redis: &RedisServer, credentials: &str) -> WebdisServer {
+        let acl = format!(
+            r#"[{{"disabled": ["*"]}}, {{"http_basic_auth": "{credentials}", "enabled": ["*"]}}]"#
+        );
+        WebdisServer::start_with_acl(redis, &acl).await
+    }
+
+    /// Webdis for `redis` with this `acl` array (JSON).
+    pub async fn start_with_acl(redis: &RedisServer, acl: &str) -> WebdisServer {
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let mut server = WebdisServer {
+                port: free_port(),
+                child: None,
+                dir: TempDir::new("webdis"),
+                log_read: 0,
+            };
+            let config = format!(
+                r#"{{
+  "redis_host": "127.0.0.1", "redis_port": {redis_port}, "redis_auth": null,
+  "http_host": "127.0.0.1", "http_port": {port}, "threads": 2,
+  "daemonize": false, "database": 0, "acl": {acl},
+  "verbosity": 5, "logfile": "{log}"
+}}"#,
+                redis_port = redis.port(),
+                port = server.port,
+                log = server.dir.path().join("webdis.log").display(),
+            );
+            std::fs::write(server.config_path(), config).unwrap();
+            match server.spawn_and_wait().await {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("webdis did not start: {last_error}");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("webdis.json")
+    }
+
+    /// The request paths Webdis logged since the last call (or since it started), in order.
+    pub fn take_requests(&mut self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.path().join("webdis.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let new = lines[self.log_read.min(lines.len())..]
+            .iter()
+            // `[pid] 26 Nov 20:42:20 0 /SET/k1`
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|p| p.starts_with('/'))
+            .map(str::to_owned)
+            .collect();
+        self.log_read = lines.len();
+        new
+    }
+
+    /// Kills Webdis at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Webdis again on the same port with the same config.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let mut last_error = String::new();
+        for _ in 0..50 {
+            match self.spawn_and_wait().await {
+                Ok(()) => return,
+                Err(e) => last_error = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("webdis did not restart on port {}: {last_error}", self.port);
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let binary = require_binary("webdis", "webdis");
+        let mut child = Command::new(binary)
+            .arg(self.config_path())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run webdis: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("webdis.log")).unwrap_or_default();
+                return Err(format!("webdis exited with {status}: {log}"));
+            }
+            if http_answers(self.addr()).await {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("no HTTP answer within 10 s".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for WebdisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether an HTTP server at `addr` answers `GET /PING` (with any status).
+pub async fn http_answers(addr: SocketAddr) -> bool {
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    let req = b"GET /PING HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if s.write_all(req).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 9];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"HTTP/1.1 "
+    )
+}
+
+/// A TCP proxy on a free loopback port in front of `target`, counting the connections it
+/// accepts (to check that a client keeps its connections alive). Observation only: the bytes
+/// pass unchanged.
+pub struct CountingProxy {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    pub async fn start(target: SocketAddr) -> CountingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        CountingProxy {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`, made with
+/// `openssl` into a temporary directory.
+pub struct TestCa {
+    dir: TempDir,
+}
+
+impl TestCa {
+    pub fn generate() -> TestCa {
+        let openssl = require_binary("openssl", "openssl");
+        let dir = TempDir::new("ca");
+        let run = |args: &[&str]| {
+            let out = Command::new(&openssl)
+                .args(args)
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hyper-sessions test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        run(&ca);
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        run(&csr);
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        TestCa { dir }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("ca.pem")).unwrap()
+    }
+
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.path().join("server.pem")
+    }
+
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+}
+
+/// `stunnel4` terminating TLS on a free loopback port and forwarding to `target` in plain TCP,
+/// with the server certificate of a [`TestCa`].
+pub struct TlsTerminator {
+    port: u16,
+    child: Option<Child>,
+    _dir: TempDir,
+}
+
+impl TlsTerminator {
+    pub async fn start(ca: &TestCa, target: SocketAddr) -> TlsTerminator {
+        let binary = require_binary("stunnel4", "stunnel4");
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = TempDir::new("stunnel");
+            let config = format!(
+                "foreground = yes\npid =\noutput = {log}\n\n[webdis]\naccept = 127.0.0.1:{port}\n\
+                 connect = {target}\ncert = {cert}\nkey = {key}\n",
+                log = dir.path().join("stunnel.log").display(),
+                cert = ca.server_cert().display(),
+                key = ca.server_key().display(),
+            );
+            let config_path = dir.path().join("stunnel.conf");
+            std::fs::write(&config_path, config).unwrap();
+            let mut child = Command::new(&binary)
+                .arg(&config_path)
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("stunnel4 runs");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log =
+                        std::fs::read_to_string(dir.path().join("stunnel.log")).unwrap_or_default();
+                    last_error = format!("stunnel4 exited with {status}: {log}");
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    return TlsTerminator {
+                        port,
+                        child: Some(child),
+                        _dir: dir,
+                    };
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_error = String::from("stunnel4 did not listen within 10 s");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        panic!("stunnel4 did not start: {last_error}");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -1,0 +1,159 @@
+//! What the Redis and Webdis stores share, so that both read and write the same keys: the
+//! stored value's layout, the Lua scripts, and the expiry bounds.
+//!
+//! A `RedisStore` and a `WebdisStore` pointed at the
+//! same Redis database with the same key prefix serve the same sessions.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::record::{Record, unix_ms};
+
+/// The latest expiry the stores write: the last millisecond of the year 9999. Later instants
+/// are stored as this one (Redis refuses expiry times that overflow its clock arithmetic).
+pub(crate) const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
+
+/// Loads a record and, when asked and due, moves its expiry in the same call.
+///
+/// `KEYS[1]` the key; `ARGV[1]` refresh only if the key expires before this (Unix ms; `0`: never);
+/// `ARGV[2]` the new expiry (Unix ms). Answers `nil`, or `{value, expiry in Unix ms, length of
+/// the value in bytes}` (expiry `-1` for a key without one, which these stores never write).
+/// The length lets a reader check that the value arrived whole (Webdis's JSON cannot carry
+/// every byte string).
+pub(crate) const LOAD_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local e = redis.call('PEXPIRETIME', KEYS[1])
+local b = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+if e > 0 and e < b and e < n then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+  e = n
+end
+return {v, e, #v}
+";
+
+/// Compare-and-set on the version in the value's header.
+///
+/// `KEYS[1]` the key; `ARGV[1]` the expected version; `ARGV[2]` the new version; `ARGV[3]` the
+/// new value's expiry (Unix ms); `ARGV[4]` the new value's write token; `ARGV[5]` the new value
+/// (header included; last, so that Webdis can send it as the request body). Answers 0
+/// (missing), 1 (conflict) or 2 (saved). A value that already carries the new version *and this
+/// write's token* is this very write, applied by an earlier attempt whose reply was lost: it
+/// answers 2 again instead of a false conflict.
+pub(crate) const SAVE_LUA: &str = r"
+-- The header `<version>:<token>:` is at most 20 + 1 + 16 + 1 = 38 bytes.
+local h = redis.call('GETRANGE', KEYS[1], 0, 63)
+if h == '' then return 0 end
+local v, t = string.match(h, '^(%d+):(%x+):')
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[5], 'PXAT', ARGV[3])
+  return 2
+end
+if v == ARGV[2] and t == ARGV[4] then return 2 end
+return 1
+";
+
+/// The header of a stored value: `<version>:<token as 16 hex digits>:`.
+pub(crate) fn header(version: u64, token: u64) -> String {
+    format!("{version}:{token:016x}:")
+}
+
+/// The stored value of a record: [`header`], then the payload byte for byte.
+pub(crate) fn encode(record: &Record, token: u64) -> Vec<u8> {
+    let header = header(record.version(), token);
+    let mut value = Vec::with_capacity(header.len() + record.data().len());
+    value.extend_from_slice(header.as_bytes());
+    value.extend_from_slice(record.data());
+    value
+}
+
+/// The version and the payload of a stored value (the payload shares the value's buffer).
+pub(crate) fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
+    const BAD: &str = "value lacks the `<version>:<token>:` header of a session record";
+    let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 20 || value.get(digits) != Some(&b':') {
+        return Err(BAD);
+    }
+    let version = std::str::from_utf8(&value[..digits])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or(BAD)?;
+    let token_end = digits + 1 + 16;
+    let token_ok = value.len() > token_end
+        && value[digits + 1..token_end]
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+        && value[token_end] == b':';
+    if !token_ok {
+        return Err(BAD);
+    }
+    Ok((version, value.slice(token_end + 1..)))
+}
+
+/// An instant as a Redis expiry time (Unix ms, within what Redis accepts).
+pub(crate) fn expiry_ms(t: SystemTime) -> u64 {
+    clamp_expiry_ms(unix_ms(t))
+}
+
+/// A Unix ms instant within what Redis accepts as an expiry time.
+pub(crate) fn clamp_expiry_ms(ms: u64) -> u64 {
+    ms.clamp(1, MAX_EXPIRES_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::id::Id;
+
+    #[test]
+    fn value_round_trip() {
+        let id = Id::random();
+        let rec = Record::new(
+            id,
+            Bytes::from_static(b"{\"d\":{}}:x"),
+            42,
+            SystemTime::now(),
+        );
+        let value = encode(&rec, 0xdead_beef);
+        assert!(value.starts_with(b"42:00000000deadbeef:"));
+        assert!(value.starts_with(header(42, 0xdead_beef).as_bytes()));
+        let (version, data) = decode(&Bytes::from(value)).unwrap();
+        assert_eq!(version, 42);
+        assert_eq!(data, rec.data());
+        let max = Record::new(id, Bytes::new(), u64::MAX, SystemTime::now());
+        assert_eq!(
+            decode(&Bytes::from(encode(&max, u64::MAX))).unwrap().0,
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn foreign_values_are_refused() {
+        for bad in [
+            &b""[..],
+            b"{\"d\":{}}",
+            b":0000000000000000:{}",
+            b"1:00000000000000:{}",
+            b"1:000000000000000g:{}",
+            b"1:0000000000000000",
+            b"1:0000000000000000x{}",
+            b"99999999999999999999999:0000000000000000:{}",
+            b"18446744073709551616:0000000000000000:{}",
+        ] {
+            assert!(decode(&Bytes::from_static(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expiry_is_clamped() {
+        assert_eq!(expiry_ms(std::time::UNIX_EPOCH), 1);
+        assert_eq!(
+            expiry_ms(SystemTime::now() + Duration::from_secs(u64::from(u32::MAX) * 100)),
+            MAX_EXPIRES_MS
+        );
+    }
+}

@@ -1,0 +1,401 @@
+//! Webdis replies, parsed strictly: the one pure function [`parse_reply`] that turns an HTTP
+//! status and body into a Redis reply or an error saying what was wrong. It never panics, on
+//! any input; the fuzz target `webdis_reply` holds it to that.
+//!
+//! Webdis answers a command `CMD` with `200 OK` and a JSON object whose only key is `CMD`:
+//! `{"GET":"value"}`, `{"GET":null}`, `{"DEL":1}`, `{"SET":[true,"OK"]}` (a status),
+//! `{"EVAL":["a",2,null]}` (an array), `{"GET":[false,"ERR ..."]}` (a Redis error). It answers
+//! `403 Forbidden` (empty body) for a command its ACL refuses, wrong credentials included,
+//! `503 Service Unavailable` when it cannot reach Redis, and `{}` when it cannot encode a reply
+//! as JSON (a bulk string that is not UTF-8).
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use serde_json::Value;
+
+/// A Redis reply as Webdis encodes it in JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reply {
+    /// `null`: a nil bulk string or nil array.
+    Nil,
+    /// An integer.
+    Int(i64),
+    /// A bulk string (Webdis's JSON carries only valid UTF-8).
+    Bulk(String),
+    /// A status reply, `[true, "OK"]` in Webdis's JSON.
+    Status(String),
+    /// An array of replies.
+    Array(Vec<Reply>),
+}
+
+/// Why a Webdis reply was refused, with what the caller needs to sort it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReplyError {
+    /// `401` or `403`: wrong or missing credentials, or the ACL forbids the command.
+    Forbidden {
+        /// The HTTP status.
+        status: u16,
+        /// The command sent.
+        command: String,
+    },
+    /// A `5xx`: Webdis cannot reach Redis (503), or a proxy in front of it failed.
+    ServerError {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body, for the message.
+        snippet: String,
+    },
+    /// Any other status but `200`.
+    UnexpectedStatus {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body, for the message.
+        snippet: String,
+    },
+    /// A `200` whose body is not JSON (an HTML page from a proxy, a truncated body, ...).
+    NotJson {
+        /// The start of the body, for the message.
+        snippet: String,
+        /// What the JSON parser said.
+        cause: serde_json::Error,
+    },
+    /// JSON, but not `{"<command>": <reply>}` with a reply Webdis can send.
+    Shape {
+        /// What was wrong.
+        detail: String,
+    },
+    /// `{}`: Webdis could not encode the reply as JSON (a bulk string that is not UTF-8).
+    Unencodable,
+    /// Redis answered with an error (`[false, "ERR ..."]`).
+    Redis {
+        /// Redis's message, starting with its error code (`ERR`, `WRONGTYPE`, `NOSCRIPT`, ...).
+        message: String,
+    },
+}
+
+impl ReplyError {
+    /// The Redis error code (`NOSCRIPT`, `WRONGTYPE`, ...) of a [`ReplyError::Redis`].
+    pub fn redis_code(&self) -> Option<&str> {
+        match self {
+            ReplyError::Redis { message } => message.split_ascii_whitespace().next(),
+            _ => None,
+        }
+    }
+
+    /// Whether this says the service is down or overloaded rather than broken: a 5xx, or a
+    /// Redis that is loading, busy, read-only, out of memory or without its master.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ReplyError::ServerError { .. } => true,
+            ReplyError::Redis { .. } => matches!(
+                self.redis_code(),
+                Some(
+                    "LOADING"
+                        | "BUSY"
+                        | "TRYAGAIN"
+                        | "CLUSTERDOWN"
+                        | "MASTERDOWN"
+                        | "READONLY"
+                        | "OOM"
+                        | "NOREPLICAS"
+                        | "MISCONF"
+                )
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplyError::Forbidden { status, command } => write!(
+                f,
+                "webdis refused {command} with status {status}: wrong or missing credentials \
+                 (user:password@ in the URL), or its ACL forbids the command"
+            ),
+            ReplyError::ServerError { status, snippet } => write!(
+                f,
+                "webdis answered status {status} (it cannot reach Redis, or a proxy failed): \
+                 {snippet:?}"
+            ),
+            ReplyError::UnexpectedStatus { status, snippet } => {
+                write!(f, "webdis answered status {status}: {snippet:?}")
+            }
+            ReplyError::NotJson { snippet, .. } => {
+                write!(f, "webdis reply is not JSON: {snippet:?}")
+            }
+            ReplyError::Shape { detail } => write!(f, "unexpected webdis reply: {detail}"),
+            ReplyError::Unencodable => f.write_str(
+                "webdis could not encode the reply as JSON (a stored value that is not UTF-8)",
+            ),
+            ReplyError::Redis { message } => write!(f, "redis error: {message}"),
+        }
+    }
+}
+
+impl StdError for ReplyError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            ReplyError::NotJson { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+}
+
+/// The start of a body, for messages (at most 100 bytes, lossy UTF-8).
+fn snippet(body: &[u8]) -> String {
+    const MAX: usize = 100;
+    let mut s = String::from_utf8_lossy(&body[..body.len().min(MAX)]).into_owned();
+    if body.len() > MAX {
+        s.push_str("...");
+    }
+    s
+}
+
+/// Parses Webdis's answer to `command` (the command name as sent in the URL): the HTTP status
+/// and the whole body.
+///
+/// # Errors
+/// Every status but 200, and every body that is not `{"<command>": <reply>}`, with the reply in
+/// the JSON shapes Webdis produces: see [`ReplyError`].
+pub fn parse_reply(status: u16, body: &[u8], command: &str) -> Result<Reply, ReplyError> {
+    match status {
+        200 => {}
+        401 | 403 => {
+            return Err(ReplyError::Forbidden {
+                status,
+                command: command.to_owned(),
+            });
+        }
+        500..=599 => {
+            return Err(ReplyError::ServerError {
+                status,
+                snippet: snippet(body),
+            });
+        }
+        _ => {
+            return Err(ReplyError::UnexpectedStatus {
+                status,
+                snippet: snippet(body),
+            });
+        }
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|cause| ReplyError::NotJson {
+        snippet: snippet(body),
+        cause,
+    })?;
+    let Value::Object(mut object) = value else {
+        return Err(ReplyError::Shape {
+            detail: format!("expected a JSON object, got {}", kind(&value)),
+        });
+    };
+    if object.is_empty() {
+        return Err(ReplyError::Unencodable);
+    }
+    if object.len() != 1 {
+        return Err(ReplyError::Shape {
+            detail: format!(
+                "expected only the key {command:?}, got {} keys",
+                object.len()
+            ),
+        });
+    }
+    let Some(reply) = object.remove(command) else {
+        let key = object.keys().next().map(String::as_str).unwrap_or_default();
+        return Err(ReplyError::Shape {
+            detail: format!(
+                "expected the key {command:?}, got {:?}",
+                snippet(key.as_bytes())
+            ),
+        });
+    };
+    convert(reply)
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One reply; nesting is bounded by `serde_json`'s recursion limit (128).
+fn convert(value: Value) -> Result<Reply, ReplyError> {
+    match value {
+        Value::Null => Ok(Reply::Nil),
+        Value::Number(n) => n.as_i64().map(Reply::Int).ok_or_else(|| ReplyError::Shape {
+            detail: format!("a number that is not a 64-bit integer: {n}"),
+        }),
+        Value::String(s) => Ok(Reply::Bulk(s)),
+        Value::Array(items) => match <[Value; 2]>::try_from(items) {
+            Ok([Value::Bool(true), Value::String(s)]) => Ok(Reply::Status(s)),
+            Ok([Value::Bool(false), Value::String(message)]) => Err(ReplyError::Redis { message }),
+            Ok(pair) => pair
+                .into_iter()
+                .map(convert)
+                .collect::<Result<_, _>>()
+                .map(Reply::Array),
+            Err(items) => items
+                .into_iter()
+                .map(convert)
+                .collect::<Result<_, _>>()
+                .map(Reply::Array),
+        },
+        other @ (Value::Bool(_) | Value::Object(_)) => Err(ReplyError::Shape {
+            detail: format!("{} where a Redis reply belongs", kind(&other)),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str, command: &str) -> Reply {
+        parse_reply(200, body.as_bytes(), command).unwrap()
+    }
+
+    fn err(status: u16, body: &[u8], command: &str) -> ReplyError {
+        parse_reply(status, body, command).unwrap_err()
+    }
+
+    #[test]
+    fn the_shapes_webdis_sends() {
+        assert_eq!(
+            ok(r#"{"GET":"v/a?l#u%e"}"#, "GET"),
+            Reply::Bulk("v/a?l#u%e".into())
+        );
+        assert_eq!(ok(r#"{"GET":null}"#, "GET"), Reply::Nil);
+        assert_eq!(ok(r#"{"DEL":1}"#, "DEL"), Reply::Int(1));
+        assert_eq!(
+            ok(r#"{"SET":[true,"OK"]}"#, "SET"),
+            Reply::Status("OK".into())
+        );
+        assert_eq!(
+            ok(r#"{"EVALSHA":["1:00:{}",1700000000000,7]}"#, "EVALSHA"),
+            Reply::Array(vec![
+                Reply::Bulk("1:00:{}".into()),
+                Reply::Int(1_700_000_000_000),
+                Reply::Int(7)
+            ])
+        );
+        assert_eq!(
+            ok(r#"{"X":[[1,"a"],[],null]}"#, "X"),
+            Reply::Array(vec![
+                Reply::Array(vec![Reply::Int(1), Reply::Bulk("a".into())]),
+                Reply::Array(vec![]),
+                Reply::Nil
+            ])
+        );
+        assert_eq!(
+            ok("{\"GET\":\"z\\u00fcrich \u{1f980} \\n\"}", "GET"),
+            Reply::Bulk("zürich 🦀 \n".into())
+        );
+    }
+
+    #[test]
+    fn redis_errors() {
+        let e = err(
+            200,
+            br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#,
+            "EVALSHA",
+        );
+        assert_eq!(e.redis_code(), Some("NOSCRIPT"));
+        assert!(!e.is_unavailable());
+        assert!(e.to_string().contains("NOSCRIPT No matching"), "{e}");
+        let e = err(200, br#"{"GET":[false,"LOADING Redis is loading"]}"#, "GET");
+        assert!(e.is_unavailable());
+        let e = err(200, br#"{"GET":[false,"WRONGTYPE Operation"]}"#, "GET");
+        assert_eq!(e.redis_code(), Some("WRONGTYPE"));
+        // An error nested in an array is an error all the same.
+        let e = err(200, br#"{"X":[1,[false,"ERR inner"]]}"#, "X");
+        assert_eq!(e.redis_code(), Some("ERR"));
+    }
+
+    #[test]
+    fn statuses() {
+        for status in [401, 403] {
+            let e = err(status, b"", "EVALSHA");
+            assert!(matches!(e, ReplyError::Forbidden { .. }), "{e:?}");
+            assert!(!e.is_unavailable());
+            assert!(e.to_string().contains("EVALSHA"), "{e}");
+        }
+        for status in [500, 502, 503, 504] {
+            let e = err(status, b"<html>Bad Gateway</html>", "GET");
+            assert!(e.is_unavailable(), "{e:?}");
+            assert!(e.to_string().contains(&status.to_string()), "{e}");
+        }
+        for status in [0, 100, 204, 301, 404, 405, 413, 999, u16::MAX] {
+            let e = err(status, br#"{"GET":"v"}"#, "GET");
+            assert!(matches!(e, ReplyError::UnexpectedStatus { .. }), "{e:?}");
+            assert!(!e.is_unavailable());
+        }
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        let html = b"<!DOCTYPE html><html><body><h1>It works!</h1></body></html>";
+        let e = err(200, html, "GET");
+        assert!(matches!(e, ReplyError::NotJson { .. }), "{e:?}");
+        assert!(e.to_string().contains("DOCTYPE"), "{e}");
+        assert!(e.source().is_some());
+        for body in [
+            &b""[..],
+            b"{",
+            br#"{"GET":"v""#,
+            br#"{"GET":"v"} trailing"#,
+            b"\xff\xfe",
+        ] {
+            let e = err(200, body, "GET");
+            assert!(matches!(e, ReplyError::NotJson { .. }), "{body:?}: {e:?}");
+        }
+        assert!(matches!(err(200, b"{}", "GET"), ReplyError::Unencodable));
+        for body in [
+            &br#""GET""#[..],
+            b"null",
+            b"[1]",
+            b"42",
+            br#"{"SET":"v"}"#,
+            br#"{"get":"v"}"#,
+            br#"{"GET":"v","DEL":1}"#,
+            br#"{"GET":true}"#,
+            br#"{"GET":{"a":1}}"#,
+            br#"{"GET":1.5}"#,
+            br#"{"GET":18446744073709551615}"#,
+            br#"{"GET":[true,1]}"#,
+            br#"{"GET":[false]}"#,
+            br#"{"GET":[1,true]}"#,
+        ] {
+            let e = err(200, body, "GET");
+            assert!(
+                matches!(e, ReplyError::Shape { .. }),
+                "{}: {e:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{{\"X\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(
+            err(200, deep.as_bytes(), "X"),
+            ReplyError::NotJson { .. }
+        ));
+    }
+
+    #[test]
+    fn long_bodies_are_cut_in_messages() {
+        let body = vec![b'<'; 1 << 20];
+        let e = err(502, &body, "GET");
+        assert!(e.to_string().len() < 300, "{e}");
+    }
+}
