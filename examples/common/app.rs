@@ -101,16 +101,16 @@ async fn route(
     match path {
         "/read" => {
             let n: i64 = session.get("count").await?.unwrap_or(0);
-            return Ok(ok(n.to_string()));
+            Ok(ok(n.to_string()))
         }
         "/counter" => {
             let n: i64 = session.get("count").await?.unwrap_or(0);
             session.insert("count", &(n + 1)).await?;
-            return Ok(ok((n + 1).to_string()));
+            Ok(ok((n + 1).to_string()))
         }
         "/login" => {
             session.insert("count", &0_i64).await?;
-            return Ok(ok("0"));
+            Ok(ok("0"))
         }
         // The other endpoints in a boxed future, so the common ones' future stays small.
         _ => Box::pin(extras(session, path, query)).await,
