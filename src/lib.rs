@@ -77,6 +77,8 @@
 //!
 //! # Feature flags
 //! - `memory` (default): [`MemoryStore`], in-process, sharded, bounded and swept.
+//! - `sqlite`: [`SqliteStore`], sessions in one SQLite file that survive a restart (bundled
+//!   SQLite via tokio-rusqlite: no system library needed, nothing blocks the runtime).
 //!
 //! Without any store feature the crate still builds: bring your own [`SessionStore`].
 //!
@@ -110,3 +112,7 @@ pub use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use crate::store::memory::{MemoryStore, MemoryStoreBuilder};
+
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use crate::store::sqlite::{SqliteStore, SqliteStoreBuilder};

@@ -10,6 +10,8 @@ use crate::record::Record;
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
 
 /// What [`SessionStore::create`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
