@@ -1,5 +1,6 @@
 //! The benchmark server of `shared/bench/SPEC.md`:
-//! `bench_server --port PORT --store memory`.
+//! `bench_server --port PORT --store memory`, or `--store sqlite --db PATH` when built with the
+//! `sqlite` feature (`cargo run --release --features sqlite --example bench_server -- ...`).
 //!
 //! Stores other than those compiled in make it exit with status 2 at once.
 
@@ -17,17 +18,21 @@ use hyper_util::rt::TokioIo;
 struct Args {
     port: u16,
     store: String,
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    db: String,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut port = 3000;
     let mut store = "memory".to_owned();
+    let mut db = "bench_sessions.db".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--port" => port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
             "--store" => store = value()?,
+            "--db" => db = value()?,
             // Flags of stores this build does not have are accepted and ignored.
             _ if flag.starts_with("--") => {
                 let _ = value();
@@ -35,7 +40,7 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unexpected argument {flag:?}")),
         }
     }
-    Ok(Args { port, store })
+    Ok(Args { port, store, db })
 }
 
 #[tokio::main]
@@ -50,6 +55,20 @@ async fn main() -> ExitCode {
     let layer = match args.store.as_str() {
         // The /login run creates a session per request: room for a long run.
         "memory" => SessionLayer::new(MemoryStore::builder().max_sessions(20_000_000).build()),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => match hyper_sessions::SqliteStore::open(&args.db).await {
+            Ok(store) => SessionLayer::new(store),
+            Err(e) => {
+                let mut msg = e.to_string();
+                let mut next = std::error::Error::source(&e);
+                while let Some(cause) = next {
+                    msg = format!("{msg}: {cause}");
+                    next = cause.source();
+                }
+                eprintln!("bench_server: {msg}");
+                return ExitCode::FAILURE;
+            }
+        },
         other => {
             eprintln!("bench_server: store {other:?} is not supported by this build");
             return ExitCode::from(2);
