@@ -1,4 +1,4 @@
-//! The page counter on an SQLite file: stop the server, start it again, and the count goes on.
+//! The page counter on an `SQLite` file: stop the server, start it again, and the count goes on.
 //!
 //! ```text
 //! cargo run --example sqlite --features sqlite            # sessions in ./sessions.db

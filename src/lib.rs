@@ -77,8 +77,8 @@
 //!
 //! # Feature flags
 //! - `memory` (default): [`MemoryStore`], in-process, sharded, bounded and swept.
-//! - `sqlite`: [`SqliteStore`], sessions in one SQLite file that survive a restart (bundled
-//!   SQLite via tokio-rusqlite: no system library needed, nothing blocks the runtime).
+//! - `sqlite`: [`SqliteStore`], sessions in one `SQLite` file that survive a restart (bundled
+//!   `SQLite` via tokio-rusqlite: no system library needed, nothing blocks the runtime).
 //!
 //! Without any store feature the crate still builds: bring your own [`SessionStore`].
 //!

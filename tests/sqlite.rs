@@ -1,4 +1,4 @@
-//! The SQLite store: the conformance suite on a real file and in memory, plus what is particular
+//! The `SQLite` store: the conformance suite on a real file and in memory, plus what is particular
 //! to it (corrupt rows, hostile table names, unusable files, cleanup, a real process restart).
 
 mod common;
@@ -574,7 +574,7 @@ async fn sessions_survive_a_server_restart() {
     server.kill();
 }
 
-/// What holds on SQLite today within the layer's 16 save attempts: concurrent `update`s of one
+/// What holds on `SQLite` today within the layer's 16 save attempts: concurrent `update`s of one
 /// session, each on its own connection, are all counted and each returns a distinct value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_updates_within_the_retry_budget_are_all_counted() {

@@ -1,9 +1,9 @@
-//! [`SqliteStore`]: sessions in one SQLite file (or in memory), on tokio-rusqlite's own thread.
+//! [`SqliteStore`]: sessions in one `SQLite` file (or in memory), on tokio-rusqlite's own thread.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -28,9 +28,9 @@ const CLEANUP_BATCH: i64 = 1000;
 /// The longest table name accepted.
 const MAX_TABLE_NAME: usize = 64;
 
-/// Sessions in an SQLite database: they survive a restart, on one file and no server.
+/// Sessions in an `SQLite` database: they survive a restart, on one file and no server.
 ///
-/// The SQLite library is bundled (a fresh machine needs no system package). All SQLite work
+/// The `SQLite` library is bundled (a fresh machine needs no system package). All `SQLite` work
 /// runs on one dedicated thread (tokio-rusqlite's): nothing blocks the async runtime, and that
 /// one connection is the database's single writer, so writes never wait on each other's locks.
 ///
@@ -57,7 +57,7 @@ const MAX_TABLE_NAME: usize = 64;
 /// [`StoreError::unavailable`] (the layer answers 503); a row that cannot be read back (wrong
 /// column types) is [`StoreError::corrupt`] (the layer starts a fresh session and leaves the row
 /// alone); a read-only or unopenable file is [`StoreError::other`]. Every error names the
-/// operation, the table and file, and keeps SQLite's error as its source. A session id never
+/// operation, the table and file, and keeps `SQLite`'s error as its source. A session id never
 /// appears in full in an error (ids are secrets): at most its first eight characters.
 ///
 /// # Examples
@@ -79,6 +79,8 @@ pub struct SqliteStore {
 struct Inner {
     conn: tokio_rusqlite::Connection,
     sql: Arc<Sql>,
+    /// Writes waiting for the `SQLite` thread, committed together (see [`drain`]).
+    queue: Arc<Mutex<Vec<Box<dyn WriteJob>>>>,
     /// `table "sessions" in /path/to/file.db`, for error messages.
     label: Arc<str>,
 }
@@ -235,6 +237,7 @@ impl SqliteStoreBuilder {
             inner: Arc::new(Inner {
                 conn,
                 sql: Arc::new(Sql::new(&self.table)),
+                queue: Arc::default(),
                 label,
             }),
         };
@@ -253,7 +256,7 @@ impl SqliteStoreBuilder {
     }
 }
 
-/// Pragmas, schema creation and the schema version check, on the SQLite thread.
+/// Pragmas, schema creation and the schema version check, on the `SQLite` thread.
 fn setup(
     c: &mut rusqlite::Connection,
     table: &str,
@@ -392,7 +395,7 @@ impl SqliteStore {
 
     /// A builder for a store on the database file at `path`.
     ///
-    /// SQLite `file:` URIs are accepted too (e.g. `file:sessions.db?mode=rwc`).
+    /// `SQLite` `file:` URIs are accepted too (e.g. `file:sessions.db?mode=rwc`).
     pub fn builder(path: impl AsRef<Path>) -> SqliteStoreBuilder {
         SqliteStoreBuilder::new(Location::File(path.as_ref().to_owned()))
     }
@@ -438,6 +441,111 @@ where
         .call(move |c| f(c, &sql))
         .await
         .map_err(|e| call_error(op, &inner.label, e))
+}
+
+/// Runs a write on the `SQLite` thread, in one transaction with the writes queued beside it.
+///
+/// The job is queued and a drain is sent in the same poll, so a cancelled caller either queued
+/// nothing or has a drain on its way: no job is ever left behind. Each drain commits whatever is
+/// queued by then (several requests' writes in one commit under load); the drains that find
+/// the queue empty cost one message.
+async fn write<T, F>(inner: &Inner, op: &'static str, f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: Fn(&rusqlite::Connection, &Sql) -> Result<T, Fail> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    lock(&inner.queue).push(Box::new(Job {
+        f,
+        out: None,
+        tx: Some(tx),
+    }));
+    let (queue, sql) = (Arc::clone(&inner.queue), Arc::clone(&inner.sql));
+    let drained = inner.conn.call_raw(move |c| drain(c, &queue, &sql)).await;
+    match (drained, rx.await) {
+        (_, Ok(result)) => result.map_err(|e| fail_error(op, &inner.label, e)),
+        _ => Err(thread_stopped(op, &inner.label)),
+    }
+}
+
+/// One queued write: its statement(s), and where its outcome goes once committed.
+trait WriteJob: Send {
+    /// Runs the statements (again, if a batch had to be retried one by one).
+    fn run(&mut self, c: &rusqlite::Connection, sql: &Sql) -> Result<(), Fail>;
+    /// Sends the outcome: the statements' result if their transaction committed.
+    fn finish(&mut self, committed: Result<(), Fail>);
+}
+
+struct Job<T, F> {
+    f: F,
+    out: Option<T>,
+    tx: Option<tokio::sync::oneshot::Sender<Result<T, Fail>>>,
+}
+
+impl<T, F> WriteJob for Job<T, F>
+where
+    T: Send,
+    F: Fn(&rusqlite::Connection, &Sql) -> Result<T, Fail> + Send,
+{
+    fn run(&mut self, c: &rusqlite::Connection, sql: &Sql) -> Result<(), Fail> {
+        self.out = Some((self.f)(c, sql)?);
+        Ok(())
+    }
+
+    fn finish(&mut self, committed: Result<(), Fail>) {
+        let result = committed.and_then(|()| {
+            self.out
+                .take()
+                .ok_or_else(|| Fail::Setup("write was not run".to_owned()))
+        });
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+/// The most writes committed together.
+const MAX_BATCH: usize = 256;
+
+/// On the `SQLite` thread: commits the queued writes in one transaction. If anything in it fails,
+/// it is rolled back and each write is run again on its own, so that one write's failure (a full
+/// database, say) is reported to that write only, and no write is reported done unless
+/// committed.
+fn drain(c: &mut rusqlite::Connection, queue: &Mutex<Vec<Box<dyn WriteJob>>>, sql: &Sql) {
+    let mut jobs = {
+        let mut q = lock(queue);
+        let n = q.len().min(MAX_BATCH);
+        q.drain(..n).collect::<Vec<_>>()
+    };
+    if jobs.len() > 1 {
+        let batch = (|| -> Result<(), Fail> {
+            c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            for job in &mut jobs {
+                job.run(c, sql)?;
+            }
+            c.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
+        })();
+        if batch.is_ok() {
+            for job in &mut jobs {
+                job.finish(Ok(()));
+            }
+            return;
+        }
+        if !c.is_autocommit() {
+            let _ = c.execute_batch("ROLLBACK");
+        }
+    }
+    // One write, or a batch being retried: each in its own (autocommit) transaction.
+    for job in &mut jobs {
+        let result = job.run(c, sql);
+        job.finish(result);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while the queue is locked; if something did, the queue is still a queue.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 async fn delete_expired(inner: &Inner) -> Result<u64, StoreError> {
@@ -616,7 +724,7 @@ impl SessionStore for SqliteStore {
         };
         let expires = ms(record.expires_at());
         let now = now_ms();
-        self.call("save", move |c, sql| {
+        write(&self.inner, "save", move |c, sql| {
             let n = c.prepare_cached(&sql.save)?.execute(params![
                 key,
                 &data[..],
@@ -640,7 +748,7 @@ impl SessionStore for SqliteStore {
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
         let key = id.to_bytes();
-        self.call("delete", move |c, sql| {
+        write(&self.inner, "delete", move |c, sql| {
             c.prepare_cached(&sql.delete)?.execute(params![key])?;
             Ok(())
         })
@@ -651,7 +759,7 @@ impl SessionStore for SqliteStore {
         let key = id.to_bytes();
         let expires = ms(expires_at);
         let now = now_ms();
-        self.call("touch", move |c, sql| {
+        write(&self.inner, "touch", move |c, sql| {
             Ok(c.prepare_cached(&sql.touch)?
                 .execute(params![key, expires, now])?
                 > 0)
@@ -660,7 +768,7 @@ impl SessionStore for SqliteStore {
     }
 }
 
-/// Unix milliseconds as SQLite's integer, saturating.
+/// Unix milliseconds as `SQLite`'s integer, saturating.
 fn ms(t: SystemTime) -> i64 {
     i64::try_from(unix_ms(t)).unwrap_or(i64::MAX)
 }
@@ -677,7 +785,7 @@ fn version_param(version: u64) -> Result<i64, StoreError> {
     })
 }
 
-/// What went wrong on the SQLite thread.
+/// What went wrong on the `SQLite` thread.
 #[derive(Debug)]
 enum Fail {
     Sql(rusqlite::Error),
@@ -708,7 +816,7 @@ impl From<rusqlite::Error> for Fail {
     }
 }
 
-/// An SQLite failure with what was being done, where, and why.
+/// An `SQLite` failure with what was being done, where, and why.
 #[derive(Debug)]
 struct SqliteError {
     message: String,
@@ -731,24 +839,34 @@ impl std::error::Error for SqliteError {
 
 fn call_error(op: &str, label: &str, e: tokio_rusqlite::Error<Fail>) -> StoreError {
     match e {
-        tokio_rusqlite::Error::Error(Fail::Sql(e)) => sql_error(op, label, e),
-        tokio_rusqlite::Error::Error(Fail::Corrupt(what)) => StoreError::corrupt(SqliteError {
+        tokio_rusqlite::Error::Error(fail) => fail_error(op, label, fail),
+        tokio_rusqlite::Error::Close((_, e)) => sql_error(op, label, e),
+        _ => thread_stopped(op, label),
+    }
+}
+
+fn fail_error(op: &str, label: &str, fail: Fail) -> StoreError {
+    match fail {
+        Fail::Sql(e) => sql_error(op, label, e),
+        Fail::Corrupt(what) => StoreError::corrupt(SqliteError {
             message: format!("{op} on {label}: unreadable row: {what}"),
             source: None,
         }),
-        tokio_rusqlite::Error::Error(Fail::Setup(what)) => StoreError::other(SqliteError {
+        Fail::Setup(what) => StoreError::other(SqliteError {
             message: format!("{op} on {label}: {what}"),
-            source: None,
-        }),
-        tokio_rusqlite::Error::Close((_, e)) => sql_error(op, label, e),
-        _ => StoreError::unavailable(SqliteError {
-            message: format!("{op} on {label}: the SQLite connection thread has stopped"),
             source: None,
         }),
     }
 }
 
-/// Classifies an SQLite error, with a plain-words reason for the common causes.
+fn thread_stopped(op: &str, label: &str) -> StoreError {
+    StoreError::unavailable(SqliteError {
+        message: format!("{op} on {label}: the SQLite connection thread has stopped"),
+        source: None,
+    })
+}
+
+/// Classifies an `SQLite` error, with a plain-words reason for the common causes.
 fn sql_error(op: &str, label: &str, e: rusqlite::Error) -> StoreError {
     let (unavailable, reason) = match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => (
