@@ -604,3 +604,56 @@ async fn concurrent_updates_within_the_retry_budget_are_all_counted() {
     );
     assert_eq!(b.get("/get/n").await.body, "13");
 }
+
+/// Writes are committed together under load; one write that cannot be made (here: larger than
+/// the size cap) fails alone, and every other write beside it is stored and reported so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_write_among_concurrent_ones_fails_alone() {
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .max_size(96 * 1024)
+        .busy_timeout(Duration::from_secs(5))
+        .open()
+        .await
+        .unwrap();
+    let other = raw(&dir.db());
+    let huge = format!(r#"{{"d":{{"s":"{}"}}}}"#, "x".repeat(256 * 1024));
+    for _ in 0..3 {
+        // Another connection holds the write lock, so that the writes queue up behind the first
+        // one and are then committed as a batch.
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let store = store.clone();
+            let data = if i == 12 {
+                huge.clone()
+            } else {
+                format!(r#"{{"d":{{"i":{i}}}}}"#)
+            };
+            tasks.push(tokio::spawn(async move {
+                let id = Id::random();
+                let outcome = store.create(&record(id, &data, in_ms(60_000))).await;
+                (i, id, data, outcome)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        other.execute_batch("ROLLBACK").unwrap();
+        for t in tasks {
+            let (i, id, data, outcome) = t.await.unwrap();
+            if i == 12 {
+                let err = outcome.unwrap_err();
+                assert!(err.is_unavailable(), "{}", chain(&err));
+                assert!(store.load(&id).await.unwrap().is_none());
+            } else {
+                assert_eq!(outcome.unwrap(), CreateOutcome::Created);
+                let back = store
+                    .load(&id)
+                    .await
+                    .unwrap()
+                    .expect("reported stored, not stored");
+                assert_eq!(back.data(), &Bytes::from(data));
+                store.delete(&id).await.unwrap();
+            }
+        }
+    }
+}

@@ -692,17 +692,16 @@ impl SessionStore for SqliteStore {
         let version = version_param(record.version())?;
         let expires = ms(record.expires_at());
         let now = now_ms();
-        let n = self
-            .call("create", move |c, sql| {
-                Ok(c.prepare_cached(&sql.create)?.execute(params![
-                    key,
-                    &data[..],
-                    version,
-                    expires,
-                    now
-                ])?)
-            })
-            .await?;
+        let n = write(&self.inner, "create", move |c, sql| {
+            Ok(c.prepare_cached(&sql.create)?.execute(params![
+                key,
+                &data[..],
+                version,
+                expires,
+                now
+            ])?)
+        })
+        .await?;
         Ok(if n == 0 {
             CreateOutcome::IdTaken
         } else {
