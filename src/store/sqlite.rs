@@ -46,6 +46,14 @@ const MAX_TABLE_NAME: usize = 64;
 /// and a committed write survives the process being killed (it can be lost only to a power
 /// failure or OS crash before the next checkpoint).
 ///
+/// # Writes
+/// Writes that arrive while the `SQLite` thread is busy are committed together in one
+/// transaction (a group commit: under 32 concurrent load-and-save loops this halved the time per
+/// pair, about 55 µs to 30 µs on a file); a lone write is its own transaction and waits for
+/// nothing. Each write still checks its own conditions, and is reported done only once its
+/// transaction has committed; if anything in a batch fails, the batch is rolled back and each
+/// write is retried alone, so one write's failure is reported to that write only.
+///
 /// # Expired rows
 /// [`delete_expired`](SqliteStore::delete_expired) removes them, and a background task does so
 /// every [`cleanup_interval`](SqliteStoreBuilder::cleanup_interval) (default five minutes); it
