@@ -2,7 +2,8 @@
 //! `bench_server --port PORT --store memory`, and with `--features redis` also
 //! `--store redis [--redis URL]` and `--store redis-cluster [--redis URL-of-any-node]`
 //! (default URL `redis://127.0.0.1:6379`), and with `--features webdis`
-//! `--store webdis [--webdis URL]` (default `http://127.0.0.1:7379`).
+//! `--store webdis [--webdis URL]` (default `http://127.0.0.1:7379`), and with
+//! `--features sqlite` `--store sqlite --db PATH`.
 //!
 //! Stores other than those compiled in make it exit with status 2 at once.
 //!
@@ -33,6 +34,8 @@ struct Args {
     redis: String,
     #[cfg_attr(not(feature = "webdis"), allow(dead_code))]
     webdis: String,
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    db: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,6 +44,7 @@ fn parse_args() -> Result<Args, String> {
     let mut redis = "redis://127.0.0.1:6379".to_owned();
     let (mut prefill, mut value_bytes, mut pool_out) = (0, 0, None);
     let mut webdis = "http://127.0.0.1:7379".to_owned();
+    let mut db = "bench_sessions.db".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -56,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--pool-out" => pool_out = Some(value()?),
             "--webdis" => webdis = value()?,
+            "--db" => db = value()?,
             // Flags of stores this build does not have are accepted and ignored.
             _ if flag.starts_with("--") => {
                 let _ = value();
@@ -71,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
         pool_out,
         redis,
         webdis,
+        db,
     })
 }
 
@@ -112,6 +118,20 @@ async fn main() -> ExitCode {
             Ok(store) => run(store, &args).await,
             Err(e) => {
                 eprintln!("bench_server: cannot use Webdis at {}: {e:?}", args.webdis);
+                ExitCode::FAILURE
+            }
+        },
+        #[cfg(feature = "sqlite")]
+        "sqlite" => match hyper_sessions::SqliteStore::open(&args.db).await {
+            Ok(store) => run(store, &args).await,
+            Err(e) => {
+                let mut msg = e.to_string();
+                let mut next = std::error::Error::source(&e);
+                while let Some(cause) = next {
+                    msg = format!("{msg}: {cause}");
+                    next = cause.source();
+                }
+                eprintln!("bench_server: {msg}");
                 ExitCode::FAILURE
             }
         },

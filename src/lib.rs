@@ -91,6 +91,8 @@
 //!   [`native_tls`]), with hyper-util's pooled keep-alive client and hyper-tls; keys and values
 //!   are the Redis store's, so both can share one Redis. Adds `hyper-util`, `hyper-tls`
 //!   (the system's TLS library), `http-body-util` and `percent-encoding`.
+//! - `sqlite`: [`SqliteStore`], sessions in one `SQLite` file that survive a restart (bundled
+//!   `SQLite` via tokio-rusqlite: no system library needed, nothing blocks the runtime).
 //!
 //! Without any store feature the crate still builds: bring your own [`SessionStore`].
 //!
@@ -151,3 +153,6 @@ pub mod __fuzz {
     #[cfg(feature = "webdis")]
     pub use crate::store::webdis::reply::{Reply, ReplyError, parse_reply};
 }
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use crate::store::sqlite::{SqliteStore, SqliteStoreBuilder};

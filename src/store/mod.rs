@@ -14,6 +14,8 @@ pub(crate) mod memory;
 pub(crate) mod redis;
 #[cfg(any(feature = "redis", feature = "webdis"))]
 pub(crate) mod redis_common;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
 #[cfg(feature = "webdis")]
 pub(crate) mod webdis;
 

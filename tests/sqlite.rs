@@ -1,0 +1,634 @@
+//! The `SQLite` store: the conformance suite on a real file and in memory, plus what is particular
+//! to it (corrupt rows, hostile table names, unusable files, cleanup, a real process restart).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use hyper_sessions::{
+    CreateOutcome, Id, Record, SessionLayer, SessionStore, SqliteStore, StoreErrorKind,
+};
+use tokio_rusqlite::rusqlite;
+
+use common::{Browser, Conn, serve};
+
+/// A fresh directory under the system temp dir, removed (with the database in it) when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "hyper-sessions-sqlite-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn db(&self) -> PathBuf {
+        self.0.join("sessions.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn file_fixture() -> (SqliteStore, TempDir) {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    (store, dir)
+}
+
+async fn memory_fixture() -> (SqliteStore, ()) {
+    (SqliteStore::open_in_memory().await.unwrap(), ())
+}
+
+mod file {
+    crate::conformance_suite!(super::file_fixture);
+}
+
+mod in_memory {
+    crate::conformance_suite!(super::memory_fixture);
+}
+
+fn in_ms(ms: u64) -> SystemTime {
+    SystemTime::now() + Duration::from_millis(ms)
+}
+
+fn record(id: Id, data: &str, expires_at: SystemTime) -> Record {
+    Record::new(id, Bytes::from(data.to_owned()), 1, expires_at)
+}
+
+/// A second, plain rusqlite connection on the same file: what another process would see.
+fn raw(path: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
+}
+
+#[tokio::test]
+async fn schema_and_pragmas() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    let id = Id::random();
+    store
+        .create(&record(id, r#"{"d":{}}"#, in_ms(60_000)))
+        .await
+        .unwrap();
+    let c = raw(&dir.db());
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let version: i64 = c
+        .query_row(
+            "SELECT version FROM hyper_sessions_schema WHERE table_name = 'sessions'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, 1);
+    // The id is the 16-byte blob; the expiry an integer; an index serves the cleanup.
+    let (key, kind): (Vec<u8>, String) = c
+        .query_row("SELECT id, typeof(expires_at) FROM sessions", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(key, id.to_bytes());
+    assert_eq!(kind, "integer");
+    let index: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'sessions' \
+             AND sql LIKE '%expires_at%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(index, 1);
+    // Reopening finds the schema and keeps the data.
+    drop(store);
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    assert!(store.load(&id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn newer_schema_and_foreign_tables_are_refused() {
+    let dir = TempDir::new();
+    drop(SqliteStore::open(dir.db()).await.unwrap());
+    let c = raw(&dir.db());
+    c.execute(
+        "UPDATE hyper_sessions_schema SET version = 99 WHERE table_name = 'sessions'",
+        [],
+    )
+    .unwrap();
+    c.execute("CREATE TABLE users (name TEXT)", []).unwrap();
+    drop(c);
+    let err = SqliteStore::open(dir.db()).await.unwrap_err();
+    assert!(chain(&err).contains("schema version 99"), "{}", chain(&err));
+    let err = SqliteStore::builder(dir.db())
+        .table("users")
+        .open()
+        .await
+        .unwrap_err();
+    assert!(chain(&err).contains("did not create"), "{}", chain(&err));
+    // Another table name in the same file is a separate store.
+    let other = SqliteStore::builder(dir.db())
+        .table("admin_sessions")
+        .open()
+        .await
+        .unwrap();
+    let id = Id::random();
+    other.create(&record(id, "x", in_ms(60_000))).await.unwrap();
+    assert!(other.load(&id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn hostile_table_names_are_refused() {
+    let dir = TempDir::new();
+    for name in [
+        "sessions; DROP TABLE hyper_sessions_schema; --",
+        "x\" (a); DROP TABLE y; --",
+        "",
+        "9lives",
+        "sqlite_master",
+        "a-b",
+    ] {
+        let err = SqliteStore::builder(dir.db())
+            .table(name)
+            .open()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
+        assert!(
+            chain(&err).contains("invalid SQLite table name"),
+            "{}",
+            chain(&err)
+        );
+    }
+    // Refused before any SQL ran: the file was never even created.
+    assert!(!dir.db().exists());
+}
+
+#[tokio::test]
+async fn missing_directory_and_non_database_files_are_clear_errors() {
+    let dir = TempDir::new();
+    let err = SqliteStore::open(dir.0.join("no/such/dir/sessions.db"))
+        .await
+        .unwrap_err();
+    let text = chain(&err);
+    assert!(text.contains("cannot open the database file"), "{text}");
+    assert!(text.contains("no/such/dir/sessions.db"), "{text}");
+
+    let junk = dir.0.join("junk.db");
+    std::fs::write(&junk, vec![b'x'; 8192]).unwrap();
+    let err = SqliteStore::open(&junk).await.unwrap_err();
+    let text = chain(&err);
+    assert!(text.contains("not an SQLite database"), "{text}");
+    // Nothing was overwritten.
+    assert_eq!(std::fs::read(&junk).unwrap(), vec![b'x'; 8192]);
+}
+
+#[tokio::test]
+async fn read_only_database_is_a_clear_error() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    let id = Id::random();
+    store
+        .create(&record(id, r#"{"d":{"a":1}}"#, in_ms(60_000)))
+        .await
+        .unwrap();
+    drop(store);
+    // `mode=ro` is how SQLite opens a file it may not write (chmod does not stop root).
+    let uri = format!("file:{}?mode=ro", dir.db().display());
+    let err = SqliteStore::open(&uri).await.unwrap_err();
+    let text = chain(&err);
+    assert_eq!(err.kind(), StoreErrorKind::Other, "{text}");
+    assert!(text.contains("read-only"), "{text}");
+    // The data is still there.
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    assert!(store.load(&id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_locked_database_is_unavailable_and_loses_nothing() {
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .busy_timeout(Duration::from_millis(200))
+        .open()
+        .await
+        .unwrap();
+    let id = Id::random();
+    store
+        .create(&record(id, r#"{"d":{"a":1}}"#, in_ms(60_000)))
+        .await
+        .unwrap();
+    // Another process holds the write lock.
+    let other = raw(&dir.db());
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let err = store
+        .create(&record(Id::random(), "x", in_ms(60_000)))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{}", chain(&err));
+    assert!(chain(&err).contains("locked"), "{}", chain(&err));
+    // Reads still work under WAL while the writer is busy.
+    assert!(store.load(&id).await.unwrap().is_some());
+    other.execute_batch("ROLLBACK").unwrap();
+    // And writes work again afterwards.
+    assert_eq!(
+        store
+            .create(&record(Id::random(), "x", in_ms(60_000)))
+            .await
+            .unwrap(),
+        CreateOutcome::Created
+    );
+
+    // Over HTTP: a save that cannot be made is a 503, never a silent success.
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(server.addr).await;
+    assert_eq!(b.get("/counter").await.body, "1");
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let r = b.get("/counter").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(b.get("/read").await.body, "1", "the failed write was kept");
+    assert_eq!(b.get("/counter").await.body, "2");
+}
+
+#[tokio::test]
+async fn a_full_database_refuses_new_sessions_and_keeps_old_ones() {
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .max_size(64 * 1024)
+        .open()
+        .await
+        .unwrap();
+    let first = Id::random();
+    store
+        .create(&record(first, r#"{"d":{"n":1}}"#, in_ms(60_000)))
+        .await
+        .unwrap();
+    let big = format!(r#"{{"d":{{"s":"{}"}}}}"#, "x".repeat(4000));
+    let mut err = None;
+    for _ in 0..100 {
+        match store
+            .create(&record(Id::random(), &big, in_ms(60_000)))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let err = err.expect("the size cap was never reached");
+    assert!(err.is_unavailable(), "{}", chain(&err));
+    assert!(chain(&err).contains("full"), "{}", chain(&err));
+    // The sessions already there are intact and still writable in place.
+    let back = store.load(&first).await.unwrap().unwrap();
+    assert_eq!(back.data(), &Bytes::from(r#"{"d":{"n":1}}"#));
+    assert!(store.touch(&first, in_ms(120_000)).await.unwrap());
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_reported_and_start_a_fresh_session() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let c = raw(&dir.db());
+    let far = i64::try_from(hyper_sessions::unix_ms(in_ms(3_600_000))).unwrap();
+    let cases: [(&str, &str); 4] = [
+        (
+            "version",
+            "UPDATE sessions SET version = 'abc' WHERE id = ?1",
+        ),
+        ("version", "UPDATE sessions SET version = -3 WHERE id = ?1"),
+        ("data", "UPDATE sessions SET data = 42 WHERE id = ?1"),
+        (
+            "expires_at",
+            "UPDATE sessions SET expires_at = 'soon' WHERE id = ?1",
+        ),
+    ];
+    for (column, garbage) in cases {
+        let mut b = Browser::new(server.addr).await;
+        assert_eq!(b.get("/counter").await.body, "1");
+        let id = b.id().unwrap();
+        let cookie = b.cookie.clone().unwrap();
+        c.execute(garbage, [id.to_bytes()]).unwrap();
+        c.execute(
+            "UPDATE sessions SET expires_at = ?2 WHERE id = ?1 AND typeof(expires_at) = 'integer'",
+            rusqlite::params![id.to_bytes(), far],
+        )
+        .unwrap();
+        let err = store.load(&id).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{}", chain(&err));
+        let text = chain(&err);
+        assert!(text.contains(&format!("column {column}")), "{text}");
+        let full = id.to_string();
+        assert!(text.contains(&full[..8]), "the row is named: {text}");
+        assert!(!text.contains(&full), "the whole id leaked: {text}");
+        // Over HTTP: a fresh session under a new id, the bad row left alone.
+        let mut conn = Conn::http1(server.addr).await;
+        let r = conn.get("/counter", Some(&cookie)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, "1");
+        assert_ne!(r.cookie_pair().unwrap(), cookie);
+        assert!(
+            store.load(&id).await.is_err(),
+            "the corrupt row was replaced"
+        );
+    }
+    // Bad JSON in a well-typed row: the store returns it, the layer starts afresh (the suite
+    // checks that part); the store itself keeps working for everyone else.
+    let mut b = Browser::new(server.addr).await;
+    assert_eq!(b.get("/counter").await.body, "1");
+    assert_eq!(b.get("/counter").await.body, "2");
+}
+
+#[tokio::test]
+async fn delete_expired_and_the_cleanup_task() {
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .cleanup_interval(None)
+        .open()
+        .await
+        .unwrap();
+    let live = Id::random();
+    store
+        .create(&record(live, "live", in_ms(60_000)))
+        .await
+        .unwrap();
+    for _ in 0..2500 {
+        store
+            .create(&record(Id::random(), "old", in_ms(50)))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let rows = |p: &Path| -> i64 {
+        raw(p)
+            .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(rows(&dir.db()), 2501);
+    assert_eq!(store.delete_expired().await.unwrap(), 2500);
+    assert_eq!(rows(&dir.db()), 1);
+    assert!(store.load(&live).await.unwrap().is_some());
+
+    // The task: runs on its interval, and stops with the store.
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .cleanup_interval(Some(Duration::from_millis(100)))
+        .open()
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        store
+            .create(&record(Id::random(), "old", in_ms(20)))
+            .await
+            .unwrap();
+    }
+    store
+        .create(&record(Id::random(), "live", in_ms(60_000)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(rows(&dir.db()), 1, "the cleanup task did not run");
+    let weak_probe = store.clone();
+    drop(store);
+    drop(weak_probe);
+    // A cleanup already under way when the store was dropped may finish its pass; let it.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // With the store gone, rows that expire stay: nothing is running any more.
+    let c = raw(&dir.db());
+    c.execute(
+        "INSERT INTO sessions (id, data, version, expires_at) VALUES (x'00', x'00', 1, 0)",
+        [],
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(rows(&dir.db()), 2, "a cleanup task outlived its store");
+}
+
+// ---- a real restart: a server process is killed and started again on the same file ----
+
+const SERVE_ENV: &str = "HYPER_SESSIONS_SQLITE_SERVE";
+
+/// Not a test of its own: when the restart test runs this binary again with `SERVE_ENV` set to
+/// a database path, this serves the example app on that file and prints its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_server_entry() {
+    let Some(path) = std::env::var_os(SERVE_ENV) else {
+        return;
+    };
+    let store = SqliteStore::open(PathBuf::from(path)).await.unwrap();
+    let server = serve(&SessionLayer::new(store)).await;
+    println!("LISTENING {}", server.addr.port());
+    std::future::pending::<()>().await;
+}
+
+struct ServerProcess {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    fn start(db: &Path) -> ServerProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "restart_server_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SERVE_ENV, db)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut port = None;
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            // libtest may have printed `test restart_server_entry ... ` on the same line.
+            if let Some((_, p)) = line.split_once("LISTENING ") {
+                port = Some(p.trim().parse::<u16>().unwrap());
+                break;
+            }
+        }
+        let port = port.expect("the server process did not start");
+        // Drain the rest of its output so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ServerProcess {
+            child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_a_server_restart() {
+    let dir = TempDir::new();
+    let server = ServerProcess::start(&dir.db());
+    let mut alice = Browser::new(server.addr).await;
+    for n in 1..=3 {
+        assert_eq!(alice.get("/counter").await.body, n.to_string());
+    }
+    alice.get("/set/name?v=alice%20liddell").await;
+    let mut others = Vec::new();
+    for i in 0..20 {
+        let mut b = Browser::new(server.addr).await;
+        b.get(&format!("/set/n?v={i}")).await;
+        others.push(b.cookie.clone().unwrap());
+    }
+    let mut bob = Browser::new(server.addr).await;
+    bob.get("/counter").await;
+    let bob_old = bob.cookie.clone().unwrap();
+    assert!(bob.get("/destroy").await.removes_cookie());
+    // Killed, not shut down: what a crash or a deploy's SIGKILL does.
+    server.kill();
+
+    let server = ServerProcess::start(&dir.db());
+    let mut alice2 = Conn::http1(server.addr).await;
+    let cookie = alice.cookie.clone().unwrap();
+    assert_eq!(alice2.get("/read", Some(&cookie)).await.body, "3");
+    assert_eq!(
+        alice2.get("/get/name", Some(&cookie)).await.body,
+        "alice liddell"
+    );
+    let r = alice2.get("/counter", Some(&cookie)).await;
+    assert_eq!(r.body, "4");
+    assert!(
+        r.cookie_pair().is_none_or(|c| c == cookie),
+        "the id changed"
+    );
+    for (i, cookie) in others.iter().enumerate() {
+        assert_eq!(alice2.get("/get/n", Some(cookie)).await.body, i.to_string());
+    }
+    assert_eq!(alice2.get("/read", Some(&bob_old)).await.body, "0");
+    server.kill();
+}
+
+/// What holds on `SQLite` today within the layer's 16 save attempts: concurrent `update`s of one
+/// session, each on its own connection, are all counted and each returns a distinct value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_within_the_retry_budget_are_all_counted() {
+    let (store, _dir) = file_fixture().await;
+    let server = serve(&SessionLayer::new(store)).await;
+    let mut b = Browser::new(server.addr).await;
+    b.get("/incr/n").await;
+    let cookie = b.cookie.clone().unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let cookie = cookie.clone();
+        let addr = server.addr;
+        tasks.push(tokio::spawn(async move {
+            let r = Conn::http1(addr).await.get("/incr/n", Some(&cookie)).await;
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            r.body.parse::<i64>().unwrap()
+        }));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for t in tasks {
+        seen.insert(t.await.unwrap());
+    }
+    assert_eq!(
+        seen.len(),
+        12,
+        "two updates returned the same value: {seen:?}"
+    );
+    assert_eq!(b.get("/get/n").await.body, "13");
+}
+
+/// Writes are committed together under load; one write that cannot be made (here: larger than
+/// the size cap) fails alone, and every other write beside it is stored and reported so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_write_among_concurrent_ones_fails_alone() {
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .max_size(96 * 1024)
+        .busy_timeout(Duration::from_secs(5))
+        .open()
+        .await
+        .unwrap();
+    let other = raw(&dir.db());
+    let huge = format!(r#"{{"d":{{"s":"{}"}}}}"#, "x".repeat(256 * 1024));
+    for _ in 0..3 {
+        // Another connection holds the write lock, so that the writes queue up behind the first
+        // one and are then committed as a batch.
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let store = store.clone();
+            let data = if i == 12 {
+                huge.clone()
+            } else {
+                format!(r#"{{"d":{{"i":{i}}}}}"#)
+            };
+            tasks.push(tokio::spawn(async move {
+                let id = Id::random();
+                let outcome = store.create(&record(id, &data, in_ms(60_000))).await;
+                (i, id, data, outcome)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        other.execute_batch("ROLLBACK").unwrap();
+        for t in tasks {
+            let (i, id, data, outcome) = t.await.unwrap();
+            if i == 12 {
+                let err = outcome.unwrap_err();
+                assert!(err.is_unavailable(), "{}", chain(&err));
+                assert!(store.load(&id).await.unwrap().is_none());
+            } else {
+                assert_eq!(outcome.unwrap(), CreateOutcome::Created);
+                let back = store
+                    .load(&id)
+                    .await
+                    .unwrap()
+                    .expect("reported stored, not stored");
+                assert_eq!(back.data(), &Bytes::from(data));
+                store.delete(&id).await.unwrap();
+            }
+        }
+    }
+}
