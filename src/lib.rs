@@ -96,6 +96,12 @@ mod service;
 mod session;
 mod store;
 
+/// Entry points for the fuzz targets and their seed replay test: **not part of the public
+/// API**, hidden from the docs and exempt from semver.
+#[doc(hidden)]
+#[path = "fuzz_entry.rs"]
+pub mod __fuzz;
+
 pub use crate::config::{ErrorHandler, Expiry, SameSite};
 pub use crate::cookie::{CookieLookup, find_in_header, find_session_id};
 pub use crate::error::{Error, StoreError, StoreErrorKind};

@@ -213,7 +213,7 @@ impl SessionData {
     }
 
     /// Equal payloads, comparing raw values by their text (`RawValue` has no `PartialEq`).
-    #[cfg(test)]
+    /// Used by the tests and by the `record_decode` fuzz invariants.
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.flash == other.flash
             && self.expiry == other.expiry
