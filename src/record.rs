@@ -154,7 +154,10 @@ impl SessionData {
                 max,
             });
         }
-        let mut data: SessionData = serde_json::from_slice(bytes).map_err(DecodeError::Json)?;
+        let mut json = serde_json::Deserializer::from_slice(bytes);
+        let mut data = SessionData::deserialize(ObjectOnly(&mut json))
+            .and_then(|data| json.end().map(|()| data))
+            .map_err(DecodeError::Json)?;
         // A flash key without a value is meaningless; drop it rather than trust it.
         data.flash.retain(|k| data.values.contains_key(k));
         data.flash.sort_unstable();
@@ -227,6 +230,27 @@ impl SessionData {
     }
 }
 
+/// Hands a struct's `Deserialize` only the JSON-object form.
+///
+/// serde's derived `Deserialize` for a struct also accepts a JSON array of its fields in order
+/// (`[{}]` would decode as `{"d":{}}`): a second form the encoder never writes, which also
+/// re-encodes longer than it was stored. The payload format is the object form only.
+struct ObjectOnly<D>(D);
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
+        ignored_any
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +285,10 @@ mod tests {
             b"{\"d\":{\"a\":}}",
             b"\xff\xfe",
             b"{\"d\":{},\"f\":\"x\"}",
+            // The array form serde derives for structs (found by the record_decode fuzzer).
+            b"[{}]",
+            b" [{\"a\":1},[\"a\"],{\"i\":1000},5] ",
+            b"{\"d\":{}} x",
         ] {
             assert!(SessionData::decode(bad, 1 << 20).is_err(), "{bad:?}");
         }
