@@ -37,6 +37,7 @@ for t in "${targets[@]}"; do
   echo "==> fuzzing $t for $secs s"
   log="$logs/$t.log"
   status=ok
+  started=$SECONDS
   # -timeout: an input taking over 10 s is a hang (a crash for this run).
   if ! cargo fuzz run "${FUZZ_FLAGS[@]}" "$t" -- \
       -max_total_time="$secs" -dict="$dict" -timeout=10 -print_final_stats=1 \
@@ -45,15 +46,17 @@ for t in "${targets[@]}"; do
     failed=1
     tail -n 40 "$log"
   fi
-  # The last status line carries cov/ft/corp; the final stats carry the exec counts.
+  took=$((SECONDS - started))
+  # The last status line carries cov/ft/corp; the final stats carry the exec counts. The time
+  # shown includes the start-up (loading the corpus); it is shorter when a crash stopped the run.
   last=$(grep -E '^#[0-9]+.*cov: ' "$log" | tail -n 1 || true)
   cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
   ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
   corp=$(sed -nE 's/.* corp: ([0-9]+\/[0-9a-zA-Z]+).*/\1/p' <<<"$last")
   execs=$(sed -nE 's/^stat::number_of_executed_units: *([0-9]+).*/\1/p' "$log" | tail -n 1)
   rate=$(sed -nE 's/^stat::average_exec_per_sec: *([0-9]+).*/\1/p' "$log" | tail -n 1)
-  line=$(printf '%-16s %-6s %4ss  execs %-10s exec/s %-8s cov %-6s ft %-6s corp %s' \
-    "$t" "$status" "$secs" "${execs:-?}" "${rate:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}")
+  line=$(printf '%-16s %-6s %5ss  execs %-10s exec/s %-8s cov %-6s ft %-6s corp %s' \
+    "$t" "$status" "$took" "${execs:-?}" "${rate:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}")
   echo "    $line"
   summary+=("$line")
 done

@@ -34,4 +34,5 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   step cargo install cargo-fuzz --locked
 fi
 step cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+step cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 step bash scripts/fuzz.sh 20
