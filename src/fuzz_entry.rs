@@ -233,7 +233,7 @@ pub fn session_id(data: &[u8]) {
     }
 }
 
-/// Stored record bytes: [`SessionData::decode`] with the layer's default limit
+/// Stored record bytes: `SessionData::decode` (crate-private) with the layer's default limit
 /// ([`DEFAULT_MAX_RECORD_BYTES`]) and with limits just below and at the input's length.
 ///
 /// # Panics
