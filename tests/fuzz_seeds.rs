@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 
 use hyper_sessions::__fuzz;
 
+/// A fuzz target's name and the function that checks one input.
+type Target = (&'static str, fn(&[u8]));
+
 /// Every fuzz target and the function its `fuzz/fuzz_targets/<name>.rs` calls. A target behind
 /// a cargo feature gets `#[cfg(feature = "...")]` on its entry.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[Target] = &[
     ("cookie_header", __fuzz::cookie_header),
     ("session_id", __fuzz::session_id),
     ("record_decode", __fuzz::record_decode),
@@ -42,11 +45,9 @@ fn seeds(target: &str) -> Vec<PathBuf> {
 }
 
 fn replay(target: &str) {
-    let run = TARGETS
-        .iter()
-        .find(|(name, _)| *name == target)
-        .map(|(_, run)| *run)
-        .unwrap_or_else(|| panic!("{target} is not in TARGETS"));
+    let Some(&(_, run)) = TARGETS.iter().find(|(name, _)| *name == target) else {
+        panic!("{target} is not in TARGETS");
+    };
     let seeds = seeds(target);
     for seed in &seeds {
         let data = std::fs::read(seed).expect("seed readable");
