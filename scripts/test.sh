@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need when it is missing, then runs every check and test.
-# This is the README's test command; .ci/run calls it.
+# This is the README's test command; .ci/run calls it. Ends with a short run of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,3 +37,11 @@ step cargo bench --all-features --no-run
 # Doc examples use the memory store; the library and its own tests must work without it.
 step cargo test --no-default-features --lib --tests
 step cargo test --all-features
+
+# Every fuzz target for a short time box (fuzz/README.md); the fuzz crate is its own workspace.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  step cargo install cargo-fuzz --locked
+fi
+step cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+step cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
+step bash scripts/fuzz.sh 20

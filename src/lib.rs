@@ -114,6 +114,12 @@ mod service;
 mod session;
 mod store;
 
+/// Entry points for the fuzz targets and their seed replay test: **not part of the public
+/// API**, hidden from the docs and exempt from semver.
+#[doc(hidden)]
+#[path = "fuzz_entry.rs"]
+pub mod __fuzz;
+
 pub use crate::config::{ErrorHandler, Expiry, SameSite};
 pub use crate::cookie::{CookieLookup, find_in_header, find_session_id};
 pub use crate::error::{Error, StoreError, StoreErrorKind};
@@ -146,13 +152,6 @@ pub use crate::store::webdis::{WebdisStore, WebdisStoreBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "webdis")))]
 pub use hyper_tls::native_tls;
 
-/// Internals exposed for the fuzz targets only: not part of the API, may change in any release.
-#[doc(hidden)]
-pub mod __fuzz {
-    /// The Webdis reply parser (`fuzz/fuzz_targets/webdis_reply.rs`).
-    #[cfg(feature = "webdis")]
-    pub use crate::store::webdis::reply::{Reply, ReplyError, parse_reply};
-}
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::store::sqlite::{SqliteStore, SqliteStoreBuilder};

@@ -359,8 +359,8 @@ impl SessionData {
         }
     }
 
-    /// Equal payloads: the same keys, the same raw values, the same bookkeeping.
-    #[cfg(test)]
+    /// Equal payloads: the same keys, the same raw values, the same bookkeeping. Used by the
+    /// tests and by the `record_decode` fuzz invariants.
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.flash == other.flash
             && self.expiry == other.expiry
@@ -732,6 +732,10 @@ mod tests {
             b"{\"d\":{\"a\":}}",
             b"\xff\xfe",
             b"{\"d\":{},\"f\":\"x\"}",
+            // The array form serde derives for structs (found by the record_decode fuzzer).
+            b"[{}]",
+            b" [{\"a\":1},[\"a\"],{\"i\":1000},5] ",
+            b"{\"d\":{}} x",
         ] {
             assert!(decode(bad, 1 << 20).is_err(), "{bad:?}");
         }
