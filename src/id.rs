@@ -122,6 +122,18 @@ impl Id {
         }
     }
 
+    /// `prefix` followed by the canonical text form, without the formatting machinery (store
+    /// keys are built on every request).
+    #[cfg(any(feature = "redis", feature = "webdis"))]
+    pub(crate) fn prefixed(self, prefix: &str) -> String {
+        let mut buf = [0u8; ID_LEN];
+        self.encode(&mut buf);
+        let mut key = String::with_capacity(prefix.len() + ID_LEN);
+        key.push_str(prefix);
+        key.extend(buf.iter().map(|&b| char::from(b)));
+        key
+    }
+
     /// The id's top 32 bits, which are random: a shard index for in-process maps.
     #[cfg(feature = "memory")]
     #[allow(clippy::cast_possible_truncation)]

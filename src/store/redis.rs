@@ -259,7 +259,7 @@ impl RedisStore {
     /// # }
     /// ```
     pub fn key(&self, id: &Id) -> String {
-        format!("{}{id}", self.inner.prefix)
+        id.prefixed(&self.inner.prefix)
     }
 
     /// Loads the scripts into the server's cache, so that the first requests need no reload.

@@ -534,7 +534,7 @@ impl WebdisStore {
     /// # }
     /// ```
     pub fn key(&self, id: &Id) -> String {
-        format!("{}{id}", self.inner.prefix)
+        id.prefixed(&self.inner.prefix)
     }
 
     /// Loads the scripts into Redis's cache and learns their SHA1s (which also checks the URL,
