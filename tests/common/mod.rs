@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::missing_panics_doc)]
 
 pub mod conformance;
+pub mod faults;
 pub mod servers;
 
 #[path = "../../examples/common/app.rs"]
