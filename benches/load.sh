@@ -4,7 +4,8 @@
 # CPU 0 and wrk to CPU 1, 2 s warm-up then DURATION per endpoint. The bare server runs before,
 # between and after the stores; ratios are to the median of its /untouched runs.
 #
-#   benches/load.sh [STORE ...]        # default: memory (and every store compiled in below)
+#   benches/load.sh [STORE ...]        # default: memory; also sqlite redis webdis, and axum
+#                                      # (examples/axum.rs on the memory store)
 #   DURATION=8s WARMUP=2s RUNS=1 benches/load.sh memory redis
 #
 # Needs wrk (Debian package wrk) and, per store, its server (redis-server, webdis). Traffic
@@ -30,6 +31,10 @@ have=$(sed -n '/^\[features\]/,/^\[/p' Cargo.toml | sed -n 's/^\([a-z-]*\) *=.*/
 feats=()
 for f in ${FEATURES//,/ }; do [[ " $have " == *" $f "* ]] && feats+=("$f"); done
 cargo build --release --quiet --example bench_server --example bare_server --features "$(IFS=,; echo "${feats[*]}")"
+# The axum example serves the same four endpoints: hyper-sessions on axum, as the peers are.
+if [[ " ${STORES[*]} " == *" axum "* ]]; then
+  cargo build --release --quiet --example axum --features axum
+fi
 BIN=target/release/examples
 
 work=$(mktemp -d)
@@ -103,6 +108,7 @@ run bare - "$BIN/bare_server" --port "$PORT"
 for store in "${STORES[@]}"; do
   case $store in
     memory) run hyper-sessions memory "$BIN/bench_server" --port "$PORT" --store memory ;;
+    axum) run axum-example memory "$BIN/axum" --port "$PORT" ;;
     sqlite)
       rm -f "$work/bench.db" "$work/bench.db-wal" "$work/bench.db-shm"
       run hyper-sessions sqlite "$BIN/bench_server" --port "$PORT" --store sqlite --db "$work/bench.db"

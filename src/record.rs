@@ -391,6 +391,37 @@ mod parse {
         pos: usize,
     }
 
+    /// How many bytes at the start of `s` need no attention inside a string: none of `"`,
+    /// `\\` or a control byte. Eight bytes at a time, then byte by byte.
+    fn plain_run(s: &[u8]) -> usize {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+        let mut n = 0;
+        for chunk in s.chunks_exact(8) {
+            let x = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            // A byte below 0x20 (for bytes below 0x80; UTF-8 continuation bytes are not).
+            let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+            if has_zero(x ^ (ONES * u64::from(b'"')))
+                | has_zero(x ^ (ONES * u64::from(b'\\')))
+                | control
+                != 0
+            {
+                break;
+            }
+            n += 8;
+        }
+        n + s[n..]
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .unwrap_or(s.len() - n)
+    }
+
+    #[cfg(test)]
+    pub(super) fn plain_run_for_tests(s: &[u8]) -> usize {
+        plain_run(s)
+    }
+
     fn err(at: usize, what: &'static str) -> DecodeError {
         DecodeError::Syntax { at, what }
     }
@@ -523,11 +554,7 @@ mod parse {
             let mut escaped = false;
             loop {
                 // Plain characters in bulk; stop at the quote, an escape or a control byte.
-                let plain = self.s[self.pos..]
-                    .iter()
-                    .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-                    .unwrap_or(self.s.len() - self.pos);
-                self.pos += plain;
+                self.pos += plain_run(&self.s[self.pos..]);
                 match self.next() {
                     Some(b'"') => return Ok((start, self.pos - 1, escaped)),
                     Some(b'\\') => {
@@ -898,6 +925,25 @@ mod tests {
                             > theirs.as_ref().unwrap().as_object().unwrap().len(),
                         "refused a valid payload ({e}): {text:?}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plain_runs_stop_at_the_first_special_byte() {
+        let specials = [b'"', b'\\', 0x00, 0x1f, 0x0a];
+        let fillers = [b'a', b' ', 0x7f, 0x80, 0xc3, 0xff, b'!', b'#', b'[', 0x20];
+        for len in 0..40 {
+            for &f in &fillers {
+                let plain = vec![f; len];
+                assert_eq!(super::parse::plain_run_for_tests(&plain), len);
+                for at in 0..len {
+                    for &sp in &specials {
+                        let mut v = plain.clone();
+                        v[at] = sp;
+                        assert_eq!(super::parse::plain_run_for_tests(&v), at, "{v:?}");
+                    }
                 }
             }
         }
