@@ -6,7 +6,10 @@
 #
 #   benches/load.sh [STORE ...]        # default: memory; also sqlite redis webdis, and axum
 #                                      # (examples/axum.rs on the memory store)
-#   DURATION=8s WARMUP=2s RUNS=1 benches/load.sh memory redis
+#   DURATION=8s WARMUP=2s benches/load.sh memory redis
+#
+# "redis cmds/req" counts every command Redis executed (INFO commandstats), those run inside
+# the stores' Lua scripts included; the round trips per request are counted by the tests.
 #
 # Needs wrk (Debian package wrk) and, per store, its server (redis-server, webdis). Traffic
 # goes to 127.0.0.1 only; every wrk run is bounded by its duration.
@@ -144,7 +147,7 @@ for line in open(sys.argv[1]):
 bare = [float(kv["rps"]) for n, _, _, kv in rows if n == "bare"]
 base = statistics.median(bare)
 print(f"\nbare /untouched runs: {', '.join(f'{b:,.0f}' for b in bare)} req/s; median {base:,.0f}")
-print(f"{'server':<15} {'store':<8} {'endpoint':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'store cmds/req':>14} {'errors':>6}")
+print(f"{'server':<15} {'store':<8} {'endpoint':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'redis cmds/req':>14} {'errors':>6}")
 for name, store, ep, kv in rows:
     if name == "bare":
         continue
