@@ -180,7 +180,7 @@ impl RedisServer {
 
     async fn spawn_and_wait(&mut self) -> Result<(), String> {
         let binary = require_binary("redis-server", "redis-server");
-        let mut child = Command::new(binary)
+        let child = Command::new(binary)
             .args(self.args())
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
@@ -188,30 +188,46 @@ impl RedisServer {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run redis-server: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log =
-                    std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
-                return Err(format!("redis-server exited with {status}: {log}"));
-            }
-            if ping(self.addr()).await {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("no PONG within 10 s".to_owned());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let addr = self.addr();
+        let log = self.dir.path().join("redis.log");
+        self.child = Some(wait_ready(child, "redis-server", &log, || ping(addr)).await?);
+        Ok(())
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Waits up to 10 s for a server just spawned to answer `ready`; reports its log if it exits,
+/// and kills it if it never answers.
+async fn wait_ready<F, Fut>(
+    mut child: std::process::Child,
+    name: &str,
+    log: &std::path::Path,
+    ready: F,
+) -> Result<std::process::Child, String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("{name} exited with {status}: {log}"));
+        }
+        if ready().await {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{name} did not answer within 10 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -515,7 +531,7 @@ impl WebdisServer {
 
     async fn spawn_and_wait(&mut self) -> Result<(), String> {
         let binary = require_binary("webdis", "webdis");
-        let mut child = Command::new(binary)
+        let child = Command::new(binary)
             .arg(self.config_path())
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
@@ -523,24 +539,10 @@ impl WebdisServer {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot run webdis: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log =
-                    std::fs::read_to_string(self.dir.path().join("webdis.log")).unwrap_or_default();
-                return Err(format!("webdis exited with {status}: {log}"));
-            }
-            if http_answers(self.addr()).await {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("no HTTP answer within 10 s".to_owned());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let addr = self.addr();
+        let log = self.dir.path().join("webdis.log");
+        self.child = Some(wait_ready(child, "webdis", &log, || http_answers(addr)).await?);
+        Ok(())
     }
 }
 
