@@ -340,6 +340,7 @@ async fn per_session_expiry_remember_me() {
 
 #[tokio::test]
 async fn memory_store_bound_refuses_new_sessions_only() {
+    // One shard, so the bound of four is exact (with shards, each holds an equal part).
     let store = MemoryStore::builder().max_sessions(4).shards(1).build();
     let server = serve(&SessionLayer::new(store.clone())).await;
     let mut users = Vec::new();

@@ -118,7 +118,8 @@ impl Default for MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// The most live sessions the store holds (default 1,000,000). Each shard holds an equal
-    /// part, so the store may refuse a new session a little before the total is reached.
+    /// part, so the store may refuse a new session a little before the total is reached (there
+    /// are never more shards than sessions).
     pub fn max_sessions(mut self, max: usize) -> Self {
         self.max_sessions = max.max(1);
         self
@@ -144,9 +145,11 @@ impl MemoryStoreBuilder {
     }
 
     fn inner(self) -> Inner {
+        // Never more shards than sessions: a small bound stays close to exact.
+        let shards = self.shards.min(self.max_sessions);
         Inner {
-            shards: (0..self.shards).map(|_| Mutex::default()).collect(),
-            shard_capacity: self.max_sessions.div_ceil(self.shards),
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            shard_capacity: self.max_sessions.div_ceil(shards),
             sweep_interval: self.sweep_interval,
             sweeper_started: AtomicBool::new(false),
         }
