@@ -412,3 +412,65 @@ async fn handler_errors_and_destroyed_handles() {
     );
     assert_eq!(b.get("/get/n").await.body, "text");
 }
+
+/// An `update` whose save fails: the handler gets the error (503 here), and nothing more is
+/// written for that request (no second attempt at the end), so the count stays as it was.
+#[tokio::test]
+async fn failed_update_reports_the_error_and_writes_nothing_more() {
+    let store = observed();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(server.addr).await;
+    assert_eq!(b.get("/incr/n").await.body, "1");
+    let cookie = b.cookie.clone();
+    reset(&store);
+    store.writes_down.store(true, Ordering::SeqCst);
+    let r = b.get("/incr/n").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.is_empty());
+    assert!(
+        r.set_cookies().is_empty(),
+        "a failed write must not touch the cookie"
+    );
+    assert_eq!(
+        counts(&store),
+        (1, 1),
+        "one load, one failed save, and no retry at the end"
+    );
+    store.writes_down.store(false, Ordering::SeqCst);
+    assert_eq!(b.cookie, cookie);
+    assert_eq!(
+        b.get("/get/n").await.body,
+        "1",
+        "the failed increment was stored after all"
+    );
+}
+
+/// A save that never wins the compare-and-set gives up after a bounded number of attempts
+/// (each reloading and replaying), answers 500 with an empty body, and stores nothing.
+#[tokio::test]
+async fn endless_conflicts_give_up_with_an_error() {
+    let store = observed();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(server.addr).await;
+    b.get("/counter").await;
+    reset(&store);
+    store.always_conflict.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let r = b.get("/counter").await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(r.body.is_empty());
+    let (loads, writes) = counts(&store);
+    assert_eq!(writes, 24, "save attempts are bounded");
+    assert_eq!(
+        loads,
+        1 + 24,
+        "the first load, then a reload after each conflict"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    store.always_conflict.store(false, Ordering::SeqCst);
+    assert_eq!(b.get("/read").await.body, "1", "nothing was stored");
+}

@@ -328,6 +328,10 @@ pub struct Observed<S> {
     pub loads: Arc<AtomicUsize>,
     pub writes: Arc<AtomicUsize>,
     pub down: Arc<AtomicBool>,
+    /// Only writes fail (loads still work): a store that goes down between load and save.
+    pub writes_down: Arc<AtomicBool>,
+    /// Every save loses the compare-and-set, as under endless concurrent writers.
+    pub always_conflict: Arc<AtomicBool>,
 }
 
 impl<S> Observed<S> {
@@ -337,7 +341,19 @@ impl<S> Observed<S> {
             loads: Arc::default(),
             writes: Arc::default(),
             down: Arc::default(),
+            writes_down: Arc::default(),
+            always_conflict: Arc::default(),
         }
+    }
+
+    fn check_write(&self) -> Result<(), StoreError> {
+        if self.writes_down.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "store refuses writes (test)",
+            )));
+        }
+        self.check()
     }
 
     fn check(&self) -> Result<(), StoreError> {
@@ -360,22 +376,25 @@ impl<S: SessionStore> SessionStore for Observed<S> {
     }
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
-        self.check()?;
+        self.check_write()?;
         self.inner.create(record).await
     }
     async fn save(&self, record: &Record, expected: u64) -> Result<SaveOutcome, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
-        self.check()?;
+        self.check_write()?;
+        if self.always_conflict.load(Ordering::SeqCst) {
+            return Ok(SaveOutcome::Conflict);
+        }
         self.inner.save(record, expected).await
     }
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
-        self.check()?;
+        self.check_write()?;
         self.inner.delete(id).await
     }
     async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
-        self.check()?;
+        self.check_write()?;
         self.inner.touch(id, expires_at).await
     }
 }
