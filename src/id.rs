@@ -130,7 +130,8 @@ impl Id {
         self.encode(&mut buf);
         let mut key = String::with_capacity(prefix.len() + ID_LEN);
         key.push_str(prefix);
-        key.extend(buf.iter().map(|&b| char::from(b)));
+        // Only ASCII hex digits and hyphens were written.
+        key.push_str(std::str::from_utf8(&buf).unwrap_or_default());
         key
     }
 
