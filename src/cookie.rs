@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
+use http::header::Entry;
 use http::header::{CACHE_CONTROL, COOKIE, SET_COOKIE, VARY};
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::Config;
-use crate::id::Id;
+use crate::id::{ID_LEN, Id};
 
 /// What the request's Cookie headers say about the session cookie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,27 +42,64 @@ pub fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
     let mut lookup = CookieLookup::Absent;
     let mut rest = header;
     while !rest.is_empty() {
-        // One `name=value` pair, up to the next `;`.
-        let (pair, next) = match rest.iter().position(|&b| b == b';') {
-            Some(end) => (&rest[..end], &rest[end + 1..]),
-            None => (rest, &[][..]),
-        };
-        rest = next;
-        let pair = trim_start(pair);
+        let pair = trim_start(rest);
         // Cheap rejection first: the pair must start with the name.
-        if pair.len() <= name.len() || !pair.starts_with(name) {
-            continue;
-        }
-        let after = trim_start(&pair[name.len()..]);
-        let Some((b'=', value)) = after.split_first() else {
-            continue;
-        };
-        match Id::parse_bytes(trim(value)) {
-            Ok(id) => return CookieLookup::Found(id),
-            Err(_) => lookup = CookieLookup::Invalid,
+        if let Some(after) = pair.strip_prefix(name)
+            && let Some((b'=', value)) = trim_start(after).split_first()
+        {
+            let value = trim_start(value);
+            // The usual case, an id followed by the end or the next pair, needs no scan.
+            if let Some(candidate) = value.get(..ID_LEN)
+                && matches!(value.get(ID_LEN), None | Some(b';'))
+                && let Ok(id) = Id::parse_bytes(candidate)
+            {
+                return CookieLookup::Found(id);
+            }
+            let (value, next) = split_pair(value);
+            match Id::parse_bytes(trim(value)) {
+                Ok(id) => return CookieLookup::Found(id),
+                Err(_) => lookup = CookieLookup::Invalid,
+            }
+            rest = next;
+        } else {
+            rest = split_pair(pair).1;
         }
     }
     lookup
+}
+
+/// Splits at the first `;`: the pair before it and the rest after it.
+fn split_pair(s: &[u8]) -> (&[u8], &[u8]) {
+    match find_semicolon(s) {
+        Some(end) => (&s[..end], &s[end + 1..]),
+        None => (s, &[][..]),
+    }
+}
+
+/// The index of the first `;`, eight bytes at a time (Cookie headers can be kilobytes of
+/// other cookies).
+fn find_semicolon(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = s.chunks_exact(8);
+    let mut at = 0;
+    for chunk in chunks.by_ref() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(b) ^ (ONES * u64::from(b';'));
+        // A zero byte (a `;`) sets its high bit; bytes above it may be false positives, the
+        // lowest set bit never is.
+        let zero = x.wrapping_sub(ONES) & !x & HIGH;
+        if zero != 0 {
+            return Some(at + (zero.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b';')
+        .map(|i| at + i)
 }
 
 fn trim_start(mut s: &[u8]) -> &[u8] {
@@ -93,50 +131,54 @@ const EXPIRED: &str = "; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT";
 
 /// Renders the `Set-Cookie` value for an action (`None` for [`CookieAction::None`]).
 pub(crate) fn set_cookie_value(config: &Config, action: CookieAction) -> Option<HeaderValue> {
-    if action == CookieAction::None {
-        return None;
-    }
-    let mut out = String::with_capacity(
-        config.cookie_prefix.len() + 36 + config.cookie_attributes.len() + EXPIRED.len(),
-    );
-    out.push_str(&config.cookie_prefix);
-    match action {
-        CookieAction::None => {}
-        CookieAction::Set(id, max_age) => {
-            let mut buf = [0u8; crate::id::ID_LEN];
-            id.encode(&mut buf);
-            out.push_str(std::str::from_utf8(&buf).ok()?);
-            out.push_str(&config.cookie_attributes);
-            if let Some(max_age) = max_age {
-                out.push_str("; Max-Age=");
-                push_decimal(&mut out, max_age.as_secs());
-            }
+    let mut digits = [0u8; 20];
+    let (middle, tail): (&[u8], &[u8]) = match action {
+        CookieAction::None => return None,
+        CookieAction::Set(_, None) => (&[], &[]),
+        CookieAction::Set(_, Some(max_age)) => {
+            (b"; Max-Age=", decimal(&mut digits, max_age.as_secs()))
         }
-        CookieAction::Remove => {
-            out.push_str(&config.cookie_attributes);
-            out.push_str(EXPIRED);
+        CookieAction::Remove => (EXPIRED.as_bytes(), &[]),
+    };
+    let mut id_text = [0u8; ID_LEN];
+    let id_text: &[u8] = match action {
+        CookieAction::Set(id, _) => {
+            id.encode(&mut id_text);
+            &id_text
         }
+        CookieAction::None | CookieAction::Remove => &[],
+    };
+    let parts = [
+        config.cookie_prefix.as_bytes(),
+        id_text,
+        config.cookie_attributes.as_bytes(),
+        middle,
+        tail,
+    ];
+    // Exactly sized, so the buffer becomes the header's bytes without another allocation.
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.extend_from_slice(part);
     }
     // The parts were validated when the layer was built.
     HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
 }
 
-/// Appends `n` in decimal without the formatting machinery.
-fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
+/// `n` in decimal, written at the end of `buf`, without the formatting machinery.
+fn decimal(buf: &mut [u8; 20], mut n: u64) -> &[u8] {
+    let mut i = buf.len();
     loop {
         i -= 1;
         // `n % 10` is a single digit.
         #[allow(clippy::cast_possible_truncation)]
         let digit = (n % 10) as u8;
-        digits[i] = b'0' + digit;
+        buf[i] = b'0' + digit;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    out.extend(digits[i..].iter().map(|&d| char::from(d)));
+    &buf[i..]
 }
 
 /// Adds the cookie header, plus `Vary: Cookie` and a `Cache-Control` that keeps shared caches
@@ -146,34 +188,41 @@ pub(crate) fn apply(config: &Config, headers: &mut HeaderMap, action: CookieActi
         return;
     };
     headers.append(SET_COOKIE, value);
-    let varies = headers.get_all(VARY).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim() == "*" || t.trim().eq_ignore_ascii_case("cookie"))
-        })
-    });
-    if !varies {
-        headers.append(VARY, HeaderValue::from_static("Cookie"));
-    }
-    match headers
-        .get(CACHE_CONTROL)
-        .map(|v| v.to_str().map(str::to_owned))
-    {
-        None | Some(Err(_)) => {
-            headers.insert(CACHE_CONTROL, HeaderValue::from_static("private"));
+    match headers.entry(VARY) {
+        Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_static("Cookie"));
         }
-        Some(Ok(cc)) => {
-            let lower = cc.to_ascii_lowercase();
-            let private = lower.split(',').any(|t| {
-                let t = t.trim();
-                t == "private" || t == "no-store"
+        Entry::Occupied(mut e) => {
+            let varies = e.iter().any(|v| {
+                v.to_str().is_ok_and(|s| {
+                    s.split(',')
+                        .any(|t| t.trim() == "*" || t.trim().eq_ignore_ascii_case("cookie"))
+                })
             });
-            if !private {
-                if let Ok(v) = HeaderValue::from_str(&format!("{cc}, private")) {
-                    headers.insert(CACHE_CONTROL, v);
-                }
+            if !varies {
+                e.append(HeaderValue::from_static("Cookie"));
             }
         }
+    }
+    match headers.entry(CACHE_CONTROL) {
+        Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_static("private"));
+        }
+        Entry::Occupied(mut e) => match e.get().to_str().map(str::to_owned) {
+            Err(_) => {
+                e.insert(HeaderValue::from_static("private"));
+            }
+            Ok(cc) => {
+                let lower = cc.to_ascii_lowercase();
+                let private = lower.split(',').any(|t| {
+                    let t = t.trim();
+                    t == "private" || t == "no-store"
+                });
+                if !private && let Ok(v) = HeaderValue::from_str(&format!("{cc}, private")) {
+                    e.insert(v);
+                }
+            }
+        },
     }
 }
 

@@ -78,19 +78,15 @@ impl Id {
             return Err(InvalidId(()));
         }
         // Four runs of eight hex digits, the hyphens skipped, decoded eight at a time.
-        let run = |a: &[u8], b: &[u8]| {
-            let mut chunk = [0u8; 8];
-            chunk[..a.len()].copy_from_slice(a);
-            chunk[a.len()..].copy_from_slice(b);
-            hex8(u64::from_le_bytes(chunk))
+        let word = |at: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&s[at..at + 4]);
+            u64::from(u32::from_le_bytes(b))
         };
-        let parts = [
-            run(&s[0..8], &[]),
-            run(&s[9..13], &s[14..18]),
-            run(&s[19..23], &s[24..28]),
-            run(&s[28..36], &[]),
-        ];
-        let [Some(p0), Some(p1), Some(p2), Some(p3)] = parts else {
+        let run = |a: usize, b: usize| hex8(word(a) | (word(b) << 32));
+        let (Some(p0), Some(p1), Some(p2), Some(p3)) =
+            (run(0, 4), run(9, 14), run(19, 24), run(28, 32))
+        else {
             return Err(InvalidId(()));
         };
         let hi = (u64::from(p0) << 32) | u64::from(p1);

@@ -1,6 +1,7 @@
 //! The stored record ([`Record`], what stores keep) and the session payload codec.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -129,7 +130,7 @@ pub(crate) struct SessionData {
 #[derive(Debug, Clone)]
 enum Text {
     At(usize, usize),
-    Own(Box<str>),
+    Own(Arc<str>),
 }
 
 fn text_bytes<'a>(src: &'a [u8], t: &'a Text) -> &'a [u8] {
@@ -215,7 +216,8 @@ impl SessionData {
 
     /// Encodes for storage.
     pub(crate) fn encode(&self) -> Bytes {
-        let mut out = Vec::with_capacity(self.approx_len());
+        // An exactly sized buffer becomes `Bytes` without another allocation.
+        let mut out = Vec::with_capacity(self.exact_len().unwrap_or_else(|| self.approx_len()));
         out.extend_from_slice(b"{\"d\":{");
         for (i, (k, v)) in self.values.iter().enumerate() {
             if i > 0 {
@@ -250,7 +252,28 @@ impl SessionData {
             out.extend_from_slice(deadline.to_string().as_bytes());
         }
         out.push(b'}');
+        debug_assert!(self.exact_len().is_none_or(|n| n == out.len()));
         Bytes::from(out)
+    }
+
+    /// The encoded size when it is cheap to know exactly: only values, and keys that need no
+    /// escaping (the usual case).
+    fn exact_len(&self) -> Option<usize> {
+        if !self.flash.is_empty() || self.expiry.is_some() || self.deadline.is_some() {
+            return None;
+        }
+        let mut len = b"{\"d\":{}}".len() + self.values.len().saturating_sub(1);
+        for (k, v) in &self.values {
+            let key = self.key_bytes(k);
+            if let Text::Own(_) = k
+                && key.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            {
+                return None;
+            }
+            // `"key":value`
+            len += key.len() + 3 + self.key_bytes(v).len();
+        }
+        Some(len)
     }
 
     fn text<'a>(&'a self, t: &'a Text) -> &'a str {
@@ -316,19 +339,19 @@ impl SessionData {
         !self.flash.is_empty() && self.flash.iter().any(|k| k == key)
     }
 
-    pub(crate) fn set(&mut self, key: &str, value: Box<str>) {
+    pub(crate) fn set(&mut self, key: &str, value: Arc<str>) {
         self.unflash(key);
         self.put(key, value);
     }
 
-    pub(crate) fn set_flash(&mut self, key: &str, value: Box<str>) {
+    pub(crate) fn set_flash(&mut self, key: &str, value: Arc<str>) {
         self.put(key, value);
         if !self.is_flash(key) {
             self.flash.push(key.to_owned());
         }
     }
 
-    fn put(&mut self, key: &str, value: Box<str>) {
+    fn put(&mut self, key: &str, value: Arc<str>) {
         match self.find(key) {
             Ok(i) => self.values[i].1 = Text::Own(value),
             Err(i) => self
@@ -528,7 +551,7 @@ mod parse {
                 let key = if escaped {
                     let unescaped: String =
                         serde_json::from_slice(&self.s[at..=end]).map_err(DecodeError::Json)?;
-                    Text::Own(unescaped.into_boxed_str())
+                    Text::Own(unescaped.into())
                 } else {
                     Text::At(start, end)
                 };
@@ -725,7 +748,7 @@ mod tests {
     use super::*;
     use crate::config::Expiry;
 
-    fn raw(s: &str) -> Box<str> {
+    fn raw(s: &str) -> Arc<str> {
         s.into()
     }
 

@@ -75,13 +75,13 @@ struct Stored {
     expires_ms: u64,
 }
 
-type UpdateFn = Arc<dyn Fn(Option<&str>) -> Result<Box<str>, Error> + Send + Sync>;
+type UpdateFn = Arc<dyn Fn(Option<&str>) -> Result<Arc<str>, Error> + Send + Sync>;
 
 /// One change this request made, kept so it can be replayed on a fresher record.
 #[derive(Clone)]
 enum Change {
-    Set(String, Box<str>),
-    Flash(String, Box<str>),
+    Set(Box<str>, Arc<str>),
+    Flash(Box<str>, Arc<str>),
     Remove(String),
     Clear,
     Update(String, UpdateFn),
@@ -436,10 +436,23 @@ fn serde_error(e: serde_json::Error) -> Error {
     Error::with(Kind::Serde, e)
 }
 
-fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Box<str>, Error> {
-    serde_json::to_string(value)
-        .map(String::into_boxed_str)
-        .map_err(serde_error)
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Arc<str>, Error> {
+    // Most values are small: serialized on the stack, then copied once into their `Arc`.
+    let mut buf = [0u8; 64];
+    let mut rest = &mut buf[..];
+    match serde_json::to_writer(&mut rest, value) {
+        Ok(()) => {
+            let len = 64 - rest.len();
+            // serde_json writes UTF-8.
+            std::str::from_utf8(&buf[..len])
+                .map(Arc::from)
+                .map_err(|e| Error::with(Kind::Serde, e))
+        }
+        Err(e) if e.is_io() => serde_json::to_string(value)
+            .map(Arc::from)
+            .map_err(serde_error),
+        Err(e) => Err(serde_error(e)),
+    }
 }
 
 impl Session {
@@ -575,16 +588,16 @@ impl Session {
         self.write(key, to_json(value)?, true).await
     }
 
-    async fn write(&self, key: &str, raw: Box<str>, flash: bool) -> Result<(), Error> {
+    async fn write(&self, key: &str, raw: Arc<str>, flash: bool) -> Result<(), Error> {
         self.ready().await?;
         let mut st = self.state();
         self.check_size(&st, key, &raw)?;
         if flash {
             st.data.set_flash(key, raw.clone());
-            st.changes.push(Change::Flash(key.to_owned(), raw));
+            st.changes.push(Change::Flash(key.into(), raw));
         } else {
             st.data.set(key, raw.clone());
-            st.changes.push(Change::Set(key.to_owned(), raw));
+            st.changes.push(Change::Set(key.into(), raw));
         }
         Ok(())
     }
@@ -710,7 +723,7 @@ impl Session {
     /// # Errors
     /// A store error from the delete; the session is then left as it was.
     pub async fn destroy(&self) -> Result<(), Error> {
-        let _io = self.inner.io.lock().await;
+        let _io = self.io_lock().await;
         let id = {
             let mut st = self.state();
             st.used = true;
@@ -790,13 +803,22 @@ impl Session {
         Ok(st.policy(self.config()))
     }
 
+    /// Serialises this handle's store I/O. Uncontended (the usual case) it is a `try_lock`;
+    /// the waiting future is boxed so that it does not grow every commit's future.
+    async fn io_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        match self.inner.io.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => Box::pin(self.inner.io.lock()).await,
+        }
+    }
+
     /// Saves what changed, as the layer does after the response (and `update` at once).
     fn commit(&self) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + '_>> {
         Box::pin(self.commit_inner())
     }
 
     async fn commit_inner(&self) -> Result<(), Error> {
-        let _io = self.inner.io.lock().await;
+        let _io = self.io_lock().await;
         let config = self.config();
         let store = self.store();
         for attempt in 0..config.max_save_attempts {
@@ -856,7 +878,8 @@ impl Session {
                     SaveOutcome::Conflict => {
                         // Writers that collided would collide again if they all retried at
                         // once: spread them out, wider on each attempt.
-                        tokio::time::sleep(conflict_backoff(attempt)).await;
+                        // Boxed: the rare path should not grow every commit's future.
+                        Box::pin(tokio::time::sleep(conflict_backoff(attempt))).await;
                         let fresh = store.load(&record.id()).await?;
                         self.state()
                             .rebase(fresh, config, unix_ms(SystemTime::now()))?;

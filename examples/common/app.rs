@@ -2,6 +2,8 @@
 //! `shared/bench/SPEC.md` plus the hyper-sessions extras, on any store.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -68,52 +70,93 @@ fn query_value(query: Option<&str>) -> String {
         .map_or_else(|| "1".to_owned(), percent_decode)
 }
 
-/// Serves one request.
-pub async fn handle<B>(req: Request<B>) -> Result<Response<Body>, Infallible> {
-    let uri = req.uri();
-    // This endpoint does not touch its session at all.
-    if uri.path() == "/untouched" {
-        return Ok(ok("ok"));
-    }
-    let Ok(session) = Session::from_request(&req) else {
-        return Ok(text(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()));
-    };
-    Ok(route(&session, uri.path(), uri.query())
-        .await
-        .unwrap_or_else(|e| failure(&e)))
+/// What a request asks for, decided before any await so that the future of [`handle`] holds
+/// no request: hyper moves that future a few times, and its size is copied each time.
+enum Endpoint {
+    /// `/untouched`: the session is not touched at all.
+    Untouched,
+    /// One of the benchmark's session endpoints.
+    Spec(Session, Spec),
+    /// Anything else, in a boxed future.
+    Other(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+    /// The layer is missing.
+    NoSession,
 }
 
-/// Serves one request whose session was taken by the caller (the axum extractor in the tests).
-/// `handle` does not go through it, so `bench_server`'s request path is the same as before.
-#[allow(dead_code)] // the tests' axum router uses it; bench_server does not
+#[derive(Clone, Copy)]
+enum Spec {
+    Read,
+    Counter,
+    Login,
+}
+
+/// Serves one request.
+pub fn handle<B>(req: Request<B>) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send
+where
+    B: Send + 'static,
+{
+    let endpoint = match req.uri().path() {
+        "/untouched" => Endpoint::Untouched,
+        path => match Session::from_request(&req) {
+            Err(_) => Endpoint::NoSession,
+            Ok(session) => match path {
+                "/read" => Endpoint::Spec(session, Spec::Read),
+                "/counter" => Endpoint::Spec(session, Spec::Counter),
+                "/login" => Endpoint::Spec(session, Spec::Login),
+                _ => Endpoint::Other(Box::pin(async move {
+                    let uri = req.uri();
+                    respond(&session, uri.path(), uri.query()).await
+                })),
+            },
+        },
+    };
+    async move {
+        Ok(match endpoint {
+            // This endpoint does not touch its session at all.
+            Endpoint::Untouched => ok("ok"),
+            Endpoint::Spec(session, spec) => spec_endpoint(&session, spec)
+                .await
+                .unwrap_or_else(|e| failure(&e)),
+            Endpoint::Other(future) => future.await,
+            Endpoint::NoSession => text(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
+        })
+    }
+}
+
+/// Serves one request whose session was taken by the caller (the axum extractor in the tests,
+/// and every endpoint of `handle` but the benchmark's).
 pub async fn respond(session: &Session, path: &str, query: Option<&str>) -> Response<Body> {
-    route(session, path, query)
+    let spec = match path {
+        "/read" => Spec::Read,
+        "/counter" => Spec::Counter,
+        "/login" => Spec::Login,
+        _ => {
+            return extras(session, path, query)
+                .await
+                .unwrap_or_else(|e| failure(&e));
+        }
+    };
+    spec_endpoint(session, spec)
         .await
         .unwrap_or_else(|e| failure(&e))
 }
 
-async fn route(
-    session: &Session,
-    path: &str,
-    query: Option<&str>,
-) -> Result<Response<Body>, Error> {
-    // The benchmark's endpoints first, without allocating.
-    match path {
-        "/read" => {
+/// The benchmark's endpoints, without allocating beyond the response body.
+async fn spec_endpoint(session: &Session, spec: Spec) -> Result<Response<Body>, Error> {
+    match spec {
+        Spec::Read => {
             let n: i64 = session.get("count").await?.unwrap_or(0);
             Ok(ok(n.to_string()))
         }
-        "/counter" => {
+        Spec::Counter => {
             let n: i64 = session.get("count").await?.unwrap_or(0);
             session.insert("count", &(n + 1)).await?;
             Ok(ok((n + 1).to_string()))
         }
-        "/login" => {
+        Spec::Login => {
             session.insert("count", &0_i64).await?;
             Ok(ok("0"))
         }
-        // The other endpoints in a boxed future, so the common ones' future stays small.
-        _ => Box::pin(extras(session, path, query)).await,
     }
 }
 
