@@ -23,38 +23,42 @@ use std::str::FromStr;
 /// assert_eq!(text.parse::<Id>().unwrap(), id);
 /// assert!("not-an-id".parse::<Id>().is_err());
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Id(u128);
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Id {
+    // The UUID's high and low halves: the order of the u128, with 8-byte alignment (a u128
+    // would pad every struct that holds an id to 16).
+    hi: u64,
+    lo: u64,
+}
+
+impl std::hash::Hash for Id {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(self.as_u128());
+    }
+}
 
 /// The length of an id's text form.
 pub(crate) const ID_LEN: usize = 36;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Decodes eight lowercase hex digits held in a `u64` (the first digit in the lowest byte),
-/// all bytes at once; `None` if any byte is not `0-9` or `a-f`.
-#[inline]
-fn hex8(x: u64) -> Option<u32> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    // Per byte, for bytes below 0x80: the high bit says `byte >= lo`.
-    let at_least = |lo: u8| ((x | HIGH) - ONES * u64::from(lo)) & HIGH;
-    let digit = at_least(b'0') & !at_least(b'9' + 1);
-    let letter = at_least(b'a') & !at_least(b'f' + 1);
-    if x & HIGH != 0 || (digit | letter) != HIGH {
-        return None;
+/// Each byte's value as a lowercase hex digit, or 0x10 and up for any other byte.
+#[allow(clippy::cast_possible_truncation)] // i < 16
+static HEX_VALUE: [u8; 256] = {
+    let mut table = [0xff_u8; 256];
+    let mut i = 0;
+    while i < 16 {
+        table[HEX[i] as usize] = i as u8;
+        i += 1;
     }
-    // Nibble values: the low four bits, plus 9 for letters (which have bit 6 set).
-    let v = (x & (ONES * 0x0f)) + ((x >> 6) & ONES) * 9;
-    // Gather: pairs of nibbles into bytes, pairs of bytes into u16s, then the u32.
-    let v = (((v & 0x000f_000f_000f_000f) << 4) | ((v >> 8) & 0x000f_000f_000f_000f))
-        & 0x00ff_00ff_00ff_00ff;
-    let v = (((v & 0x0000_00ff_0000_00ff) << 8) | ((v >> 16) & 0x0000_00ff_0000_00ff))
-        & 0x0000_ffff_0000_ffff;
-    // The masks leave 16 bits in each half.
-    #[allow(clippy::cast_possible_truncation)]
-    Some((((v & 0xffff) << 16) | (v >> 32)) as u32)
-}
+    table
+};
+
+/// Where the 32 hex digits of the text form are, hyphens skipped.
+const DIGITS: [usize; 32] = [
+    0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 19, 20, 21, 22, 24, 25, 26, 27, 28, 29,
+    30, 31, 32, 33, 34, 35,
+];
 
 impl Id {
     /// A new random id from the operating system's CSPRNG.
@@ -63,7 +67,7 @@ impl Id {
     /// Panics if the operating system cannot supply random bytes (as `uuid::Uuid::new_v4` does);
     /// there is no safe id to hand out in that case.
     pub fn random() -> Self {
-        Id(uuid::Uuid::new_v4().as_u128())
+        Id::from_u128(uuid::Uuid::new_v4().as_u128())
     }
 
     /// Parses the canonical text form from bytes, as found in a Cookie header.
@@ -77,35 +81,48 @@ impl Id {
         if s[8] != b'-' || s[13] != b'-' || s[18] != b'-' || s[23] != b'-' {
             return Err(InvalidId(()));
         }
-        // Four runs of eight hex digits, the hyphens skipped, decoded eight at a time.
-        let word = |at: usize| {
-            let mut b = [0u8; 4];
-            b.copy_from_slice(&s[at..at + 4]);
-            u64::from(u32::from_le_bytes(b))
-        };
-        let run = |a: usize, b: usize| hex8(word(a) | (word(b) << 32));
-        let (Some(p0), Some(p1), Some(p2), Some(p3)) =
-            (run(0, 4), run(9, 14), run(19, 24), run(28, 32))
-        else {
+        // A table lookup per digit; any byte that is not a digit sets a high bit in `bad`.
+        let (mut hi, mut lo, mut bad) = (0u64, 0u64, 0u8);
+        for &at in &DIGITS[..16] {
+            let v = HEX_VALUE[usize::from(s[at])];
+            bad |= v;
+            hi = (hi << 4) | u64::from(v);
+        }
+        for &at in &DIGITS[16..] {
+            let v = HEX_VALUE[usize::from(s[at])];
+            bad |= v;
+            lo = (lo << 4) | u64::from(v);
+        }
+        if bad > 0x0f {
             return Err(InvalidId(()));
-        };
-        let hi = (u64::from(p0) << 32) | u64::from(p1);
-        let lo = (u64::from(p2) << 32) | u64::from(p3);
+        }
         // Version nibble 4 and RFC 4122 variant bits 10.
         if (hi >> 12) & 0xf != 4 || lo >> 62 != 0b10 {
             return Err(InvalidId(()));
         }
-        Ok(Id((u128::from(hi) << 64) | u128::from(lo)))
+        Ok(Id { hi, lo })
     }
 
     /// The id as 16 bytes, big-endian (the UUID's byte order).
     pub fn to_bytes(self) -> [u8; 16] {
-        self.0.to_be_bytes()
+        self.as_u128().to_be_bytes()
+    }
+
+    fn as_u128(self) -> u128 {
+        (u128::from(self.hi) << 64) | u128::from(self.lo)
+    }
+
+    #[allow(clippy::cast_possible_truncation)]
+    fn from_u128(n: u128) -> Self {
+        Id {
+            hi: (n >> 64) as u64,
+            lo: n as u64,
+        }
     }
 
     /// Writes the canonical text form into a fixed buffer.
     pub(crate) fn encode(self, out: &mut [u8; ID_LEN]) {
-        let bytes = self.0.to_be_bytes();
+        let bytes = self.to_bytes();
         let mut pos = 0;
         for (i, byte) in bytes.iter().enumerate() {
             if matches!(i, 4 | 6 | 8 | 10) {
@@ -135,7 +152,7 @@ impl Id {
     #[cfg(feature = "memory")]
     #[allow(clippy::cast_possible_truncation)]
     pub(crate) fn high_bits(self) -> u32 {
-        (self.0 >> 96) as u32
+        (self.hi >> 32) as u32
     }
 }
 
@@ -183,7 +200,10 @@ mod tests {
         for _ in 0..1000 {
             let id = Id::random();
             let text = id.to_string();
-            assert_eq!(text, uuid::Uuid::from_u128(id.0).hyphenated().to_string());
+            assert_eq!(
+                text,
+                uuid::Uuid::from_u128(id.as_u128()).hyphenated().to_string()
+            );
             assert_eq!(text.parse::<Id>().unwrap(), id);
         }
     }
@@ -235,37 +255,29 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::cast_possible_truncation)] // random indices from a u64
-    fn hex8_matches_a_plain_decoder() {
-        let plain = |b: &[u8; 8]| -> Option<u32> {
-            b.iter().try_fold(0u32, |acc, &c| {
-                let d = match c {
-                    b'0'..=b'9' => c - b'0',
-                    b'a'..=b'f' => c - b'a' + 10,
-                    _ => return None,
-                };
-                Some((acc << 4) | u32::from(d))
-            })
+    fn every_single_byte_change_is_judged_as_the_uuid_crate_would() {
+        // The reference: uuid's parser, plus lowercase hyphenated form and the v4 bits.
+        let reference = |b: &[u8]| -> Option<u128> {
+            let text = std::str::from_utf8(b).ok()?;
+            let uuid = uuid::Uuid::try_parse(text).ok()?;
+            let canonical = uuid.hyphenated().to_string() == text;
+            let v4 = uuid.get_version_num() == 4 && uuid.get_variant() == uuid::Variant::RFC4122;
+            (canonical && v4).then(|| uuid.as_u128())
         };
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let interesting = b"0123456789abcdefABCDEF/:@`g-\x00\x7f\x80\xff";
-        for i in 0..200_000 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let mut chunk = rng.to_le_bytes();
-            if i % 2 == 0 {
-                // Mostly valid digits, sometimes one odd byte.
-                for (j, c) in chunk.iter_mut().enumerate() {
-                    let pick = (rng >> (j * 5)) as usize;
-                    *c = if j == (i / 2) % 11 {
-                        interesting[pick % interesting.len()]
-                    } else {
-                        HEX[pick % 16]
-                    };
+        for _ in 0..4 {
+            let text = Id::random().to_string().into_bytes();
+            for at in 0..ID_LEN {
+                for byte in 0..=255u8 {
+                    let mut b = text.clone();
+                    b[at] = byte;
+                    assert_eq!(
+                        Id::parse_bytes(&b).ok().map(Id::as_u128),
+                        reference(&b),
+                        "{:?}",
+                        String::from_utf8_lossy(&b)
+                    );
                 }
             }
-            assert_eq!(hex8(u64::from_le_bytes(chunk)), plain(&chunk), "{chunk:?}");
         }
     }
 

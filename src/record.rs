@@ -206,11 +206,13 @@ impl SessionData {
             }
             data.values = deduped;
         }
-        // A flash key without a value is meaningless; drop it rather than trust it.
-        let flash = std::mem::take(&mut data.flash);
-        data.flash = flash.into_iter().filter(|k| data.contains(k)).collect();
-        data.flash.sort_unstable();
-        data.flash.dedup();
+        if !data.flash.is_empty() {
+            // A flash key without a value is meaningless; drop it rather than trust it.
+            let flash = std::mem::take(&mut data.flash);
+            data.flash = flash.into_iter().filter(|k| data.contains(k)).collect();
+            data.flash.sort_unstable();
+            data.flash.dedup();
+        }
         Ok(data)
     }
 

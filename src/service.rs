@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use crate::config::{
     Config, CookieSettings, ErrorHandler, Expiry, SameSite, default_error_handler,
 };
-use crate::cookie::{self, CookieLookup, find_session_id};
+use crate::cookie::{self, CookieAction, CookieLookup, find_session_id};
 use crate::error::{Chain, Error};
 use crate::session::{Session, Shared};
 use crate::store::SessionStore;
@@ -403,9 +403,27 @@ where
 }
 
 /// Saves the session and adds the cookie, or turns the response into the error hook's.
-async fn finish<B: Default>(session: Session, response: Response<B>) -> Response<B> {
-    let (result, action) = session.finish().await;
-    let config = session.config();
+///
+/// An `async` block rather than an `async fn`: the block keeps the response once, where an
+/// `async fn` holds its arguments twice.
+#[allow(clippy::manual_async_fn)]
+fn finish<B: Default>(
+    session: Session,
+    response: Response<B>,
+) -> impl Future<Output = Response<B>> {
+    async move {
+        let (result, action) = session.finish().await;
+        complete(session.config(), response, result, action)
+    }
+}
+
+/// The response after a commit: the handler's with the cookie, or the error hook's.
+fn complete<B: Default>(
+    config: &Config,
+    response: Response<B>,
+    result: Result<(), Error>,
+    action: CookieAction,
+) -> Response<B> {
     let mut response = match result {
         Ok(()) => response,
         Err(err) => {

@@ -824,10 +824,10 @@ impl Session {
         for attempt in 0..config.max_save_attempts {
             let now = unix_ms(SystemTime::now());
             let plan = self.state().plan(config, now)?;
-            match plan {
+            match &plan {
                 Plan::Nothing => return Ok(()),
                 Plan::Delete(id) => {
-                    store.delete(&id).await?;
+                    store.delete(id).await?;
                     let mut st = self.state();
                     st.stored = None;
                     st.changes.clear();
@@ -836,6 +836,7 @@ impl Session {
                     return Ok(());
                 }
                 Plan::Touch(id, expires_ms) => {
+                    let (id, expires_ms) = (*id, *expires_ms);
                     let live = store.touch(&id, from_unix_ms(expires_ms)).await?;
                     let mut st = self.state();
                     if live {
@@ -853,11 +854,11 @@ impl Session {
                     record,
                     applied,
                     replaces,
-                } => match store.create(&record).await? {
+                } => match store.create(record).await? {
                     CreateOutcome::Created => {
-                        self.state().stored_as(&record, applied, config, now);
+                        self.state().stored_as(record, *applied, config, now);
                         if let Some(old) = replaces {
-                            store.delete(&old).await?;
+                            store.delete(old).await?;
                         }
                         return Ok(());
                     }
@@ -870,9 +871,9 @@ impl Session {
                     record,
                     expected,
                     applied,
-                } => match store.save(&record, expected).await? {
+                } => match store.save(record, *expected).await? {
                     SaveOutcome::Saved => {
-                        self.state().stored_as(&record, applied, config, now);
+                        self.state().stored_as(record, *applied, config, now);
                         return Ok(());
                     }
                     SaveOutcome::Conflict => {
