@@ -238,7 +238,7 @@ impl SessionData {
                 }
             }
             out.push(b':');
-            out.extend_from_slice(self.text(v).as_bytes());
+            out.extend_from_slice(self.raw_bytes(v));
         }
         out.push(b'}');
         if !self.flash.is_empty() {
@@ -266,14 +266,14 @@ impl SessionData {
         }
         let mut len = b"{\"d\":{}}".len() + self.values.len().saturating_sub(1);
         for (k, v) in &self.values {
-            let key = self.key_bytes(k);
+            let key = self.raw_bytes(k);
             if let Text::Own(_) = k
                 && key.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20)
             {
                 return None;
             }
             // `"key":value`
-            len += key.len() + 3 + self.key_bytes(v).len();
+            len += key.len() + 3 + self.raw_bytes(v).len();
         }
         Some(len)
     }
@@ -286,13 +286,13 @@ impl SessionData {
         }
     }
 
-    fn key_bytes<'a>(&'a self, t: &'a Text) -> &'a [u8] {
+    fn raw_bytes<'a>(&'a self, t: &'a Text) -> &'a [u8] {
         text_bytes(&self.src, t)
     }
 
     fn find(&self, key: &str) -> Result<usize, usize> {
         self.values
-            .binary_search_by(|(k, _)| self.key_bytes(k).cmp(key.as_bytes()))
+            .binary_search_by(|(k, _)| self.raw_bytes(k).cmp(key.as_bytes()))
     }
 
     /// The raw JSON text of the value under `key`.
@@ -326,7 +326,7 @@ impl SessionData {
         let values: usize = self
             .values
             .iter()
-            .map(|(k, v)| self.key_bytes(k).len() + self.key_bytes(v).len() + 4)
+            .map(|(k, v)| self.raw_bytes(k).len() + self.raw_bytes(v).len() + 4)
             .sum();
         let flash: usize = self.flash.iter().map(|k| k.len() + 3).sum();
         values + flash + 48

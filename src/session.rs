@@ -337,7 +337,11 @@ impl State {
             version: record.version(),
             expires_ms: record.expires_at_unix_ms(),
         });
-        self.changes.drain(..applied);
+        if applied == self.changes.len() {
+            self.changes.clear();
+        } else {
+            self.changes.drain(..applied);
+        }
         self.cycle = false;
         self.expiry_changed = false;
         self.new_id = None;
