@@ -559,18 +559,25 @@ impl Session {
     /// # Errors
     /// A store error while loading, or [`Error::is_serde`] when the value is not a `T` (a flash
     /// value is then kept).
-    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
-        self.ready().await?;
-        let mut st = self.state();
-        let Some(raw) = st.data.get(key) else {
-            return Ok(None);
-        };
-        let value = serde_json::from_str(raw).map_err(serde_error)?;
-        if st.data.is_flash(key) {
-            st.data.remove(key);
-            st.changes.push(Change::Remove(key.to_owned()));
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<T>, Error>> + Send {
+        // A block, not an `async fn`: an `async fn`'s future holds its arguments twice, and
+        // handlers keep this future (inside their own) across their awaits.
+        async move {
+            self.ready().await?;
+            let mut st = self.state();
+            let Some(raw) = st.data.get(key) else {
+                return Ok(None);
+            };
+            let value = serde_json::from_str(raw).map_err(serde_error)?;
+            if st.data.is_flash(key) {
+                st.data.remove(key);
+                st.changes.push(Change::Remove(key.to_owned()));
+            }
+            Ok(Some(value))
         }
-        Ok(Some(value))
     }
 
     /// Stores `value` under `key`, replacing what was there (a flash becomes a plain value).
@@ -579,8 +586,12 @@ impl Session {
     /// [`Error::is_serde`] when `value` does not serialize, [`Error::is_too_large`] when the
     /// session would exceed the layer's record size limit (nothing is changed then), or a
     /// store error while loading.
-    pub async fn insert<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), Error> {
-        self.write(key, to_json(value)?, false).await
+    pub fn insert<'a, T: Serialize + ?Sized>(
+        &'a self,
+        key: &'a str,
+        value: &T,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a, T> {
+        self.write(key, to_json(value), false)
     }
 
     /// Stores a flash value: the next [`get`](Session::get) of `key`, in this request or a
@@ -588,22 +599,36 @@ impl Session {
     ///
     /// # Errors
     /// As for [`insert`](Session::insert).
-    pub async fn flash<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), Error> {
-        self.write(key, to_json(value)?, true).await
+    pub fn flash<'a, T: Serialize + ?Sized>(
+        &'a self,
+        key: &'a str,
+        value: &T,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a, T> {
+        self.write(key, to_json(value), true)
     }
 
-    async fn write(&self, key: &str, raw: Arc<str>, flash: bool) -> Result<(), Error> {
-        self.ready().await?;
-        let mut st = self.state();
-        self.check_size(&st, key, &raw)?;
-        if flash {
-            st.data.set_flash(key, raw.clone());
-            st.changes.push(Change::Flash(key.into(), raw));
-        } else {
-            st.data.set(key, raw.clone());
-            st.changes.push(Change::Set(key.into(), raw));
+    /// The value is serialized by the caller, before the future exists, so the future does not
+    /// hold it.
+    fn write<'a>(
+        &'a self,
+        key: &'a str,
+        raw: Result<Arc<str>, Error>,
+        flash: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a> {
+        async move {
+            let raw = raw?;
+            self.ready().await?;
+            let mut st = self.state();
+            self.check_size(&st, key, &raw)?;
+            if flash {
+                st.data.set_flash(key, raw.clone());
+                st.changes.push(Change::Flash(key.into(), raw));
+            } else {
+                st.data.set(key, raw.clone());
+                st.changes.push(Change::Set(key.into(), raw));
+            }
+            Ok(())
         }
-        Ok(())
     }
 
     fn check_size(&self, st: &State, key: &str, raw: &str) -> Result<(), Error> {
