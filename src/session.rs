@@ -559,6 +559,7 @@ impl Session {
     /// # Errors
     /// A store error while loading, or [`Error::is_serde`] when the value is not a `T` (a flash
     /// value is then kept).
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
     pub fn get<T: DeserializeOwned>(
         &self,
         key: &str,
@@ -608,7 +609,8 @@ impl Session {
     }
 
     /// The value is serialized by the caller, before the future exists, so the future does not
-    /// hold it.
+    /// hold it (and, a block rather than an `async fn`, holds its arguments once).
+    #[allow(clippy::manual_async_fn)]
     fn write<'a>(
         &'a self,
         key: &'a str,
