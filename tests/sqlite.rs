@@ -521,6 +521,45 @@ async fn saves_with_the_same_and_a_new_expiry() {
     assert_eq!(store.save(&other, 1).await.unwrap(), SaveOutcome::Missing);
 }
 
+/// The store keeps its statements prepared for its whole life: a schema change made by another
+/// connection meanwhile (a new table, a new index on the session table) is picked up, not an error.
+#[tokio::test]
+async fn statements_outlive_schema_changes_by_others() {
+    let (store, dir) = file_fixture().await;
+    let id = Id::random();
+    store
+        .create(&record(id, r#"{"d":{}}"#, in_ms(60_000)))
+        .await
+        .unwrap();
+    let c = raw(&dir.db());
+    c.execute_batch(
+        "CREATE TABLE unrelated (x INTEGER); CREATE INDEX sessions_version ON sessions (version);",
+    )
+    .unwrap();
+    let back = store.load(&id).await.unwrap().unwrap();
+    let next = Record::new(
+        id,
+        Bytes::from_static(b"{\"d\":{\"n\":1}}"),
+        2,
+        back.expires_at(),
+    );
+    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+    // A second store on the same file, under another table name, changes the schema too.
+    let other = SqliteStore::builder(dir.db())
+        .table("more_sessions")
+        .open()
+        .await
+        .unwrap();
+    other
+        .create(&record(Id::random(), "{}", in_ms(60_000)))
+        .await
+        .unwrap();
+    assert!(store.touch(&id, in_ms(90_000)).await.unwrap());
+    assert_eq!(store.load(&id).await.unwrap().unwrap().version(), 2);
+    store.delete(&id).await.unwrap();
+    assert!(store.load(&id).await.unwrap().is_none());
+}
+
 // ---- a real restart: a server process is killed and started again on the same file ----
 
 const SERVE_ENV: &str = "HYPER_SESSIONS_SQLITE_SERVE";
