@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use hyper::StatusCode;
 use hyper_sessions::{
-    CreateOutcome, Id, Record, SessionLayer, SessionStore, SqliteStore, StoreErrorKind,
+    CreateOutcome, Id, Record, SaveOutcome, SessionLayer, SessionStore, SqliteStore, StoreErrorKind,
 };
 use tokio_rusqlite::rusqlite;
 
@@ -435,6 +435,129 @@ async fn delete_expired_and_the_cleanup_task() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(rows(&dir.db()), 2, "a cleanup task outlived its store");
+}
+
+/// A save that keeps the stored expiry and one that moves it (they take different statements)
+/// both store data, version and expiry exactly, and both are compare-and-sets.
+#[tokio::test]
+async fn saves_with_the_same_and_a_new_expiry() {
+    let (store, dir) = file_fixture().await;
+    let c = raw(&dir.db());
+    let row = |id: Id| -> (Vec<u8>, i64, i64) {
+        c.query_row(
+            "SELECT data, version, expires_at FROM sessions WHERE id = ?1",
+            [&id.to_bytes()[..]],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    };
+    let ms = |v: &str| Bytes::from(v.to_owned());
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap();
+    let now = u64::try_from(now.as_millis()).unwrap();
+    let (e1, e2) = (now + 60_000, now + 90_000);
+    let id = Id::random();
+    let at = |v, d: &str, e| Record::from_unix_ms(id, ms(d), v, e);
+    assert_eq!(
+        store.create(&at(1, "a", e1)).await.unwrap(),
+        CreateOutcome::Created
+    );
+    let e = |x: u64| i64::try_from(x).unwrap();
+
+    // Same expiry.
+    assert_eq!(
+        store.save(&at(2, "b", e1), 1).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(row(id), (b"b".to_vec(), 2, e(e1)));
+    // A stale version is a conflict on either path, and changes nothing.
+    assert_eq!(
+        store.save(&at(3, "x", e1), 1).await.unwrap(),
+        SaveOutcome::Conflict
+    );
+    assert_eq!(
+        store.save(&at(3, "x", e2), 1).await.unwrap(),
+        SaveOutcome::Conflict
+    );
+    assert_eq!(row(id), (b"b".to_vec(), 2, e(e1)));
+    // A new expiry, later and then earlier.
+    assert_eq!(
+        store.save(&at(3, "c", e2), 2).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(row(id), (b"c".to_vec(), 3, e(e2)));
+    assert_eq!(
+        store.save(&at(4, "d", e1), 3).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(row(id), (b"d".to_vec(), 4, e(e1)));
+    let back = store.load(&id).await.unwrap().unwrap();
+    assert_eq!((back.version(), back.expires_at_unix_ms()), (4, e1));
+    // The expiry index follows the row: the cleanup finds it by its new expiry.
+    let by_index: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sessions INDEXED BY sessions_expires_at WHERE expires_at = ?1",
+            [e(e1)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(by_index, 1);
+    // An expired row is missing to both statements; so is an unknown id.
+    c.execute(
+        "UPDATE sessions SET expires_at = 1 WHERE id = ?1",
+        [&id.to_bytes()[..]],
+    )
+    .unwrap();
+    assert_eq!(
+        store.save(&at(5, "e", 1), 4).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    assert_eq!(
+        store.save(&at(5, "e", e1), 4).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    let other = Record::from_unix_ms(Id::random(), ms("z"), 2, e1);
+    assert_eq!(store.save(&other, 1).await.unwrap(), SaveOutcome::Missing);
+}
+
+/// The store keeps its statements prepared for its whole life: a schema change made by another
+/// connection meanwhile (a new table, a new index on the session table) is picked up, not an error.
+#[tokio::test]
+async fn statements_outlive_schema_changes_by_others() {
+    let (store, dir) = file_fixture().await;
+    let id = Id::random();
+    store
+        .create(&record(id, r#"{"d":{}}"#, in_ms(60_000)))
+        .await
+        .unwrap();
+    let c = raw(&dir.db());
+    c.execute_batch(
+        "CREATE TABLE unrelated (x INTEGER); CREATE INDEX sessions_version ON sessions (version);",
+    )
+    .unwrap();
+    let back = store.load(&id).await.unwrap().unwrap();
+    let next = Record::new(
+        id,
+        Bytes::from_static(b"{\"d\":{\"n\":1}}"),
+        2,
+        back.expires_at(),
+    );
+    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+    // A second store on the same file, under another table name, changes the schema too.
+    let other = SqliteStore::builder(dir.db())
+        .table("more_sessions")
+        .open()
+        .await
+        .unwrap();
+    other
+        .create(&record(Id::random(), "{}", in_ms(60_000)))
+        .await
+        .unwrap();
+    assert!(store.touch(&id, in_ms(90_000)).await.unwrap());
+    assert_eq!(store.load(&id).await.unwrap().unwrap().version(), 2);
+    store.delete(&id).await.unwrap();
+    assert!(store.load(&id).await.unwrap().is_none());
 }
 
 // ---- a real restart: a server process is killed and started again on the same file ----
