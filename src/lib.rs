@@ -92,7 +92,8 @@
 //!   are the Redis store's, so both can share one Redis. Adds `hyper-util`, `hyper-tls`
 //!   (the system's TLS library), `http-body-util` and `percent-encoding`.
 //! - `sqlite`: [`SqliteStore`], sessions in one `SQLite` file that survive a restart (bundled
-//!   `SQLite` via tokio-rusqlite: no system library needed, nothing blocks the runtime).
+//!   `SQLite` via rusqlite, on a connection thread of the store's own: no system library needed,
+//!   nothing blocks the runtime).
 //!
 //! Without any store feature the crate still builds: bring your own [`SessionStore`].
 //!

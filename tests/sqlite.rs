@@ -14,7 +14,6 @@ use hyper::StatusCode;
 use hyper_sessions::{
     CreateOutcome, Id, Record, SaveOutcome, SessionLayer, SessionStore, SqliteStore, StoreErrorKind,
 };
-use tokio_rusqlite::rusqlite;
 
 use common::{Browser, Conn, serve};
 

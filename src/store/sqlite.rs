@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio_rusqlite::rusqlite::{
+use rusqlite::{
     self, ErrorCode, OptionalExtension, Row, Statement, TransactionBehavior, params,
     types::ValueRef,
 };
