@@ -55,15 +55,65 @@ if v == ARGV[2] and t == ARGV[4] then return 2 end
 return 1
 ";
 
+/// The longest header: a 20-digit version, a colon, 16 hex digits, a colon.
+pub(crate) const MAX_HEADER_LEN: usize = 20 + 1 + 16 + 1;
+
+/// The header of a stored value, `<version>:<token as 16 hex digits>:`, in a fixed buffer
+/// (no formatting machinery, no allocation: it is built for every write).
+#[derive(Clone, Copy)]
+pub(crate) struct Header {
+    buf: [u8; MAX_HEADER_LEN],
+    len: usize,
+}
+
+impl Header {
+    pub(crate) fn new(version: u64, token: u64) -> Header {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; MAX_HEADER_LEN];
+        // The version's digits, last first, at the end of a scratch buffer.
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        let mut v = version;
+        loop {
+            start -= 1;
+            // `v % 10` is below 10.
+            digits[start] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        let n = digits.len() - start;
+        buf[..n].copy_from_slice(&digits[start..]);
+        buf[n] = b':';
+        for (i, slot) in buf[n + 1..n + 17].iter_mut().enumerate() {
+            *slot = HEX[usize::try_from((token >> (60 - 4 * i)) & 0xf).unwrap_or(0)];
+        }
+        buf[n + 17] = b':';
+        Header { buf, len: n + 18 }
+    }
+
+    /// The whole header.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The write token's 16 hex digits.
+    pub(crate) fn token_hex(&self) -> &[u8] {
+        &self.buf[self.len - 17..self.len - 1]
+    }
+}
+
 /// The header of a stored value: `<version>:<token as 16 hex digits>:`.
 pub(crate) fn header(version: u64, token: u64) -> String {
-    format!("{version}:{token:016x}:")
+    // Only ASCII digits, hex digits and colons.
+    String::from_utf8_lossy(Header::new(version, token).as_bytes()).into_owned()
 }
 
 /// The stored value of a record: [`header`], then the payload byte for byte.
 pub(crate) fn encode(record: &Record, token: u64) -> Vec<u8> {
-    let header = header(record.version(), token);
-    let mut value = Vec::with_capacity(header.len() + record.data().len());
+    let header = Header::new(record.version(), token);
+    let mut value = Vec::with_capacity(header.as_bytes().len() + record.data().len());
     value.extend_from_slice(header.as_bytes());
     value.extend_from_slice(record.data());
     value
@@ -71,14 +121,31 @@ pub(crate) fn encode(record: &Record, token: u64) -> Vec<u8> {
 
 /// The version and the payload of a stored value (the payload shares the value's buffer).
 pub(crate) fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
+    let (version, start) = parse_header(value)?;
+    Ok((version, value.slice(start..)))
+}
+
+/// [`decode`] of a value received as a `Vec`: the payload keeps the vector's buffer, without
+/// the shared-buffer allocation a slice of it would need.
+pub(crate) fn decode_vec(value: Vec<u8>) -> Result<(u64, Bytes), &'static str> {
+    let (version, start) = parse_header(&value)?;
+    let mut data = Bytes::from(value);
+    bytes::Buf::advance(&mut data, start);
+    Ok((version, data))
+}
+
+/// The version in a stored value's header, and where the payload starts.
+fn parse_header(value: &[u8]) -> Result<(u64, usize), &'static str> {
     const BAD: &str = "value lacks the `<version>:<token>:` header of a session record";
     let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || digits > 20 || value.get(digits) != Some(&b':') {
         return Err(BAD);
     }
-    let version = std::str::from_utf8(&value[..digits])
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
+    let version = value[..digits]
+        .iter()
+        .try_fold(0u64, |v, d| {
+            v.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .ok_or(BAD)?;
     let token_end = digits + 1 + 16;
     let token_ok = value.len() > token_end
@@ -89,7 +156,7 @@ pub(crate) fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
     if !token_ok {
         return Err(BAD);
     }
-    Ok((version, value.slice(token_end + 1..)))
+    Ok((version, token_end + 1))
 }
 
 /// An instant as a Redis expiry time (Unix ms, within what Redis accepts).
@@ -132,6 +199,45 @@ mod tests {
     }
 
     #[test]
+    fn header_matches_the_formatted_layout() {
+        for (version, token) in [
+            (0, 0),
+            (1, 1),
+            (9, 0xf),
+            (10, 0x0123_4567_89ab_cdef),
+            (u64::MAX, u64::MAX),
+            (1_234_567_890, 0xdead_beef),
+        ] {
+            let h = Header::new(version, token);
+            let want = format!("{version}:{token:016x}:");
+            assert_eq!(h.as_bytes(), want.as_bytes());
+            assert_eq!(h.token_hex(), format!("{token:016x}").as_bytes());
+            assert_eq!(header(version, token), want);
+        }
+        assert_eq!(Header::new(u64::MAX, 0).as_bytes().len(), MAX_HEADER_LEN);
+    }
+
+    #[test]
+    fn decode_vec_agrees_with_decode() {
+        let rec = Record::new(
+            Id::random(),
+            Bytes::from_static(b"{\"d\":{\"n\":1}}"),
+            7,
+            SystemTime::now(),
+        );
+        let value = encode(&rec, 0x1234);
+        let (v1, d1) = decode(&Bytes::from(value.clone())).unwrap();
+        let (v2, d2) = decode_vec(value).unwrap();
+        assert_eq!((v1, &d1), (v2, &d2));
+        assert_eq!(d2, rec.data());
+        // A spare capacity changes nothing.
+        let mut spare = Vec::with_capacity(100);
+        spare.extend_from_slice(b"3:0000000000000001:x");
+        assert_eq!(decode_vec(spare).unwrap(), (3, Bytes::from_static(b"x")));
+        assert!(decode_vec(b"x:0000000000000001:x".to_vec()).is_err());
+    }
+
+    #[test]
     fn foreign_values_are_refused() {
         for bad in [
             &b""[..],
@@ -145,6 +251,7 @@ mod tests {
             b"18446744073709551616:0000000000000000:{}",
         ] {
             assert!(decode(&Bytes::from_static(bad)).is_err(), "{bad:?}");
+            assert!(decode_vec(bad.to_vec()).is_err(), "{bad:?}");
         }
     }
 
