@@ -19,7 +19,8 @@ use crate::error::StoreError;
 use crate::id::{ID_LEN, Id};
 use crate::record::{Record, from_unix_ms};
 use crate::store::redis_common::{
-    Header, LOAD_LUA, MAX_HEADER_LEN, SAVE_LUA, clamp_expiry_ms, decode_vec, expiry_ms,
+    Header, LOAD_PACKED_LUA, MAX_HEADER_LEN, SAVE_LUA, clamp_expiry_ms, decode_vec_from, expiry_ms,
+    split_packed,
 };
 use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 
@@ -100,7 +101,7 @@ pub struct RedisStore {
 struct Inner {
     prefix: String,
     timeout: Duration,
-    /// The SHA1 of [`LOAD_LUA`], for `EVALSHA`.
+    /// The SHA1 of [`LOAD_PACKED_LUA`], for `EVALSHA`.
     load_sha: String,
     /// The SHA1 of [`SAVE_LUA`].
     save_sha: String,
@@ -222,7 +223,7 @@ impl RedisStoreBuilder {
             inner: Arc::new(Inner {
                 prefix: self.prefix,
                 timeout: self.timeout,
-                load_sha: Script::new(LOAD_LUA).get_hash().to_owned(),
+                load_sha: Script::new(LOAD_PACKED_LUA).get_hash().to_owned(),
                 save_sha: Script::new(SAVE_LUA).get_hash().to_owned(),
                 tokens: AtomicU64::new(start),
             }),
@@ -274,7 +275,7 @@ impl RedisStore {
 
     /// Loads the scripts into the server's cache, so that the first requests need no reload.
     async fn preloaded(self) -> Result<RedisStore, StoreError> {
-        for source in [LOAD_LUA, SAVE_LUA] {
+        for source in [LOAD_PACKED_LUA, SAVE_LUA] {
             let mut cmd = ::redis::cmd("SCRIPT");
             cmd.arg("LOAD").arg(source);
             self.run(Req::Cmd(&cmd), true).await?;
@@ -317,7 +318,10 @@ impl RedisStore {
     /// idempotent), all within the command timeout.
     async fn run(&self, req: Req<'_>, retry: bool) -> Result<Value, StoreError> {
         let attempt = async {
-            match self.conn.exec(&req).await {
+            // Not matched on directly: a scrutinee's temporaries (the first attempt's future)
+            // would stay alive, and in this future's size, through the second attempt.
+            let first = self.conn.exec(&req).await;
+            match first {
                 Err(e) if retry && (e.is_io_error() || e.is_connection_dropped()) => {
                     self.conn.exec(&req).await
                 }
@@ -344,19 +348,14 @@ impl RedisStore {
         expires: u64,
     ) -> Result<Option<Record>, StoreError> {
         let never = if_before == 0 || expires <= 1;
-        let (value, expires_ms) = if !never && if_before < expires {
+        let (value, start, expires_ms) = if !never && if_before < expires {
             let mut cmd = self.evalsha(&self.inner.load_sha, id, 2, 40);
             cmd.arg(if_before).arg(expires);
-            match self.run(Req::Script(&cmd, LOAD_LUA), true).await? {
+            match self.run(Req::Script(&cmd, LOAD_PACKED_LUA), true).await? {
                 Value::Nil => return Ok(None),
-                Value::Array(parts) => match <[Value; 3]>::try_from(parts) {
-                    Ok([Value::BulkString(v), Value::Int(e), Value::Int(len)])
-                        if usize::try_from(len).is_ok_and(|len| len == v.len()) =>
-                    {
-                        (v, e)
-                    }
-                    Ok(other) => return Err(unexpected("load", &Value::Array(other.into()))),
-                    Err(parts) => return Err(unexpected("load", &Value::Array(parts))),
+                Value::BulkString(reply) => match split_packed(&reply) {
+                    Some((e, start)) => (reply, start, e),
+                    None => return Err(unexpected("load", &Value::BulkString(reply))),
                 },
                 other => return Err(unexpected("load", &other)),
             }
@@ -379,7 +378,7 @@ impl RedisStore {
                 // Missing, or deleted between the two commands.
                 (Some(Value::Nil), Some(Value::Int(_)))
                 | (Some(Value::BulkString(_)), Some(Value::Int(-2))) => return Ok(None),
-                (Some(Value::BulkString(v)), Some(Value::Int(e))) => (v, e),
+                (Some(Value::BulkString(v)), Some(Value::Int(e))) => (v, 0, e),
                 (get, ttl) => {
                     let parts = get.into_iter().chain(ttl).collect();
                     return Err(unexpected("load", &Value::Array(parts)));
@@ -392,7 +391,7 @@ impl RedisStore {
                 self.key(id)
             )));
         };
-        let (version, data) = decode_vec(value)
+        let (version, data) = decode_vec_from(value, start)
             .map_err(|e| StoreError::corrupt(format!("redis key {}: {e}", self.key(id))))?;
         let expires_at = from_unix_ms(expires_ms);
         // Redis's clock decided the key was live; ours has the last word.
@@ -450,37 +449,52 @@ impl Conn {
     async fn exec(&self, req: &Req<'_>) -> RedisResult<Value> {
         match *req {
             Req::Cmd(cmd) => self.send(cmd).await,
-            Req::Script(cmd, source) => match self.send(cmd).await {
-                Err(e)
-                    if e.kind()
-                        == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
-                {
-                    let mut load = ::redis::cmd("SCRIPT");
-                    load.arg("LOAD").arg(source);
-                    self.send(&load).await?;
-                    self.send(cmd).await
+            Req::Script(cmd, source) => {
+                let first = self.send(cmd).await;
+                match first {
+                    Err(e)
+                        if e.kind()
+                            == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+                    {
+                        let mut load = ::redis::cmd("SCRIPT");
+                        load.arg("LOAD").arg(source);
+                        self.send(&load).await?;
+                        self.send(cmd).await
+                    }
+                    other => other,
                 }
-                other => other,
-            },
+            }
             Req::Pipe(pipe, n) => {
-                let replies = match self {
+                let mut replies = match self {
                     Conn::Single(c) => c.clone().send_packed_commands(pipe, 0, n).await?,
                     Conn::Cluster(c) => c.clone().req_packed_commands(pipe, 0, n).await?,
                 };
-                replies
-                    .into_iter()
-                    .map(Value::extract_error)
-                    .collect::<RedisResult<Vec<Value>>>()
-                    .map(Value::Array)
+                if let Some(i) = replies
+                    .iter()
+                    .position(|r| matches!(r, Value::ServerError(_)))
+                {
+                    return server_error(replies.swap_remove(i));
+                }
+                Ok(Value::Array(replies))
             }
         }
     }
 
     async fn send(&self, cmd: &Cmd) -> RedisResult<Value> {
-        match self {
-            Conn::Single(c) => c.clone().send_packed_command(cmd).await?.extract_error(),
-            Conn::Cluster(c) => c.clone().req_packed_command(cmd).await?.extract_error(),
-        }
+        let reply = match self {
+            Conn::Single(c) => c.clone().send_packed_command(cmd).await?,
+            Conn::Cluster(c) => c.clone().req_packed_command(cmd).await?,
+        };
+        server_error(reply)
+    }
+}
+
+/// A reply that is a server error as an error. Only the top level is looked at (unlike
+/// `Value::extract_error`, which rebuilds every array): no reply these stores expect nests one.
+fn server_error(reply: Value) -> RedisResult<Value> {
+    match reply {
+        Value::ServerError(e) => Err(e.into()),
+        reply => Ok(reply),
     }
 }
 
