@@ -1,9 +1,13 @@
 //! [`RedisStore`]: sessions in Redis, on one node or a Redis Cluster, with the `redis` crate.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::future::{Future, poll_fn};
 use std::io::Write;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use ::redis::aio::ConnectionLike;
@@ -32,7 +36,8 @@ use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 /// the expiry back from the key (`PEXPIRETIME`).
 ///
 /// # Round trips
-/// Every operation is one command, so one round trip per request kind the layer makes:
+/// Every operation is one round trip (one command, or one pipeline), so one round trip per
+/// request kind the layer makes:
 ///
 /// | request | commands |
 /// |---|---|
@@ -42,6 +47,13 @@ use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 /// | new session | `SET key value NX PXAT ms GET` |
 /// | destroy | `DEL` |
 /// | expiry refresh alone | `PEXPIREAT` |
+///
+/// Called directly, [`load`](SessionStore::load) is the pipeline `GET` + `PEXPIRETIME`, and
+/// [`load_refreshing`](SessionStore::load_refreshing) with a [`Refresh`] whose `if_before` is
+/// not below its new expiry is `PEXPIREAT key ms GT` + `GET` + `PEXPIRETIME`: `GT` alone decides
+/// such a refresh exactly (and writes nothing when the expiry does not move), and plain
+/// commands cost Redis several times less than a script. A refresh due only before an earlier
+/// instant than its new expiry needs a condition no plain command has, so it takes the script.
 ///
 /// A script missing from the server's cache (after a restart or `SCRIPT FLUSH`) costs one
 /// `SCRIPT LOAD` and a second `EVALSHA`, once.
@@ -287,9 +299,10 @@ impl RedisStore {
         self.inner.tokens.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// A command `name key`, with room for `more` further arguments of `bytes` bytes in all.
-    fn keyed(&self, name: &str, id: &Id, more: usize, bytes: usize) -> Cmd {
-        let mut cmd = Cmd::with_capacity(
+    /// A command `name key`, with room for `more` further arguments of `bytes` bytes in all;
+    /// its buffers are reused (see [`PooledCmd`]).
+    fn keyed(&self, name: &str, id: &Id, more: usize, bytes: usize) -> PooledCmd {
+        let mut cmd = PooledCmd::with_capacity(
             2 + more,
             name.len() + self.inner.prefix.len() + ID_LEN + bytes,
         );
@@ -297,13 +310,21 @@ impl RedisStore {
         cmd
     }
 
-    /// `EVALSHA sha 1 key`, with room for `more` further arguments of `bytes` bytes in all.
-    fn evalsha(&self, sha: &str, id: &Id, more: usize, bytes: usize) -> Cmd {
-        let mut cmd = Cmd::with_capacity(
+    /// `EVALSHA sha 1 key`, with room for `more` further arguments of `bytes` bytes in all;
+    /// its buffers are reused (see [`PooledCmd`]).
+    fn evalsha(&self, sha: &str, id: &Id, more: usize, bytes: usize) -> PooledCmd {
+        let mut cmd = PooledCmd::with_capacity(
             4 + more,
             7 + sha.len() + 1 + self.inner.prefix.len() + ID_LEN + bytes,
         );
         cmd.arg("EVALSHA").arg(sha).arg("1").arg(self.key_arg(id));
+        cmd
+    }
+
+    /// A command `name key` for a pipeline (which takes its commands by value).
+    fn keyed_owned(&self, name: &str, id: &Id) -> Cmd {
+        let mut cmd = Cmd::with_capacity(4, name.len() + self.inner.prefix.len() + ID_LEN + 24);
+        cmd.arg(name).arg(self.key_arg(id));
         cmd
     }
 
@@ -317,7 +338,9 @@ impl RedisStore {
     /// Runs one request, retried once on a broken connection when `retry` (the request is
     /// idempotent), all within the command timeout.
     async fn run(&self, req: Req<'_>, retry: bool) -> Result<Value, StoreError> {
-        let attempt = async {
+        // Pinned where it is built: `tokio::time::timeout` would move the whole attempt (its
+        // size is mostly the redis crate's request future, over a kilobyte) into its own future.
+        let mut attempt = pin!(async {
             // Not matched on directly: a scrutinee's temporaries (the first attempt's future)
             // would stay alive, and in this future's size, through the second attempt.
             let first = self.conn.exec(&req).await;
@@ -327,11 +350,18 @@ impl RedisStore {
                 }
                 other => other,
             }
-        };
-        tokio::time::timeout(self.inner.timeout, attempt)
-            .await
-            .map_err(|_| timed_out(self.inner.timeout))?
-            .map_err(store_error)
+        });
+        let mut deadline = pin!(tokio::time::sleep(self.inner.timeout));
+        poll_fn(|cx| {
+            if let Poll::Ready(done) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(done.map_err(store_error));
+            }
+            deadline
+                .as_mut()
+                .poll(cx)
+                .map(|()| Err(timed_out(self.inner.timeout)))
+        })
+        .await
     }
 
     /// Loads a record, moving its expiry to `expires` (Unix ms) in the same round trip if it
@@ -362,12 +392,12 @@ impl RedisStore {
         } else {
             let mut pipe = Pipeline::with_capacity(3);
             if !never {
-                let mut cmd = self.keyed("PEXPIREAT", id, 2, 22);
+                let mut cmd = self.keyed_owned("PEXPIREAT", id);
                 cmd.arg(expires).arg("GT");
                 pipe.add_command(cmd);
             }
-            pipe.add_command(self.keyed("GET", id, 0, 0));
-            pipe.add_command(self.keyed("PEXPIRETIME", id, 0, 0));
+            pipe.add_command(self.keyed_owned("GET", id));
+            pipe.add_command(self.keyed_owned("PEXPIRETIME", id));
             let n = if never { 2 } else { 3 };
             let parts = match self.run(Req::Pipe(&pipe, n), true).await? {
                 Value::Array(parts) if parts.len() == n => parts,
@@ -399,6 +429,72 @@ impl RedisStore {
             return Ok(None);
         }
         Ok(Some(Record::new(*id, data, version, expires_at)))
+    }
+}
+
+/// A command whose buffers go back to a small per-thread list when it is dropped, so that the
+/// next commands need no allocation (two per command otherwise, and as many frees). Commands
+/// sized over [`SPARE_CMD_BYTES`] are not kept, so what stays allocated is bounded.
+struct PooledCmd {
+    cmd: Cmd,
+    /// The bytes asked for this use: an upper bound of what the command holds.
+    bytes: usize,
+}
+
+/// Commands kept per thread.
+const SPARE_CMDS: usize = 4;
+/// The largest command kept, in bytes of arguments.
+const SPARE_CMD_BYTES: usize = 4096;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Cmd>> = const { RefCell::new(Vec::new()) };
+}
+
+impl PooledCmd {
+    fn with_capacity(args: usize, bytes: usize) -> PooledCmd {
+        let spare = if bytes <= SPARE_CMD_BYTES {
+            SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten()
+        } else {
+            None
+        };
+        let cmd = match spare {
+            Some(mut cmd) => {
+                cmd.clear();
+                cmd
+            }
+            // Room for the next uses too (small commands differ only a little in size).
+            None if bytes <= SPARE_CMD_BYTES => Cmd::with_capacity(args.max(10), bytes.max(256)),
+            None => Cmd::with_capacity(args, bytes),
+        };
+        PooledCmd { cmd, bytes }
+    }
+}
+
+impl std::ops::Deref for PooledCmd {
+    type Target = Cmd;
+    fn deref(&self) -> &Cmd {
+        &self.cmd
+    }
+}
+
+impl std::ops::DerefMut for PooledCmd {
+    fn deref_mut(&mut self) -> &mut Cmd {
+        &mut self.cmd
+    }
+}
+
+impl Drop for PooledCmd {
+    fn drop(&mut self) {
+        if self.bytes <= SPARE_CMD_BYTES {
+            let cmd = std::mem::take(&mut self.cmd);
+            // Gone while the thread exits: then the command is simply freed.
+            let _ = SPARE.try_with(|s| {
+                let mut spare = s.borrow_mut();
+                if spare.len() < SPARE_CMDS {
+                    spare.push(cmd);
+                }
+            });
+        }
     }
 }
 
@@ -646,5 +742,49 @@ impl SessionStore for RedisStore {
             Value::Int(n) => Ok(n == 1),
             other => Err(unexpected("PEXPIREAT", &other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spare() -> usize {
+        SPARE.with_borrow(Vec::len)
+    }
+
+    #[test]
+    fn pooled_commands_are_reused_cleared_and_bounded() {
+        SPARE.with_borrow_mut(Vec::clear);
+        let build = |word: &str| {
+            let mut cmd = PooledCmd::with_capacity(2, 64);
+            cmd.arg("GET").arg(word);
+            cmd
+        };
+        let fresh = {
+            let mut cmd = Cmd::new();
+            cmd.arg("GET").arg("b");
+            cmd.get_packed_command()
+        };
+        drop(build("a long argument that is left behind"));
+        assert_eq!(spare(), 1);
+        let reused = build("b");
+        assert_eq!(spare(), 0, "the spare command was taken");
+        assert_eq!(
+            reused.get_packed_command(),
+            fresh,
+            "a reused command starts empty"
+        );
+        drop(reused);
+        // At most SPARE_CMDS kept.
+        let many: Vec<PooledCmd> = (0..SPARE_CMDS + 3).map(|_| build("x")).collect();
+        drop(many);
+        assert_eq!(spare(), SPARE_CMDS);
+        // Large commands are neither taken from nor given to the list.
+        let big = PooledCmd::with_capacity(2, SPARE_CMD_BYTES + 1);
+        assert_eq!(spare(), SPARE_CMDS);
+        SPARE.with_borrow_mut(Vec::clear);
+        drop(big);
+        assert_eq!(spare(), 0);
     }
 }

@@ -21,6 +21,7 @@ pub(crate) const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
 /// the value in bytes}` (expiry `-1` for a key without one, which these stores never write).
 /// The length lets a reader check that the value arrived whole (Webdis's JSON cannot carry
 /// every byte string).
+#[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
 pub(crate) const LOAD_LUA: &str = r"
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
@@ -38,6 +39,7 @@ return {v, e, #v}
 /// `<expiry in Unix ms>:<value>` (expiry `-1` for a key without one). Over RESP a bulk string
 /// carries its length, and one string is several times cheaper for a client to parse than an
 /// array of three. The refresh is [`LOAD_LUA`]'s, line for line.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
 pub(crate) const LOAD_PACKED_LUA: &str = r"
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
@@ -53,19 +55,23 @@ return string.format('%d:', e) .. v
 
 /// Splits a [`LOAD_PACKED_LUA`] reply into the expiry (negative: none) and where the stored
 /// value starts.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
 pub(crate) fn split_packed(reply: &[u8]) -> Option<(i64, usize)> {
-    let colon = reply.iter().take(21).position(|&b| b == b':')?;
-    let (negative, digits) = match &reply[..colon] {
-        [b'-', rest @ ..] => (true, rest),
-        digits => (false, digits),
-    };
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
+    let negative = reply.first() == Some(&b'-');
+    let first = usize::from(negative);
+    let mut expiry: i64 = 0;
+    let mut at = first;
+    loop {
+        match *reply.get(at)? {
+            b':' if at > first => break,
+            d @ b'0'..=b'9' => {
+                expiry = expiry.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
+            }
+            _ => return None,
+        }
+        at += 1;
     }
-    let magnitude = digits.iter().try_fold(0i64, |v, d| {
-        v.checked_mul(10)?.checked_add(i64::from(d - b'0'))
-    })?;
-    Some((if negative { -magnitude } else { magnitude }, colon + 1))
+    Some((if negative { -expiry } else { expiry }, at + 1))
 }
 
 /// Compare-and-set on the version in the value's header.
@@ -133,18 +139,21 @@ impl Header {
     }
 
     /// The write token's 16 hex digits.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
     pub(crate) fn token_hex(&self) -> &[u8] {
         &self.buf[self.len - 17..self.len - 1]
     }
 }
 
 /// The header of a stored value: `<version>:<token as 16 hex digits>:`.
+#[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
 pub(crate) fn header(version: u64, token: u64) -> String {
     // Only ASCII digits, hex digits and colons.
     String::from_utf8_lossy(Header::new(version, token).as_bytes()).into_owned()
 }
 
 /// The stored value of a record: [`header`], then the payload byte for byte.
+#[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
 pub(crate) fn encode(record: &Record, token: u64) -> Vec<u8> {
     let header = Header::new(record.version(), token);
     let mut value = Vec::with_capacity(header.as_bytes().len() + record.data().len());
@@ -154,6 +163,7 @@ pub(crate) fn encode(record: &Record, token: u64) -> Vec<u8> {
 }
 
 /// The version and the payload of a stored value (the payload shares the value's buffer).
+#[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
 pub(crate) fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
     let (version, start) = parse_header(value)?;
     Ok((version, value.slice(start..)))
@@ -162,6 +172,7 @@ pub(crate) fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
 /// [`decode`] of the stored value that starts at `start` in `reply`, received as a `Vec`: the
 /// payload keeps the vector's buffer, without the shared-buffer allocation a slice of it would
 /// need.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
 pub(crate) fn decode_vec_from(reply: Vec<u8>, start: usize) -> Result<(u64, Bytes), &'static str> {
     let (version, len) = parse_header(reply.get(start..).unwrap_or_default())?;
     let mut data = Bytes::from(reply);
