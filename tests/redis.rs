@@ -572,3 +572,47 @@ async fn refresh_up_to_its_own_expiry_on_a_cluster() {
         );
     }
 }
+
+/// The command timeout alone bounds an operation: a command slower than the `redis` crate's
+/// default response timeout (500 ms) but within the command timeout succeeds, and one slower
+/// than the command timeout fails as unavailable, on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_timeout_bounds_each_operation() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]).await;
+    let id = Id::random();
+    let data = bytes::Bytes::from_static(b"{}");
+    let patient = RedisStore::builder()
+        .command_timeout(Duration::from_secs(5))
+        .open(server.url())
+        .await
+        .unwrap();
+    let hasty = RedisStore::builder()
+        .command_timeout(Duration::from_millis(300))
+        .open(server.url())
+        .await
+        .unwrap();
+    patient
+        .create(&Record::from_unix_ms(id, data, 1, now_ms() + 60_000))
+        .await
+        .unwrap();
+    for (store, sleep_ok) in [(&patient, true), (&hasty, false)] {
+        let port = server.port();
+        let sleeper = tokio::spawn(async move {
+            common::servers::redis_cli(port, &["debug", "sleep", "1.2"]).await
+        });
+        // Let the sleep start first.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let started = Instant::now();
+        let loaded = store.load(&id).await;
+        let took = started.elapsed();
+        if sleep_ok {
+            assert_eq!(loaded.unwrap().unwrap().version(), 1);
+            assert!(took >= Duration::from_millis(700), "{took:?}");
+        } else {
+            let err = loaded.unwrap_err();
+            assert!(err.is_unavailable(), "{err:?}");
+            assert!(took < Duration::from_millis(800), "{took:?}");
+        }
+        sleeper.await.unwrap();
+    }
+}

@@ -218,7 +218,8 @@ impl RedisStoreBuilder {
     }
 
     /// A store on an existing single-node `ConnectionManager` (with your own reconnection,
-    /// TLS and protocol settings).
+    /// TLS and protocol settings). Its own response timeout, if it has one (the `redis`
+    /// crate's default is 500 ms), applies within the command timeout.
     pub fn with_connection_manager(self, manager: ConnectionManager) -> RedisStore {
         self.build(Conn::Single(manager))
     }
