@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::servers::{Monitor, RedisServer, client_commands};
 use common::{Browser, Conn, serve};
 use hyper::StatusCode;
-use hyper_sessions::{Id, RedisStore, SessionLayer, SessionStore};
+use hyper_sessions::{Id, Record, RedisStore, Refresh, SessionLayer, SessionStore};
 
 /// A fresh server per test (they start in a few milliseconds).
 async fn single_node() -> (RedisStore, RedisServer) {
@@ -358,4 +358,261 @@ async fn redis_crash_and_restart() {
         .await
         .unwrap();
     common::faults::crash_and_restart(&SessionLayer::new(store), &mut server).await;
+}
+
+fn now_ms() -> u64 {
+    hyper_sessions::unix_ms(std::time::SystemTime::now())
+}
+
+/// The commands the store sent (the `INFO` of [`dirty`] left out).
+fn store_commands(seen: &[common::servers::Seen]) -> Vec<String> {
+    let mut sent = client_commands(seen);
+    sent.retain(|c| c != "INFO");
+    sent
+}
+
+/// The number of writes since the server started (with saving off, as here).
+async fn dirty(server: &RedisServer) -> u64 {
+    let info = server.cli(&["info", "persistence"]).await;
+    info.lines()
+        .find_map(|l| l.strip_prefix("rdb_changes_since_last_save:"))
+        .expect("INFO persistence lists the changes since the last save")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A refresh whose `if_before` is not below its new expiry is due exactly when the key expires
+/// before that expiry, which `PEXPIREAT … GT` decides alone: such a load (and a plain load) is
+/// a pipeline of plain commands, no script. The expiry only ever moves up, is written only when
+/// it moves, and a missing key is never revived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_up_to_its_own_expiry_is_plain_commands() {
+    let (store, server) = single_node().await;
+    let id = Id::random();
+    let key = store.key(&id);
+    let created = now_ms() + 10_000;
+    let data = bytes::Bytes::from_static(br#"{"d":{"n":1}}"#);
+    store
+        .create(&Record::from_unix_ms(id, data.clone(), 3, created))
+        .await
+        .unwrap();
+    let mut monitor = Monitor::start(&server).await;
+
+    // Plain load: GET + PEXPIRETIME; nothing written.
+    let before = dirty(&server).await;
+    let rec = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(
+        store_commands(&monitor.take().await),
+        ["GET", "PEXPIRETIME"]
+    );
+    assert_eq!(rec.expires_at_unix_ms(), created);
+    assert_eq!((rec.version(), rec.data()), (3, &data));
+
+    // Due (the key expires before the new expiry): moved, reported, stored.
+    let to = created + 60_000;
+    let rec = store
+        .load_refreshing(&id, Refresh::from_unix_ms(to, to))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store_commands(&monitor.take().await),
+        ["PEXPIREAT", "GET", "PEXPIRETIME"]
+    );
+    assert_eq!(rec.expires_at_unix_ms(), to);
+    assert_eq!((rec.version(), rec.data()), (3, &data));
+    assert_eq!(
+        server.cli(&["pexpiretime", &key]).await.trim(),
+        to.to_string()
+    );
+    assert_eq!(dirty(&server).await, before + 1, "one write: the expiry");
+
+    // Not due (an earlier expiry, or the same one again): never moved down, nothing written.
+    for earlier in [to - 30_000, to] {
+        let rec = store
+            .load_refreshing(&id, Refresh::from_unix_ms(earlier, earlier + 5_000))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.expires_at_unix_ms(), to);
+    }
+    assert_eq!(
+        server.cli(&["pexpiretime", &key]).await.trim(),
+        to.to_string()
+    );
+    assert_eq!(dirty(&server).await, before + 1, "a no-op refresh wrote");
+    monitor.take().await;
+
+    // A refresh that is never due (`if_before` 0): a plain load.
+    let rec = store
+        .load_refreshing(&id, Refresh::from_unix_ms(to + 1_000, 0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.expires_at_unix_ms(), to);
+    assert_eq!(
+        store_commands(&monitor.take().await),
+        ["GET", "PEXPIRETIME"]
+    );
+
+    // Past the latest expiry Redis accepts: clamped, as every write of this store is.
+    let max = 253_402_300_799_999;
+    let rec = store
+        .load_refreshing(&id, Refresh::from_unix_ms(u64::MAX - 1, u64::MAX))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.expires_at_unix_ms(), max);
+    assert_eq!(
+        server.cli(&["pexpiretime", &key]).await.trim(),
+        max.to_string()
+    );
+
+    // The same through the load script (`if_before` below the new expiry).
+    let id2 = Id::random();
+    store
+        .create(&Record::from_unix_ms(id2, data.clone(), 1, created))
+        .await
+        .unwrap();
+    let rec = store
+        .load_refreshing(&id2, Refresh::from_unix_ms(u64::MAX - 1, u64::MAX - 2))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.expires_at_unix_ms(), max);
+    assert_eq!((rec.version(), rec.data()), (1, &data));
+    assert_eq!(
+        store
+            .load(&id2)
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at_unix_ms(),
+        max
+    );
+}
+
+/// Missing keys, keys without an expiry and keys of another type, through the pipelines and
+/// through the load script: never revived, never given an expiry, corrupt where not missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_of_missing_and_foreign_keys() {
+    let (store, server) = single_node().await;
+    let to = now_ms() + 60_000;
+    let refresh = Refresh::from_unix_ms(to, to);
+    // A missing key stays missing.
+    let gone = Id::random();
+    for r in [refresh, Refresh::from_unix_ms(to, to - 1_000)] {
+        assert!(store.load_refreshing(&gone, r).await.unwrap().is_none());
+        assert_eq!(server.cli(&["exists", &store.key(&gone)]).await.trim(), "0");
+    }
+
+    // A key without an expiry (never written by this store) is corrupt, and keeps no expiry.
+    let bare = Id::random();
+    let bare_key = store.key(&bare);
+    server
+        .cli(&["set", &bare_key, r#"1:0000000000000001:{"d":{}}"#])
+        .await;
+    let err = store.load_refreshing(&bare, refresh).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    assert_eq!(server.cli(&["pttl", &bare_key]).await.trim(), "-1");
+    let err = store.load(&bare).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    let scripted = Refresh::from_unix_ms(to, to - 1_000);
+    let err = store.load_refreshing(&bare, scripted).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    assert_eq!(server.cli(&["pttl", &bare_key]).await.trim(), "-1");
+
+    // A key of another type is corrupt too.
+    let hash = Id::random();
+    server.cli(&["hset", &store.key(&hash), "d", "x"]).await;
+    let err = store.load_refreshing(&hash, refresh).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+}
+
+/// The same pipelines on a cluster: every command of one load goes to the key's node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_up_to_its_own_expiry_on_a_cluster() {
+    let cluster = common::servers::RedisCluster::shared().await;
+    let store = RedisStore::builder()
+        .key_prefix("gt:session:")
+        .open_cluster(cluster.urls())
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let id = Id::random();
+        let created = now_ms() + 10_000;
+        store
+            .create(&Record::from_unix_ms(
+                id,
+                bytes::Bytes::from_static(b"{}"),
+                1,
+                created,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.load(&id).await.unwrap().unwrap().expires_at_unix_ms(),
+            created
+        );
+        let to = created + 60_000;
+        let refresh = Refresh::from_unix_ms(to, to);
+        let rec = store.load_refreshing(&id, refresh).await.unwrap().unwrap();
+        assert_eq!(rec.expires_at_unix_ms(), to);
+        let lower = Refresh::from_unix_ms(to - 1_000, to);
+        let rec = store.load_refreshing(&id, lower).await.unwrap().unwrap();
+        assert_eq!(rec.expires_at_unix_ms(), to);
+        let gone = Id::random();
+        assert!(
+            store
+                .load_refreshing(&gone, refresh)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
+
+/// The command timeout alone bounds an operation: a command slower than the `redis` crate's
+/// default response timeout (500 ms) but within the command timeout succeeds, and one slower
+/// than the command timeout fails as unavailable, on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_timeout_bounds_each_operation() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]).await;
+    let id = Id::random();
+    let data = bytes::Bytes::from_static(b"{}");
+    let patient = RedisStore::builder()
+        .command_timeout(Duration::from_secs(5))
+        .open(server.url())
+        .await
+        .unwrap();
+    let hasty = RedisStore::builder()
+        .command_timeout(Duration::from_millis(300))
+        .open(server.url())
+        .await
+        .unwrap();
+    patient
+        .create(&Record::from_unix_ms(id, data, 1, now_ms() + 60_000))
+        .await
+        .unwrap();
+    for (store, sleep_ok) in [(&patient, true), (&hasty, false)] {
+        let port = server.port();
+        let sleeper = tokio::spawn(async move {
+            common::servers::redis_cli(port, &["debug", "sleep", "1.2"]).await
+        });
+        // Let the sleep start first.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let started = Instant::now();
+        let loaded = store.load(&id).await;
+        let took = started.elapsed();
+        if sleep_ok {
+            assert_eq!(loaded.unwrap().unwrap().version(), 1);
+            assert!(took >= Duration::from_millis(700), "{took:?}");
+        } else {
+            let err = loaded.unwrap_err();
+            assert!(err.is_unavailable(), "{err:?}");
+            assert!(took < Duration::from_millis(800), "{took:?}");
+        }
+        sleeper.await.unwrap();
+    }
 }

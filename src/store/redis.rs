@@ -1,21 +1,30 @@
 //! [`RedisStore`]: sessions in Redis, on one node or a Redis Cluster, with the `redis` crate.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::future::{Future, poll_fn};
+use std::io::Write;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
+use ::redis::aio::ConnectionLike;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Cmd, IntoConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation, Value};
-use bytes::Bytes;
+use ::redis::{
+    Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisResult, RedisWrite, Script, ToRedisArgs,
+    Value,
+};
 
 use crate::error::StoreError;
-use crate::id::Id;
+use crate::id::{ID_LEN, Id};
 use crate::record::{Record, from_unix_ms};
 use crate::store::redis_common::{
-    LOAD_LUA, SAVE_LUA, clamp_expiry_ms, decode, encode, expiry_ms, header,
+    Header, LOAD_PACKED_LUA, MAX_HEADER_LEN, SAVE_LUA, clamp_expiry_ms, decode_vec_from, expiry_ms,
+    split_packed,
 };
 use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 
@@ -27,7 +36,8 @@ use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 /// the expiry back from the key (`PEXPIRETIME`).
 ///
 /// # Round trips
-/// Every operation is one command, so one round trip per request kind the layer makes:
+/// Every operation is one round trip (one command, or one pipeline), so one round trip per
+/// request kind the layer makes:
 ///
 /// | request | commands |
 /// |---|---|
@@ -37,6 +47,13 @@ use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 /// | new session | `SET key value NX PXAT ms GET` |
 /// | destroy | `DEL` |
 /// | expiry refresh alone | `PEXPIREAT` |
+///
+/// Called directly, [`load`](SessionStore::load) is the pipeline `GET` + `PEXPIRETIME`, and
+/// [`load_refreshing`](SessionStore::load_refreshing) with a [`Refresh`] whose `if_before` is
+/// not below its new expiry is `PEXPIREAT key ms GT` + `GET` + `PEXPIRETIME`: `GT` alone decides
+/// such a refresh exactly (and writes nothing when the expiry does not move), and plain
+/// commands cost Redis several times less than a script. A refresh due only before an earlier
+/// instant than its new expiry needs a condition no plain command has, so it takes the script.
 ///
 /// A script missing from the server's cache (after a restart or `SCRIPT FLUSH`) costs one
 /// `SCRIPT LOAD` and a second `EVALSHA`, once.
@@ -96,8 +113,10 @@ pub struct RedisStore {
 struct Inner {
     prefix: String,
     timeout: Duration,
-    load: Script,
-    save: Script,
+    /// The SHA1 of [`LOAD_PACKED_LUA`], for `EVALSHA`.
+    load_sha: String,
+    /// The SHA1 of [`SAVE_LUA`].
+    save_sha: String,
     /// Write tokens: a random start, then one more per write.
     tokens: AtomicU64,
 }
@@ -165,7 +184,11 @@ impl RedisStoreBuilder {
             // Fail fast while Redis is down (one connection attempt per failed request), and
             // pick the connection up again on the first request after it is back.
             .set_number_of_retries(0)
-            .set_connection_timeout(Some(self.timeout));
+            .set_connection_timeout(Some(self.timeout))
+            // Each store operation is bounded by the command timeout as a whole; a second timer
+            // per command (the crate's default 500 ms response timeout) would only cost time
+            // and cut the command timeout short.
+            .set_response_timeout(None);
         let connect = ConnectionManager::new_with_config(client, config);
         let manager = tokio::time::timeout(self.timeout, connect)
             .await
@@ -195,7 +218,8 @@ impl RedisStoreBuilder {
     }
 
     /// A store on an existing single-node `ConnectionManager` (with your own reconnection,
-    /// TLS and protocol settings).
+    /// TLS and protocol settings). Its own response timeout, if it has one (the `redis`
+    /// crate's default is 500 ms), applies within the command timeout.
     pub fn with_connection_manager(self, manager: ConnectionManager) -> RedisStore {
         self.build(Conn::Single(manager))
     }
@@ -212,8 +236,8 @@ impl RedisStoreBuilder {
             inner: Arc::new(Inner {
                 prefix: self.prefix,
                 timeout: self.timeout,
-                load: Script::new(LOAD_LUA),
-                save: Script::new(SAVE_LUA),
+                load_sha: Script::new(LOAD_PACKED_LUA).get_hash().to_owned(),
+                save_sha: Script::new(SAVE_LUA).get_hash().to_owned(),
                 tokens: AtomicU64::new(start),
             }),
         }
@@ -264,10 +288,10 @@ impl RedisStore {
 
     /// Loads the scripts into the server's cache, so that the first requests need no reload.
     async fn preloaded(self) -> Result<RedisStore, StoreError> {
-        for source in [LOAD_LUA, SAVE_LUA] {
+        for source in [LOAD_PACKED_LUA, SAVE_LUA] {
             let mut cmd = ::redis::cmd("SCRIPT");
             cmd.arg("LOAD").arg(source);
-            self.run(Req::Cmd(cmd), true).await?;
+            self.run(Req::Cmd(&cmd), true).await?;
         }
         Ok(self)
     }
@@ -276,44 +300,121 @@ impl RedisStore {
         self.inner.tokens.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A command `name key`, with room for `more` further arguments of `bytes` bytes in all;
+    /// its buffers are reused (see [`PooledCmd`]).
+    fn keyed(&self, name: &str, id: &Id, more: usize, bytes: usize) -> PooledCmd {
+        let mut cmd = PooledCmd::with_capacity(
+            2 + more,
+            name.len() + self.inner.prefix.len() + ID_LEN + bytes,
+        );
+        cmd.arg(name).arg(self.key_arg(id));
+        cmd
+    }
+
+    /// `EVALSHA sha 1 key`, with room for `more` further arguments of `bytes` bytes in all;
+    /// its buffers are reused (see [`PooledCmd`]).
+    fn evalsha(&self, sha: &str, id: &Id, more: usize, bytes: usize) -> PooledCmd {
+        let mut cmd = PooledCmd::with_capacity(
+            4 + more,
+            7 + sha.len() + 1 + self.inner.prefix.len() + ID_LEN + bytes,
+        );
+        cmd.arg("EVALSHA").arg(sha).arg("1").arg(self.key_arg(id));
+        cmd
+    }
+
+    /// A command `name key` for a pipeline (which takes its commands by value).
+    fn keyed_owned(&self, name: &str, id: &Id) -> Cmd {
+        let mut cmd = Cmd::with_capacity(4, name.len() + self.inner.prefix.len() + ID_LEN + 24);
+        cmd.arg(name).arg(self.key_arg(id));
+        cmd
+    }
+
+    fn key_arg<'a>(&'a self, id: &Id) -> KeyArg<'a> {
+        KeyArg {
+            prefix: &self.inner.prefix,
+            id: *id,
+        }
+    }
+
     /// Runs one request, retried once on a broken connection when `retry` (the request is
     /// idempotent), all within the command timeout.
     async fn run(&self, req: Req<'_>, retry: bool) -> Result<Value, StoreError> {
-        let attempt = async {
-            match self.conn.exec(&req).await {
+        // Pinned where it is built: `tokio::time::timeout` would move the whole attempt (its
+        // size is mostly the redis crate's request future, over a kilobyte) into its own future.
+        let mut attempt = pin!(async {
+            // Not matched on directly: a scrutinee's temporaries (the first attempt's future)
+            // would stay alive, and in this future's size, through the second attempt.
+            let first = self.conn.exec(&req).await;
+            match first {
                 Err(e) if retry && (e.is_io_error() || e.is_connection_dropped()) => {
                     self.conn.exec(&req).await
                 }
                 other => other,
             }
-        };
-        tokio::time::timeout(self.inner.timeout, attempt)
-            .await
-            .map_err(|_| timed_out(self.inner.timeout))?
-            .map_err(store_error)
+        });
+        let mut deadline = pin!(tokio::time::sleep(self.inner.timeout));
+        poll_fn(|cx| {
+            if let Poll::Ready(done) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(done.map_err(store_error));
+            }
+            deadline
+                .as_mut()
+                .poll(cx)
+                .map(|()| Err(timed_out(self.inner.timeout)))
+        })
+        .await
     }
 
+    /// Loads a record, moving its expiry to `expires` (Unix ms) in the same round trip if it
+    /// expires before both `if_before` and `expires` (`0`: never).
+    ///
+    /// Redis commands can only move an expiry when it is below the new one (`GT`), so the
+    /// general condition takes the load script; a plain load (`GET` + `PEXPIRETIME`) and a
+    /// refresh whose `if_before` is not below `expires` (exactly `PEXPIREAT … GT`) are
+    /// pipelines of plain commands, several times cheaper for Redis than a script.
     async fn load_with(
         &self,
         id: &Id,
         if_before: u64,
         expires: u64,
     ) -> Result<Option<Record>, StoreError> {
-        let mut inv = self.inner.load.key(self.key(id));
-        inv.arg(if_before).arg(expires);
-        let reply = self.run(Req::Script(&inv), true).await?;
-        let (value, expires_ms) = match reply {
-            Value::Nil => return Ok(None),
-            Value::Array(parts) => match <[Value; 3]>::try_from(parts) {
-                Ok([Value::BulkString(v), Value::Int(e), Value::Int(len)])
-                    if usize::try_from(len).is_ok_and(|len| len == v.len()) =>
-                {
-                    (v, e)
+        let never = if_before == 0 || expires <= 1;
+        let (value, start, expires_ms) = if !never && if_before < expires {
+            let mut cmd = self.evalsha(&self.inner.load_sha, id, 2, 40);
+            cmd.arg(if_before).arg(expires);
+            match self.run(Req::Script(&cmd, LOAD_PACKED_LUA), true).await? {
+                Value::Nil => return Ok(None),
+                Value::BulkString(reply) => match split_packed(&reply) {
+                    Some((e, start)) => (reply, start, e),
+                    None => return Err(unexpected("load", &Value::BulkString(reply))),
+                },
+                other => return Err(unexpected("load", &other)),
+            }
+        } else {
+            let mut pipe = Pipeline::with_capacity(3);
+            if !never {
+                let mut cmd = self.keyed_owned("PEXPIREAT", id);
+                cmd.arg(expires).arg("GT");
+                pipe.add_command(cmd);
+            }
+            pipe.add_command(self.keyed_owned("GET", id));
+            pipe.add_command(self.keyed_owned("PEXPIRETIME", id));
+            let n = if never { 2 } else { 3 };
+            let parts = match self.run(Req::Pipe(&pipe, n), true).await? {
+                Value::Array(parts) if parts.len() == n => parts,
+                other => return Err(unexpected("load", &other)),
+            };
+            let mut parts = parts.into_iter().skip(n - 2);
+            match (parts.next(), parts.next()) {
+                // Missing, or deleted between the two commands.
+                (Some(Value::Nil), Some(Value::Int(_)))
+                | (Some(Value::BulkString(_)), Some(Value::Int(-2))) => return Ok(None),
+                (Some(Value::BulkString(v)), Some(Value::Int(e))) => (v, 0, e),
+                (get, ttl) => {
+                    let parts = get.into_iter().chain(ttl).collect();
+                    return Err(unexpected("load", &Value::Array(parts)));
                 }
-                Ok(other) => return Err(unexpected("load", &Value::Array(other.into()))),
-                Err(parts) => return Err(unexpected("load", &Value::Array(parts))),
-            },
-            other => return Err(unexpected("load", &other)),
+            }
         };
         let Ok(expires_ms) = u64::try_from(expires_ms) else {
             return Err(StoreError::corrupt(format!(
@@ -321,7 +422,7 @@ impl RedisStore {
                 self.key(id)
             )));
         };
-        let (version, data) = decode(&Bytes::from(value))
+        let (version, data) = decode_vec_from(value, start)
             .map_err(|e| StoreError::corrupt(format!("redis key {}: {e}", self.key(id))))?;
         let expires_at = from_unix_ms(expires_ms);
         // Redis's clock decided the key was live; ours has the last word.
@@ -332,31 +433,165 @@ impl RedisStore {
     }
 }
 
-/// A request: one command, or a script (`EVALSHA`, with a `SCRIPT LOAD` when the server does
-/// not have it cached).
+/// A command whose buffers go back to a small per-thread list when it is dropped, so that the
+/// next commands need no allocation (two per command otherwise, and as many frees). Commands
+/// sized over [`SPARE_CMD_BYTES`] are not kept, so what stays allocated is bounded.
+struct PooledCmd {
+    cmd: Cmd,
+    /// The bytes asked for this use: an upper bound of what the command holds.
+    bytes: usize,
+}
+
+/// Commands kept per thread.
+const SPARE_CMDS: usize = 4;
+/// The largest command kept, in bytes of arguments.
+const SPARE_CMD_BYTES: usize = 4096;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Cmd>> = const { RefCell::new(Vec::new()) };
+}
+
+impl PooledCmd {
+    fn with_capacity(args: usize, bytes: usize) -> PooledCmd {
+        let spare = if bytes <= SPARE_CMD_BYTES {
+            SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten()
+        } else {
+            None
+        };
+        let cmd = match spare {
+            Some(mut cmd) => {
+                cmd.clear();
+                cmd
+            }
+            // Room for the next uses too (small commands differ only a little in size).
+            None if bytes <= SPARE_CMD_BYTES => Cmd::with_capacity(args.max(10), bytes.max(256)),
+            None => Cmd::with_capacity(args, bytes),
+        };
+        PooledCmd { cmd, bytes }
+    }
+}
+
+impl std::ops::Deref for PooledCmd {
+    type Target = Cmd;
+    fn deref(&self) -> &Cmd {
+        &self.cmd
+    }
+}
+
+impl std::ops::DerefMut for PooledCmd {
+    fn deref_mut(&mut self) -> &mut Cmd {
+        &mut self.cmd
+    }
+}
+
+impl Drop for PooledCmd {
+    fn drop(&mut self) {
+        if self.bytes <= SPARE_CMD_BYTES {
+            let cmd = std::mem::take(&mut self.cmd);
+            // Gone while the thread exits: then the command is simply freed.
+            let _ = SPARE.try_with(|s| {
+                let mut spare = s.borrow_mut();
+                if spare.len() < SPARE_CMDS {
+                    spare.push(cmd);
+                }
+            });
+        }
+    }
+}
+
+/// A session's key as a command argument: the prefix and the id written straight into the
+/// command's buffer (no `String` per command).
+struct KeyArg<'a> {
+    prefix: &'a str,
+    id: Id,
+}
+
+impl ToRedisArgs for KeyArg<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut id = [0u8; ID_LEN];
+        self.id.encode(&mut id);
+        let mut arg = out.writer_for_next_arg();
+        // Writes into a command's buffer cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(&id);
+    }
+}
+
+/// A stored value as a command argument: the header, then the payload, written straight into
+/// the command's buffer.
+struct ValueArg<'a> {
+    header: &'a Header,
+    data: &'a [u8],
+}
+
+impl ToRedisArgs for ValueArg<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        // Writes into a command's buffer cannot fail.
+        let _ = arg.write_all(self.header.as_bytes());
+        let _ = arg.write_all(self.data);
+    }
+}
+
+/// A request: one command, a script call (`EVALSHA`, with a `SCRIPT LOAD` of the source and a
+/// second `EVALSHA` when the server does not have it cached), or a pipeline of `n` commands
+/// (answered as an array of their replies).
 enum Req<'a> {
-    Cmd(Cmd),
-    Script(&'a ScriptInvocation<'a>),
+    Cmd(&'a Cmd),
+    Script(&'a Cmd, &'static str),
+    Pipe(&'a Pipeline, usize),
 }
 
 impl Conn {
     async fn exec(&self, req: &Req<'_>) -> RedisResult<Value> {
-        match self {
-            Conn::Single(c) => {
-                let mut c = c.clone();
-                match req {
-                    Req::Cmd(cmd) => cmd.query_async(&mut c).await,
-                    Req::Script(inv) => inv.invoke_async(&mut c).await,
+        match *req {
+            Req::Cmd(cmd) => self.send(cmd).await,
+            Req::Script(cmd, source) => {
+                let first = self.send(cmd).await;
+                match first {
+                    Err(e)
+                        if e.kind()
+                            == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+                    {
+                        let mut load = ::redis::cmd("SCRIPT");
+                        load.arg("LOAD").arg(source);
+                        self.send(&load).await?;
+                        self.send(cmd).await
+                    }
+                    other => other,
                 }
             }
-            Conn::Cluster(c) => {
-                let mut c = c.clone();
-                match req {
-                    Req::Cmd(cmd) => cmd.query_async(&mut c).await,
-                    Req::Script(inv) => inv.invoke_async(&mut c).await,
+            Req::Pipe(pipe, n) => {
+                let mut replies = match self {
+                    Conn::Single(c) => c.clone().send_packed_commands(pipe, 0, n).await?,
+                    Conn::Cluster(c) => c.clone().req_packed_commands(pipe, 0, n).await?,
+                };
+                if let Some(i) = replies
+                    .iter()
+                    .position(|r| matches!(r, Value::ServerError(_)))
+                {
+                    return server_error(replies.swap_remove(i));
                 }
+                Ok(Value::Array(replies))
             }
         }
+    }
+
+    async fn send(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let reply = match self {
+            Conn::Single(c) => c.clone().send_packed_command(cmd).await?,
+            Conn::Cluster(c) => c.clone().req_packed_command(cmd).await?,
+        };
+        server_error(reply)
+    }
+}
+
+/// A reply that is a server error as an error. Only the top level is looked at (unlike
+/// `Value::extract_error`, which rebuilds every array): no reply these stores expect nests one.
+fn server_error(reply: Value) -> RedisResult<Value> {
+    match reply {
+        Value::ServerError(e) => Err(e.into()),
+        reply => Ok(reply),
     }
 }
 
@@ -434,19 +669,22 @@ impl SessionStore for RedisStore {
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
         let token = self.next_token();
-        let mut cmd = ::redis::cmd("SET");
-        cmd.arg(self.key(&record.id()))
-            .arg(encode(record, token))
-            .arg("NX")
-            .arg("PXAT")
-            .arg(expiry_ms(record.expires_at()))
-            .arg("GET");
-        match self.run(Req::Cmd(cmd), true).await {
+        let header = Header::new(record.version(), token);
+        let data = record.data();
+        let mut cmd = self.keyed("SET", &record.id(), 5, MAX_HEADER_LEN + data.len() + 32);
+        cmd.arg(ValueArg {
+            header: &header,
+            data,
+        })
+        .arg("NX")
+        .arg("PXAT")
+        .arg(expiry_ms(record.expires_at()))
+        .arg("GET");
+        match self.run(Req::Cmd(&cmd), true).await {
             Ok(Value::Nil | Value::Okay) => Ok(CreateOutcome::Created),
             Ok(Value::BulkString(old)) => {
                 // Our own write, applied by a first attempt whose reply was lost?
-                let mine = header(record.version(), token);
-                if old.starts_with(mine.as_bytes()) {
+                if old.starts_with(header.as_bytes()) {
                     Ok(CreateOutcome::Created)
                 } else {
                     Ok(CreateOutcome::IdTaken)
@@ -465,13 +703,23 @@ impl SessionStore for RedisStore {
         expected_version: u64,
     ) -> Result<SaveOutcome, StoreError> {
         let token = self.next_token();
-        let mut inv = self.inner.save.key(self.key(&record.id()));
-        inv.arg(expected_version)
+        let header = Header::new(record.version(), token);
+        let data = record.data();
+        let mut cmd = self.evalsha(
+            &self.inner.save_sha,
+            &record.id(),
+            5,
+            3 * 20 + 16 + MAX_HEADER_LEN + data.len(),
+        );
+        cmd.arg(expected_version)
             .arg(record.version())
             .arg(expiry_ms(record.expires_at()))
-            .arg(format!("{token:016x}"))
-            .arg(encode(record, token));
-        match self.run(Req::Script(&inv), true).await? {
+            .arg(header.token_hex())
+            .arg(ValueArg {
+                header: &header,
+                data,
+            });
+        match self.run(Req::Script(&cmd, SAVE_LUA), true).await? {
             Value::Int(0) => Ok(SaveOutcome::Missing),
             // The layer spreads out its retries after a conflict.
             Value::Int(1) => Ok(SaveOutcome::Conflict),
@@ -481,20 +729,63 @@ impl SessionStore for RedisStore {
     }
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
-        let mut cmd = ::redis::cmd("DEL");
-        cmd.arg(self.key(id));
-        match self.run(Req::Cmd(cmd), true).await? {
+        let cmd = self.keyed("DEL", id, 0, 0);
+        match self.run(Req::Cmd(&cmd), true).await? {
             Value::Int(_) => Ok(()),
             other => Err(unexpected("DEL", &other)),
         }
     }
 
     async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
-        let mut cmd = ::redis::cmd("PEXPIREAT");
-        cmd.arg(self.key(id)).arg(expiry_ms(expires_at));
-        match self.run(Req::Cmd(cmd), true).await? {
+        let mut cmd = self.keyed("PEXPIREAT", id, 1, 20);
+        cmd.arg(expiry_ms(expires_at));
+        match self.run(Req::Cmd(&cmd), true).await? {
             Value::Int(n) => Ok(n == 1),
             other => Err(unexpected("PEXPIREAT", &other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spare() -> usize {
+        SPARE.with_borrow(Vec::len)
+    }
+
+    #[test]
+    fn pooled_commands_are_reused_cleared_and_bounded() {
+        SPARE.with_borrow_mut(Vec::clear);
+        let build = |word: &str| {
+            let mut cmd = PooledCmd::with_capacity(2, 64);
+            cmd.arg("GET").arg(word);
+            cmd
+        };
+        let fresh = {
+            let mut cmd = Cmd::new();
+            cmd.arg("GET").arg("b");
+            cmd.get_packed_command()
+        };
+        drop(build("a long argument that is left behind"));
+        assert_eq!(spare(), 1);
+        let reused = build("b");
+        assert_eq!(spare(), 0, "the spare command was taken");
+        assert_eq!(
+            reused.get_packed_command(),
+            fresh,
+            "a reused command starts empty"
+        );
+        drop(reused);
+        // At most SPARE_CMDS kept.
+        let many: Vec<PooledCmd> = (0..SPARE_CMDS + 3).map(|_| build("x")).collect();
+        drop(many);
+        assert_eq!(spare(), SPARE_CMDS);
+        // Large commands are neither taken from nor given to the list.
+        let big = PooledCmd::with_capacity(2, SPARE_CMD_BYTES + 1);
+        assert_eq!(spare(), SPARE_CMDS);
+        SPARE.with_borrow_mut(Vec::clear);
+        drop(big);
+        assert_eq!(spare(), 0);
     }
 }

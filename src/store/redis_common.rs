@@ -21,6 +21,7 @@ pub(crate) const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
 /// the value in bytes}` (expiry `-1` for a key without one, which these stores never write).
 /// The length lets a reader check that the value arrived whole (Webdis's JSON cannot carry
 /// every byte string).
+#[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
 pub(crate) const LOAD_LUA: &str = r"
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
@@ -33,6 +34,45 @@ if e > 0 and e < b and e < n then
 end
 return {v, e, #v}
 ";
+
+/// [`LOAD_LUA`] answering in one bulk string, for the Redis store: `nil`, or
+/// `<expiry in Unix ms>:<value>` (expiry `-1` for a key without one). Over RESP a bulk string
+/// carries its length, and one string is several times cheaper for a client to parse than an
+/// array of three. The refresh is [`LOAD_LUA`]'s, line for line.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
+pub(crate) const LOAD_PACKED_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local e = redis.call('PEXPIRETIME', KEYS[1])
+local b = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+if e > 0 and e < b and e < n then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+  e = n
+end
+return string.format('%d:', e) .. v
+";
+
+/// Splits a [`LOAD_PACKED_LUA`] reply into the expiry (negative: none) and where the stored
+/// value starts.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
+pub(crate) fn split_packed(reply: &[u8]) -> Option<(i64, usize)> {
+    let negative = reply.first() == Some(&b'-');
+    let first = usize::from(negative);
+    let mut expiry: i64 = 0;
+    let mut at = first;
+    loop {
+        match *reply.get(at)? {
+            b':' if at > first => break,
+            d @ b'0'..=b'9' => {
+                expiry = expiry.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
+            }
+            _ => return None,
+        }
+        at += 1;
+    }
+    Some((if negative { -expiry } else { expiry }, at + 1))
+}
 
 /// Compare-and-set on the version in the value's header.
 ///
@@ -55,30 +95,103 @@ if v == ARGV[2] and t == ARGV[4] then return 2 end
 return 1
 ";
 
+/// The longest header: a 20-digit version, a colon, 16 hex digits, a colon.
+pub(crate) const MAX_HEADER_LEN: usize = 20 + 1 + 16 + 1;
+
+/// The header of a stored value, `<version>:<token as 16 hex digits>:`, in a fixed buffer
+/// (no formatting machinery, no allocation: it is built for every write).
+#[derive(Clone, Copy)]
+pub(crate) struct Header {
+    buf: [u8; MAX_HEADER_LEN],
+    len: usize,
+}
+
+impl Header {
+    pub(crate) fn new(version: u64, token: u64) -> Header {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; MAX_HEADER_LEN];
+        // The version's digits, last first, at the end of a scratch buffer.
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        let mut v = version;
+        loop {
+            start -= 1;
+            // `v % 10` is below 10.
+            digits[start] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        let n = digits.len() - start;
+        buf[..n].copy_from_slice(&digits[start..]);
+        buf[n] = b':';
+        for (i, slot) in buf[n + 1..n + 17].iter_mut().enumerate() {
+            *slot = HEX[usize::try_from((token >> (60 - 4 * i)) & 0xf).unwrap_or(0)];
+        }
+        buf[n + 17] = b':';
+        Header { buf, len: n + 18 }
+    }
+
+    /// The whole header.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The write token's 16 hex digits.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
+    pub(crate) fn token_hex(&self) -> &[u8] {
+        &self.buf[self.len - 17..self.len - 1]
+    }
+}
+
 /// The header of a stored value: `<version>:<token as 16 hex digits>:`.
+#[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
 pub(crate) fn header(version: u64, token: u64) -> String {
-    format!("{version}:{token:016x}:")
+    // Only ASCII digits, hex digits and colons.
+    String::from_utf8_lossy(Header::new(version, token).as_bytes()).into_owned()
 }
 
 /// The stored value of a record: [`header`], then the payload byte for byte.
+#[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
 pub(crate) fn encode(record: &Record, token: u64) -> Vec<u8> {
-    let header = header(record.version(), token);
-    let mut value = Vec::with_capacity(header.len() + record.data().len());
+    let header = Header::new(record.version(), token);
+    let mut value = Vec::with_capacity(header.as_bytes().len() + record.data().len());
     value.extend_from_slice(header.as_bytes());
     value.extend_from_slice(record.data());
     value
 }
 
 /// The version and the payload of a stored value (the payload shares the value's buffer).
+#[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
 pub(crate) fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
+    let (version, start) = parse_header(value)?;
+    Ok((version, value.slice(start..)))
+}
+
+/// [`decode`] of the stored value that starts at `start` in `reply`, received as a `Vec`: the
+/// payload keeps the vector's buffer, without the shared-buffer allocation a slice of it would
+/// need.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
+pub(crate) fn decode_vec_from(reply: Vec<u8>, start: usize) -> Result<(u64, Bytes), &'static str> {
+    let (version, len) = parse_header(reply.get(start..).unwrap_or_default())?;
+    let mut data = Bytes::from(reply);
+    bytes::Buf::advance(&mut data, start + len);
+    Ok((version, data))
+}
+
+/// The version in a stored value's header, and where the payload starts.
+fn parse_header(value: &[u8]) -> Result<(u64, usize), &'static str> {
     const BAD: &str = "value lacks the `<version>:<token>:` header of a session record";
     let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || digits > 20 || value.get(digits) != Some(&b':') {
         return Err(BAD);
     }
-    let version = std::str::from_utf8(&value[..digits])
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
+    let version = value[..digits]
+        .iter()
+        .try_fold(0u64, |v, d| {
+            v.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .ok_or(BAD)?;
     let token_end = digits + 1 + 16;
     let token_ok = value.len() > token_end
@@ -89,7 +202,7 @@ pub(crate) fn decode(value: &Bytes) -> Result<(u64, Bytes), &'static str> {
     if !token_ok {
         return Err(BAD);
     }
-    Ok((version, value.slice(token_end + 1..)))
+    Ok((version, token_end + 1))
 }
 
 /// An instant as a Redis expiry time (Unix ms, within what Redis accepts).
@@ -132,6 +245,76 @@ mod tests {
     }
 
     #[test]
+    fn header_matches_the_formatted_layout() {
+        for (version, token) in [
+            (0, 0),
+            (1, 1),
+            (9, 0xf),
+            (10, 0x0123_4567_89ab_cdef),
+            (u64::MAX, u64::MAX),
+            (1_234_567_890, 0xdead_beef),
+        ] {
+            let h = Header::new(version, token);
+            let want = format!("{version}:{token:016x}:");
+            assert_eq!(h.as_bytes(), want.as_bytes());
+            assert_eq!(h.token_hex(), format!("{token:016x}").as_bytes());
+            assert_eq!(header(version, token), want);
+        }
+        assert_eq!(Header::new(u64::MAX, 0).as_bytes().len(), MAX_HEADER_LEN);
+    }
+
+    #[test]
+    fn decode_vec_from_agrees_with_decode() {
+        let rec = Record::new(
+            Id::random(),
+            Bytes::from_static(b"{\"d\":{\"n\":1}}"),
+            7,
+            SystemTime::now(),
+        );
+        let value = encode(&rec, 0x1234);
+        let (v1, d1) = decode(&Bytes::from(value.clone())).unwrap();
+        let (v2, d2) = decode_vec_from(value, 0).unwrap();
+        assert_eq!((v1, &d1), (v2, &d2));
+        assert_eq!(d2, rec.data());
+        // A spare capacity changes nothing.
+        let mut spare = Vec::with_capacity(100);
+        spare.extend_from_slice(b"3:0000000000000001:x");
+        assert_eq!(
+            decode_vec_from(spare, 0).unwrap(),
+            (3, Bytes::from_static(b"x"))
+        );
+        assert!(decode_vec_from(b"x:0000000000000001:x".to_vec(), 0).is_err());
+    }
+
+    #[test]
+    fn packed_replies_split() {
+        assert_eq!(
+            split_packed(b"1732650000000:1:x"),
+            Some((1_732_650_000_000, 14))
+        );
+        assert_eq!(
+            split_packed(b"253402300799999:"),
+            Some((253_402_300_799_999, 16))
+        );
+        assert_eq!(split_packed(b"-1:1:0000000000000000:{}"), Some((-1, 3)));
+        for bad in [
+            &b""[..],
+            b":1:",
+            b"-:1",
+            b"12a:1",
+            b"1732650000000",
+            b"99999999999999999999:x",
+            b"123456789012345678901234:x",
+        ] {
+            assert_eq!(split_packed(bad), None, "{bad:?}");
+        }
+        let (v, d) = decode_vec_from(b"17:5:0000000000000001:{}".to_vec(), 3).unwrap();
+        assert_eq!((v, &d[..]), (5, &b"{}"[..]));
+        assert!(decode_vec_from(b"17:".to_vec(), 3).is_err());
+        assert!(decode_vec_from(b"17".to_vec(), 3).is_err());
+    }
+
+    #[test]
     fn foreign_values_are_refused() {
         for bad in [
             &b""[..],
@@ -145,6 +328,7 @@ mod tests {
             b"18446744073709551616:0000000000000000:{}",
         ] {
             assert!(decode(&Bytes::from_static(bad)).is_err(), "{bad:?}");
+            assert!(decode_vec_from(bad.to_vec(), 0).is_err(), "{bad:?}");
         }
     }
 
