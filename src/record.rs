@@ -447,6 +447,11 @@ mod parse {
         plain_run(s)
     }
 
+    #[cfg(test)]
+    pub(super) fn plain_values_for_tests(s: &[u8]) -> Option<Vec<(Text, Text)>> {
+        (Parser { s, pos: 0 }).plain_values()
+    }
+
     fn err(at: usize, what: &'static str) -> DecodeError {
         DecodeError::Syntax { at, what }
     }
@@ -455,6 +460,17 @@ mod parse {
         if let Err(e) = std::str::from_utf8(s) {
             return Err(err(e.valid_up_to(), "invalid UTF-8"));
         }
+        if let Some(values) = (Parser { s, pos: 0 }).plain_values() {
+            return Ok(SessionData {
+                values,
+                ..SessionData::default()
+            });
+        }
+        general(s)
+    }
+
+    /// The whole grammar of the payload, for what [`Parser::plain_values`] leaves.
+    pub(super) fn general(s: &[u8]) -> Result<SessionData, DecodeError> {
         let mut p = Parser { s, pos: 0 };
         let mut data = SessionData::default();
         let mut seen = [false; 4];
@@ -513,6 +529,59 @@ mod parse {
     }
 
     impl Parser<'_> {
+        /// The layout this crate writes for plain values, recognized in one pass: exactly
+        /// `{"d":{"key":value,...}}` with keys and string values that need no escapes, and
+        /// numbers or `true`/`false`/`null` as the other values. Anything else (whitespace,
+        /// escapes, nested values, the bookkeeping fields) answers `None` and goes to
+        /// [`general`], which accepts everything this accepts, with the same ranges (a test
+        /// checks it). The input is valid UTF-8 already.
+        fn plain_values(&mut self) -> Option<Vec<(Text, Text)>> {
+            const HEAD: &[u8] = b"{\"d\":{";
+            if !self.s.starts_with(HEAD) {
+                return None;
+            }
+            self.pos = HEAD.len();
+            let mut values = Vec::new();
+            if self.peek() == Some(b'}') {
+                self.pos += 1;
+            } else {
+                loop {
+                    let (key_start, key_end) = self.plain_string()?;
+                    if self.next() != Some(b':') {
+                        return None;
+                    }
+                    let start = self.pos;
+                    match self.peek()? {
+                        b'"' => {
+                            self.plain_string()?;
+                        }
+                        b't' => self.literal(b"true").ok()?,
+                        b'f' => self.literal(b"false").ok()?,
+                        b'n' => self.literal(b"null").ok()?,
+                        b'-' | b'0'..=b'9' => self.number().ok()?,
+                        _ => return None,
+                    }
+                    values.push((Text::At(key_start, key_end), Text::At(start, self.pos)));
+                    match self.next()? {
+                        b',' => {}
+                        b'}' => break,
+                        _ => return None,
+                    }
+                }
+            }
+            (self.next() == Some(b'}') && self.pos == self.s.len()).then_some(values)
+        }
+
+        /// A string without escapes or control bytes: the range of its content.
+        fn plain_string(&mut self) -> Option<(usize, usize)> {
+            if self.next() != Some(b'"') {
+                return None;
+            }
+            let start = self.pos;
+            self.pos += plain_run(&self.s[self.pos..]);
+            (self.next() == Some(b'"')).then_some((start, self.pos - 1))
+        }
+
         fn peek(&self) -> Option<u8> {
             self.s.get(self.pos).copied()
         }
@@ -953,6 +1022,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    #[allow(clippy::cast_possible_truncation)] // random indices from a u64
+    fn the_one_pass_reader_accepts_only_what_the_general_one_does_with_the_same_ranges() {
+        let seeds: [&[u8]; 5] = [
+            br#"{"d":{"count":12,"name":"ada","t":true,"f":false,"n":null}}"#,
+            br#"{"d":{"a":-0.5e+3,"b":0,"c":1E-2,"":"","z":"x y"}}"#,
+            br#"{"d":{}}"#,
+            "{\"d\":{\"ü\":\"東京\",\"k\":7}}".as_bytes(),
+            br#"{"d":{"b":1,"a":2,"a":3}}"#,
+        ];
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let alphabet = b"{}[]\",:\\ 0123456789.eE+-tfnulrsadx\x01\xc3\xa9";
+        let (mut plain, mut general) = (0, 0);
+        for i in 0..100_000 {
+            let mut input = seeds[i % seeds.len()].to_vec();
+            for _ in 0..(next() % 3) {
+                let at = (next() as usize) % (input.len() + 1);
+                let b = alphabet[(next() as usize) % alphabet.len()];
+                match next() % 3 {
+                    0 if at < input.len() => input[at] = b,
+                    1 if at < input.len() => {
+                        input.remove(at);
+                    }
+                    _ => input.insert(at, b),
+                }
+            }
+            if std::str::from_utf8(&input).is_err() {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&input);
+            let Some(fast) = parse::plain_values_for_tests(&input) else {
+                general += 1;
+                continue;
+            };
+            plain += 1;
+            let full = parse::general(&input)
+                .unwrap_or_else(|e| panic!("one-pass reader accepted {text:?}, refused: {e}"));
+            let ranges = |v: &[(Text, Text)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+                v.iter()
+                    .map(|(k, v)| {
+                        (
+                            text_bytes(&input, k).to_vec(),
+                            text_bytes(&input, v).to_vec(),
+                        )
+                    })
+                    .collect()
+            };
+            assert_eq!(ranges(&fast), ranges(&full.values), "{text:?}");
+            assert!(full.flash.is_empty() && full.expiry.is_none() && full.deadline.is_none());
+        }
+        // Both paths were exercised.
+        assert!(
+            plain > 10_000 && general > 10_000,
+            "{plain} one-pass, {general} general"
+        );
     }
 
     #[test]
