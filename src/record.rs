@@ -300,6 +300,13 @@ impl SessionData {
         self.find(key).ok().map(|i| self.text(&self.values[i].1))
     }
 
+    /// [`get`](SessionData::get) as bytes (no UTF-8 check: for readers that check as they go).
+    pub(crate) fn get_bytes(&self, key: &str) -> Option<&[u8]> {
+        self.find(key)
+            .ok()
+            .map(|i| self.raw_bytes(&self.values[i].1))
+    }
+
     pub(crate) fn contains(&self, key: &str) -> bool {
         self.find(key).is_ok()
     }

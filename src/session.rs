@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
@@ -63,9 +64,50 @@ struct Inner {
     cookie: CookieLookup,
     /// Serialises this handle's own store I/O (load, commit, destroy) so clones used
     /// concurrently within one request do not race each other. Per request, never shared.
-    io: tokio::sync::Mutex<()>,
+    io: IoLock,
     /// Never held across an `.await`.
     state: Mutex<State>,
+}
+
+/// An async lock without a queue of its own: a flag, and a `Notify` that only a waiting clone
+/// of the handle ever parks on (a request's clones rarely do I/O at the same time).
+#[derive(Default)]
+struct IoLock {
+    busy: AtomicBool,
+    released: tokio::sync::Notify,
+}
+
+/// Holds an [`IoLock`]; releasing wakes one waiter, if any.
+struct IoGuard<'a>(&'a IoLock);
+
+impl Drop for IoGuard<'_> {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Release);
+        self.0.released.notify_one();
+    }
+}
+
+impl IoLock {
+    fn try_lock(&self) -> Option<IoGuard<'_>> {
+        // `then`, not `then_some`: a guard made and dropped on failure would release the lock.
+        (!self.busy.swap(true, Ordering::Acquire)).then(|| IoGuard(self))
+    }
+
+    async fn lock(&self) -> IoGuard<'_> {
+        loop {
+            if let Some(guard) = self.try_lock() {
+                return guard;
+            }
+            let notified = std::pin::pin!(self.released.notified());
+            let mut notified = notified;
+            // Registered before the second look, so a release in between is not missed.
+            notified.as_mut().enable();
+            if let Some(guard) = self.try_lock() {
+                return guard;
+            }
+            notified.await;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -470,7 +512,7 @@ impl Session {
             inner: Arc::new(Inner {
                 shared,
                 cookie,
-                io: tokio::sync::Mutex::new(()),
+                io: IoLock::default(),
                 state: Mutex::new(state),
             }),
         }
@@ -569,10 +611,10 @@ impl Session {
         async move {
             self.ready().await?;
             let mut st = self.state();
-            let Some(raw) = st.data.get(key) else {
+            let Some(raw) = st.data.get_bytes(key) else {
                 return Ok(None);
             };
-            let value = serde_json::from_str(raw).map_err(serde_error)?;
+            let value = serde_json::from_slice(raw).map_err(serde_error)?;
             if st.data.is_flash(key) {
                 st.data.remove(key);
                 st.changes.push(Change::Remove(key.to_owned()));
@@ -834,12 +876,12 @@ impl Session {
         Ok(st.policy(self.config()))
     }
 
-    /// Serialises this handle's store I/O. Uncontended (the usual case) it is a `try_lock`;
+    /// Serialises this handle's store I/O. Uncontended (the usual case) it is one atomic swap;
     /// the waiting future is boxed so that it does not grow every commit's future.
-    async fn io_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    async fn io_lock(&self) -> IoGuard<'_> {
         match self.inner.io.try_lock() {
-            Ok(guard) => guard,
-            Err(_) => Box::pin(self.inner.io.lock()).await,
+            Some(guard) => guard,
+            None => Box::pin(self.inner.io.lock()).await,
         }
     }
 
@@ -961,5 +1003,40 @@ impl fmt::Debug for Session {
             .field("pending_changes", &st.changes.len())
             .field("destroyed", &st.destroyed)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn io_lock_admits_one_holder_at_a_time_and_wakes_every_waiter() {
+        let lock = Arc::new(IoLock::default());
+        let inside = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (lock, inside, done) = (lock.clone(), inside.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..200 {
+                    let _guard = lock.lock().await;
+                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                    tokio::task::yield_now().await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+        }
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("a waiter was never woken")
+                .unwrap();
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 16 * 200);
+        assert!(lock.try_lock().is_some(), "released at the end");
     }
 }
