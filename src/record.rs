@@ -585,7 +585,16 @@ mod parse {
                 return None;
             }
             let start = self.pos;
-            self.pos += plain_run(&self.s[self.pos..]);
+            // Keys and small values byte by byte; what runs past 16 bytes, eight at a time.
+            let short_end = self.s.len().min(start + 16);
+            let mut end = start;
+            while end < short_end && !matches!(self.s[end], b'"' | b'\\' | 0..0x20) {
+                end += 1;
+            }
+            if end == short_end {
+                end += plain_run(&self.s[end..]);
+            }
+            self.pos = end;
             (self.next() == Some(b'"')).then_some((start, self.pos - 1))
         }
 

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::{Config, Expiry};
 use crate::cookie::{CookieAction, CookieLookup};
-use crate::error::{Chain, Error, Kind};
+use crate::error::{Chain, Error, Kind, StoreError};
 use crate::id::Id;
 use crate::record::{Record, SessionData, from_unix_ms, unix_ms};
 use crate::store::{BoxFuture, CreateOutcome, DynStore, Refresh, SaveOutcome};
@@ -174,18 +174,31 @@ struct State {
 /// The future of [`Session::load`].
 struct Load<'a> {
     session: &'a Session,
-    store: Option<BoxFuture<'a, Option<Record>>>,
+    store: StoreCall<'a, Option<Record>>,
     now_ms: u64,
+}
+
+/// A store call: answered already (the memory store, or nothing to ask), or a future.
+enum StoreCall<'a, T> {
+    Done,
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    Ready(Result<T, StoreError>),
+    Waiting(BoxFuture<'a, T>),
 }
 
 impl Future for Load<'_> {
     type Output = Result<(), Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(store) = self.store.as_mut() else {
-            return Poll::Ready(Ok(()));
+        let answer = match &mut self.store {
+            StoreCall::Done => return Poll::Ready(Ok(())),
+            StoreCall::Waiting(store) => ready!(store.as_mut().poll(cx)),
+            StoreCall::Ready(_) => match std::mem::replace(&mut self.store, StoreCall::Done) {
+                StoreCall::Ready(answer) => answer,
+                StoreCall::Done | StoreCall::Waiting(_) => unreachable!("matched Ready"),
+            },
         };
-        let record = match ready!(store.as_mut().poll(cx)) {
+        let record = match answer {
             Ok(record) => record,
             Err(e) if e.is_corrupt() => {
                 log::error!(
@@ -195,11 +208,11 @@ impl Future for Load<'_> {
                 None
             }
             Err(e) => {
-                self.store = None;
+                self.store = StoreCall::Done;
                 return Poll::Ready(Err(e.into()));
             }
         };
-        self.store = None;
+        self.store = StoreCall::Done;
         let session = self.session;
         let mut st = session.state();
         st.install(record, session.config(), self.now_ms);
@@ -454,6 +467,35 @@ fn duration_ms(d: Duration) -> u64 {
         .saturating_add(u64::from(d.subsec_millis()))
 }
 
+/// `store.create`, called directly on the memory store (with the clock just read).
+async fn create(
+    store: &dyn DynStore,
+    record: &Record,
+    now_ms: u64,
+) -> Result<CreateOutcome, StoreError> {
+    #[cfg(feature = "memory")]
+    if let Some(memory) = store.as_memory() {
+        return memory.create_now(record, now_ms);
+    }
+    let _ = now_ms;
+    store.create(record).await
+}
+
+/// `store.save`, called directly on the memory store (with the clock just read).
+async fn save(
+    store: &dyn DynStore,
+    record: &Record,
+    expected: u64,
+    now_ms: u64,
+) -> Result<SaveOutcome, StoreError> {
+    #[cfg(feature = "memory")]
+    if let Some(memory) = store.as_memory() {
+        return Ok(memory.save_now(record, expected, now_ms));
+    }
+    let _ = now_ms;
+    store.save(record, expected).await
+}
+
 /// A random pause below 0.5 ms, doubled per attempt up to 32 ms.
 fn conflict_backoff(attempt: u32) -> Duration {
     let window_us = 500u64 << attempt.min(6);
@@ -573,10 +615,21 @@ impl Session {
         let now_ms = unix_ms(SystemTime::now());
         let store = match self.inner.cookie {
             CookieLookup::Found(id) => {
-                Some(self.store().load_refreshing(id, self.layer_refresh(now_ms)))
+                let refresh = self.layer_refresh(now_ms);
+                #[cfg(feature = "memory")]
+                if let Some(memory) = self.store().as_memory() {
+                    return Load {
+                        session: self,
+                        store: StoreCall::Ready(Ok(
+                            memory.load_refreshing_now(&id, refresh, now_ms)
+                        )),
+                        now_ms,
+                    };
+                }
+                StoreCall::Waiting(self.store().load_refreshing(id, refresh))
             }
             // `loaded` starts true for every other lookup.
-            _ => None,
+            _ => StoreCall::Done,
         };
         Load {
             session: self,
@@ -927,7 +980,7 @@ impl Session {
                     record,
                     applied,
                     replaces,
-                } => match store.create(record).await? {
+                } => match create(store, record, now).await? {
                     CreateOutcome::Created => {
                         self.state().stored_as(record, *applied, config, now);
                         if let Some(old) = replaces {
@@ -944,7 +997,7 @@ impl Session {
                     record,
                     expected,
                     applied,
-                } => match store.save(record, *expected).await? {
+                } => match save(store, record, *expected, now).await? {
                     SaveOutcome::Saved => {
                         self.state().stored_as(record, *applied, config, now);
                         return Ok(());

@@ -254,18 +254,15 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-impl SessionStore for MemoryStore {
-    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        let shard = self.shard(id);
-        Ok(shard
-            .get(id)
-            .filter(|e| e.live(now_ms()))
-            .map(|e| Record::from_unix_ms(*id, e.data.clone(), e.version, e.expires_ms)))
-    }
-
-    async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
+/// The operations' bodies: none of them waits, so the layer calls them directly for this store
+/// (see `DynStore::as_memory`) instead of boxing a future, with the clock it has just read.
+impl MemoryStore {
+    pub(crate) fn create_now(
+        &self,
+        record: &Record,
+        now_ms: u64,
+    ) -> Result<CreateOutcome, StoreError> {
         self.start_sweeper();
-        let now_ms = now_ms();
         let mut shard = self.shard(&record.id());
         if shard.get(&record.id()).is_some_and(|e| e.live(now_ms)) {
             return Ok(CreateOutcome::IdTaken);
@@ -287,25 +284,66 @@ impl SessionStore for MemoryStore {
         Ok(CreateOutcome::Created)
     }
 
+    pub(crate) fn save_now(
+        &self,
+        record: &Record,
+        expected_version: u64,
+        now_ms: u64,
+    ) -> SaveOutcome {
+        let mut shard = self.shard(&record.id());
+        match shard.get_mut(&record.id()) {
+            Some(e) if e.live(now_ms) => {
+                if e.version != expected_version {
+                    return SaveOutcome::Conflict;
+                }
+                e.version = record.version();
+                e.expires_ms = record.expires_at_unix_ms();
+                e.data = record.data().clone();
+                SaveOutcome::Saved
+            }
+            _ => SaveOutcome::Missing,
+        }
+    }
+
+    pub(crate) fn load_refreshing_now(
+        &self,
+        id: &Id,
+        refresh: Refresh,
+        now_ms: u64,
+    ) -> Option<Record> {
+        let mut shard = self.shard(id);
+        let e = shard.get_mut(id).filter(|e| e.live(now_ms))?;
+        if refresh.is_due(e.expires_ms) {
+            e.expires_ms = refresh.expires_at_unix_ms();
+        }
+        Some(Record::from_unix_ms(
+            *id,
+            e.data.clone(),
+            e.version,
+            e.expires_ms,
+        ))
+    }
+}
+
+impl SessionStore for MemoryStore {
+    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+        let shard = self.shard(id);
+        Ok(shard
+            .get(id)
+            .filter(|e| e.live(now_ms()))
+            .map(|e| Record::from_unix_ms(*id, e.data.clone(), e.version, e.expires_ms)))
+    }
+
+    async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
+        self.create_now(record, now_ms())
+    }
+
     async fn save(
         &self,
         record: &Record,
         expected_version: u64,
     ) -> Result<SaveOutcome, StoreError> {
-        let now_ms = now_ms();
-        let mut shard = self.shard(&record.id());
-        match shard.get_mut(&record.id()) {
-            Some(e) if e.live(now_ms) => {
-                if e.version != expected_version {
-                    return Ok(SaveOutcome::Conflict);
-                }
-                e.version = record.version();
-                e.expires_ms = record.expires_at_unix_ms();
-                e.data = record.data().clone();
-                Ok(SaveOutcome::Saved)
-            }
-            _ => Ok(SaveOutcome::Missing),
-        }
+        Ok(self.save_now(record, expected_version, now_ms()))
     }
 
     async fn load_refreshing(
@@ -313,20 +351,7 @@ impl SessionStore for MemoryStore {
         id: &Id,
         refresh: Refresh,
     ) -> Result<Option<Record>, StoreError> {
-        let now_ms = now_ms();
-        let mut shard = self.shard(id);
-        let Some(e) = shard.get_mut(id).filter(|e| e.live(now_ms)) else {
-            return Ok(None);
-        };
-        if refresh.is_due(e.expires_ms) {
-            e.expires_ms = refresh.expires_at_unix_ms();
-        }
-        Ok(Some(Record::from_unix_ms(
-            *id,
-            e.data.clone(),
-            e.version,
-            e.expires_ms,
-        )))
+        Ok(self.load_refreshing_now(id, refresh, now_ms()))
     }
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {

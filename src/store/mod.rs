@@ -255,6 +255,10 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn touch<'a>(&'a self, id: &'a Id, expires_at: SystemTime) -> BoxFuture<'a, bool>;
     /// Takes the id by value, so the caller need not keep it alive.
     fn load_refreshing(&self, id: Id, refresh: Refresh) -> BoxFuture<'_, Option<Record>>;
+    /// The memory store, whose operations never wait: the layer calls them directly rather
+    /// than boxing a future per call.
+    #[cfg(feature = "memory")]
+    fn as_memory(&self) -> Option<&crate::MemoryStore>;
 }
 
 impl<S: SessionStore> DynStore for S {
@@ -275,5 +279,9 @@ impl<S: SessionStore> DynStore for S {
     }
     fn load_refreshing(&self, id: Id, refresh: Refresh) -> BoxFuture<'_, Option<Record>> {
         Box::pin(async move { SessionStore::load_refreshing(self, &id, refresh).await })
+    }
+    #[cfg(feature = "memory")]
+    fn as_memory(&self) -> Option<&crate::MemoryStore> {
+        (self as &dyn std::any::Any).downcast_ref()
     }
 }
