@@ -35,11 +35,17 @@ trap cleanup EXIT
 
 # measure STORE COUNT BYTES: prints one result line.
 measure() {
-  local store=$1 count=$2 bytes=$3 extra=()
+  local store=$1 count=$2 bytes=$3 extra=() redis_pid=
   case $store in
     sqlite) rm -f "$work"/s.db*; extra=(--db "$work/s.db") ;;
     redis)
-      redis-cli -p "$REDIS_PORT" flushall >/dev/null
+      # A fresh Redis per measurement: one that held a million keys stays slower after a
+      # FLUSHALL (its allocator keeps the pages), which would blur the next rows.
+      taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --dir "$work" >/dev/null 2>&1 &
+      local redis_pid=$!
+      pids+=("$redis_pid")
+      until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
       extra=(--redis "redis://127.0.0.1:$REDIS_PORT") ;;
   esac
   local start=$SECONDS
@@ -57,14 +63,13 @@ measure() {
   out=$(taskset -c 1 wrk -t1 -c32 -d"$DURATION" -s "$DRIVER/pool.lua" "$url" -- "$work/pool" | grep '^RESULT')
   echo "SCALE $store sessions=$count value_bytes=$bytes prefill_s=$((SECONDS - start)) $out"
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  if [ -n "${redis_pid:-}" ]; then
+    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    wait "$redis_pid" 2>/dev/null || true
+  fi
 }
 
 for store in "${STORES[@]}"; do
-  if [ "$store" = redis ]; then
-    taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null 2>&1 &
-    pids+=("$!")
-    sleep 0.5
-  fi
   for n in $COUNTS; do measure "$store" "$n" 16; done
   for b in $SIZES; do measure "$store" 1000 "$b"; done
 done | tee "$work/out"
