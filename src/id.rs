@@ -42,23 +42,29 @@ pub(crate) const ID_LEN: usize = 36;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Each byte's value as a lowercase hex digit, or 0x10 and up for any other byte.
-#[allow(clippy::cast_possible_truncation)] // i < 16
-static HEX_VALUE: [u8; 256] = {
-    let mut table = [0xff_u8; 256];
-    let mut i = 0;
-    while i < 16 {
-        table[HEX[i] as usize] = i as u8;
-        i += 1;
+/// Decodes eight lowercase hex digits held in a `u64` (the first digit in the lowest byte),
+/// all bytes at once; `None` if any byte is not `0-9` or `a-f`.
+///
+/// Each byte's nibble is computed as if it were a digit (its low four bits, plus 9 for bytes
+/// with bit 6 set, as letters have); the byte was one exactly when that nibble is below 16 and
+/// writes back as the same byte.
+#[inline]
+fn hex8(x: u64) -> Option<u32> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let nibbles = (x & (ONES * 0x0f)) + ((x >> 6) & ONES) * 9;
+    // Back to text: '0' + n, plus 39 more (to 'a') where n >= 10. No byte carries into the next.
+    let letters = ((nibbles + ONES * 6) >> 4) & ONES;
+    let text = nibbles + ONES * u64::from(b'0') + letters * 39;
+    if text != x || nibbles & (ONES * 0xf0) != 0 {
+        return None;
     }
-    table
-};
-
-/// Where the 32 hex digits of the text form are, hyphens skipped.
-const DIGITS: [usize; 32] = [
-    0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 19, 20, 21, 22, 24, 25, 26, 27, 28, 29,
-    30, 31, 32, 33, 34, 35,
-];
+    // Gather: pairs of nibbles into bytes, pairs of bytes into u16s, then the u32.
+    let v = ((nibbles << 4) | (nibbles >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let v = ((v << 8) | (v >> 16)) & 0x0000_ffff_0000_ffff;
+    // The masks leave 16 bits in each half.
+    #[allow(clippy::cast_possible_truncation)]
+    Some(((v << 16) | (v >> 32)) as u32)
+}
 
 /// Random bytes from the OS for the next ids of this thread.
 struct RandomPool {
@@ -124,21 +130,20 @@ impl Id {
         if s[8] != b'-' || s[13] != b'-' || s[18] != b'-' || s[23] != b'-' {
             return Err(InvalidId(()));
         }
-        // A table lookup per digit; any byte that is not a digit sets a high bit in `bad`.
-        let (mut hi, mut lo, mut bad) = (0u64, 0u64, 0u8);
-        for &at in &DIGITS[..16] {
-            let v = HEX_VALUE[usize::from(s[at])];
-            bad |= v;
-            hi = (hi << 4) | u64::from(v);
-        }
-        for &at in &DIGITS[16..] {
-            let v = HEX_VALUE[usize::from(s[at])];
-            bad |= v;
-            lo = (lo << 4) | u64::from(v);
-        }
-        if bad > 0x0f {
+        // Four runs of eight hex digits, the hyphens skipped, decoded eight at a time.
+        let word = |at: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&s[at..at + 4]);
+            u64::from(u32::from_le_bytes(b))
+        };
+        let run = |a: usize, b: usize| hex8(word(a) | (word(b) << 32));
+        let (Some(p0), Some(p1), Some(p2), Some(p3)) =
+            (run(0, 4), run(9, 14), run(19, 24), run(28, 32))
+        else {
             return Err(InvalidId(()));
-        }
+        };
+        let hi = (u64::from(p0) << 32) | u64::from(p1);
+        let lo = (u64::from(p2) << 32) | u64::from(p3);
         // Version nibble 4 and RFC 4122 variant bits 10.
         if (hi >> 12) & 0xf != 4 || lo >> 62 != 0b10 {
             return Err(InvalidId(()));
