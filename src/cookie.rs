@@ -48,14 +48,13 @@ pub fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
             && let Some((b'=', value)) = trim_start(after).split_first()
         {
             let value = trim_start(value);
-            // The usual case, an id followed by the end or the next pair, needs no scan.
-            if let Some(candidate) = value.get(..ID_LEN)
-                && matches!(value.get(ID_LEN), None | Some(b';'))
-                && let Ok(id) = Id::parse_bytes(candidate)
-            {
-                return CookieLookup::Found(id);
-            }
-            let (value, next) = split_pair(value);
+            // A value of an id's length followed by the end or the next pair (the usual case)
+            // needs no scan for the `;`.
+            let (value, next) = match value.get(ID_LEN) {
+                None if value.len() == ID_LEN => (value, &[][..]),
+                Some(b';') => (&value[..ID_LEN], &value[ID_LEN + 1..]),
+                _ => split_pair(value),
+            };
             match Id::parse_bytes(trim(value)) {
                 Ok(id) => return CookieLookup::Found(id),
                 Err(_) => lookup = CookieLookup::Invalid,

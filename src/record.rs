@@ -944,28 +944,25 @@ mod tests {
 
     /// The hand-written reader against `serde_json` on mutated payloads: whatever it accepts is
     /// JSON with the same values, and whatever `serde_json` reads as a payload it accepts too.
-    #[test]
+    /// `count` inputs: the seeds in turn, each with fewer than `max_edits` random one-byte
+    /// replacements, removals or insertions of JSON-ish bytes (a fixed xorshift sequence).
     #[allow(clippy::cast_possible_truncation)] // random indices from a u64
-    fn agrees_with_serde_json() {
-        let seeds: [&[u8]; 6] = [
-            br#"{"d":{"count":1,"name":"ada","l":[1,2.5e-3,{"x":null}],"t":true}}"#,
-            br#"{"d":{"a\u00e9\n":"\"q\"","b":-0.0,"c":{}},"f":["b"],"a":1700000000000}"#,
-            br#" { "d" : { } , "x" : {"i":1000} } "#,
-            br#"{"d":{"e":[],"f":[[[]]],"g":"\ud83e\udd80 zurich"}}"#,
-            br#"{"d":{"n":123456789012345678901234567890,"m":1E+2}}"#,
-            "{\"d\":{\"ü\":\"東京\"}}".as_bytes(),
-        ];
-        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = || {
+    fn mutants<'a>(
+        seeds: &'a [&'a [u8]],
+        count: usize,
+        max_edits: u64,
+        mut rng: u64,
+    ) -> impl Iterator<Item = Vec<u8>> + 'a {
+        let alphabet = b"{}[]\",:\\ 0123456789.eE+-tfnulrsadx\x01\xc3\xa9";
+        let mut next = move || {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
             rng
         };
-        let alphabet = b"{}[]\",:\\ 0123456789.eE+-tfnulrsadx\x01\xc3\xa9";
-        for i in 0..60_000 {
+        (0..count).map(move |i| {
             let mut input = seeds[i % seeds.len()].to_vec();
-            for _ in 0..(next() % 4) {
+            for _ in 0..(next() % max_edits) {
                 let at = (next() as usize) % (input.len() + 1);
                 let b = alphabet[(next() as usize) % alphabet.len()];
                 match next() % 3 {
@@ -976,6 +973,21 @@ mod tests {
                     _ => input.insert(at, b),
                 }
             }
+            input
+        })
+    }
+
+    #[test]
+    fn agrees_with_serde_json() {
+        let seeds: [&[u8]; 6] = [
+            br#"{"d":{"count":1,"name":"ada","l":[1,2.5e-3,{"x":null}],"t":true}}"#,
+            br#"{"d":{"a\u00e9\n":"\"q\"","b":-0.0,"c":{}},"f":["b"],"a":1700000000000}"#,
+            br#" { "d" : { } , "x" : {"i":1000} } "#,
+            br#"{"d":{"e":[],"f":[[[]]],"g":"\ud83e\udd80 zurich"}}"#,
+            br#"{"d":{"n":123456789012345678901234567890,"m":1E+2}}"#,
+            "{\"d\":{\"ü\":\"東京\"}}".as_bytes(),
+        ];
+        for input in mutants(&seeds, 60_000, 4, 0x2545_f491_4f6c_dd1d) {
             let ours = decode(&input, 1 << 20);
             let theirs = serde_json::from_slice::<serde_json::Value>(&input);
             // A number too large for an f64 is valid JSON that serde_json's Value cannot hold;
@@ -1041,7 +1053,6 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::cast_possible_truncation)] // random indices from a u64
     fn the_one_pass_reader_accepts_only_what_the_general_one_does_with_the_same_ranges() {
         let seeds: [&[u8]; 5] = [
             br#"{"d":{"count":12,"name":"ada","t":true,"f":false,"n":null}}"#,
@@ -1050,28 +1061,8 @@ mod tests {
             "{\"d\":{\"ü\":\"東京\",\"k\":7}}".as_bytes(),
             br#"{"d":{"b":1,"a":2,"a":3}}"#,
         ];
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
-        let alphabet = b"{}[]\",:\\ 0123456789.eE+-tfnulrsadx\x01\xc3\xa9";
         let (mut plain, mut general) = (0, 0);
-        for i in 0..100_000 {
-            let mut input = seeds[i % seeds.len()].to_vec();
-            for _ in 0..(next() % 3) {
-                let at = (next() as usize) % (input.len() + 1);
-                let b = alphabet[(next() as usize) % alphabet.len()];
-                match next() % 3 {
-                    0 if at < input.len() => input[at] = b,
-                    1 if at < input.len() => {
-                        input.remove(at);
-                    }
-                    _ => input.insert(at, b),
-                }
-            }
+        for input in mutants(&seeds, 100_000, 3, 0x9e37_79b9_7f4a_7c15) {
             if std::str::from_utf8(&input).is_err() {
                 continue;
             }

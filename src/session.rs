@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -190,12 +190,16 @@ impl Future for Load<'_> {
     type Output = Result<(), Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let answer = match &mut self.store {
+        // Taken out, so that every way out of this poll but `Pending` leaves the load done.
+        let answer = match std::mem::replace(&mut self.store, StoreCall::Done) {
             StoreCall::Done => return Poll::Ready(Ok(())),
-            StoreCall::Waiting(store) => ready!(store.as_mut().poll(cx)),
-            StoreCall::Ready(_) => match std::mem::replace(&mut self.store, StoreCall::Done) {
-                StoreCall::Ready(answer) => answer,
-                StoreCall::Done | StoreCall::Waiting(_) => unreachable!("matched Ready"),
+            StoreCall::Ready(answer) => answer,
+            StoreCall::Waiting(mut store) => match store.as_mut().poll(cx) {
+                Poll::Ready(answer) => answer,
+                Poll::Pending => {
+                    self.store = StoreCall::Waiting(store);
+                    return Poll::Pending;
+                }
             },
         };
         let record = match answer {
@@ -207,12 +211,8 @@ impl Future for Load<'_> {
                 );
                 None
             }
-            Err(e) => {
-                self.store = StoreCall::Done;
-                return Poll::Ready(Err(e.into()));
-            }
+            Err(e) => return Poll::Ready(Err(e.into())),
         };
-        self.store = StoreCall::Done;
         let session = self.session;
         let mut st = session.state();
         st.install(record, session.config(), self.now_ms);
@@ -468,6 +468,7 @@ fn duration_ms(d: Duration) -> u64 {
 }
 
 /// `store.create`, called directly on the memory store (with the clock just read).
+#[cfg_attr(not(feature = "memory"), allow(unused_variables))]
 async fn create(
     store: &dyn DynStore,
     record: &Record,
@@ -477,11 +478,11 @@ async fn create(
     if let Some(memory) = store.as_memory() {
         return memory.create_now(record, now_ms);
     }
-    let _ = now_ms;
     store.create(record).await
 }
 
 /// `store.save`, called directly on the memory store (with the clock just read).
+#[cfg_attr(not(feature = "memory"), allow(unused_variables))]
 async fn save(
     store: &dyn DynStore,
     record: &Record,
@@ -492,7 +493,6 @@ async fn save(
     if let Some(memory) = store.as_memory() {
         return Ok(memory.save_now(record, expected, now_ms));
     }
-    let _ = now_ms;
     store.save(record, expected).await
 }
 
@@ -525,21 +525,53 @@ fn serde_error(e: serde_json::Error) -> Error {
 }
 
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Arc<str>, Error> {
-    // Most values are small: serialized on the stack, then copied once into their `Arc`.
-    let mut buf = [0u8; 64];
-    let mut rest = &mut buf[..];
-    match serde_json::to_writer(&mut rest, value) {
-        Ok(()) => {
-            let len = 64 - rest.len();
-            // serde_json writes UTF-8.
-            std::str::from_utf8(&buf[..len])
-                .map(Arc::from)
-                .map_err(|e| Error::with(Kind::Serde, e))
+    let mut out = JsonBuf {
+        stack: [0; 64],
+        len: 0,
+        heap: Vec::new(),
+    };
+    serde_json::to_writer(&mut out, value).map_err(serde_error)?;
+    // serde_json writes UTF-8.
+    std::str::from_utf8(out.bytes())
+        .map(Arc::from)
+        .map_err(|e| Error::with(Kind::Serde, e))
+}
+
+/// Where a value is serialized before it is copied once into its `Arc`: on the stack while it
+/// fits (most values are small), then in a `Vec` that takes over what was written so far.
+struct JsonBuf {
+    stack: [u8; 64],
+    len: usize,
+    heap: Vec<u8>,
+}
+
+impl JsonBuf {
+    fn bytes(&self) -> &[u8] {
+        if self.heap.is_empty() {
+            &self.stack[..self.len]
+        } else {
+            &self.heap
         }
-        Err(e) if e.is_io() => serde_json::to_string(value)
-            .map(Arc::from)
-            .map_err(serde_error),
-        Err(e) => Err(serde_error(e)),
+    }
+}
+
+impl std::io::Write for JsonBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.heap.is_empty() && self.len + data.len() <= self.stack.len() {
+            self.stack[self.len..self.len + data.len()].copy_from_slice(data);
+            self.len += data.len();
+        } else {
+            if self.heap.is_empty() {
+                self.heap.reserve(2 * (self.len + data.len()));
+                self.heap.extend_from_slice(&self.stack[..self.len]);
+            }
+            self.heap.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -1064,6 +1096,25 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
+
+    #[test]
+    fn values_serialize_as_serde_json_writes_them_across_the_stack_buffer_edge() {
+        for len in [0, 1, 61, 62, 63, 64, 65, 127, 4096] {
+            let value = "x".repeat(len);
+            let ours = to_json(&value).unwrap();
+            assert_eq!(&*ours, serde_json::to_string(&value).unwrap(), "{len}");
+        }
+        let nested = serde_json::json!({"a": vec!["b"; 40], "c": {"d": 1.5}});
+        assert_eq!(&*to_json(&nested).unwrap(), nested.to_string());
+    }
+
+    #[test]
+    fn a_value_that_does_not_serialize_is_a_serde_error() {
+        // JSON object keys must be strings.
+        let map = std::collections::BTreeMap::from([((1, 2), 3)]);
+        let err = to_json(&map).unwrap_err();
+        assert!(err.is_serde(), "{err}");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn io_lock_admits_one_holder_at_a_time_and_wakes_every_waiter() {

@@ -14,6 +14,24 @@ use crate::record::{Record, unix_ms};
 /// are stored as this one (Redis refuses expiry times that overflow its clock arithmetic).
 pub(crate) const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
 
+/// The body both load scripts share: the value `v` (or `nil` when missing) and its expiry `e`,
+/// moved to `ARGV[2]` first when it is before both `ARGV[1]` and `ARGV[2]`.
+macro_rules! load_and_refresh {
+    () => {
+        r"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local e = redis.call('PEXPIRETIME', KEYS[1])
+local b = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+if e > 0 and e < b and e < n then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+  e = n
+end
+"
+    };
+}
+
 /// Loads a record and, when asked and due, moves its expiry in the same call.
 ///
 /// `KEYS[1]` the key; `ARGV[1]` refresh only if the key expires before this (Unix ms; `0`: never);
@@ -22,36 +40,15 @@ pub(crate) const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
 /// The length lets a reader check that the value arrived whole (Webdis's JSON cannot carry
 /// every byte string).
 #[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
-pub(crate) const LOAD_LUA: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-local e = redis.call('PEXPIRETIME', KEYS[1])
-local b = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-if e > 0 and e < b and e < n then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-  e = n
-end
-return {v, e, #v}
-";
+pub(crate) const LOAD_LUA: &str = concat!(load_and_refresh!(), "return {v, e, #v}\n");
 
 /// [`LOAD_LUA`] answering in one bulk string, for the Redis store: `nil`, or
 /// `<expiry in Unix ms>:<value>` (expiry `-1` for a key without one). Over RESP a bulk string
 /// carries its length, and one string is several times cheaper for a client to parse than an
-/// array of three. The refresh is [`LOAD_LUA`]'s, line for line.
+/// array of three. The refresh is [`LOAD_LUA`]'s (the same source text).
 #[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
-pub(crate) const LOAD_PACKED_LUA: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-local e = redis.call('PEXPIRETIME', KEYS[1])
-local b = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-if e > 0 and e < b and e < n then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-  e = n
-end
-return string.format('%d:', e) .. v
-";
+pub(crate) const LOAD_PACKED_LUA: &str =
+    concat!(load_and_refresh!(), "return string.format('%d:', e) .. v\n");
 
 /// Splits a [`LOAD_PACKED_LUA`] reply into the expiry (negative: none) and where the stored
 /// value starts.
