@@ -133,7 +133,7 @@ pub use crate::service::{
     DEFAULT_MAX_RECORD_BYTES, ResponseFuture, SessionLayer, SessionLayerBuilder, SessionService,
 };
 pub use crate::session::Session;
-pub use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
+pub use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]

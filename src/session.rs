@@ -16,7 +16,7 @@ use crate::cookie::{CookieAction, CookieLookup};
 use crate::error::{Chain, Error, Kind, StoreError};
 use crate::id::Id;
 use crate::record::{Record, SessionData, from_unix_ms, unix_ms};
-use crate::store::{BoxFuture, CreateOutcome, DynStore, Refresh, SaveOutcome};
+use crate::store::{Call, CreateOutcome, DynStore, SaveOutcome};
 
 /// What every request of one layer shares: the store and the configuration.
 pub(crate) struct Shared {
@@ -174,16 +174,8 @@ struct State {
 /// The future of [`Session::load`].
 struct Load<'a> {
     session: &'a Session,
-    store: StoreCall<'a, Option<Record>>,
+    store: Option<Call<'a, Option<Record>>>,
     now_ms: u64,
-}
-
-/// A store call: answered already (the memory store, or nothing to ask), or a future.
-enum StoreCall<'a, T> {
-    Done,
-    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
-    Ready(Result<T, StoreError>),
-    Waiting(BoxFuture<'a, T>),
 }
 
 impl Future for Load<'_> {
@@ -191,16 +183,15 @@ impl Future for Load<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Taken out, so that every way out of this poll but `Pending` leaves the load done.
-        let answer = match std::mem::replace(&mut self.store, StoreCall::Done) {
-            StoreCall::Done => return Poll::Ready(Ok(())),
-            StoreCall::Ready(answer) => answer,
-            StoreCall::Waiting(mut store) => match store.as_mut().poll(cx) {
-                Poll::Ready(answer) => answer,
-                Poll::Pending => {
-                    self.store = StoreCall::Waiting(store);
-                    return Poll::Pending;
-                }
-            },
+        let Some(mut store) = self.store.take() else {
+            return Poll::Ready(Ok(()));
+        };
+        let answer = match Pin::new(&mut store).poll(cx) {
+            Poll::Ready(answer) => answer,
+            Poll::Pending => {
+                self.store = Some(store);
+                return Poll::Pending;
+            }
         };
         let record = match answer {
             Ok(record) => record,
@@ -234,7 +225,7 @@ enum Plan {
         applied: usize,
     },
     Delete(Id),
-    Touch(Id, u64),
+    Touch(Id, u64, u64),
 }
 
 /// The store's expiry is refreshed once this fraction of the idle window has passed.
@@ -377,7 +368,11 @@ impl State {
                 applied,
             });
         }
-        Ok(Plan::Touch(stored.id, self.target_expiry(config, now_ms)))
+        Ok(Plan::Touch(
+            stored.id,
+            stored.version,
+            self.target_expiry(config, now_ms),
+        ))
     }
 
     /// A record now holds the changes up to `applied`.
@@ -465,35 +460,6 @@ fn duration_ms(d: Duration) -> u64 {
     d.as_secs()
         .saturating_mul(1000)
         .saturating_add(u64::from(d.subsec_millis()))
-}
-
-/// `store.create`, called directly on the memory store (with the clock just read).
-#[cfg_attr(not(feature = "memory"), allow(unused_variables))]
-async fn create(
-    store: &dyn DynStore,
-    record: &Record,
-    now_ms: u64,
-) -> Result<CreateOutcome, StoreError> {
-    #[cfg(feature = "memory")]
-    if let Some(memory) = store.as_memory() {
-        return memory.create_now(record, now_ms);
-    }
-    store.create(record).await
-}
-
-/// `store.save`, called directly on the memory store (with the clock just read).
-#[cfg_attr(not(feature = "memory"), allow(unused_variables))]
-async fn save(
-    store: &dyn DynStore,
-    record: &Record,
-    expected: u64,
-    now_ms: u64,
-) -> Result<SaveOutcome, StoreError> {
-    #[cfg(feature = "memory")]
-    if let Some(memory) = store.as_memory() {
-        return Ok(memory.save_now(record, expected, now_ms));
-    }
-    store.save(record, expected).await
 }
 
 /// A random pause below 0.5 ms, doubled per attempt up to 32 ms.
@@ -645,37 +611,16 @@ impl Session {
     /// handle that load at the same time each ask the store; the first answer is installed.
     fn load(&self) -> Load<'_> {
         let now_ms = unix_ms(SystemTime::now());
-        let store = match self.inner.cookie {
-            CookieLookup::Found(id) => {
-                let refresh = self.layer_refresh(now_ms);
-                #[cfg(feature = "memory")]
-                if let Some(memory) = self.store().as_memory() {
-                    return Load {
-                        session: self,
-                        store: StoreCall::Ready(Ok(
-                            memory.load_refreshing_now(&id, refresh, now_ms)
-                        )),
-                        now_ms,
-                    };
-                }
-                StoreCall::Waiting(self.store().load_refreshing(id, refresh))
-            }
+        let store = match &self.inner.cookie {
+            CookieLookup::Found(id) => Some(self.store().load(id)),
             // `loaded` starts true for every other lookup.
-            _ => StoreCall::Done,
+            _ => None,
         };
         Load {
             session: self,
             store,
             now_ms,
         }
-    }
-
-    /// The refresh to ask of the store with a load, under the layer's policy (a session with
-    /// its own policy, or past its deadline, is corrected by a later touch or save).
-    fn layer_refresh(&self, now_ms: u64) -> Refresh {
-        let idle = duration_ms(self.config().expiry.idle_timeout());
-        let expires_ms = now_ms.saturating_add(idle);
-        Refresh::from_unix_ms(expires_ms, expires_ms - idle / u64::from(REFRESH_DIVISOR))
     }
 
     /// The value under `key`, deserialized as `T`, or `None` if there is none.
@@ -993,11 +938,13 @@ impl Session {
                     st.set_cookie = None;
                     return Ok(());
                 }
-                Plan::Touch(id, expires_ms) => {
+                Plan::Touch(id, expected, expires_ms) => {
                     let (id, expires_ms) = (*id, *expires_ms);
-                    let live = store.touch(&id, from_unix_ms(expires_ms)).await?;
+                    let outcome = store
+                        .touch(&id, *expected, from_unix_ms(expires_ms))
+                        .await?;
                     let mut st = self.state();
-                    if live {
+                    if outcome == SaveOutcome::Saved {
                         if let Some(stored) = &mut st.stored {
                             stored.expires_ms = expires_ms;
                         }
@@ -1012,7 +959,7 @@ impl Session {
                     record,
                     applied,
                     replaces,
-                } => match create(store, record, now).await? {
+                } => match store.create(record).await? {
                     CreateOutcome::Created => {
                         self.state().stored_as(record, *applied, config, now);
                         if let Some(old) = replaces {
@@ -1029,7 +976,7 @@ impl Session {
                     record,
                     expected,
                     applied,
-                } => match save(store, record, *expected, now).await? {
+                } => match store.save(record, *expected).await? {
                     SaveOutcome::Saved => {
                         self.state().stored_as(record, *applied, config, now);
                         return Ok(());

@@ -1,6 +1,7 @@
 //! [`MemoryStore`]: sessions in this process's memory, sharded, bounded and swept.
 
 use std::collections::HashMap;
+use std::collections::hash_map::{self, OccupiedEntry};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use crate::error::StoreError;
 use crate::id::Id;
 use crate::record::{Record, unix_ms};
-use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
+use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
 /// Sessions kept in this process's memory: fast, and gone when the process exits.
 ///
@@ -254,15 +255,44 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-/// The operations' bodies: none of them waits, so the layer calls them directly for this store
-/// (see `DynStore::as_memory`) instead of boxing a future, with the clock it has just read.
 impl MemoryStore {
-    pub(crate) fn create_now(
+    /// Runs `change` on the live entry with this id if its version is `expected`.
+    fn change_if(
         &self,
-        record: &Record,
-        now_ms: u64,
-    ) -> Result<CreateOutcome, StoreError> {
+        id: &Id,
+        expected: u64,
+        change: impl FnOnce(OccupiedEntry<'_, Id, Entry>),
+    ) -> SaveOutcome {
+        let mut shard = self.shard(id);
+        match shard.entry(*id) {
+            hash_map::Entry::Occupied(e) if e.get().live(now_ms()) => {
+                if e.get().version != expected {
+                    return SaveOutcome::Conflict;
+                }
+                change(e);
+                SaveOutcome::Saved
+            }
+            _ => SaveOutcome::Missing,
+        }
+    }
+}
+
+/// Every operation is one lock of one shard, never held across an `.await`: the store never
+/// waits, and the layer runs its operations in place.
+impl SessionStore for MemoryStore {
+    const NEVER_WAITS: bool = true;
+
+    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+        let shard = self.shard(id);
+        Ok(shard
+            .get(id)
+            .filter(|e| e.live(now_ms()))
+            .map(|e| Record::from_unix_ms(*id, e.data.clone(), e.version, e.expires_ms)))
+    }
+
+    async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
         self.start_sweeper();
+        let now_ms = now_ms();
         let mut shard = self.shard(&record.id());
         if shard.get(&record.id()).is_some_and(|e| e.live(now_ms)) {
             return Ok(CreateOutcome::IdTaken);
@@ -284,90 +314,39 @@ impl MemoryStore {
         Ok(CreateOutcome::Created)
     }
 
-    pub(crate) fn save_now(
-        &self,
-        record: &Record,
-        expected_version: u64,
-        now_ms: u64,
-    ) -> SaveOutcome {
-        let mut shard = self.shard(&record.id());
-        match shard.get_mut(&record.id()) {
-            Some(e) if e.live(now_ms) => {
-                if e.version != expected_version {
-                    return SaveOutcome::Conflict;
-                }
-                e.version = record.version();
-                e.expires_ms = record.expires_at_unix_ms();
-                e.data = record.data().clone();
-                SaveOutcome::Saved
-            }
-            _ => SaveOutcome::Missing,
-        }
-    }
-
-    pub(crate) fn load_refreshing_now(
-        &self,
-        id: &Id,
-        refresh: Refresh,
-        now_ms: u64,
-    ) -> Option<Record> {
-        let mut shard = self.shard(id);
-        let e = shard.get_mut(id).filter(|e| e.live(now_ms))?;
-        if refresh.is_due(e.expires_ms) {
-            e.expires_ms = refresh.expires_at_unix_ms();
-        }
-        Some(Record::from_unix_ms(
-            *id,
-            e.data.clone(),
-            e.version,
-            e.expires_ms,
-        ))
-    }
-}
-
-impl SessionStore for MemoryStore {
-    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        let shard = self.shard(id);
-        Ok(shard
-            .get(id)
-            .filter(|e| e.live(now_ms()))
-            .map(|e| Record::from_unix_ms(*id, e.data.clone(), e.version, e.expires_ms)))
-    }
-
-    async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
-        self.create_now(record, now_ms())
-    }
-
     async fn save(
         &self,
         record: &Record,
         expected_version: u64,
     ) -> Result<SaveOutcome, StoreError> {
-        Ok(self.save_now(record, expected_version, now_ms()))
+        let id = record.id();
+        Ok(self.change_if(&id, expected_version, |mut e| {
+            let e = e.get_mut();
+            e.version = record.version();
+            e.expires_ms = record.expires_at_unix_ms();
+            e.data = record.data().clone();
+        }))
     }
 
-    async fn load_refreshing(
+    async fn touch(
         &self,
         id: &Id,
-        refresh: Refresh,
-    ) -> Result<Option<Record>, StoreError> {
-        Ok(self.load_refreshing_now(id, refresh, now_ms()))
+        expected_version: u64,
+        expires_at: SystemTime,
+    ) -> Result<SaveOutcome, StoreError> {
+        Ok(self.change_if(id, expected_version, |mut e| {
+            e.get_mut().expires_ms = unix_ms(expires_at);
+        }))
+    }
+
+    async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+        Ok(self.change_if(id, expected_version, |e| {
+            e.remove();
+        }))
     }
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
         self.shard(id).remove(id);
         Ok(())
-    }
-
-    async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
-        let now_ms = now_ms();
-        let mut shard = self.shard(id);
-        match shard.get_mut(id) {
-            Some(e) if e.live(now_ms) => {
-                e.expires_ms = unix_ms(expires_at);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
     }
 }

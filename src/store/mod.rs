@@ -1,12 +1,13 @@
 //! The store contract ([`SessionStore`]) and the stores that ship with the crate.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 use crate::error::StoreError;
 use crate::id::Id;
-use crate::record::{Record, from_unix_ms, unix_ms};
+use crate::record::Record;
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
@@ -29,11 +30,12 @@ pub enum CreateOutcome {
     IdTaken,
 }
 
-/// What [`SessionStore::save`] did.
+/// What a conditional write ([`save`](SessionStore::save), [`touch`](SessionStore::touch),
+/// [`remove`](SessionStore::remove)) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SaveOutcome {
-    /// The stored version was the expected one; the record replaced it.
+    /// The stored version was the expected one; the change was made.
     Saved,
     /// The stored record has another version (someone saved in between); nothing was written.
     Conflict,
@@ -48,6 +50,10 @@ pub enum SaveOutcome {
 /// operation on one record; a store needs no locking across calls.
 ///
 /// # The contract
+/// Every change the layer makes to a record it loaded is conditional on the version it loaded,
+/// so that no acknowledged write is lost; the only unconditional change is `delete`, which is
+/// how a session is destroyed, and a destroyed session stays destroyed.
+///
 /// - **`load`** returns the live record, or `None` when there is none or it has expired
 ///   (`expires_at <= now`): an expired record is never returned, whether or not it has been
 ///   removed yet. (The middleware checks again, but a store must not rely on that.)
@@ -59,19 +65,23 @@ pub enum SaveOutcome {
 ///   version (`expected_version + 1`). Otherwise it writes nothing and answers
 ///   [`SaveOutcome::Conflict`] or [`SaveOutcome::Missing`]. A missing record is never
 ///   re-created by `save` (so a destroyed session stays destroyed).
-/// - **`delete`** removes the record if present; deleting a missing record succeeds.
-/// - **`touch`** moves a live record's expiry to `expires_at` without changing its data or
-///   version, and answers whether a live record was there. It never revives an expired one.
-/// - **`load_refreshing`** (provided) is `load` plus, when the live record expires before
-///   [`Refresh::if_before`] ([`Refresh::is_due`]), a `touch` to [`Refresh::expires_at`]; the record returned carries
-///   the expiry it has afterwards. The layer calls it for every load, so that an idle timeout
-///   slides on reads. The default makes two calls when a refresh is due; a store that can do
-///   both in one round trip (Redis `GETEX`, a Lua script) should override it.
+/// - **`touch`** moves a live record's expiry to `expires_at` if its version is
+///   `expected_version`, without changing its data or version; otherwise as `save`.
+/// - **`remove`** deletes a live record if its version is `expected_version`; otherwise as
+///   `save` (an emptied session, and the old id of a cycled one).
+/// - **`delete`** removes the record whatever its version (a destroyed session); deleting a
+///   missing record succeeds.
 /// - Failures are [`StoreError`]s with their cause: [`StoreError::unavailable`] for an
 ///   unreachable, slow or full store (the middleware answers 503 by default),
 ///   [`StoreError::corrupt`] for a record that cannot be read back (the middleware starts a
 ///   fresh session), [`StoreError::other`] for the rest. A store never reports success for a
-///   write it did not make.
+///   write it did not make, and never reports `Conflict` or `Missing` for a write it may have
+///   made: when the outcome of a write is unknown (its reply was lost), the answer is
+///   [`StoreError::unavailable`], and the layer answers 503 without replaying anything.
+///
+/// A store that answers every operation without waiting (in this process's memory, say) can set
+/// [`NEVER_WAITS`](SessionStore::NEVER_WAITS): the layer then runs its operations in place
+/// instead of boxing a future for each.
 ///
 /// Methods return `impl Future + Send`: implement them with `async fn` bodies or by returning
 /// an `async move` block; no `async-trait` is needed.
@@ -123,22 +133,45 @@ pub enum SaveOutcome {
 ///         }
 ///     }
 ///
-///     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
-///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
-///         map.remove(id);
-///         Ok(())
-///     }
-///
-///     async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
+///     async fn touch(
+///         &self,
+///         id: &Id,
+///         expected: u64,
+///         expires_at: SystemTime,
+///     ) -> Result<SaveOutcome, StoreError> {
 ///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
 ///         let now = SystemTime::now();
 ///         match map.get_mut(id) {
 ///             Some(r) if !r.is_expired_at(now) => {
+///                 if r.version() != expected {
+///                     return Ok(SaveOutcome::Conflict);
+///                 }
 ///                 *r = Record::new(r.id(), r.data().clone(), r.version(), expires_at);
-///                 Ok(true)
+///                 Ok(SaveOutcome::Saved)
 ///             }
-///             _ => Ok(false),
+///             _ => Ok(SaveOutcome::Missing),
 ///         }
+///     }
+///
+///     async fn remove(&self, id: &Id, expected: u64) -> Result<SaveOutcome, StoreError> {
+///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
+///         let now = SystemTime::now();
+///         match map.get(id) {
+///             Some(r) if !r.is_expired_at(now) => {
+///                 if r.version() != expected {
+///                     return Ok(SaveOutcome::Conflict);
+///                 }
+///                 map.remove(id);
+///                 Ok(SaveOutcome::Saved)
+///             }
+///             _ => Ok(SaveOutcome::Missing),
+///         }
+///     }
+///
+///     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
+///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
+///         map.remove(id);
+///         Ok(())
 ///     }
 /// }
 ///
@@ -147,6 +180,12 @@ pub enum SaveOutcome {
 /// # let _ = layer;
 /// ```
 pub trait SessionStore: Send + Sync + 'static {
+    /// Whether every operation of this store completes on its first poll, without waiting (an
+    /// in-process store whose operations take no lock across an `.await`). The layer then runs
+    /// them in place, without boxing a future per call. Default `false`. An operation of a
+    /// store that says `true` and then waits fails with an error rather than being waited for.
+    const NEVER_WAITS: bool = false;
+
     /// The live record with this id, or `None` if there is none or it has expired.
     fn load(&self, id: &Id) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
 
@@ -163,125 +202,112 @@ pub trait SessionStore: Send + Sync + 'static {
         expected_version: u64,
     ) -> impl Future<Output = Result<SaveOutcome, StoreError>> + Send;
 
-    /// Removes the record with this id, if any.
-    fn delete(&self, id: &Id) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Moves a live record's expiry; answers whether a live record was there.
+    /// Moves the expiry of the live record with this id if its version is `expected_version`.
     fn touch(
         &self,
         id: &Id,
+        expected_version: u64,
         expires_at: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<SaveOutcome, StoreError>> + Send;
 
-    /// Loads the live record and, if it expires before `refresh.if_before`, moves its expiry to
-    /// `refresh.expires_at`, returning the record with its new expiry.
-    fn load_refreshing(
+    /// Deletes the live record with this id if its version is `expected_version`.
+    fn remove(
         &self,
         id: &Id,
-        refresh: Refresh,
-    ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send {
-        async move {
-            let Some(record) = self.load(id).await? else {
-                return Ok(None);
-            };
-            if !refresh.is_due(record.expires_at_unix_ms()) {
-                return Ok(Some(record));
-            }
-            if !self.touch(id, refresh.expires_at()).await? {
-                // Deleted or expired between the two calls.
-                return Ok(None);
-            }
-            Ok(Some(record.with_expires_at(refresh.expires_at())))
+        expected_version: u64,
+    ) -> impl Future<Output = Result<SaveOutcome, StoreError>> + Send;
+
+    /// Removes the record with this id whatever its version, if there is one.
+    fn delete(&self, id: &Id) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A store operation under way: answered in place (a store that never waits), or a boxed
+/// future.
+pub(crate) enum Call<'a, T> {
+    Ready(Option<Result<T, StoreError>>),
+    Waiting(BoxFuture<'a, T>),
+}
+
+// Nothing in a `Call` is pinned in place: the boxed future is pinned in its box.
+impl<T> Unpin for Call<'_, T> {}
+
+impl<T> Future for Call<'_, T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            Call::Ready(answer) => Poll::Ready(answer.take().unwrap_or_else(|| {
+                Err(StoreError::other(
+                    "store operation polled after it completed",
+                ))
+            })),
+            Call::Waiting(future) => future.as_mut().poll(cx),
         }
     }
 }
 
-/// The expiry refresh asked of [`SessionStore::load_refreshing`]: move the record's expiry to
-/// [`expires_at`](Refresh::expires_at) if it expires before [`if_before`](Refresh::if_before).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refresh {
-    expires_ms: u64,
-    if_before_ms: u64,
-}
-
-impl Refresh {
-    /// A refresh to `expires_at` of a record that expires before `if_before`.
-    pub fn new(expires_at: SystemTime, if_before: SystemTime) -> Self {
-        Refresh::from_unix_ms(unix_ms(expires_at), unix_ms(if_before))
+/// Starts an operation of a store: in place when the store never waits, else boxed.
+fn call<'a, T, F>(never_waits: bool, operation: F) -> Call<'a, T>
+where
+    F: Future<Output = Result<T, StoreError>> + Send + 'a,
+{
+    if !never_waits {
+        return Call::Waiting(Box::pin(operation));
     }
-
-    /// [`Refresh::new`] with instants in milliseconds since the Unix epoch.
-    pub fn from_unix_ms(expires_at_unix_ms: u64, if_before_unix_ms: u64) -> Self {
-        Refresh {
-            expires_ms: expires_at_unix_ms,
-            if_before_ms: if_before_unix_ms,
-        }
-    }
-
-    /// The expiry to give the record.
-    pub fn expires_at(&self) -> SystemTime {
-        from_unix_ms(self.expires_ms)
-    }
-
-    /// Refresh only a record that expires before this instant.
-    pub fn if_before(&self) -> SystemTime {
-        from_unix_ms(self.if_before_ms)
-    }
-
-    /// [`expires_at`](Refresh::expires_at) in milliseconds since the Unix epoch.
-    pub fn expires_at_unix_ms(&self) -> u64 {
-        self.expires_ms
-    }
-
-    /// [`if_before`](Refresh::if_before) in milliseconds since the Unix epoch.
-    pub fn if_before_unix_ms(&self) -> u64 {
-        self.if_before_ms
-    }
-
-    /// Whether a record expiring at `expires_at_unix_ms` is due for this refresh.
-    pub fn is_due(&self, expires_at_unix_ms: u64) -> bool {
-        expires_at_unix_ms < self.if_before_ms && expires_at_unix_ms < self.expires_ms
+    let mut operation = pin!(operation);
+    match operation
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(answer) => Call::Ready(Some(answer)),
+        Poll::Pending => Call::Ready(Some(Err(StoreError::other(
+            "a store that declares NEVER_WAITS waited",
+        )))),
     }
 }
-
-pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// The object-safe twin of [`SessionStore`], so that `Session` need not be generic.
 pub(crate) trait DynStore: Send + Sync + 'static {
-    fn load<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, Option<Record>>;
-    fn create<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, CreateOutcome>;
-    fn save<'a>(&'a self, record: &'a Record, expected: u64) -> BoxFuture<'a, SaveOutcome>;
-    fn delete<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, ()>;
-    fn touch<'a>(&'a self, id: &'a Id, expires_at: SystemTime) -> BoxFuture<'a, bool>;
-    /// Takes the id by value, so the caller need not keep it alive.
-    fn load_refreshing(&self, id: Id, refresh: Refresh) -> BoxFuture<'_, Option<Record>>;
-    /// The memory store, whose operations never wait: the layer calls them directly rather
-    /// than boxing a future per call.
-    #[cfg(feature = "memory")]
-    fn as_memory(&self) -> Option<&crate::MemoryStore>;
+    fn load<'a>(&'a self, id: &'a Id) -> Call<'a, Option<Record>>;
+    fn create<'a>(&'a self, record: &'a Record) -> Call<'a, CreateOutcome>;
+    fn save<'a>(&'a self, record: &'a Record, expected: u64) -> Call<'a, SaveOutcome>;
+    fn touch<'a>(
+        &'a self,
+        id: &'a Id,
+        expected: u64,
+        expires_at: SystemTime,
+    ) -> Call<'a, SaveOutcome>;
+    fn remove<'a>(&'a self, id: &'a Id, expected: u64) -> Call<'a, SaveOutcome>;
+    fn delete<'a>(&'a self, id: &'a Id) -> Call<'a, ()>;
 }
 
 impl<S: SessionStore> DynStore for S {
-    fn load<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, Option<Record>> {
-        Box::pin(SessionStore::load(self, id))
+    fn load<'a>(&'a self, id: &'a Id) -> Call<'a, Option<Record>> {
+        call(S::NEVER_WAITS, SessionStore::load(self, id))
     }
-    fn create<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, CreateOutcome> {
-        Box::pin(SessionStore::create(self, record))
+    fn create<'a>(&'a self, record: &'a Record) -> Call<'a, CreateOutcome> {
+        call(S::NEVER_WAITS, SessionStore::create(self, record))
     }
-    fn save<'a>(&'a self, record: &'a Record, expected: u64) -> BoxFuture<'a, SaveOutcome> {
-        Box::pin(SessionStore::save(self, record, expected))
+    fn save<'a>(&'a self, record: &'a Record, expected: u64) -> Call<'a, SaveOutcome> {
+        call(S::NEVER_WAITS, SessionStore::save(self, record, expected))
     }
-    fn delete<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, ()> {
-        Box::pin(SessionStore::delete(self, id))
+    fn touch<'a>(
+        &'a self,
+        id: &'a Id,
+        expected: u64,
+        expires_at: SystemTime,
+    ) -> Call<'a, SaveOutcome> {
+        call(
+            S::NEVER_WAITS,
+            SessionStore::touch(self, id, expected, expires_at),
+        )
     }
-    fn touch<'a>(&'a self, id: &'a Id, expires_at: SystemTime) -> BoxFuture<'a, bool> {
-        Box::pin(SessionStore::touch(self, id, expires_at))
+    fn remove<'a>(&'a self, id: &'a Id, expected: u64) -> Call<'a, SaveOutcome> {
+        call(S::NEVER_WAITS, SessionStore::remove(self, id, expected))
     }
-    fn load_refreshing(&self, id: Id, refresh: Refresh) -> BoxFuture<'_, Option<Record>> {
-        Box::pin(async move { SessionStore::load_refreshing(self, &id, refresh).await })
-    }
-    #[cfg(feature = "memory")]
-    fn as_memory(&self) -> Option<&crate::MemoryStore> {
-        (self as &dyn std::any::Any).downcast_ref()
+    fn delete<'a>(&'a self, id: &'a Id) -> Call<'a, ()> {
+        call(S::NEVER_WAITS, SessionStore::delete(self, id))
     }
 }
