@@ -107,8 +107,8 @@ pub fn from_unix_ms(ms: u64) -> SystemTime {
 
 /// The decoded session payload: the user's values plus the middleware's bookkeeping.
 ///
-/// Encoded as a JSON object: `{"d":{key: value, ...}, "f":[flash keys], "x":{...}, "a":deadline}`,
-/// where only `d` is always present. Decoding is zero-copy: keys and values that need no
+/// Encoded as a JSON object: `{"d":{key: value, ...}, "f":[flash keys], "x":{...}, "c":created}`,
+/// where only `d` is always present (`c`, the creation time, is written for every session). Decoding is zero-copy: keys and values that need no
 /// unescaping stay slices of the stored bytes (shared, reference-counted), so loading a session
 /// allocates one small vector however many values it holds, and each value is parsed only when
 /// it is read.
@@ -122,8 +122,8 @@ pub(crate) struct SessionData {
     pub(crate) flash: Vec<String>,
     /// This session's own expiry policy, overriding the layer's.
     pub(crate) expiry: Option<Expiry>,
-    /// The absolute deadline (Unix ms) when the layer has an absolute lifetime.
-    pub(crate) deadline: Option<u64>,
+    /// When the session was created (Unix ms): the start of the layer's absolute lifetime.
+    pub(crate) created: Option<u64>,
 }
 
 /// A string held either as a range of the stored bytes or on its own.
@@ -249,9 +249,9 @@ impl SessionData {
             out.extend_from_slice(b",\"x\":");
             let _ = serde_json::to_writer(&mut out, expiry);
         }
-        if let Some(deadline) = self.deadline {
-            out.extend_from_slice(b",\"a\":");
-            out.extend_from_slice(deadline.to_string().as_bytes());
+        if let Some(created) = self.created {
+            out.extend_from_slice(b",\"c\":");
+            out.extend_from_slice(itoa::Buffer::new().format(created).as_bytes());
         }
         out.push(b'}');
         debug_assert!(self.exact_len().is_none_or(|n| n == out.len()));
@@ -261,10 +261,14 @@ impl SessionData {
     /// The encoded size when it is cheap to know exactly: only values, and keys that need no
     /// escaping (the usual case).
     fn exact_len(&self) -> Option<usize> {
-        if !self.flash.is_empty() || self.expiry.is_some() || self.deadline.is_some() {
+        if !self.flash.is_empty() || self.expiry.is_some() {
             return None;
         }
         let mut len = b"{\"d\":{}}".len() + self.values.len().saturating_sub(1);
+        if let Some(created) = self.created {
+            // `,"c":` and the digits.
+            len += 5 + itoa::Buffer::new().format(created).len();
+        }
         for (k, v) in &self.values {
             let key = self.raw_bytes(k);
             if let Text::Own(_) = k
@@ -396,7 +400,7 @@ impl SessionData {
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.flash == other.flash
             && self.expiry == other.expiry
-            && self.deadline == other.deadline
+            && self.created == other.created
             && self.values.len() == other.values.len()
             && self
                 .values
@@ -455,7 +459,7 @@ mod parse {
     }
 
     #[cfg(test)]
-    pub(super) fn plain_values_for_tests(s: &[u8]) -> Option<Vec<(Text, Text)>> {
+    pub(super) fn plain_values_for_tests(s: &[u8]) -> Option<(Vec<(Text, Text)>, Option<u64>)> {
         (Parser { s, pos: 0 }).plain_values()
     }
 
@@ -467,9 +471,10 @@ mod parse {
         if let Err(e) = std::str::from_utf8(s) {
             return Err(err(e.valid_up_to(), "invalid UTF-8"));
         }
-        if let Some(values) = (Parser { s, pos: 0 }).plain_values() {
+        if let Some((values, created)) = (Parser { s, pos: 0 }).plain_values() {
             return Ok(SessionData {
                 values,
+                created,
                 ..SessionData::default()
             });
         }
@@ -495,7 +500,7 @@ mod parse {
                 (b"d", false) => 0,
                 (b"f", false) => 1,
                 (b"x", false) => 2,
-                (b"a", false) => 3,
+                (b"c", false) => 3,
                 _ => return Err(err(at, "unknown field")),
             };
             if seen[slot] {
@@ -515,7 +520,7 @@ mod parse {
                 match slot {
                     1 => data.flash = serde_json::from_slice(raw).map_err(bad)?,
                     2 => data.expiry = Some(serde_json::from_slice(raw).map_err(bad)?),
-                    _ => data.deadline = Some(serde_json::from_slice(raw).map_err(bad)?),
+                    _ => data.created = Some(serde_json::from_slice(raw).map_err(bad)?),
                 }
             }
             p.ws();
@@ -537,12 +542,13 @@ mod parse {
 
     impl Parser<'_> {
         /// The layout this crate writes for plain values, recognized in one pass: exactly
-        /// `{"d":{"key":value,...}}` with keys and string values that need no escapes, and
+        /// `{"d":{"key":value,...}}`, or the same with `,"c":<digits>` before the last `}`, with
+        /// keys and string values that need no escapes, and
         /// numbers or `true`/`false`/`null` as the other values. Anything else (whitespace,
         /// escapes, nested values, the bookkeeping fields) answers `None` and goes to
         /// [`general`], which accepts everything this accepts, with the same ranges (a test
         /// checks it). The input is valid UTF-8 already.
-        fn plain_values(&mut self) -> Option<Vec<(Text, Text)>> {
+        fn plain_values(&mut self) -> Option<(Vec<(Text, Text)>, Option<u64>)> {
             const HEAD: &[u8] = b"{\"d\":{";
             if !self.s.starts_with(HEAD) {
                 return None;
@@ -576,7 +582,24 @@ mod parse {
                     }
                 }
             }
-            (self.next() == Some(b'}') && self.pos == self.s.len()).then_some(values)
+            let created = if self.s[self.pos..].starts_with(b",\"c\":") {
+                self.pos += 5;
+                let digits = &self.s[self.pos..];
+                let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+                // No leading zero (as JSON), and no more digits than a u64 holds.
+                if n == 0 || n > 19 || (n > 1 && digits[0] == b'0') {
+                    return None;
+                }
+                self.pos += n;
+                Some(
+                    digits[..n]
+                        .iter()
+                        .fold(0u64, |v, d| v * 10 + u64::from(d - b'0')),
+                )
+            } else {
+                None
+            };
+            (self.next() == Some(b'}') && self.pos == self.s.len()).then_some((values, created))
         }
 
         /// A string without escapes or control bytes: the range of its content.
@@ -849,7 +872,7 @@ mod tests {
         d.set("count", raw("5"));
         d.set("name", raw(r#""a/b?c%d#e \"q\"\n é""#));
         d.set_flash("message", raw(r#""Saved!""#));
-        d.deadline = Some(1_900_000_000_000);
+        d.created = Some(1_900_000_000_000);
         let bytes = d.encode();
         let back = SessionData::decode(&bytes, 1 << 20).unwrap();
         assert!(back.same_as(&d));
@@ -981,7 +1004,7 @@ mod tests {
     fn agrees_with_serde_json() {
         let seeds: [&[u8]; 6] = [
             br#"{"d":{"count":1,"name":"ada","l":[1,2.5e-3,{"x":null}],"t":true}}"#,
-            br#"{"d":{"a\u00e9\n":"\"q\"","b":-0.0,"c":{}},"f":["b"],"a":1700000000000}"#,
+            br#"{"d":{"a\u00e9\n":"\"q\"","b":-0.0,"c":{}},"f":["b"],"c":1700000000000}"#,
             br#" { "d" : { } , "x" : {"i":1000} } "#,
             br#"{"d":{"e":[],"f":[[[]]],"g":"\ud83e\udd80 zurich"}}"#,
             br#"{"d":{"n":123456789012345678901234567890,"m":1E+2}}"#,
@@ -1002,14 +1025,14 @@ mod tests {
                 let obj = v.as_object()?;
                 let known = obj
                     .keys()
-                    .all(|k| ["d", "f", "x", "a"].contains(&k.as_str()));
+                    .all(|k| ["d", "f", "x", "c"].contains(&k.as_str()));
                 let flash_ok = obj
                     .get("f")
                     .is_none_or(|f| serde_json::from_value::<Vec<String>>(f.clone()).is_ok());
                 let expiry_ok = obj
                     .get("x")
                     .is_none_or(|x| serde_json::from_value::<Expiry>(x.clone()).is_ok());
-                let deadline_ok = obj.get("a").is_none_or(|a| a.as_u64().is_some());
+                let deadline_ok = obj.get("c").is_none_or(|c| c.as_u64().is_some());
                 (known && obj.get("d")?.is_object() && flash_ok && expiry_ok && deadline_ok)
                     .then(|| obj["d"].as_object().cloned())
                     .flatten()
@@ -1054,12 +1077,13 @@ mod tests {
 
     #[test]
     fn the_one_pass_reader_accepts_only_what_the_general_one_does_with_the_same_ranges() {
-        let seeds: [&[u8]; 5] = [
+        let seeds: [&[u8]; 6] = [
+            br#"{"d":{"count":12,"name":"ada"},"c":1733050000000}"#,
             br#"{"d":{"count":12,"name":"ada","t":true,"f":false,"n":null}}"#,
             br#"{"d":{"a":-0.5e+3,"b":0,"c":1E-2,"":"","z":"x y"}}"#,
             br#"{"d":{}}"#,
             "{\"d\":{\"ü\":\"東京\",\"k\":7}}".as_bytes(),
-            br#"{"d":{"b":1,"a":2,"a":3}}"#,
+            br#"{"d":{"b":1,"a":2,"a":3},"c":1733050000000}"#,
         ];
         let (mut plain, mut general) = (0, 0);
         for input in mutants(&seeds, 100_000, 3, 0x9e37_79b9_7f4a_7c15) {
@@ -1067,7 +1091,7 @@ mod tests {
                 continue;
             }
             let text = String::from_utf8_lossy(&input);
-            let Some(fast) = parse::plain_values_for_tests(&input) else {
+            let Some((fast, created)) = parse::plain_values_for_tests(&input) else {
                 general += 1;
                 continue;
             };
@@ -1085,7 +1109,8 @@ mod tests {
                     .collect()
             };
             assert_eq!(ranges(&fast), ranges(&full.values), "{text:?}");
-            assert!(full.flash.is_empty() && full.expiry.is_none() && full.deadline.is_none());
+            assert!(full.flash.is_empty() && full.expiry.is_none());
+            assert_eq!(created, full.created, "{text:?}");
         }
         // Both paths were exercised.
         assert!(

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use hyper::StatusCode;
 use hyper_sessions::{
-    CreateOutcome, Expiry, Id, Record, Refresh, SaveOutcome, SessionLayer, SessionStore,
+    CreateOutcome, Expiry, Id, Record, SaveOutcome, SessionLayer, SessionStore, unix_ms,
 };
 
 use super::{Browser, Conn, serve};
@@ -23,7 +23,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $fixture;
             round_trip, load_missing, expired_records_are_never_returned, delete,
             create_never_overwrites, create_replaces_expired, compare_and_set,
-            save_never_recreates, touch, load_refreshing, concurrent_compare_and_set, large_and_awkward_records,
+            save_never_recreates, touch_is_conditional, remove_is_conditional, concurrent_compare_and_set, large_and_awkward_records,
             cookie_lifecycle, counter_and_read, flash_lives_for_one_read, destroy_removes_everything,
             cycle_id_moves_the_data, unknown_and_corrupt_ids_start_fresh,
             concurrent_updates_are_all_counted, concurrent_writers_keep_distinct_keys,
@@ -89,7 +89,10 @@ pub async fn expired_records_are_never_returned<S: SessionStore>(store: S) {
     // Saving or touching an expired record must not revive it.
     let next = record(id, DATA, 2, in_ms(60_000));
     assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Missing);
-    assert!(!store.touch(&id, in_ms(60_000)).await.unwrap());
+    assert_eq!(
+        store.touch(&id, 1, in_ms(60_000)).await.unwrap(),
+        SaveOutcome::Missing
+    );
     assert!(store.load(&id).await.unwrap().is_none());
 }
 
@@ -181,14 +184,23 @@ pub async fn save_never_recreates<S: SessionStore>(store: S) {
     );
 }
 
-pub async fn touch<S: SessionStore>(store: S) {
+pub async fn touch_is_conditional<S: SessionStore>(store: S) {
     let id = Id::random();
     store
         .create(&record(id, DATA, 1, in_ms(300)))
         .await
         .unwrap();
     let later = in_ms(60_000);
-    assert!(store.touch(&id, later).await.unwrap());
+    // At another version: nothing moves.
+    assert_eq!(
+        store.touch(&id, 2, later).await.unwrap(),
+        SaveOutcome::Conflict
+    );
+    assert!(store.load(&id).await.unwrap().unwrap().expires_at_unix_ms() < unix_ms(later));
+    assert_eq!(
+        store.touch(&id, 1, later).await.unwrap(),
+        SaveOutcome::Saved
+    );
     tokio::time::sleep(Duration::from_millis(450)).await;
     let back = store
         .load(&id)
@@ -197,41 +209,71 @@ pub async fn touch<S: SessionStore>(store: S) {
         .expect("touch extended the record");
     assert_eq!(back.version(), 1, "touch must not change the version");
     assert_eq!(back.data(), &Bytes::from(DATA));
-    assert_eq!(back.expires_at_unix_ms(), hyper_sessions::unix_ms(later));
-    assert!(!store.touch(&Id::random(), later).await.unwrap());
-}
-
-pub async fn load_refreshing<S: SessionStore>(store: S) {
-    let id = Id::random();
+    assert_eq!(back.expires_at_unix_ms(), unix_ms(later));
+    assert_eq!(
+        store.touch(&Id::random(), 1, later).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    // A save moves the version: a touch at the old one is refused and keeps the save's expiry.
+    let saved_expiry = in_ms(30_000);
+    let next = record(id, DATA, 2, saved_expiry);
+    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+    assert_eq!(
+        store.touch(&id, 1, in_ms(90_000)).await.unwrap(),
+        SaveOutcome::Conflict
+    );
+    assert_eq!(
+        store.load(&id).await.unwrap().unwrap().expires_at_unix_ms(),
+        unix_ms(saved_expiry)
+    );
+    // An expired record is not revived.
+    let short = Id::random();
     store
-        .create(&record(id, DATA, 1, in_ms(300)))
+        .create(&record(short, DATA, 1, in_ms(100)))
         .await
         .unwrap();
-    // Not due: expires after `if_before`; nothing moves.
-    let early = Refresh::new(in_ms(60_000), in_ms(100));
-    let rec = store.load_refreshing(&id, early).await.unwrap().unwrap();
-    assert!(rec.expires_at_unix_ms() <= hyper_sessions::unix_ms(in_ms(300)));
-    // Due: moved in the same call, and the record says so.
-    let later = in_ms(60_000);
-    let due = Refresh::new(later, in_ms(50_000));
-    let rec = store.load_refreshing(&id, due).await.unwrap().unwrap();
-    assert_eq!(rec.expires_at_unix_ms(), hyper_sessions::unix_ms(later));
-    assert_eq!(rec.version(), 1);
-    assert_eq!(rec.data(), &Bytes::from(DATA));
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    let rec = store
-        .load(&id)
-        .await
-        .unwrap()
-        .expect("the refresh was stored");
-    assert_eq!(rec.expires_at_unix_ms(), hyper_sessions::unix_ms(later));
-    assert!(
-        store
-            .load_refreshing(&Id::random(), due)
-            .await
-            .unwrap()
-            .is_none()
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        store.touch(&short, 1, in_ms(60_000)).await.unwrap(),
+        SaveOutcome::Missing
     );
+    assert!(store.load(&short).await.unwrap().is_none());
+}
+
+pub async fn remove_is_conditional<S: SessionStore>(store: S) {
+    let id = Id::random();
+    store
+        .create(&record(id, DATA, 1, in_ms(60_000)))
+        .await
+        .unwrap();
+    let next = record(id, r#"{"d":{"count":2}}"#, 2, in_ms(60_000));
+    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+    // A removal at the version it saw never removes a newer one.
+    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Conflict);
+    assert_eq!(store.load(&id).await.unwrap().unwrap().version(), 2);
+    assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Saved);
+    assert!(store.load(&id).await.unwrap().is_none());
+    assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(
+        store.remove(&Id::random(), 1).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    // Nor does it create anything, or touch another record.
+    let other = Id::random();
+    store
+        .create(&record(other, DATA, 1, in_ms(60_000)))
+        .await
+        .unwrap();
+    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Missing);
+    assert!(store.load(&other).await.unwrap().is_some());
+    // An expired record is Missing, whatever its version.
+    let short = Id::random();
+    store
+        .create(&record(short, DATA, 1, in_ms(100)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(store.remove(&short, 1).await.unwrap(), SaveOutcome::Missing);
 }
 
 pub async fn concurrent_compare_and_set<S: SessionStore + Clone>(store: S) {
@@ -557,9 +599,11 @@ pub async fn write_racing_destroy_stays_destroyed<S: SessionStore + Clone>(store
         "a lost write was reported as stored"
     );
     assert!(late.body.is_empty(), "error response leaked a body");
+    // The destroying response removed the cookie; this one destroyed nothing, and must not
+    // remove a cookie the browser may have been given since (a new login, say).
     assert!(
-        late.removes_cookie(),
-        "the racing response must drop the dead cookie"
+        late.set_cookies().is_empty(),
+        "a request that destroyed nothing touched the cookie"
     );
     assert!(
         store.load(&id).await.unwrap().is_none(),

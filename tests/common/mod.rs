@@ -392,9 +392,19 @@ impl<S: SessionStore> SessionStore for Observed<S> {
         self.check_write()?;
         self.inner.delete(id).await
     }
-    async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
+    async fn touch(
+        &self,
+        id: &Id,
+        expected: u64,
+        expires_at: SystemTime,
+    ) -> Result<SaveOutcome, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.check_write()?;
-        self.inner.touch(id, expires_at).await
+        self.inner.touch(id, expected, expires_at).await
+    }
+    async fn remove(&self, id: &Id, expected: u64) -> Result<SaveOutcome, StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.check_write()?;
+        self.inner.remove(id, expected).await
     }
 }

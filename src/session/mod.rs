@@ -1,0 +1,539 @@
+//! The [`Session`] handle: typed access, flash values, the change log and the commit.
+
+mod commit;
+mod io_lock;
+mod json;
+mod state;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use self::io_lock::{IoGuard, IoLock};
+use self::json::to_json;
+use self::state::{Change, Phase, State, UpdateFn, too_large};
+use crate::config::{Config, Expiry};
+use crate::cookie::{CookieAction, CookieLookup};
+use crate::error::{Chain, Error, Kind};
+use crate::id::Id;
+use crate::record::{Record, unix_ms};
+use crate::store::{Call, DynStore};
+
+/// What every request of one layer shares: the store and the configuration.
+pub(crate) struct Shared {
+    pub(crate) store: Box<dyn DynStore>,
+    pub(crate) config: Config,
+}
+
+/// The session of one request.
+///
+/// The layer puts one in every request's extensions; get it with [`Session::from_request`]
+/// (or `req.extensions().get::<Session>()`). It is cheap to clone (an `Arc`) and `Send + Sync`,
+/// so it can be passed to tasks the handler spawns; changes made after the response has been
+/// sent are not saved (except through [`update`](Session::update), which saves at once).
+///
+/// Nothing is loaded until the first method that needs the data: a request that never uses
+/// its session costs no store I/O. After the inner service answers, the layer saves what
+/// changed in one compare-and-set; when another request of the same session saved in between,
+/// this request's own changes (the keys it set, removed or cleared, its updates) are replayed
+/// on the fresh record, so concurrent requests that write different keys both keep their
+/// writes.
+///
+/// # Examples
+/// ```
+/// use hyper::{Request, Response};
+/// use hyper_sessions::Session;
+///
+/// async fn handler<B>(req: Request<B>) -> Result<Response<String>, hyper_sessions::Error> {
+///     let session = Session::from_request(&req)?;
+///     let visits: u64 = session.get("visits").await?.unwrap_or(0);
+///     session.insert("visits", &(visits + 1)).await?;
+///     if let Some(message) = session.get::<String>("message").await? {
+///         // A flash from an earlier request, shown once.
+///         println!("{message}");
+///     }
+///     Ok(Response::new(format!("visit {visits}")))
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    cookie: CookieLookup,
+    /// Serialises this handle's own store I/O (load, commit, destroy) so clones used
+    /// concurrently within one request do not race each other. Per request, never shared.
+    io: IoLock,
+    /// Never held across an `.await`.
+    state: Mutex<State>,
+}
+
+/// The future of [`Session::load`].
+struct Load<'a> {
+    session: &'a Session,
+    store: Option<Call<'a, Option<Record>>>,
+    now_ms: u64,
+}
+
+impl Future for Load<'_> {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Taken out, so that every way out of this poll but `Pending` leaves the load done.
+        let Some(mut store) = self.store.take() else {
+            return Poll::Ready(Ok(()));
+        };
+        let answer = match Pin::new(&mut store).poll(cx) {
+            Poll::Ready(answer) => answer,
+            Poll::Pending => {
+                self.store = Some(store);
+                return Poll::Pending;
+            }
+        };
+        let record = match answer {
+            Ok(record) => record,
+            Err(e) if e.is_corrupt() => {
+                log::error!(
+                    "hyper-sessions: ignoring unreadable session record: {}; starting a fresh session",
+                    Chain(&e)
+                );
+                None
+            }
+            Err(e) => return Poll::Ready(Err(e.into())),
+        };
+        let session = self.session;
+        let mut st = session.state();
+        st.install(record, session.config(), self.now_ms);
+        Poll::Ready(st.check_live())
+    }
+}
+
+fn serde_error(e: serde_json::Error) -> Error {
+    Error::with(Kind::Serde, e)
+}
+
+impl Session {
+    pub(crate) fn new(shared: Arc<Shared>, cookie: CookieLookup) -> Self {
+        // Without a valid id there is nothing to load.
+        let state = State::new(matches!(cookie, CookieLookup::Found(_)));
+        Session {
+            inner: Arc::new(Inner {
+                shared,
+                cookie,
+                io: IoLock::default(),
+                state: Mutex::new(state),
+            }),
+        }
+    }
+
+    /// The session of a request that went through the [`SessionLayer`](crate::SessionLayer).
+    ///
+    /// # Errors
+    /// An error that answers `true` to [`Error::is_missing_layer`] when the layer is not
+    /// installed around this service.
+    pub fn from_request<B>(req: &http::Request<B>) -> Result<Session, Error> {
+        Session::from_extensions(req.extensions())
+    }
+
+    /// The session kept in a request's extensions (for code that holds `http::request::Parts`).
+    ///
+    /// # Errors
+    /// [`Error::is_missing_layer`] when there is none.
+    pub fn from_extensions(extensions: &http::Extensions) -> Result<Session, Error> {
+        extensions
+            .get::<Session>()
+            .cloned()
+            .ok_or_else(|| Error::new(Kind::MissingLayer))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic in user code (a Deserialize impl) must not wedge the session.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.shared.config
+    }
+
+    fn store(&self) -> &dyn DynStore {
+        &*self.inner.shared.store
+    }
+
+    /// Loads the record on first use. The fast path (already loaded) is synchronous, so the
+    /// futures of `get`, `insert` and the rest stay small; the load itself is boxed.
+    async fn ready(&self) -> Result<(), Error> {
+        {
+            let mut st = self.state();
+            st.used = true;
+            if st.phase != Phase::Unloaded {
+                return st.check_live();
+            }
+        }
+        self.load().await
+    }
+
+    /// The load, as one boxed store call and a small named future around it. Clones of the
+    /// handle that load at the same time each ask the store; the first answer is installed.
+    fn load(&self) -> Load<'_> {
+        let now_ms = unix_ms(SystemTime::now());
+        let store = match &self.inner.cookie {
+            CookieLookup::Found(id) => Some(self.store().load(id)),
+            // `loaded` starts true for every other lookup.
+            _ => None,
+        };
+        Load {
+            session: self,
+            store,
+            now_ms,
+        }
+    }
+
+    /// The value under `key`, deserialized as `T`, or `None` if there is none.
+    ///
+    /// A value stored with [`flash`](Session::flash) is removed by this read: it is returned
+    /// once, then gone.
+    ///
+    /// # Errors
+    /// A store error while loading, or [`Error::is_serde`] when the value is not a `T` (a flash
+    /// value is then kept).
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<T>, Error>> + Send {
+        // A block, not an `async fn`: an `async fn`'s future holds its arguments twice, and
+        // handlers keep this future (inside their own) across their awaits.
+        async move {
+            self.ready().await?;
+            let mut st = self.state();
+            let Some(raw) = st.data.get_bytes(key) else {
+                return Ok(None);
+            };
+            let value = serde_json::from_slice(raw).map_err(serde_error)?;
+            if st.data.is_flash(key) {
+                // The flash read, as it was read: a replay removes this one only.
+                let read = String::from_utf8_lossy(raw).into();
+                st.data.remove(key);
+                st.push(Change::TakeFlash(key.into(), read));
+            }
+            Ok(Some(value))
+        }
+    }
+
+    /// Stores `value` under `key`, replacing what was there (a flash becomes a plain value).
+    ///
+    /// # Errors
+    /// [`Error::is_serde`] when `value` does not serialize, [`Error::is_too_large`] when the
+    /// session would exceed the layer's record size limit (nothing is changed then), or a
+    /// store error while loading.
+    pub fn insert<'a, T: Serialize + ?Sized>(
+        &'a self,
+        key: &'a str,
+        value: &T,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a, T> {
+        self.write(key, to_json(value), false)
+    }
+
+    /// Stores a flash value: the next [`get`](Session::get) of `key`, in this request or a
+    /// later one (after a redirect, say), returns it and removes it.
+    ///
+    /// # Errors
+    /// As for [`insert`](Session::insert).
+    pub fn flash<'a, T: Serialize + ?Sized>(
+        &'a self,
+        key: &'a str,
+        value: &T,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a, T> {
+        self.write(key, to_json(value), true)
+    }
+
+    /// The value is serialized by the caller, before the future exists, so the future does not
+    /// hold it (and, a block rather than an `async fn`, holds its arguments once).
+    #[allow(clippy::manual_async_fn)]
+    fn write<'a>(
+        &'a self,
+        key: &'a str,
+        raw: Result<Arc<str>, Error>,
+        flash: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a> {
+        async move {
+            let raw = raw?;
+            self.ready().await?;
+            let mut st = self.state();
+            self.check_size(&st, key, &raw)?;
+            if flash {
+                st.data.set_flash(key, raw.clone());
+                st.push(Change::Flash(key.into(), raw));
+            } else {
+                st.data.set(key, raw.clone());
+                st.push(Change::Set(key.into(), raw));
+            }
+            Ok(())
+        }
+    }
+
+    fn check_size(&self, st: &State, key: &str, raw: &str) -> Result<(), Error> {
+        let max = self.config().max_record_bytes;
+        let new = st.data.approx_len() - st.data.entry_len(key) + key.len() + raw.len() + 4;
+        if new > max {
+            return Err(too_large(new, max));
+        }
+        Ok(())
+    }
+
+    /// Removes the value under `key`; answers whether there was one.
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn remove(&self, key: &str) -> Result<bool, Error> {
+        self.ready().await?;
+        let mut st = self.state();
+        let existed = st.data.remove(key);
+        if existed {
+            st.push(Change::Remove(key.into()));
+        }
+        Ok(existed)
+    }
+
+    /// Whether there is a value under `key` (a flash is not consumed by this).
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn contains(&self, key: &str) -> Result<bool, Error> {
+        self.ready().await?;
+        Ok(self.state().data.contains(key))
+    }
+
+    /// The keys of the session's values, sorted.
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn keys(&self) -> Result<Vec<String>, Error> {
+        self.ready().await?;
+        Ok(self.state().data.keys())
+    }
+
+    /// Whether the session holds no values.
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn is_empty(&self) -> Result<bool, Error> {
+        self.ready().await?;
+        Ok(self.state().data.is_empty())
+    }
+
+    /// Removes every value. A session left empty is deleted from the store at the end of the
+    /// request and its cookie removed.
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn clear(&self) -> Result<(), Error> {
+        self.ready().await?;
+        let mut st = self.state();
+        st.data.clear();
+        st.push(Change::Clear);
+        Ok(())
+    }
+
+    /// Atomically replaces the value under `key` with `f(current)` and saves the session at
+    /// once; returns the value as stored.
+    ///
+    /// When another request of the same session saved in between, `f` runs again on the fresh
+    /// value, so concurrent updates are never lost: 64 concurrent increments of a counter end at
+    /// 64. `f` may therefore run more than once and should have no side effects. Every other
+    /// change this request made so far is saved along with it.
+    ///
+    /// If the save fails, the error is returned and nothing more is written for this request.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(session: hyper_sessions::Session) -> Result<(), hyper_sessions::Error> {
+    /// let hits: u64 = session.update("hits", |n: Option<u64>| n.unwrap_or(0) + 1).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::is_serde`] when the current value is not a `T`, a store error, or
+    /// [`Error::is_gone`] when the session was destroyed concurrently.
+    pub async fn update<T, F>(&self, key: &str, f: F) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Fn(Option<T>) -> T + Send + Sync + 'static,
+    {
+        let op: UpdateFn = Arc::new(move |current: Option<&str>| {
+            let current = current
+                .map(serde_json::from_str::<T>)
+                .transpose()
+                .map_err(serde_error)?;
+            to_json(&f(current))
+        });
+        self.ready().await?;
+        {
+            let mut st = self.state();
+            let new = op(st.data.get(key))?;
+            self.check_size(&st, key, &new)?;
+            st.data.set(key, new);
+            st.push(Change::Update(key.into(), op));
+        }
+        if let Err(e) = self.commit().await {
+            self.state().fail();
+            return Err(e);
+        }
+        let st = self.state();
+        let raw = st.data.get(key).ok_or_else(|| Error::new(Kind::Gone))?;
+        serde_json::from_str(raw).map_err(serde_error)
+    }
+
+    /// Deletes the session from the store now; the response removes the cookie. The handle
+    /// cannot be used afterwards (its methods answer [`Error::is_destroyed`]).
+    ///
+    /// # Errors
+    /// A store error from the delete; the session is then left as it was.
+    pub async fn destroy(&self) -> Result<(), Error> {
+        let _io = self.io_lock().await;
+        let targets = {
+            let mut st = self.state();
+            st.used = true;
+            match (st.phase, self.inner.cookie) {
+                (Phase::Unloaded, CookieLookup::Found(id)) => (Some(id), None),
+                _ => st.destroy_targets(),
+            }
+        };
+        for id in [targets.0, targets.1].into_iter().flatten() {
+            self.store().delete(&id).await?;
+        }
+        self.state().destroyed(self.client_sent_cookie());
+        Ok(())
+    }
+
+    /// Gives the session a new id, keeping its data; the old record is deleted when the new one
+    /// is saved at the end of the request. Call it when a user logs in (or their privileges
+    /// change) so that an id planted before login is worthless after it.
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn cycle_id(&self) -> Result<(), Error> {
+        self.ready().await?;
+        self.state().cycle();
+        Ok(())
+    }
+
+    /// The session's id: the id it is stored under, or will be once saved (after
+    /// [`cycle_id`](Session::cycle_id), the new one). `None` for a new session that holds
+    /// nothing yet, and after [`destroy`](Session::destroy).
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn id(&self) -> Result<Option<Id>, Error> {
+        self.ready().await?;
+        let mut st = self.state();
+        if let Some(id) = st.new_id {
+            return Ok(Some(id));
+        }
+        if let Some(stored) = st.stored {
+            return Ok(Some(stored.id));
+        }
+        if st.data.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(*st.new_id.get_or_insert_with(Id::random)))
+    }
+
+    /// Sets this session's own expiry policy, kept with the session (for "remember me", say):
+    /// it replaces the layer's policy for this session from now on.
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn set_expiry(&self, expiry: Expiry) -> Result<(), Error> {
+        self.ready().await?;
+        let mut st = self.state();
+        st.data.expiry = Some(expiry);
+        st.push(Change::SetExpiry(Some(expiry)));
+        Ok(())
+    }
+
+    /// Drops this session's own expiry policy (set by [`set_expiry`](Session::set_expiry)): the
+    /// layer's policy applies to it again from now on, and the response re-sends the cookie
+    /// with that policy's lifetime (undoing "remember me", say).
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn reset_expiry(&self) -> Result<(), Error> {
+        self.ready().await?;
+        let mut st = self.state();
+        st.data.expiry = None;
+        st.push(Change::SetExpiry(None));
+        Ok(())
+    }
+
+    /// The expiry policy in force for this session.
+    ///
+    /// # Errors
+    /// A store error while loading.
+    pub async fn expiry(&self) -> Result<Expiry, Error> {
+        self.ready().await?;
+        let st = self.state();
+        Ok(st.policy(self.config()))
+    }
+
+    /// Serialises this handle's store I/O. Uncontended (the usual case) it is one atomic swap;
+    /// the waiting future is boxed so that it does not grow every commit's future.
+    async fn io_lock(&self) -> IoGuard<'_> {
+        match self.inner.io.try_lock() {
+            Some(guard) => guard,
+            None => Box::pin(self.inner.io.lock()).await,
+        }
+    }
+
+    /// The commit, boxed: `update` and the layer's response future need not grow by it.
+    fn commit(&self) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + '_>> {
+        Box::pin(self.commit_now())
+    }
+
+    /// The cookie action for a response when no store I/O is due, or `None` if a commit is.
+    pub(crate) fn finish_without_io(&self) -> Option<CookieAction> {
+        let st = self.state();
+        if !st.used {
+            return Some(CookieAction::None);
+        }
+        // The clock as read at the load (or last commit) is recent enough to decide.
+        if st.needs_commit(self.config(), st.clock_ms) {
+            return None;
+        }
+        Some(st.cookie_action())
+    }
+
+    /// Commits and returns the cookie action for the response.
+    pub(crate) async fn finish(&self) -> (Result<(), Error>, CookieAction) {
+        let result = self.commit_now().await;
+        let action = self.state().cookie_action();
+        (result, action)
+    }
+
+    fn client_sent_cookie(&self) -> bool {
+        !matches!(self.inner.cookie, CookieLookup::Absent)
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.state();
+        f.debug_struct("Session")
+            .field("phase", &st.phase)
+            .field("stored", &st.stored.is_some())
+            .field("keys", &st.data.len())
+            .field("pending_changes", &st.pending_changes())
+            .finish_non_exhaustive()
+    }
+}

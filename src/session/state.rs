@@ -1,0 +1,566 @@
+//! The session's state machine: what the request changed, what the store must be asked next,
+//! and what each answer means. Pure and synchronous: no store, no clock, no lock (the handle
+//! and the commit loop bring those), so every transition is unit-tested on its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, Expiry};
+use crate::cookie::CookieAction;
+use crate::error::{Chain, Error, Kind};
+use crate::id::Id;
+use crate::record::{Record, SessionData};
+
+/// Where the session is in its life within this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// The cookie named a session that has not been loaded yet.
+    Unloaded,
+    /// The data is known: loaded, or a new session.
+    Live,
+    /// Destroyed in this request, or found gone under a write: it stays gone.
+    Destroyed,
+    /// An explicit save (`update`) failed: nothing more is written for this request.
+    Failed,
+}
+
+/// The stored record behind the session: which one, at which version, until when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub(crate) id: Id,
+    pub(crate) version: u64,
+    pub(crate) expires_ms: u64,
+}
+
+impl Stored {
+    fn of(record: &Record) -> Stored {
+        Stored {
+            id: record.id(),
+            version: record.version(),
+            expires_ms: record.expires_at_unix_ms(),
+        }
+    }
+}
+
+/// An `update`'s function, on the raw JSON of the current value.
+pub(crate) type UpdateFn = Arc<dyn Fn(Option<&str>) -> Result<Arc<str>, Error> + Send + Sync>;
+
+/// One change this request made, kept so it can be replayed on a fresher record.
+#[derive(Clone)]
+pub(crate) enum Change {
+    Set(Box<str>, Arc<str>),
+    Flash(Box<str>, Arc<str>),
+    Remove(Box<str>),
+    /// A flash was read: replayed, it removes that flash only, not a newer one under the key.
+    TakeFlash(Box<str>, Box<str>),
+    Clear,
+    Update(Box<str>, UpdateFn),
+    /// The session's own expiry policy; `None` goes back to the layer's.
+    SetExpiry(Option<Expiry>),
+}
+
+impl Change {
+    fn apply(&self, data: &mut SessionData) -> Result<(), Error> {
+        match self {
+            Change::Set(k, v) => data.set(k, v.clone()),
+            Change::Flash(k, v) => data.set_flash(k, v.clone()),
+            Change::Remove(k) => {
+                data.remove(k);
+            }
+            Change::TakeFlash(k, v) => {
+                if data.is_flash(k) && data.get(k) == Some(&**v) {
+                    data.remove(k);
+                }
+            }
+            Change::Clear => data.clear(),
+            Change::Update(k, f) => {
+                let new = f(data.get(k))?;
+                data.set(k, new);
+            }
+            Change::SetExpiry(e) => data.expiry = *e,
+        }
+        Ok(())
+    }
+}
+
+/// The cookie the response will carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cookie {
+    /// Leave the browser's cookie as it is.
+    Keep,
+    /// Send this id, with this `Max-Age` (a persistent cookie) or none (a browser-session one).
+    Set(Id, Option<Duration>),
+    /// Remove it: this request destroyed or emptied the record the cookie names.
+    Remove,
+}
+
+/// The store work a commit has to do next.
+#[derive(Debug)]
+pub(crate) enum Plan {
+    Nothing,
+    /// A new record: a new session, or the first step of moving a cycled one.
+    Create { record: Record, applied: usize },
+    /// A compare-and-set of the record at `expected`.
+    Save {
+        record: Record,
+        expected: u64,
+        applied: usize,
+    },
+    /// An expiry refresh of the record at `expected`.
+    Touch {
+        id: Id,
+        expected: u64,
+        expires_ms: u64,
+    },
+    /// A removal of the record at `expected`: the session was emptied, or this is the last step
+    /// of moving a cycled one (its old record).
+    Remove {
+        id: Id,
+        expected: u64,
+        applied: usize,
+    },
+}
+
+/// What a commit does after the store answered `Missing`, or after a reload found nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Vanished {
+    /// Nothing of this request's was lost (an expiry refresh, an emptied session): carry on.
+    Quietly,
+    /// A write lost to a destroy (or an expiry): the request fails with [`Error::is_gone`].
+    Gone,
+    /// As `Gone`, after deleting the record this request had already created for a cycle
+    /// whose source was destroyed meanwhile.
+    GoneAfterDeleting(Id),
+}
+
+/// The store's expiry is refreshed once this fraction of the idle window has passed.
+const REFRESH_DIVISOR: u64 = 10;
+
+/// Everything one request knows about its session.
+pub(crate) struct State {
+    pub(crate) phase: Phase,
+    /// The handler called a method.
+    pub(crate) used: bool,
+    /// The stored record behind this session, if any (during a move: the new one).
+    pub(crate) stored: Option<Stored>,
+    /// A cycle under way: the new record exists (`stored`); this old one is still to be removed,
+    /// at this version.
+    moving_from: Option<Stored>,
+    pub(crate) data: SessionData,
+    changes: Vec<Change>,
+    /// During a move: how many of `changes` the new record holds.
+    moved: usize,
+    /// During a move: the source was reloaded, so the new record must be written again.
+    rebased: bool,
+    /// `cycle_id` was called and the move has not started.
+    cycle: bool,
+    /// The id a new or cycled session will be created under.
+    pub(crate) new_id: Option<Id>,
+    /// The expiry policy changed and the record must be written with its new expiry.
+    expiry_changed: bool,
+    /// When this request last read the clock (Unix ms): at the load, or at a commit.
+    pub(crate) clock_ms: u64,
+    pub(crate) cookie: Cookie,
+}
+
+impl State {
+    /// The state of a request: `Unloaded` when the cookie names a session.
+    pub(crate) fn new(has_id: bool) -> State {
+        State {
+            phase: if has_id { Phase::Unloaded } else { Phase::Live },
+            used: false,
+            stored: None,
+            moving_from: None,
+            data: SessionData::default(),
+            changes: Vec::new(),
+            moved: 0,
+            rebased: false,
+            cycle: false,
+            new_id: None,
+            expiry_changed: false,
+            clock_ms: 0,
+            cookie: Cookie::Keep,
+        }
+    }
+
+    /// `Ok` while the session can be used.
+    pub(crate) fn check_live(&self) -> Result<(), Error> {
+        match self.phase {
+            Phase::Unloaded | Phase::Live => Ok(()),
+            Phase::Destroyed => Err(Error::new(Kind::Destroyed)),
+            Phase::Failed => Err(Error::new(Kind::Store)),
+        }
+    }
+
+    /// The expiry policy in force: the session's own, or the layer's.
+    pub(crate) fn policy(&self, config: &Config) -> Expiry {
+        self.data.expiry.unwrap_or(config.expiry)
+    }
+
+    /// When the layer's absolute lifetime ends this session, if it has one.
+    fn deadline(&self, config: &Config) -> Option<u64> {
+        let lifetime = duration_ms(config.absolute_lifetime?);
+        Some(self.data.created?.saturating_add(lifetime))
+    }
+
+    /// The expiry a write at `now` gives the record: the idle window from now, capped by the
+    /// absolute lifetime.
+    fn target_expiry(&self, config: &Config, now_ms: u64) -> u64 {
+        let target = now_ms.saturating_add(duration_ms(self.policy(config).idle_timeout()));
+        self.deadline(config).map_or(target, |d| target.min(d))
+    }
+
+    /// Whether the stored expiry is a tenth of the idle window or more behind where it should be.
+    fn refresh_due(&self, config: &Config, stored: &Stored, now_ms: u64) -> bool {
+        let idle = duration_ms(self.policy(config).idle_timeout());
+        let target = self.target_expiry(config, now_ms);
+        target > stored.expires_ms && target - stored.expires_ms >= idle / REFRESH_DIVISOR
+    }
+
+    /// Installs a loaded record (or its absence), unless a concurrent load already did.
+    pub(crate) fn install(&mut self, record: Option<Record>, config: &Config, now_ms: u64) {
+        if self.phase != Phase::Unloaded {
+            return;
+        }
+        self.phase = Phase::Live;
+        self.clock_ms = now_ms;
+        if let Some((stored, data)) = live_record(record, config, now_ms) {
+            self.data = data;
+            self.stored = Some(stored);
+        }
+    }
+
+    fn dirty(&self) -> bool {
+        !self.changes.is_empty() || self.cycle || self.expiry_changed
+    }
+
+    /// Whether the end of the request needs store I/O.
+    pub(crate) fn needs_commit(&self, config: &Config, now_ms: u64) -> bool {
+        if self.phase != Phase::Live {
+            return false;
+        }
+        if self.moving_from.is_some() {
+            return true;
+        }
+        match &self.stored {
+            None => self.dirty() && !self.data.is_empty(),
+            Some(stored) => self.dirty() || self.refresh_due(config, stored, now_ms),
+        }
+    }
+
+    fn record(
+        &self,
+        id: Id,
+        version: u64,
+        expires_ms: u64,
+        config: &Config,
+    ) -> Result<Record, Error> {
+        let bytes = self.data.encode();
+        if bytes.len() > config.max_record_bytes {
+            return Err(too_large(bytes.len(), config.max_record_bytes));
+        }
+        Ok(Record::from_unix_ms(id, bytes, version, expires_ms))
+    }
+
+    /// The store work the commit does next, at `now_ms`.
+    pub(crate) fn plan(&mut self, config: &Config, now_ms: u64) -> Result<Plan, Error> {
+        self.clock_ms = now_ms;
+        if !self.needs_commit(config, now_ms) {
+            return Ok(Plan::Nothing);
+        }
+        let applied = self.changes.len();
+        if let (Some(from), Some(to)) = (self.moving_from, self.stored) {
+            // Moving: the new record first holds everything, then the old one goes.
+            if self.rebased || self.expiry_changed || applied > self.moved {
+                let record =
+                    self.record(to.id, to.version + 1, self.target_expiry(config, now_ms), config)?;
+                return Ok(Plan::Save {
+                    record,
+                    expected: to.version,
+                    applied,
+                });
+            }
+            return Ok(Plan::Remove {
+                id: from.id,
+                expected: from.version,
+                applied,
+            });
+        }
+        let Some(stored) = self.stored else {
+            if self.data.created.is_none() {
+                self.data.created = Some(now_ms);
+            }
+            let id = *self.new_id.get_or_insert_with(Id::random);
+            let record = self.record(id, 1, self.target_expiry(config, now_ms), config)?;
+            return Ok(Plan::Create { record, applied });
+        };
+        if self.data.is_empty() && self.dirty() {
+            return Ok(Plan::Remove {
+                id: stored.id,
+                expected: stored.version,
+                applied,
+            });
+        }
+        if self.cycle {
+            let id = *self.new_id.get_or_insert_with(Id::random);
+            let record = self.record(id, 1, self.target_expiry(config, now_ms), config)?;
+            return Ok(Plan::Create { record, applied });
+        }
+        if self.dirty() {
+            let expires_ms = if self.expiry_changed || self.refresh_due(config, &stored, now_ms) {
+                self.target_expiry(config, now_ms)
+            } else {
+                stored.expires_ms
+            };
+            let record = self.record(stored.id, stored.version + 1, expires_ms, config)?;
+            return Ok(Plan::Save {
+                record,
+                expected: stored.version,
+                applied,
+            });
+        }
+        Ok(Plan::Touch {
+            id: stored.id,
+            expected: stored.version,
+            expires_ms: self.target_expiry(config, now_ms),
+        })
+    }
+
+    /// The store did what `plan` asked.
+    pub(crate) fn done(&mut self, plan: &Plan, config: &Config, now_ms: u64) {
+        match *plan {
+            Plan::Nothing => {}
+            Plan::Create {
+                ref record,
+                applied,
+            } => {
+                if let Some(from) = self.stored.filter(|_| self.cycle) {
+                    // The first step of a move: the old record is still there.
+                    self.moving_from = Some(from);
+                    self.moved = applied;
+                } else {
+                    self.drain(applied);
+                }
+                self.stored = Some(Stored::of(record));
+                self.cycle = false;
+                self.expiry_changed = false;
+                self.new_id = None;
+                self.send_cookie(record.id(), record.expires_at_unix_ms(), true, config, now_ms);
+            }
+            Plan::Save {
+                ref record,
+                applied,
+                ..
+            } => {
+                let moved_expiry = self
+                    .stored
+                    .is_some_and(|s| s.expires_ms != record.expires_at_unix_ms());
+                self.stored = Some(Stored::of(record));
+                self.expiry_changed = false;
+                if self.moving_from.is_some() {
+                    self.moved = applied;
+                    self.rebased = false;
+                    // The new id's cookie, with the lifetime just written.
+                    self.send_cookie(record.id(), record.expires_at_unix_ms(), true, config, now_ms);
+                } else {
+                    self.drain(applied);
+                    if moved_expiry {
+                        self.send_cookie(record.id(), record.expires_at_unix_ms(), false, config, now_ms);
+                    }
+                }
+            }
+            Plan::Touch { id, expires_ms, .. } => {
+                if let Some(stored) = &mut self.stored {
+                    stored.expires_ms = expires_ms;
+                }
+                self.send_cookie(id, expires_ms, false, config, now_ms);
+            }
+            Plan::Remove { applied, .. } => {
+                if self.moving_from.take().is_some() {
+                    // The move is complete.
+                    self.drain(self.moved.min(applied));
+                } else {
+                    self.stored = None;
+                    self.drain(applied);
+                    self.cycle = false;
+                    self.new_id = None;
+                    self.cookie = Cookie::Remove;
+                }
+            }
+        }
+    }
+
+    /// The new id was taken (a collision, or a create retried after its reply was lost).
+    pub(crate) fn id_taken(&mut self) {
+        self.new_id = Some(Id::random());
+    }
+
+    /// The id to reload after a `Conflict`: the record whose version moved.
+    pub(crate) fn conflict_source(&self) -> Option<Id> {
+        self.moving_from.or(self.stored).map(|s| s.id)
+    }
+
+    /// The store answered `Missing` to `plan`.
+    pub(crate) fn missing(&mut self, plan: &Plan) -> Vanished {
+        let quiet = match plan {
+            Plan::Touch { .. } => true,
+            Plan::Remove { .. } => self.moving_from.is_none(),
+            Plan::Nothing | Plan::Create { .. } | Plan::Save { .. } => false,
+        };
+        self.vanish(quiet)
+    }
+
+    /// Rebases this request's changes on a fresher copy of the record that moved.
+    pub(crate) fn rebase(
+        &mut self,
+        fresh: Option<Record>,
+        config: &Config,
+        now_ms: u64,
+    ) -> Result<Option<Vanished>, Error> {
+        let Some((stored, mut data)) = live_record(fresh, config, now_ms) else {
+            let quiet = self.moving_from.is_none() && (self.data.is_empty() || !self.dirty());
+            return Ok(Some(self.vanish(quiet)));
+        };
+        for change in &self.changes {
+            change.apply(&mut data)?;
+        }
+        self.data = data;
+        if self.moving_from.is_some() {
+            self.moving_from = Some(stored);
+            self.rebased = true;
+        } else {
+            self.stored = Some(stored);
+        }
+        Ok(None)
+    }
+
+    /// The record behind the session is gone. `quiet`: nothing of this request's was lost.
+    fn vanish(&mut self, quiet: bool) -> Vanished {
+        let created = self.moving_from.take().and(self.stored).map(|s| s.id);
+        self.stored = None;
+        self.data.clear();
+        self.changes.clear();
+        self.cycle = false;
+        self.expiry_changed = false;
+        if quiet {
+            return Vanished::Quietly;
+        }
+        self.phase = Phase::Destroyed;
+        // No cookie: this request destroyed nothing, and a newer cookie may be on its way.
+        self.cookie = Cookie::Keep;
+        created.map_or(Vanished::Gone, Vanished::GoneAfterDeleting)
+    }
+
+    /// The ids `destroy` must delete: the stored record, and the old one of a move under way.
+    pub(crate) fn destroy_targets(&self) -> (Option<Id>, Option<Id>) {
+        (
+            self.stored.map(|s| s.id),
+            self.moving_from.map(|s| s.id),
+        )
+    }
+
+    /// `destroy` deleted the session's records.
+    pub(crate) fn destroyed(&mut self, client_sent_cookie: bool) {
+        self.vanish(false);
+        self.cookie = if client_sent_cookie {
+            Cookie::Remove
+        } else {
+            Cookie::Keep
+        };
+    }
+
+    /// An explicit save failed: nothing more is written for this request.
+    pub(crate) fn fail(&mut self) {
+        if self.phase == Phase::Live {
+            self.phase = Phase::Failed;
+        }
+    }
+
+    /// Records a change the handler made (its effect on `data` is the caller's).
+    pub(crate) fn push(&mut self, change: Change) {
+        if matches!(change, Change::SetExpiry(_)) {
+            self.expiry_changed = true;
+        }
+        self.changes.push(change);
+    }
+
+    /// `cycle_id`: the session moves to a new id at the commit.
+    pub(crate) fn cycle(&mut self) {
+        self.cycle = true;
+        self.new_id = Some(Id::random());
+    }
+
+    fn drain(&mut self, applied: usize) {
+        if applied >= self.changes.len() {
+            self.changes.clear();
+        } else {
+            self.changes.drain(..applied);
+        }
+        self.moved = 0;
+    }
+
+    /// Sends the cookie when the id is new, or when a persistent cookie's lifetime moved.
+    fn send_cookie(&mut self, id: Id, expires_ms: u64, new_id: bool, config: &Config, now_ms: u64) {
+        let persistent = self.policy(config).persistent_cookie();
+        if new_id || persistent {
+            let max_age =
+                persistent.then(|| Duration::from_millis(expires_ms.saturating_sub(now_ms)));
+            self.cookie = Cookie::Set(id, max_age);
+        }
+    }
+
+    /// The cookie action for the response.
+    pub(crate) fn cookie_action(&self) -> CookieAction {
+        match self.cookie {
+            Cookie::Keep => CookieAction::None,
+            Cookie::Set(id, max_age) => CookieAction::Set(id, max_age),
+            Cookie::Remove => CookieAction::Remove,
+        }
+    }
+
+    pub(crate) fn pending_changes(&self) -> usize {
+        self.changes.len()
+    }
+}
+
+/// A loaded record as the session sees it: `None` unless it is live and readable.
+fn live_record(
+    record: Option<Record>,
+    config: &Config,
+    now_ms: u64,
+) -> Option<(Stored, SessionData)> {
+    let record = record?;
+    if record.expires_at_unix_ms() <= now_ms {
+        return None;
+    }
+    let data = match SessionData::decode(record.data(), config.max_record_bytes) {
+        Ok(data) => data,
+        Err(e) => {
+            log::error!(
+                "hyper-sessions: ignoring unreadable session record (version {}): {}; \
+                 starting a fresh session",
+                record.version(),
+                Chain(&e)
+            );
+            return None;
+        }
+    };
+    let past_lifetime = config
+        .absolute_lifetime
+        .zip(data.created)
+        .is_some_and(|(l, c)| c.saturating_add(duration_ms(l)) <= now_ms);
+    (!past_lifetime).then(|| (Stored::of(&record), data))
+}
+
+pub(crate) fn duration_ms(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(d.subsec_millis()))
+}
+
+pub(crate) fn too_large(len: usize, max: usize) -> Error {
+    Error::with(
+        Kind::TooLarge,
+        format!("session record of about {len} bytes exceeds the limit of {max} bytes"),
+    )
+}
