@@ -43,7 +43,6 @@ impl IoLock {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

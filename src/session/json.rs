@@ -58,7 +58,6 @@ impl std::io::Write for JsonBuf {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,7 +99,10 @@ pub(crate) enum Cookie {
 pub(crate) enum Plan {
     Nothing,
     /// A new record: a new session, or the first step of moving a cycled one.
-    Create { record: Record, applied: usize },
+    Create {
+        record: Record,
+        applied: usize,
+    },
     /// A compare-and-set of the record at `expected`.
     Save {
         record: Record,
@@ -272,8 +275,12 @@ impl State {
         if let (Some(from), Some(to)) = (self.moving_from, self.stored) {
             // Moving: the new record first holds everything, then the old one goes.
             if self.rebased || self.expiry_changed || applied > self.moved {
-                let record =
-                    self.record(to.id, to.version + 1, self.target_expiry(config, now_ms), config)?;
+                let record = self.record(
+                    to.id,
+                    to.version + 1,
+                    self.target_expiry(config, now_ms),
+                    config,
+                )?;
                 return Ok(Plan::Save {
                     record,
                     expected: to.version,
@@ -345,7 +352,13 @@ impl State {
                 self.cycle = false;
                 self.expiry_changed = false;
                 self.new_id = None;
-                self.send_cookie(record.id(), record.expires_at_unix_ms(), true, config, now_ms);
+                self.send_cookie(
+                    record.id(),
+                    record.expires_at_unix_ms(),
+                    true,
+                    config,
+                    now_ms,
+                );
             }
             Plan::Save {
                 ref record,
@@ -355,17 +368,32 @@ impl State {
                 let moved_expiry = self
                     .stored
                     .is_some_and(|s| s.expires_ms != record.expires_at_unix_ms());
+                let policy_changed = self.expiry_changed;
                 self.stored = Some(Stored::of(record));
                 self.expiry_changed = false;
                 if self.moving_from.is_some() {
                     self.moved = applied;
                     self.rebased = false;
                     // The new id's cookie, with the lifetime just written.
-                    self.send_cookie(record.id(), record.expires_at_unix_ms(), true, config, now_ms);
+                    self.send_cookie(
+                        record.id(),
+                        record.expires_at_unix_ms(),
+                        true,
+                        config,
+                        now_ms,
+                    );
                 } else {
                     self.drain(applied);
-                    if moved_expiry {
-                        self.send_cookie(record.id(), record.expires_at_unix_ms(), false, config, now_ms);
+                    if moved_expiry || policy_changed {
+                        // A new policy may change the cookie's kind (persistent or not) too.
+                        let always = policy_changed;
+                        self.send_cookie(
+                            record.id(),
+                            record.expires_at_unix_ms(),
+                            always,
+                            config,
+                            now_ms,
+                        );
                     }
                 }
             }
@@ -453,10 +481,7 @@ impl State {
 
     /// The ids `destroy` must delete: the stored record, and the old one of a move under way.
     pub(crate) fn destroy_targets(&self) -> (Option<Id>, Option<Id>) {
-        (
-            self.stored.map(|s| s.id),
-            self.moving_from.map(|s| s.id),
-        )
+        (self.stored.map(|s| s.id), self.moving_from.map(|s| s.id))
     }
 
     /// `destroy` deleted the session's records.
@@ -499,10 +524,11 @@ impl State {
         self.moved = 0;
     }
 
-    /// Sends the cookie when the id is new, or when a persistent cookie's lifetime moved.
-    fn send_cookie(&mut self, id: Id, expires_ms: u64, new_id: bool, config: &Config, now_ms: u64) {
+    /// Sends the cookie: `always` (a new id or policy), or when a persistent cookie's lifetime
+    /// moved.
+    fn send_cookie(&mut self, id: Id, expires_ms: u64, always: bool, config: &Config, now_ms: u64) {
         let persistent = self.policy(config).persistent_cookie();
-        if new_id || persistent {
+        if always || persistent {
             let max_age =
                 persistent.then(|| Duration::from_millis(expires_ms.saturating_sub(now_ms)));
             self.cookie = Cookie::Set(id, max_age);

@@ -13,6 +13,7 @@ use hyper_sessions::{
     CreateOutcome, Expiry, Id, Record, SaveOutcome, SessionLayer, SessionStore, unix_ms,
 };
 
+pub use super::lifecycle::*;
 use super::{Browser, Conn, serve};
 
 /// Expands to one `#[tokio::test]` per conformance check. `$fixture` is an async fn returning
@@ -28,7 +29,12 @@ macro_rules! conformance_suite {
             cycle_id_moves_the_data, unknown_and_corrupt_ids_start_fresh,
             concurrent_updates_are_all_counted, concurrent_writers_keep_distinct_keys,
             write_racing_destroy_stays_destroyed, emptied_session_is_deleted,
-            idle_expiry_slides_on_reads, absolute_lifetime_caps_activity, too_large_is_refused);
+            idle_expiry_slides_on_reads, absolute_lifetime_caps_activity, too_large_is_refused,
+            emptying_keeps_a_concurrent_write, cycle_racing_destroy_stays_destroyed,
+            cycle_keeps_a_concurrent_write, own_shorter_expiry_survives_reads,
+            sliding_reads_resend_the_cookie, replayed_flash_read_keeps_a_newer_flash,
+            pre_login_cookie_never_logs_out, refresh_never_overwrites_a_concurrent_expiry,
+            absolute_lifetime_caps_older_sessions, reset_expiry_undoes_remember_me);
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
         $(

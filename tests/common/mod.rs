@@ -4,6 +4,8 @@
 
 pub mod conformance;
 pub mod faults;
+pub mod lifecycle;
+pub mod script;
 pub mod servers;
 
 #[path = "../../examples/common/app.rs"]
@@ -332,6 +334,8 @@ pub struct Observed<S> {
     pub writes_down: Arc<AtomicBool>,
     /// Every save loses the compare-and-set, as under endless concurrent writers.
     pub always_conflict: Arc<AtomicBool>,
+    /// The ids of the records created, in order.
+    pub created: Arc<std::sync::Mutex<Vec<Id>>>,
 }
 
 impl<S> Observed<S> {
@@ -343,7 +347,13 @@ impl<S> Observed<S> {
             down: Arc::default(),
             writes_down: Arc::default(),
             always_conflict: Arc::default(),
+            created: Arc::default(),
         }
+    }
+
+    /// The ids of the records created so far, in order.
+    pub fn created_ids(&self) -> Vec<Id> {
+        self.created.lock().unwrap().clone()
     }
 
     fn check_write(&self) -> Result<(), StoreError> {
@@ -377,7 +387,11 @@ impl<S: SessionStore> SessionStore for Observed<S> {
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.check_write()?;
-        self.inner.create(record).await
+        let outcome = self.inner.create(record).await?;
+        if outcome == CreateOutcome::Created {
+            self.created.lock().unwrap().push(record.id());
+        }
+        Ok(outcome)
     }
     async fn save(&self, record: &Record, expected: u64) -> Result<SaveOutcome, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);

@@ -1,0 +1,361 @@
+//! The session lifecycle under concurrency, on every store: each check parks a request between
+//! its load and its commit while others run to completion, then lets it finish.
+//! Part of the conformance suite (`conformance_suite!` runs each on every store).
+
+use std::time::{Duration, SystemTime};
+
+use hyper::StatusCode;
+use hyper_sessions::{Expiry, Id, SessionLayer, SessionStore, unix_ms};
+
+use super::script::ScriptServer;
+use super::{Conn, Observed, Resp};
+
+/// A client of the script app with a cookie jar of one session cookie.
+struct Client {
+    conn: Conn,
+    cookie: Option<String>,
+}
+
+impl Client {
+    async fn new(server: &ScriptServer) -> Client {
+        Client {
+            conn: Conn::http1(server.addr).await,
+            cookie: None,
+        }
+    }
+
+    /// A client that sends this cookie (a second tab of the same browser).
+    async fn with_cookie(server: &ScriptServer, cookie: &str) -> Client {
+        Client {
+            conn: Conn::http1(server.addr).await,
+            cookie: Some(cookie.to_owned()),
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Resp {
+        let resp = self.conn.get(path, self.cookie.as_deref()).await;
+        if let Some(pair) = resp.cookie_pair() {
+            self.cookie = Some(pair);
+        } else if resp.removes_cookie() {
+            self.cookie = None;
+        }
+        resp
+    }
+
+    fn cookie(&self) -> String {
+        self.cookie
+            .clone()
+            .expect("the client holds a session cookie")
+    }
+
+    fn id(&self) -> Id {
+        self.cookie().split_once('=').unwrap().1.parse().unwrap()
+    }
+}
+
+fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+async fn expires_ms<S: SessionStore>(store: &S, id: &Id) -> u64 {
+    store
+        .load(id)
+        .await
+        .unwrap()
+        .expect("the session is stored")
+        .expires_at_unix_ms()
+}
+
+/// Item 1: a request that empties the session, parked while another writes, keeps that write.
+pub async fn emptying_keeps_a_concurrent_write<S: SessionStore + Clone>(store: S) {
+    let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
+    let mut browser = Client::new(&server).await;
+    browser.get("/set:a=1").await;
+    let cookie = browser.cookie();
+    let mut parked = server.park("A");
+    let mut a = Client::with_cookie(&server, &cookie).await;
+    let a = tokio::spawn(async move { a.get("/remove:a/park:A").await });
+    parked.arrived().await;
+    let b = Client::with_cookie(&server, &cookie)
+        .await
+        .get("/set:b=2")
+        .await;
+    assert_eq!(b.status, StatusCode::OK);
+    parked.release();
+    let a = a.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.set_cookies().is_empty(),
+        "the emptying request touched the cookie: {a:?}"
+    );
+    assert_eq!(
+        browser.get("/keys").await.body,
+        "b",
+        "a concurrent write was lost"
+    );
+    assert!(store.load(&browser.id()).await.unwrap().is_some());
+}
+
+/// Item 2: `cycle_id` racing `destroy` never brings the session back under any id.
+pub async fn cycle_racing_destroy_stays_destroyed<S: SessionStore + Clone>(store: S) {
+    let store = Observed::new(store);
+    let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
+    let mut browser = Client::new(&server).await;
+    browser.get("/set:user=ada").await;
+    let cookie = browser.cookie();
+    let mut parked = server.park("A");
+    let mut a = Client::with_cookie(&server, &cookie).await;
+    let a = tokio::spawn(async move { a.get("/get:user/cycle/set:logged_in=1/park:A").await });
+    parked.arrived().await;
+    assert_eq!(browser.get("/destroy").await.status, StatusCode::OK);
+    parked.release();
+    let a = a.await.unwrap();
+    assert_eq!(
+        a.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "a login racing a logout was reported as done"
+    );
+    assert!(a.set_cookies().is_empty(), "{a:?}");
+    // Every id the layer ever created for this session: the original and the cycle's.
+    let created = store.created_ids();
+    assert_eq!(created.len(), 2, "{created:?}");
+    for id in created {
+        assert!(
+            store.load(&id).await.unwrap().is_none(),
+            "a destroyed session came back under an id"
+        );
+    }
+}
+
+/// Item 3: `cycle_id` keeps a write made on the old id while it was parked.
+pub async fn cycle_keeps_a_concurrent_write<S: SessionStore + Clone>(store: S) {
+    let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
+    let mut browser = Client::new(&server).await;
+    browser.get("/set:user=ada").await;
+    let (cookie, old) = (browser.cookie(), browser.id());
+    let mut parked = server.park("A");
+    let mut a = Client::with_cookie(&server, &cookie).await;
+    let a = tokio::spawn(async move {
+        let r = a.get("/get:user/cycle/set:logged_in=1/park:A").await;
+        (r, a.cookie)
+    });
+    parked.arrived().await;
+    let b = Client::with_cookie(&server, &cookie)
+        .await
+        .get("/set:b=2")
+        .await;
+    assert_eq!(b.status, StatusCode::OK);
+    parked.release();
+    let (a, new_cookie) = a.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    let new_cookie = new_cookie.unwrap();
+    assert_ne!(new_cookie, cookie, "the cycle sent no new id");
+    let mut cycled = Client::with_cookie(&server, &new_cookie).await;
+    assert_eq!(
+        cycled.get("/keys").await.body,
+        "b,logged_in,user",
+        "the cycle lost a concurrent write"
+    );
+    assert!(
+        store.load(&old).await.unwrap().is_none(),
+        "the old id still works"
+    );
+}
+
+/// Item 4: a session's own, shorter idle window is kept by reads (the layer's is a day).
+pub async fn own_shorter_expiry_survives_reads<S: SessionStore + Clone>(store: S) {
+    let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
+    let mut browser = Client::new(&server).await;
+    browser.get("/set:a=1/inactive:1000").await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(browser.get("/get:a").await.body, "1");
+        let left = expires_ms(&store, &browser.id())
+            .await
+            .saturating_sub(now_ms());
+        assert!(left <= 1_000, "a read moved the expiry {left} ms ahead");
+    }
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(
+        browser.get("/get:a").await.body,
+        "-",
+        "an expired session served data"
+    );
+}
+
+/// Item 5: when a read slides the server-side expiry, the persistent cookie follows it; when it
+/// does not, no cookie is sent.
+pub async fn sliding_reads_resend_the_cookie<S: SessionStore + Clone>(store: S) {
+    let layer = SessionLayer::builder(store.clone())
+        .expiry(Expiry::OnInactivity(Duration::from_secs(10)))
+        .build()
+        .unwrap();
+    let server = ScriptServer::start(&layer).await;
+    let mut browser = Client::new(&server).await;
+    browser.get("/set:a=1").await;
+    let (mut resent, mut quiet) = (0, 0);
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let before = expires_ms(&store, &browser.id()).await;
+        let r = browser.get("/get:a").await;
+        assert_eq!(r.body, "1");
+        let after = expires_ms(&store, &browser.id()).await;
+        match r.session_cookie() {
+            Some(c) => {
+                resent += 1;
+                assert!(
+                    after > before,
+                    "a cookie was re-sent without a refresh: {c}"
+                );
+                assert!(
+                    c.contains("Max-Age=10") || c.contains("Max-Age=9"),
+                    "the cookie's lifetime does not follow the store's: {c}"
+                );
+            }
+            None => {
+                quiet += 1;
+                assert_eq!(
+                    after, before,
+                    "the store's expiry moved but the cookie did not"
+                );
+            }
+        }
+    }
+    // A tenth of 10 s is 1 s: reads 400 ms apart refresh about every third time.
+    assert!(resent >= 2 && quiet >= 2, "{resent} re-sent, {quiet} quiet");
+}
+
+/// Item 6: replaying a flash read removes that flash only, not a newer one.
+pub async fn replayed_flash_read_keeps_a_newer_flash<S: SessionStore + Clone>(store: S) {
+    let server = ScriptServer::start(&SessionLayer::new(store)).await;
+    let mut browser = Client::new(&server).await;
+    browser.get("/flash:msg=old").await;
+    let cookie = browser.cookie();
+    let mut parked = server.park("A");
+    let mut a = Client::with_cookie(&server, &cookie).await;
+    let a = tokio::spawn(async move { a.get("/get:msg/park:A").await });
+    parked.arrived().await;
+    let b = Client::with_cookie(&server, &cookie)
+        .await
+        .get("/flash:msg=new")
+        .await;
+    assert_eq!(b.status, StatusCode::OK);
+    parked.release();
+    let a = a.await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "old"));
+    assert_eq!(
+        browser.get("/get:msg").await.body,
+        "new",
+        "a newer flash was eaten"
+    );
+    assert_eq!(
+        browser.get("/get:msg").await.body,
+        "-",
+        "a flash was read twice"
+    );
+}
+
+/// Item 7: a request still carrying the pre-login cookie never removes the browser's cookie.
+pub async fn pre_login_cookie_never_logs_out<S: SessionStore + Clone>(store: S) {
+    let server = ScriptServer::start(&SessionLayer::new(store)).await;
+    let mut browser = Client::new(&server).await;
+    browser.get("/set:user=ada").await;
+    let old = browser.cookie();
+    let r = browser.get("/cycle").await;
+    assert!(r.cookie_pair().is_some(), "the cycle sent no new cookie");
+    let mut stale = Client::with_cookie(&server, &old).await;
+    for path in ["/get:user", "/keys", "/remove:user"] {
+        let r = stale.get(path).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(
+            r.set_cookies().is_empty(),
+            "{path} with the pre-login cookie touched the cookie: {r:?}"
+        );
+    }
+    assert_eq!(browser.get("/get:user").await.body, "ada");
+}
+
+/// Item 8: a read's expiry refresh never overwrites the expiry a concurrent `set_expiry` saved.
+pub async fn refresh_never_overwrites_a_concurrent_expiry<S: SessionStore + Clone>(store: S) {
+    let layer = SessionLayer::builder(store.clone())
+        .expiry(Expiry::OnInactivity(Duration::from_secs(2)))
+        .build()
+        .unwrap();
+    let server = ScriptServer::start(&layer).await;
+    let mut browser = Client::new(&server).await;
+    browser.get("/set:a=1").await;
+    let cookie = browser.cookie();
+    // A tenth of the window has passed: the next read refreshes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut parked = server.park("A");
+    let mut a = Client::with_cookie(&server, &cookie).await;
+    let a = tokio::spawn(async move { a.get("/get:a/park:A").await });
+    parked.arrived().await;
+    let b = Client::with_cookie(&server, &cookie)
+        .await
+        .get("/inactive:600000")
+        .await;
+    assert_eq!(b.status, StatusCode::OK);
+    parked.release();
+    assert_eq!(a.await.unwrap().status, StatusCode::OK);
+    let left = expires_ms(&store, &browser.id())
+        .await
+        .saturating_sub(now_ms());
+    assert!(
+        left > 500_000,
+        "a read's refresh overwrote the saved expiry: {left} ms left"
+    );
+}
+
+/// Item 10: the layer's absolute lifetime caps sessions created before it was configured.
+pub async fn absolute_lifetime_caps_older_sessions<S: SessionStore + Clone>(store: S) {
+    let before = ScriptServer::start(&SessionLayer::new(store.clone())).await;
+    let mut browser = Client::new(&before).await;
+    browser.get("/set:a=1").await;
+    let cookie = browser.cookie();
+    let capped = SessionLayer::builder(store)
+        .absolute_lifetime(Duration::from_millis(600))
+        .build()
+        .unwrap();
+    let after = ScriptServer::start(&capped).await;
+    let mut browser = Client::with_cookie(&after, &cookie).await;
+    assert_eq!(browser.get("/get:a").await.body, "1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(browser.get("/get:a").await.body, "1");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        browser.get("/get:a").await.body,
+        "-",
+        "a session outlived the absolute lifetime"
+    );
+}
+
+/// Item 11: `reset_expiry` undoes "remember me": the layer's policy and cookie apply again.
+pub async fn reset_expiry_undoes_remember_me<S: SessionStore + Clone>(store: S) {
+    let layer = SessionLayer::builder(store.clone())
+        .expiry(Expiry::OnSessionEnd(Duration::from_secs(3600)))
+        .build()
+        .unwrap();
+    let server = ScriptServer::start(&layer).await;
+    let mut browser = Client::new(&server).await;
+    let r = browser.get("/set:user=ada").await;
+    assert!(!r.session_cookie().unwrap().contains("Max-Age"));
+    let r = browser.get("/inactive:2592000000").await;
+    let remembered = r.session_cookie().expect("remember-me re-sends the cookie");
+    assert!(remembered.contains("Max-Age=2592000"), "{remembered}");
+    assert!(expires_ms(&store, &browser.id()).await > now_ms() + 29 * 86_400_000);
+    let r = browser.get("/reset").await;
+    let forgotten = r.session_cookie().expect("reset re-sends the cookie");
+    assert!(
+        !forgotten.contains("Max-Age"),
+        "the cookie still outlives the browser: {forgotten}"
+    );
+    let left = expires_ms(&store, &browser.id())
+        .await
+        .saturating_sub(now_ms());
+    assert!(
+        left <= 3_600_000,
+        "the store kept the remembered expiry: {left} ms"
+    );
+    assert_eq!(browser.get("/get:user").await.body, "ada");
+}
