@@ -14,6 +14,7 @@ use hyper_sessions::{
 };
 
 pub use super::lifecycle::*;
+pub use super::model::model_check;
 use super::{Browser, Conn, serve};
 
 /// Expands to one `#[tokio::test]` per conformance check. `$fixture` is an async fn returning
@@ -34,7 +35,7 @@ macro_rules! conformance_suite {
             cycle_keeps_a_concurrent_write, own_shorter_expiry_survives_reads,
             sliding_reads_resend_the_cookie, replayed_flash_read_keeps_a_newer_flash,
             pre_login_cookie_never_logs_out, refresh_never_overwrites_a_concurrent_expiry,
-            absolute_lifetime_caps_older_sessions, reset_expiry_undoes_remember_me);
+            absolute_lifetime_caps_older_sessions, reset_expiry_undoes_remember_me, model_check);
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
         $(

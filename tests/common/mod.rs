@@ -5,6 +5,7 @@
 pub mod conformance;
 pub mod faults;
 pub mod lifecycle;
+pub mod model;
 pub mod script;
 pub mod servers;
 

@@ -22,6 +22,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_sessions::{Error, Expiry, Session, SessionLayer};
 use tokio::sync::oneshot;
 
+use super::model::{Change, Log, REQUEST, expiry_value, log_change};
 use super::{TestServer, serve_service};
 
 /// A request held at a park point.
@@ -56,12 +57,37 @@ pub struct ScriptServer {
 
 impl ScriptServer {
     pub async fn start(layer: &SessionLayer) -> ScriptServer {
+        ScriptServer::start_with(layer, None).await
+    }
+
+    /// The script app for the model check: a path starting `/req:N` is request `N`, whose
+    /// changes and store operations go to `log` (see `model.rs`).
+    pub async fn start_modelled(layer: &SessionLayer, log: Log) -> ScriptServer {
+        ScriptServer::start_with(layer, Some(log)).await
+    }
+
+    async fn start_with(layer: &SessionLayer, log: Option<Log>) -> ScriptServer {
         let parks: Arc<Mutex<HashMap<String, Slot>>> = Arc::default();
         let app_parks = parks.clone();
-        let service = layer.wrap(hyper::service::service_fn(move |req: Request<Incoming>| {
+        let inner = layer.wrap(hyper::service::service_fn(move |req: Request<Incoming>| {
             let parks = app_parks.clone();
             async move { Ok::<_, Infallible>(run(req, &parks).await) }
         }));
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let tag = req
+                .uri()
+                .path()
+                .strip_prefix("/req:")
+                .and_then(|rest| rest.split('/').next()?.parse::<u32>().ok());
+            let call = hyper::service::Service::call(&inner, req);
+            let log = log.clone();
+            async move {
+                match (tag, log) {
+                    (Some(tag), Some(log)) => REQUEST.scope((tag, log), call).await,
+                    _ => call.await,
+                }
+            }
+        });
         let server = serve_service(service).await;
         ScriptServer {
             addr: server.addr,
@@ -129,33 +155,65 @@ async fn step_once(
     let (verb, arg) = step.split_once(':').unwrap_or((step, ""));
     let (key, value) = arg.split_once('=').unwrap_or((arg, ""));
     match verb {
-        "get" => Ok(Some(
-            session
-                .get::<String>(key)
-                .await?
-                .unwrap_or_else(|| "-".to_owned()),
-        )),
-        "set" => session.insert(key, value).await.map(|()| None),
-        "flash" => session.flash(key, value).await.map(|()| None),
-        "remove" => session.remove(key).await.map(|_| None),
-        "clear" => session.clear().await.map(|()| None),
+        "get" => {
+            let value = session.get::<String>(key).await?;
+            // Keys starting with `f` only ever hold flashes: a value read was consumed.
+            if let Some(v) = value.as_ref().filter(|_| key.starts_with('f')) {
+                log_change(Change::TakeFlash(key.to_owned(), v.clone()));
+            }
+            Ok(Some(value.unwrap_or_else(|| "-".to_owned())))
+        }
+        "set" => {
+            session.insert(key, value).await?;
+            log_change(Change::Set(key.to_owned(), value.to_owned()));
+            Ok(None)
+        }
+        "flash" => {
+            session.flash(key, value).await?;
+            log_change(Change::Flash(key.to_owned(), value.to_owned()));
+            Ok(None)
+        }
+        "remove" => {
+            if session.remove(key).await? {
+                log_change(Change::Remove(key.to_owned()));
+            }
+            Ok(None)
+        }
+        "clear" => {
+            session.clear().await?;
+            log_change(Change::Clear);
+            Ok(None)
+        }
         "incr" => {
+            // Logged first: `update` saves at once.
+            log_change(Change::Incr(key.to_owned()));
             let n: u64 = session
                 .update(key, |n: Option<u64>| n.unwrap_or(0) + 1)
                 .await?;
             Ok(Some(n.to_string()))
         }
-        "inactive" => session
-            .set_expiry(Expiry::OnInactivity(ms(arg)))
-            .await
-            .map(|()| None),
-        "browser" => session
-            .set_expiry(Expiry::OnSessionEnd(ms(arg)))
-            .await
-            .map(|()| None),
-        "reset" => session.reset_expiry().await.map(|()| None),
+        "inactive" | "browser" => {
+            let expiry = if verb == "inactive" {
+                Expiry::OnInactivity(ms(arg))
+            } else {
+                Expiry::OnSessionEnd(ms(arg))
+            };
+            session.set_expiry(expiry).await?;
+            log_change(Change::Expiry(Some(expiry_value(expiry))));
+            Ok(None)
+        }
+        "reset" => {
+            session.reset_expiry().await?;
+            log_change(Change::Expiry(None));
+            Ok(None)
+        }
+        "req" => Ok(None),
         "cycle" => session.cycle_id().await.map(|()| None),
-        "destroy" => session.destroy().await.map(|()| None),
+        "destroy" => {
+            session.destroy().await?;
+            log_change(Change::Destroyed);
+            Ok(None)
+        }
         "keys" => Ok(Some(session.keys().await?.join(","))),
         "id" => Ok(Some(
             session
