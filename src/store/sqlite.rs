@@ -157,35 +157,45 @@ struct Sql {
     delete_expired: String,
 }
 
+/// The current time in integer Unix milliseconds, read by `SQLite` when the statement runs:
+/// once per statement, after it has taken its lock, so that a write that waited for another
+/// connection's lock checks the expiry at the time it is made, not at the time it was asked for.
+/// (`unixepoch('subsec')` is the system clock's milliseconds as a float; rounding brings back the
+/// exact integer, the same one [`unix_ms`] computes from [`SystemTime::now`].)
+const NOW: &str = "CAST(round(unixepoch('subsec') * 1000) AS INTEGER)";
+
 impl Sql {
     fn new(table: &str) -> Self {
         let t = format!("\"{table}\"");
         Sql {
             load: format!(
-                "SELECT data, version, expires_at FROM {t} WHERE id = ?1 AND expires_at > ?2"
+                "SELECT data, version, expires_at FROM {t} WHERE id = ?1 AND expires_at > {NOW}"
             ),
             create: format!(
                 "INSERT INTO {t} (id, data, version, expires_at) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (id) DO UPDATE SET data = excluded.data, version = excluded.version, \
-                 expires_at = excluded.expires_at WHERE {t}.expires_at <= ?5"
+                 expires_at = excluded.expires_at WHERE {t}.expires_at <= {NOW}"
             ),
             save: format!(
                 "UPDATE {t} SET data = ?2, version = ?3, expires_at = ?4 \
-                 WHERE id = ?1 AND version = ?5 AND expires_at > ?6"
+                 WHERE id = ?1 AND version = ?5 AND expires_at > {NOW}"
             ),
             save_same_expiry: format!(
                 "UPDATE {t} SET data = ?2, version = ?3 \
-                 WHERE id = ?1 AND version = ?5 AND expires_at = ?4 AND expires_at > ?6"
+                 WHERE id = ?1 AND version = ?5 AND expires_at = ?4 AND expires_at > {NOW}"
             ),
-            exists: format!("SELECT 1 FROM {t} WHERE id = ?1 AND expires_at > ?2"),
+            exists: format!("SELECT 1 FROM {t} WHERE id = ?1 AND expires_at > {NOW}"),
             delete: format!("DELETE FROM {t} WHERE id = ?1"),
             touch: format!(
-                "UPDATE {t} SET expires_at = ?2 WHERE id = ?1 AND version = ?3 AND expires_at > ?4"
+                "UPDATE {t} SET expires_at = ?2 \
+                 WHERE id = ?1 AND version = ?3 AND expires_at > {NOW}"
             ),
-            remove: format!("DELETE FROM {t} WHERE id = ?1 AND version = ?2 AND expires_at > ?3"),
+            remove: format!(
+                "DELETE FROM {t} WHERE id = ?1 AND version = ?2 AND expires_at > {NOW}"
+            ),
             delete_expired: format!(
                 "DELETE FROM {t} WHERE id IN \
-                 (SELECT id FROM {t} WHERE expires_at <= ?1 LIMIT ?2)"
+                 (SELECT id FROM {t} WHERE expires_at <= {NOW} LIMIT ?1)"
             ),
         }
     }
@@ -686,9 +696,8 @@ fn commit(s: &mut Stmts<'_>, jobs: &mut Vec<Box<dyn WriteJob>>) {
 async fn delete_expired(inner: &Inner) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
-        let now = now_ms();
         let n = call(inner, "delete_expired", move |s| {
-            Ok(s.delete_expired.execute(params![now, CLEANUP_BATCH])?)
+            Ok(s.delete_expired.execute(params![CLEANUP_BATCH])?)
         })
         .await?;
         total += u64::try_from(n).unwrap_or(u64::MAX);
@@ -764,8 +773,8 @@ fn read_row(row: &Row<'_>) -> Result<Stored, Fail> {
     })
 }
 
-fn load_row(s: &mut Stmts<'_>, id: &[u8; 16], now: i64) -> Result<Option<Stored>, Fail> {
-    let mut rows = s.load.query(params![id, now])?;
+fn load_row(s: &mut Stmts<'_>, id: &[u8; 16]) -> Result<Option<Stored>, Fail> {
+    let mut rows = s.load.query(params![id])?;
     match rows.next()? {
         Some(row) => read_row(row).map(Some),
         None => Ok(None),
@@ -776,7 +785,7 @@ impl SessionStore for SqliteStore {
     async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
         let (id, key) = (*id, id.to_bytes());
         let stored = self
-            .call("load", move |s| load_row(s, &key, now_ms()))
+            .call("load", move |s| load_row(s, &key))
             .await
             .map_err(|e| name_row(e, id))?;
         Ok(stored.map(|s| s.into_record(id)))
@@ -789,7 +798,7 @@ impl SessionStore for SqliteStore {
         let expires = ms(record.expires_at());
         let n = write(&self.inner, "create", move |s| {
             Ok(s.create
-                .execute(params![key, &data[..], version, expires, now_ms()])?)
+                .execute(params![key, &data[..], version, expires])?)
         })
         .await?;
         Ok(if n == 0 {
@@ -811,9 +820,8 @@ impl SessionStore for SqliteStore {
         let expected = i64::try_from(expected_version).ok();
         let expires = ms(record.expires_at());
         write(&self.inner, "save", move |s| {
-            let now = now_ms();
             if let Some(expected) = expected {
-                let args = params![key, &data[..], version, expires, expected, now];
+                let args = params![key, &data[..], version, expires, expected];
                 // Most saves keep the stored expiry (the core slides it only now and then). An
                 // UPDATE that names `expires_at` rewrites its index entry even when the value is
                 // the same (about 8,000 instructions and one more WAL page per commit), so that
@@ -824,7 +832,7 @@ impl SessionStore for SqliteStore {
                     return Ok(SaveOutcome::Saved);
                 }
             }
-            not_written(s, &key, now)
+            not_written(s, &key)
         })
         .await
     }
@@ -839,13 +847,12 @@ impl SessionStore for SqliteStore {
         let expected = i64::try_from(expected_version).ok();
         let expires = ms(expires_at);
         write(&self.inner, "touch", move |s| {
-            let now = now_ms();
             if let Some(expected) = expected {
-                if s.touch.execute(params![key, expires, expected, now])? > 0 {
+                if s.touch.execute(params![key, expires, expected])? > 0 {
                     return Ok(SaveOutcome::Saved);
                 }
             }
-            not_written(s, &key, now)
+            not_written(s, &key)
         })
         .await
     }
@@ -854,13 +861,12 @@ impl SessionStore for SqliteStore {
         let key = id.to_bytes();
         let expected = i64::try_from(expected_version).ok();
         write(&self.inner, "remove", move |s| {
-            let now = now_ms();
             if let Some(expected) = expected {
-                if s.remove.execute(params![key, expected, now])? > 0 {
+                if s.remove.execute(params![key, expected])? > 0 {
                     return Ok(SaveOutcome::Saved);
                 }
             }
-            not_written(s, &key, now)
+            not_written(s, &key)
         })
         .await
     }
@@ -881,8 +887,8 @@ impl SessionStore for SqliteStore {
 /// Runs right after the write, in the same job on the same connection (and in the same
 /// transaction when the write is batched); the write itself changed nothing either way, so the
 /// answer never hides a write that was made.
-fn not_written(s: &mut Stmts<'_>, key: &[u8; 16], now: i64) -> Result<SaveOutcome, Fail> {
-    Ok(if s.exists.exists(params![key, now])? {
+fn not_written(s: &mut Stmts<'_>, key: &[u8; 16]) -> Result<SaveOutcome, Fail> {
+    Ok(if s.exists.exists(params![key])? {
         SaveOutcome::Conflict
     } else {
         SaveOutcome::Missing
@@ -892,10 +898,6 @@ fn not_written(s: &mut Stmts<'_>, key: &[u8; 16], now: i64) -> Result<SaveOutcom
 /// Unix milliseconds as `SQLite`'s integer, saturating.
 fn ms(t: SystemTime) -> i64 {
     i64::try_from(unix_ms(t)).unwrap_or(i64::MAX)
-}
-
-fn now_ms() -> i64 {
-    ms(SystemTime::now())
 }
 
 fn version_param(version: u64) -> Result<i64, StoreError> {
