@@ -313,7 +313,10 @@ async fn a_full_database_refuses_new_sessions_and_keeps_old_ones() {
     // The sessions already there are intact and still writable in place.
     let back = store.load(&first).await.unwrap().unwrap();
     assert_eq!(back.data(), &Bytes::from(r#"{"d":{"n":1}}"#));
-    assert!(store.touch(&first, in_ms(120_000)).await.unwrap());
+    assert_eq!(
+        store.touch(&first, 1, in_ms(120_000)).await.unwrap(),
+        SaveOutcome::Saved
+    );
 }
 
 #[tokio::test]
@@ -520,6 +523,276 @@ async fn saves_with_the_same_and_a_new_expiry() {
     assert_eq!(store.save(&other, 1).await.unwrap(), SaveOutcome::Missing);
 }
 
+/// The row as stored, read on another connection: `(data, version, expires_at)`, or `None`.
+fn stored_row(c: &rusqlite::Connection, id: Id) -> Option<(Vec<u8>, i64, i64)> {
+    use rusqlite::OptionalExtension;
+    c.query_row(
+        "SELECT data, version, expires_at FROM sessions WHERE id = ?1",
+        [&id.to_bytes()[..]],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+    .unwrap()
+}
+
+fn now_unix_ms() -> u64 {
+    hyper_sessions::unix_ms(SystemTime::now())
+}
+
+/// `touch` and `remove` are compare-and-sets on the version: the right version changes the row
+/// (touch: the expiry only), another version is a conflict that changes nothing, and a missing
+/// or expired row is missing (and stays as it was: never revived, never counted as removed).
+#[tokio::test]
+async fn conditional_touch_and_remove() {
+    let (store, dir) = file_fixture().await;
+    let c = raw(&dir.db());
+    let e = |x: u64| i64::try_from(x).unwrap();
+    let now = now_unix_ms();
+    let (e1, e2, e3) = (now + 60_000, now + 90_000, now + 30_000);
+    let id = Id::random();
+    let at = |v, d: &str, e| Record::from_unix_ms(id, Bytes::from(d.to_owned()), v, e);
+    store.create(&at(1, "a", e1)).await.unwrap();
+
+    // The right version: the expiry moves (later, then earlier), data and version stay.
+    assert_eq!(
+        store.touch(&id, 1, from_ms(e2)).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(stored_row(&c, id), Some((b"a".to_vec(), 1, e(e2))));
+    assert_eq!(
+        store.touch(&id, 1, from_ms(e3)).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(stored_row(&c, id), Some((b"a".to_vec(), 1, e(e3))));
+    let back = store.load(&id).await.unwrap().unwrap();
+    assert_eq!((back.version(), back.expires_at_unix_ms()), (1, e3));
+    // The expiry index follows the touch.
+    let by_index: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sessions INDEXED BY sessions_expires_at WHERE expires_at = ?1",
+            [e(e3)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(by_index, 1);
+
+    // Another version (older, newer, beyond SQLite's integers): a conflict, nothing changed.
+    for wrong in [0, 2, u64::MAX] {
+        assert_eq!(
+            store.touch(&id, wrong, from_ms(e1)).await.unwrap(),
+            SaveOutcome::Conflict,
+            "touch expecting {wrong}"
+        );
+        assert_eq!(
+            store.remove(&id, wrong).await.unwrap(),
+            SaveOutcome::Conflict,
+            "remove expecting {wrong}"
+        );
+        assert_eq!(stored_row(&c, id), Some((b"a".to_vec(), 1, e(e3))));
+    }
+
+    // A newer version saved in between: the old version's touch and remove change nothing.
+    assert_eq!(
+        store.save(&at(2, "b", e1), 1).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(
+        store.touch(&id, 1, from_ms(e2)).await.unwrap(),
+        SaveOutcome::Conflict
+    );
+    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Conflict);
+    assert_eq!(stored_row(&c, id), Some((b"b".to_vec(), 2, e(e1))));
+
+    // The right version removes it; then it is missing to both.
+    assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Saved);
+    assert_eq!(stored_row(&c, id), None);
+    assert!(store.load(&id).await.unwrap().is_none());
+    assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(
+        store.touch(&id, 2, from_ms(e2)).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    assert_eq!(stored_row(&c, id), None, "touch re-created a removed row");
+
+    // An unknown id, whatever the version.
+    for v in [0, 1, u64::MAX] {
+        let unknown = Id::random();
+        assert_eq!(
+            store.touch(&unknown, v, from_ms(e1)).await.unwrap(),
+            SaveOutcome::Missing
+        );
+        assert_eq!(
+            store.remove(&unknown, v).await.unwrap(),
+            SaveOutcome::Missing
+        );
+        assert_eq!(stored_row(&c, unknown), None);
+    }
+
+    // An expired row (not yet cleaned up) is missing, for the right version and any other: the
+    // touch does not revive it, and the remove leaves it to the cleanup.
+    let old = Id::random();
+    let expired = Record::from_unix_ms(old, Bytes::from_static(b"x"), 3, now + 60_000);
+    store.create(&expired).await.unwrap();
+    c.execute(
+        "UPDATE sessions SET expires_at = ?2 WHERE id = ?1",
+        rusqlite::params![&old.to_bytes()[..], e(now - 1)],
+    )
+    .unwrap();
+    for v in [3, 2, 4] {
+        assert_eq!(
+            store.touch(&old, v, from_ms(e1)).await.unwrap(),
+            SaveOutcome::Missing
+        );
+        assert_eq!(store.remove(&old, v).await.unwrap(), SaveOutcome::Missing);
+    }
+    assert_eq!(stored_row(&c, old), Some((b"x".to_vec(), 3, e(now - 1))));
+    assert!(store.load(&old).await.unwrap().is_none());
+}
+
+fn from_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The same outcomes on an in-memory database (the store's other fixture).
+#[tokio::test]
+async fn conditional_touch_and_remove_in_memory() {
+    let (store, ()) = memory_fixture().await;
+    let id = Id::random();
+    store.create(&record(id, "a", in_ms(60_000))).await.unwrap();
+    let later = in_ms(120_000);
+    assert_eq!(
+        store.touch(&id, 2, later).await.unwrap(),
+        SaveOutcome::Conflict
+    );
+    assert_eq!(store.remove(&id, 0).await.unwrap(), SaveOutcome::Conflict);
+    let back = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(back.version(), 1);
+    assert!(back.expires_at_unix_ms() < hyper_sessions::unix_ms(later));
+    assert_eq!(
+        store.touch(&id, 1, later).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    let back = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (back.version(), back.data(), back.expires_at_unix_ms()),
+        (1, &Bytes::from("a"), hyper_sessions::unix_ms(later))
+    );
+    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Saved);
+    assert!(store.load(&id).await.unwrap().is_none());
+    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(
+        store.touch(&id, 1, later).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    assert!(store.load(&id).await.unwrap().is_none());
+}
+
+/// Racing a save of the next version, queued together so that they are committed in one batch
+/// (another connection holds the write lock meanwhile), in either order: a remove of the old
+/// version never removes the newer one, and a touch of the old version never overrides the
+/// newer one's expiry. Every outcome matches what is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touch_and_remove_never_undo_a_newer_version() {
+    let (store, dir) = file_fixture().await;
+    let other = raw(&dir.db());
+    let saved_expiry = now_unix_ms() + 600_000;
+    let (mut removed_first, mut saved_first) = (0, 0);
+    for round in 0..40 {
+        let id = Id::random();
+        let data = |v: &str| Bytes::from(v.to_owned());
+        store
+            .create(&Record::from_unix_ms(
+                id,
+                data("v1"),
+                1,
+                saved_expiry - 1000,
+            ))
+            .await
+            .unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // A first write waits for the lock on the store's thread; the two behind it queue up and
+        // are then committed together, in the order they were queued.
+        let s0 = store.clone();
+        let blocker =
+            tokio::spawn(async move { s0.create(&record(Id::random(), "b", in_ms(60_000))).await });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let next = Record::from_unix_ms(id, data("v2"), 2, saved_expiry);
+        let (s1, s2) = (store.clone(), store.clone());
+        // Alternate which one is queued first.
+        let (save, change) = if round % 2 == 0 {
+            let save = tokio::spawn(async move { s1.save(&next, 1).await });
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let change = tokio::spawn(async move {
+                if round % 4 == 0 {
+                    s2.remove(&id, 1).await
+                } else {
+                    s2.touch(&id, 1, from_ms(saved_expiry - 500_000)).await
+                }
+            });
+            (save, change)
+        } else {
+            let change = tokio::spawn(async move {
+                if round % 4 == 1 {
+                    s2.remove(&id, 1).await
+                } else {
+                    s2.touch(&id, 1, from_ms(saved_expiry - 500_000)).await
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let save = tokio::spawn(async move { s1.save(&next, 1).await });
+            (save, change)
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        other.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(blocker.await.unwrap().unwrap(), CreateOutcome::Created);
+        let (save, change) = (save.await.unwrap().unwrap(), change.await.unwrap().unwrap());
+        let row = store.load(&id).await.unwrap();
+        let is_remove = round % 4 < 2;
+        match (is_remove, save, change) {
+            // The save came first: the old version's change is a conflict.
+            (_, SaveOutcome::Saved, SaveOutcome::Conflict) => {
+                saved_first += 1;
+                let row = row.expect("the saved version was removed");
+                assert_eq!((row.version(), row.expires_at_unix_ms()), (2, saved_expiry));
+            }
+            // The remove came first: the save finds nothing, and nothing is there.
+            (true, SaveOutcome::Missing, SaveOutcome::Saved) => {
+                removed_first += 1;
+                assert!(row.is_none(), "the save re-created a removed session");
+            }
+            // The touch came first: the save (same version) still applies, with its expiry.
+            (false, SaveOutcome::Saved, SaveOutcome::Saved) => {
+                let row = row.expect("the saved version is gone");
+                assert_eq!((row.version(), row.expires_at_unix_ms()), (2, saved_expiry));
+            }
+            outcomes => panic!("round {round}: impossible outcomes {outcomes:?}"),
+        }
+    }
+    // Both orders were exercised (each was queued first in half of the rounds).
+    assert!(
+        saved_first > 0 && removed_first > 0,
+        "{saved_first} {removed_first}"
+    );
+}
+
+/// The expiry is checked when the statement runs, not when the call was made: a touch that
+/// waits for another connection's write lock past the record's expiry finds it expired, and
+/// does not revive it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_is_checked_when_the_statement_runs() {
+    let (store, dir) = file_fixture().await;
+    let other = raw(&dir.db());
+    let id = Id::random();
+    store.create(&record(id, "a", in_ms(300))).await.unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let s = store.clone();
+    let touch = tokio::spawn(async move { s.touch(&id, 1, in_ms(60_000)).await });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(touch.await.unwrap().unwrap(), SaveOutcome::Missing);
+    assert!(store.load(&id).await.unwrap().is_none(), "touch revived it");
+}
+
 /// The store keeps its statements prepared for its whole life: a schema change made by another
 /// connection meanwhile (a new table, a new index on the session table) is picked up, not an error.
 #[tokio::test]
@@ -553,10 +826,15 @@ async fn statements_outlive_schema_changes_by_others() {
         .create(&record(Id::random(), "{}", in_ms(60_000)))
         .await
         .unwrap();
-    assert!(store.touch(&id, in_ms(90_000)).await.unwrap());
+    assert_eq!(
+        store.touch(&id, 2, in_ms(90_000)).await.unwrap(),
+        SaveOutcome::Saved
+    );
     assert_eq!(store.load(&id).await.unwrap().unwrap().version(), 2);
-    store.delete(&id).await.unwrap();
+    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Conflict);
+    assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Saved);
     assert!(store.load(&id).await.unwrap().is_none());
+    store.delete(&id).await.unwrap();
 }
 
 // ---- a real restart: a server process is killed and started again on the same file ----

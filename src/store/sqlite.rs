@@ -16,7 +16,7 @@ use rusqlite::{
 use crate::error::StoreError;
 use crate::id::Id;
 use crate::record::{Record, from_unix_ms, unix_ms};
-use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
+use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
 /// The schema version this release writes and reads.
 const SCHEMA_VERSION: i64 = 1;
@@ -40,9 +40,13 @@ const MAX_TABLE_NAME: usize = 64;
 /// # Storage
 /// One table (default `sessions`, see [`SqliteStoreBuilder::table`]) holding, per session, the
 /// id as a 16-byte blob primary key, the encoded record, its version and its expiry as integer
-/// Unix milliseconds, with an index on the expiry. Expired rows are never returned (the expiry is
-/// compared as an integer in every statement), and each contract method is one round trip to
-/// the `SQLite` thread running one to three statements, all prepared once when the store opens.
+/// Unix milliseconds, with an index on the expiry. Expired rows are never returned nor changed
+/// (every statement compares the expiry, as an integer, with the time it runs), and each contract
+/// method is one round trip to the `SQLite` thread running one to three statements, all prepared
+/// once when the store opens. Every change to a loaded record (`save`, `touch`, `remove`) is a
+/// conditional statement (`... WHERE id = ? AND version = ? AND expires_at > now`); only when it
+/// matches no row does one more statement tell a conflict (a live row of another version) from a
+/// missing row.
 /// The schema version is kept in a small `hyper_sessions_schema` table, so a later release can
 /// migrate the data.
 ///
@@ -107,13 +111,13 @@ enum Msg {
 struct Stmts<'c> {
     conn: &'c rusqlite::Connection,
     load: Statement<'c>,
-    refresh: Statement<'c>,
     create: Statement<'c>,
     save: Statement<'c>,
     save_same_expiry: Statement<'c>,
     exists: Statement<'c>,
     delete: Statement<'c>,
     touch: Statement<'c>,
+    remove: Statement<'c>,
     delete_expired: Statement<'c>,
     begin: Statement<'c>,
     commit: Statement<'c>,
@@ -124,13 +128,13 @@ impl<'c> Stmts<'c> {
         Ok(Stmts {
             conn,
             load: conn.prepare(&sql.load)?,
-            refresh: conn.prepare(&sql.refresh)?,
             create: conn.prepare(&sql.create)?,
             save: conn.prepare(&sql.save)?,
             save_same_expiry: conn.prepare(&sql.save_same_expiry)?,
             exists: conn.prepare(&sql.exists)?,
             delete: conn.prepare(&sql.delete)?,
             touch: conn.prepare(&sql.touch)?,
+            remove: conn.prepare(&sql.remove)?,
             delete_expired: conn.prepare(&sql.delete_expired)?,
             begin: conn.prepare("BEGIN IMMEDIATE")?,
             commit: conn.prepare("COMMIT")?,
@@ -141,7 +145,6 @@ impl<'c> Stmts<'c> {
 /// The statements, with the table name quoted in.
 struct Sql {
     load: String,
-    refresh: String,
     create: String,
     save: String,
     /// [`save`](Sql::save) of a record whose expiry is the stored one: `expires_at` is left out
@@ -150,36 +153,49 @@ struct Sql {
     exists: String,
     delete: String,
     touch: String,
+    remove: String,
     delete_expired: String,
 }
+
+/// The current time in integer Unix milliseconds, read by `SQLite` when the statement runs:
+/// once per statement, after it has taken its lock, so that a write that waited for another
+/// connection's lock checks the expiry at the time it is made, not at the time it was asked for.
+/// (`unixepoch('subsec')` is the system clock's milliseconds as a float; rounding brings back the
+/// exact integer, the same one [`unix_ms`] computes from [`SystemTime::now`].)
+const NOW: &str = "CAST(round(unixepoch('subsec') * 1000) AS INTEGER)";
 
 impl Sql {
     fn new(table: &str) -> Self {
         let t = format!("\"{table}\"");
         Sql {
             load: format!(
-                "SELECT data, version, expires_at FROM {t} WHERE id = ?1 AND expires_at > ?2"
+                "SELECT data, version, expires_at FROM {t} WHERE id = ?1 AND expires_at > {NOW}"
             ),
-            refresh: format!("UPDATE {t} SET expires_at = ?2 WHERE id = ?1 AND expires_at > ?3"),
             create: format!(
                 "INSERT INTO {t} (id, data, version, expires_at) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (id) DO UPDATE SET data = excluded.data, version = excluded.version, \
-                 expires_at = excluded.expires_at WHERE {t}.expires_at <= ?5"
+                 expires_at = excluded.expires_at WHERE {t}.expires_at <= {NOW}"
             ),
             save: format!(
                 "UPDATE {t} SET data = ?2, version = ?3, expires_at = ?4 \
-                 WHERE id = ?1 AND version = ?5 AND expires_at > ?6"
+                 WHERE id = ?1 AND version = ?5 AND expires_at > {NOW}"
             ),
             save_same_expiry: format!(
                 "UPDATE {t} SET data = ?2, version = ?3 \
-                 WHERE id = ?1 AND version = ?5 AND expires_at = ?4 AND expires_at > ?6"
+                 WHERE id = ?1 AND version = ?5 AND expires_at = ?4 AND expires_at > {NOW}"
             ),
-            exists: format!("SELECT 1 FROM {t} WHERE id = ?1 AND expires_at > ?2"),
+            exists: format!("SELECT 1 FROM {t} WHERE id = ?1 AND expires_at > {NOW}"),
             delete: format!("DELETE FROM {t} WHERE id = ?1"),
-            touch: format!("UPDATE {t} SET expires_at = ?2 WHERE id = ?1 AND expires_at > ?3"),
+            touch: format!(
+                "UPDATE {t} SET expires_at = ?2 \
+                 WHERE id = ?1 AND version = ?3 AND expires_at > {NOW}"
+            ),
+            remove: format!(
+                "DELETE FROM {t} WHERE id = ?1 AND version = ?2 AND expires_at > {NOW}"
+            ),
             delete_expired: format!(
                 "DELETE FROM {t} WHERE id IN \
-                 (SELECT id FROM {t} WHERE expires_at <= ?1 LIMIT ?2)"
+                 (SELECT id FROM {t} WHERE expires_at <= {NOW} LIMIT ?1)"
             ),
         }
     }
@@ -680,9 +696,8 @@ fn commit(s: &mut Stmts<'_>, jobs: &mut Vec<Box<dyn WriteJob>>) {
 async fn delete_expired(inner: &Inner) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
-        let now = now_ms();
         let n = call(inner, "delete_expired", move |s| {
-            Ok(s.delete_expired.execute(params![now, CLEANUP_BATCH])?)
+            Ok(s.delete_expired.execute(params![CLEANUP_BATCH])?)
         })
         .await?;
         total += u64::try_from(n).unwrap_or(u64::MAX);
@@ -758,8 +773,8 @@ fn read_row(row: &Row<'_>) -> Result<Stored, Fail> {
     })
 }
 
-fn load_row(s: &mut Stmts<'_>, id: &[u8; 16], now: i64) -> Result<Option<Stored>, Fail> {
-    let mut rows = s.load.query(params![id, now])?;
+fn load_row(s: &mut Stmts<'_>, id: &[u8; 16]) -> Result<Option<Stored>, Fail> {
+    let mut rows = s.load.query(params![id])?;
     match rows.next()? {
         Some(row) => read_row(row).map(Some),
         None => Ok(None),
@@ -769,38 +784,8 @@ fn load_row(s: &mut Stmts<'_>, id: &[u8; 16], now: i64) -> Result<Option<Stored>
 impl SessionStore for SqliteStore {
     async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
         let (id, key) = (*id, id.to_bytes());
-        let now = now_ms();
         let stored = self
-            .call("load", move |s| load_row(s, &key, now))
-            .await
-            .map_err(|e| name_row(e, id))?;
-        Ok(stored.map(|s| s.into_record(id)))
-    }
-
-    async fn load_refreshing(
-        &self,
-        id: &Id,
-        refresh: Refresh,
-    ) -> Result<Option<Record>, StoreError> {
-        let (id, key) = (*id, id.to_bytes());
-        let now = now_ms();
-        let (new_exp, if_before) = (ms(refresh.expires_at()), ms(refresh.if_before()));
-        let stored = self
-            .call("load", move |s| {
-                let Some(mut stored) = load_row(s, &key, now)? else {
-                    return Ok(None);
-                };
-                if stored.expires_ms < if_before && stored.expires_ms < new_exp {
-                    // Same thread, next statement: only another process could have removed it
-                    // in between, and then it is gone.
-                    let n = s.refresh.execute(params![key, new_exp, now])?;
-                    if n == 0 {
-                        return Ok(None);
-                    }
-                    stored.expires_ms = new_exp;
-                }
-                Ok(Some(stored))
-            })
+            .call("load", move |s| load_row(s, &key))
             .await
             .map_err(|e| name_row(e, id))?;
         Ok(stored.map(|s| s.into_record(id)))
@@ -811,10 +796,9 @@ impl SessionStore for SqliteStore {
         let data = record.data().clone();
         let version = version_param(record.version())?;
         let expires = ms(record.expires_at());
-        let now = now_ms();
         let n = write(&self.inner, "create", move |s| {
             Ok(s.create
-                .execute(params![key, &data[..], version, expires, now])?)
+                .execute(params![key, &data[..], version, expires])?)
         })
         .await?;
         Ok(if n == 0 {
@@ -832,29 +816,57 @@ impl SessionStore for SqliteStore {
         let key = record.id().to_bytes();
         let data = record.data().clone();
         let version = version_param(record.version())?;
-        let Ok(expected) = i64::try_from(expected_version) else {
-            // No stored version can be that large.
-            return Ok(SaveOutcome::Conflict);
-        };
+        // No stored version is beyond SQLite's integers: such an expectation matches no row.
+        let expected = i64::try_from(expected_version).ok();
         let expires = ms(record.expires_at());
-        let now = now_ms();
         write(&self.inner, "save", move |s| {
-            let args = params![key, &data[..], version, expires, expected, now];
-            // Most saves keep the stored expiry (the core slides it only now and then). An
-            // UPDATE that names `expires_at` rewrites its index entry even when the value is the
-            // same (about 8,000 instructions and one more WAL page per commit), so that case
-            // goes first, without it; a changed expiry matches no row there and takes the full
-            // statement. Each statement checks the version on its own, so either is a
-            // compare-and-set.
-            if s.save_same_expiry.execute(args)? > 0 || s.save.execute(args)? > 0 {
-                return Ok(SaveOutcome::Saved);
+            if let Some(expected) = expected {
+                let args = params![key, &data[..], version, expires, expected];
+                // Most saves keep the stored expiry (the core slides it only now and then). An
+                // UPDATE that names `expires_at` rewrites its index entry even when the value is
+                // the same (about 8,000 instructions and one more WAL page per commit), so that
+                // case goes first, without it; a changed expiry matches no row there and takes
+                // the full statement. Each statement checks the version on its own, so either is
+                // a compare-and-set.
+                if s.save_same_expiry.execute(args)? > 0 || s.save.execute(args)? > 0 {
+                    return Ok(SaveOutcome::Saved);
+                }
             }
-            let live = s.exists.exists(params![key, now])?;
-            Ok(if live {
-                SaveOutcome::Conflict
-            } else {
-                SaveOutcome::Missing
-            })
+            not_written(s, &key)
+        })
+        .await
+    }
+
+    async fn touch(
+        &self,
+        id: &Id,
+        expected_version: u64,
+        expires_at: SystemTime,
+    ) -> Result<SaveOutcome, StoreError> {
+        let key = id.to_bytes();
+        let expected = i64::try_from(expected_version).ok();
+        let expires = ms(expires_at);
+        write(&self.inner, "touch", move |s| {
+            if let Some(expected) = expected {
+                if s.touch.execute(params![key, expires, expected])? > 0 {
+                    return Ok(SaveOutcome::Saved);
+                }
+            }
+            not_written(s, &key)
+        })
+        .await
+    }
+
+    async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+        let key = id.to_bytes();
+        let expected = i64::try_from(expected_version).ok();
+        write(&self.inner, "remove", move |s| {
+            if let Some(expected) = expected {
+                if s.remove.execute(params![key, expected])? > 0 {
+                    return Ok(SaveOutcome::Saved);
+                }
+            }
+            not_written(s, &key)
         })
         .await
     }
@@ -867,25 +879,25 @@ impl SessionStore for SqliteStore {
         })
         .await
     }
+}
 
-    async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
-        let key = id.to_bytes();
-        let expires = ms(expires_at);
-        let now = now_ms();
-        write(&self.inner, "touch", move |s| {
-            Ok(s.touch.execute(params![key, expires, now])? > 0)
-        })
-        .await
-    }
+/// Why a conditional write matched no row: a live row with another version is a conflict, no
+/// live row is missing.
+///
+/// Runs right after the write, in the same job on the same connection (and in the same
+/// transaction when the write is batched); the write itself changed nothing either way, so the
+/// answer never hides a write that was made.
+fn not_written(s: &mut Stmts<'_>, key: &[u8; 16]) -> Result<SaveOutcome, Fail> {
+    Ok(if s.exists.exists(params![key])? {
+        SaveOutcome::Conflict
+    } else {
+        SaveOutcome::Missing
+    })
 }
 
 /// Unix milliseconds as `SQLite`'s integer, saturating.
 fn ms(t: SystemTime) -> i64 {
     i64::try_from(unix_ms(t)).unwrap_or(i64::MAX)
-}
-
-fn now_ms() -> i64 {
-    ms(SystemTime::now())
 }
 
 fn version_param(version: u64) -> Result<i64, StoreError> {
