@@ -49,21 +49,27 @@
 //!    never uses its session costs no store I/O.
 //! 3. The first read or write loads the record (one store round trip).
 //! 4. After the handler answers: nothing changed, nothing written (but for a throttled expiry
-//!    refresh); changes are saved with one compare-and-set; an emptied or destroyed session is
-//!    deleted and its cookie removed; a cycled id gets a new record and cookie. An empty new
-//!    session is never stored and sets no cookie.
+//!    refresh, a conditional `touch`); changes are saved with one compare-and-set; an emptied
+//!    session is removed at the version it had and its cookie removed; a cycled session is moved
+//!    to a new record and cookie. An empty new session is never stored and sets no cookie.
 //! 5. A failed save is never dropped: it is logged (through the [`log`] crate) with its cause
 //!    and the response becomes a 503 (store unavailable) or 500, or whatever the
 //!    [error handler](SessionLayerBuilder::error_handler) answers.
 //!
-//! # No lost updates
-//! Saves are compare-and-set on a record version. When another request of the same session
-//! saved first, the session reloads, replays this request's own changes (the keys it set,
-//! removed or cleared, and its [`update`](Session::update)s) on the fresh record and tries
-//! again. Two concurrent requests that write different keys both keep their writes, and
-//! concurrent `update` increments are all counted. A write racing a
-//! [`destroy`](Session::destroy) never brings the destroyed session back: it fails with
-//! [`Error::is_gone`].
+//! # No lost updates, and destroy is final
+//! Every change a request makes to the store is conditional on the version it loaded: saves
+//! (compare-and-set), expiry refreshes, removing an emptied session, and the move of
+//! [`cycle_id`](Session::cycle_id) (the new record is created, then the old one removed at the
+//! version the new one was built from). The only unconditional change is
+//! [`destroy`](Session::destroy). When another request of the same session wrote first, the
+//! session reloads, replays this request's own changes (the keys it set, removed or cleared, its
+//! [`update`](Session::update)s, the flashes it read, its expiry policy) on the fresh record and
+//! tries again. Two concurrent requests that write different keys both keep their writes,
+//! concurrent `update` increments are all counted, and replaying a flash read removes that flash
+//! only, not a newer one. A write or a cycle racing a `destroy` never brings the session back
+//! under any id: it fails with [`Error::is_gone`]. A request removes the cookie only for a record
+//! it destroyed or emptied itself. When a store cannot tell whether a write was applied (its
+//! reply was lost), the request fails with a 503 instead of replaying.
 //!
 //! # Security model
 //! - Ids are 122 random bits from the operating system's CSPRNG (UUID v4), parsed strictly.

@@ -422,6 +422,9 @@ mod parse {
     /// limit of 128 counts the value itself), so every stored value can be read back.
     const MAX_DEPTH: u32 = 127;
 
+    /// What the one-pass reader reads: the values, and the creation time if present.
+    pub(super) type Plain = (Vec<(Text, Text)>, Option<u64>);
+
     struct Parser<'a> {
         s: &'a [u8],
         pos: usize,
@@ -459,7 +462,7 @@ mod parse {
     }
 
     #[cfg(test)]
-    pub(super) fn plain_values_for_tests(s: &[u8]) -> Option<(Vec<(Text, Text)>, Option<u64>)> {
+    pub(super) fn plain_values_for_tests(s: &[u8]) -> Option<Plain> {
         (Parser { s, pos: 0 }).plain_values()
     }
 
@@ -548,7 +551,7 @@ mod parse {
         /// escapes, nested values, the bookkeeping fields) answers `None` and goes to
         /// [`general`], which accepts everything this accepts, with the same ranges (a test
         /// checks it). The input is valid UTF-8 already.
-        fn plain_values(&mut self) -> Option<(Vec<(Text, Text)>, Option<u64>)> {
+        fn plain_values(&mut self) -> Option<Plain> {
             const HEAD: &[u8] = b"{\"d\":{";
             if !self.s.starts_with(HEAD) {
                 return None;

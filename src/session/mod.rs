@@ -417,9 +417,12 @@ impl Session {
         Ok(())
     }
 
-    /// Gives the session a new id, keeping its data; the old record is deleted when the new one
-    /// is saved at the end of the request. Call it when a user logs in (or their privileges
-    /// change) so that an id planted before login is worthless after it.
+    /// Gives the session a new id, keeping its data (and its creation time). At the end of the
+    /// request the session moves: the new record is created, then the old one is removed at the
+    /// version the new one was built from; a write another request made to the old id meanwhile
+    /// is carried over, and if the old id was destroyed meanwhile the new record is deleted too
+    /// and the request fails with [`Error::is_gone`]. Call it when a user logs in (or their
+    /// privileges change) so that an id planted before login is worthless after it.
     ///
     /// # Errors
     /// A store error while loading.
@@ -451,7 +454,9 @@ impl Session {
     }
 
     /// Sets this session's own expiry policy, kept with the session (for "remember me", say):
-    /// it replaces the layer's policy for this session from now on.
+    /// it replaces the layer's policy for this session, in every refresh of its expiry, until
+    /// [`reset_expiry`](Session::reset_expiry). The response re-sends the cookie with the
+    /// policy's lifetime. The layer's absolute lifetime still caps it.
     ///
     /// # Errors
     /// A store error while loading.

@@ -13,7 +13,10 @@ use hyper_sessions::{
     CreateOutcome, Expiry, Id, Record, SaveOutcome, SessionLayer, SessionStore, unix_ms,
 };
 
+// The suite's other half; unused by the test binaries that do not run the suite.
+#[allow(unused_imports)]
 pub use super::lifecycle::*;
+#[allow(unused_imports)]
 pub use super::model::model_check;
 use super::{Browser, Conn, serve};
 

@@ -219,6 +219,7 @@ struct Req {
 }
 
 /// Replays `log` through the model; answers the model's records, or what went wrong.
+#[allow(clippy::too_many_lines)] // one replay, read top to bottom
 fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Id, (u64, Data)>, String> {
     let mut records: HashMap<Id, (u64, Data)> = HashMap::new();
     let mut reqs: HashMap<u32, Req> = HashMap::new();
@@ -420,7 +421,8 @@ async fn run_once<S: SessionStore + Clone>(store: &S, seed: u64) -> Result<(), S
             path.push('/');
             path.push_str(&random_step(&mut rng, &mut unique));
             if i == pause_after {
-                path.push_str(&format!("/sleep:{}", rng.below(15)));
+                path.push_str("/sleep:");
+                path.push_str(&rng.below(15).to_string());
             }
         }
         let start = Duration::from_millis(rng.below(10));
@@ -468,26 +470,25 @@ async fn run_once<S: SessionStore + Clone>(store: &S, seed: u64) -> Result<(), S
     Ok(())
 }
 
-/// The model check: `MODEL_RUNS` runs (default 30 per store), or the one `MODEL_SEED`.
+/// The model check: `MODEL_RUNS` runs (default 60 per store), or the one `MODEL_SEED`.
 pub async fn model_check<S: SessionStore + Clone>(store: S) {
     let runs: u64 = std::env::var("MODEL_RUNS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(60);
-    let seeds: Vec<u64> = match std::env::var("MODEL_SEED")
+    let seeds: Vec<u64> = if let Some(seed) = std::env::var("MODEL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        Some(seed) => vec![seed],
-        None => {
-            let base = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64;
-            (0..runs)
-                .map(|i| base.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
-                .collect()
-        }
+        vec![seed]
+    } else {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        let base = now.as_secs().rotate_left(32) ^ u64::from(now.subsec_nanos());
+        (0..runs)
+            .map(|i| base.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
+            .collect()
     };
     for seed in &seeds {
         if let Err(e) = run_once(&store, *seed).await {
