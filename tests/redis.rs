@@ -446,6 +446,7 @@ async fn load_is_one_script_and_never_writes() {
 /// right version, the effect and `Saved` (one write); another version, `Conflict` and nothing
 /// written; a missing or expired key, `Missing` and nothing revived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn conditional_touch_and_remove() {
     let (store, server) = single_node().await;
     let id = Id::random();

@@ -700,6 +700,7 @@ fn now_ms() -> u64 {
 /// `touch` and `remove` through Webdis: one request each, the change only on the expected
 /// version; `Conflict` and `Missing` change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn conditional_touch_and_remove() {
     let (store, mut s) = plain_fixture().await;
     let at = hyper_sessions::from_unix_ms;

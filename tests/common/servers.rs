@@ -789,9 +789,12 @@ impl Drop for TlsTerminator {
     }
 }
 
+/// Whether a read from the client is the request whose reply a [`ReplyDroppingProxy`] drops.
+type Trigger = Box<dyn Fn(&[u8]) -> bool + Send>;
+
 /// What an armed [`ReplyDroppingProxy`] waits for, and how it tells the test.
 struct Armed {
-    trigger: Box<dyn Fn(&[u8]) -> bool + Send>,
+    trigger: Trigger,
     caught: tokio::sync::oneshot::Sender<()>,
     release: tokio::sync::oneshot::Receiver<()>,
 }

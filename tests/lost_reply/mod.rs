@@ -72,6 +72,7 @@ where
 }
 
 /// `a` reaches the server through `proxy`, `b` directly; both on the same data.
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 pub async fn store_level<S: SessionStore + Clone>(
     a: S,
     b: S,
