@@ -642,7 +642,8 @@ impl WebdisStore {
                 // Every operation of this store is idempotent: one more try on a broken or
                 // refused connection (a pooled connection that the server had just closed).
                 Err(e) if e.is_connect() || is_broken(&e) => {
-                    *retried = true;
+                    // A refused connection never carried the request; a broken one may have.
+                    *retried |= !e.is_connect();
                     self.exchange(&uri, body).await
                 }
                 other => other,
