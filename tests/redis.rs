@@ -1,15 +1,17 @@
 //! The Redis store against real `redis-server` processes started here: the conformance suite on
-//! a single node and on a 3-master cluster, the commands Redis receives per request kind, and a
-//! crash and restart of Redis under load.
+//! a single node and on a 3-master cluster, the commands Redis receives per request kind, the
+//! conditional touch and remove scripts, writes whose reply is lost, and a crash and restart of
+//! Redis under load.
 
 mod common;
+mod lost_reply;
 
 use std::time::{Duration, Instant};
 
-use common::servers::{Monitor, RedisServer, client_commands};
+use common::servers::{Monitor, RedisServer, ReplyDroppingProxy, client_commands};
 use common::{Browser, Conn, serve};
 use hyper::StatusCode;
-use hyper_sessions::{Id, Record, RedisStore, Refresh, SessionLayer, SessionStore};
+use hyper_sessions::{Id, Record, RedisStore, SaveOutcome, SessionLayer, SessionStore};
 
 /// A fresh server per test (they start in a few milliseconds).
 async fn single_node() -> (RedisStore, RedisServer) {
@@ -161,8 +163,10 @@ async fn commands_per_request_kind() {
     .await;
 }
 
+/// A read whose idle-expiry refresh is due: the load, then one conditional touch script that
+/// moves the key's expiry (and nothing else).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_with_a_due_refresh_is_one_command() {
+async fn a_read_with_a_due_refresh_adds_one_touch() {
     let (store, server) = single_node().await;
     let layer = SessionLayer::builder(store.clone())
         .expiry(hyper_sessions::Expiry::OnInactivity(Duration::from_secs(
@@ -186,11 +190,16 @@ async fn a_read_with_a_due_refresh_is_one_command() {
     let r = b.get("/read").await;
     assert_eq!(r.body, "1");
     let seen = monitor.take().await;
-    assert_eq!(client_commands(&seen), ["EVALSHA"], "{seen:#?}");
-    assert!(
-        seen.iter()
-            .any(|s| s.source == "lua" && s.command == "PEXPIREAT"),
-        "the load script did not refresh the expiry: {seen:#?}"
+    assert_eq!(client_commands(&seen), ["EVALSHA", "EVALSHA"], "{seen:#?}");
+    let scripted: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.source == "lua")
+        .map(|s| s.command.as_str())
+        .collect();
+    assert_eq!(
+        scripted,
+        ["GET", "PEXPIRETIME", "GETRANGE", "PEXPIREAT"],
+        "load, then the touch: {seen:#?}"
     );
     let after: u64 = server
         .cli(&["pexpiretime", &key])
@@ -206,6 +215,10 @@ async fn a_read_with_a_due_refresh_is_one_command() {
         "load reports the key's real expiry"
     );
     assert_eq!(rec.version(), 1);
+    // Right after, no refresh is due: the load alone.
+    monitor.take().await;
+    b.get("/read").await;
+    assert_eq!(client_commands(&monitor.take().await), ["EVALSHA"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,10 +377,11 @@ fn now_ms() -> u64 {
     hyper_sessions::unix_ms(std::time::SystemTime::now())
 }
 
-/// The commands the store sent (the `INFO` of [`dirty`] left out).
+/// The commands the store sent (those of [`dirty`] and of the test's `redis-cli` checks left
+/// out: the store sends none of them).
 fn store_commands(seen: &[common::servers::Seen]) -> Vec<String> {
     let mut sent = client_commands(seen);
-    sent.retain(|c| c != "INFO");
+    sent.retain(|c| !["INFO", "GET", "PEXPIRETIME", "EXISTS"].contains(&c.as_str()));
     sent
 }
 
@@ -382,12 +396,58 @@ async fn dirty(server: &RedisServer) -> u64 {
         .unwrap()
 }
 
-/// A refresh whose `if_before` is not below its new expiry is due exactly when the key expires
-/// before that expiry, which `PEXPIREAT … GT` decides alone: such a load (and a plain load) is
-/// a pipeline of plain commands, no script. The expiry only ever moves up, is written only when
-/// it moves, and a missing key is never revived.
+/// A load is one script (`GET` + `PEXPIRETIME`) that never writes, and reports the key's own
+/// expiry; missing keys are `None`; keys without an expiry or of another type are corrupt and
+/// left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refresh_up_to_its_own_expiry_is_plain_commands() {
+async fn load_is_one_script_and_never_writes() {
+    let (store, server) = single_node().await;
+    let id = Id::random();
+    let created = now_ms() + 10_000;
+    let data = bytes::Bytes::from_static(br#"{"d":{"n":1}}"#);
+    store
+        .create(&Record::from_unix_ms(id, data.clone(), 3, created))
+        .await
+        .unwrap();
+    let mut monitor = Monitor::start(&server).await;
+    let before = dirty(&server).await;
+    let rec = store.load(&id).await.unwrap().unwrap();
+    let seen = monitor.take().await;
+    assert_eq!(store_commands(&seen), ["EVALSHA"]);
+    let scripted: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.source == "lua")
+        .map(|s| s.command.as_str())
+        .collect();
+    assert_eq!(scripted, ["GET", "PEXPIRETIME"]);
+    assert_eq!(rec.expires_at_unix_ms(), created);
+    assert_eq!((rec.version(), rec.data()), (3, &data));
+    assert_eq!(dirty(&server).await, before, "a load wrote");
+
+    assert!(store.load(&Id::random()).await.unwrap().is_none());
+    // A key without an expiry (never written by this store) is corrupt, and keeps no expiry.
+    let bare = Id::random();
+    let bare_key = store.key(&bare);
+    server
+        .cli(&["set", &bare_key, r#"1:0000000000000001:{"d":{}}"#])
+        .await;
+    let err = store.load(&bare).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    assert!(!format!("{err:?}").contains(&bare.to_string()), "{err:?}");
+    assert_eq!(server.cli(&["pttl", &bare_key]).await.trim(), "-1");
+    // A key of another type is corrupt too.
+    let hash = Id::random();
+    server.cli(&["hset", &store.key(&hash), "d", "x"]).await;
+    let err = store.load(&hash).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+}
+
+/// `touch` and `remove` change the key only on the expected version, each in one script call:
+/// right version, the effect and `Saved` (one write); another version, `Conflict` and nothing
+/// written; a missing or expired key, `Missing` and nothing revived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
+async fn conditional_touch_and_remove() {
     let (store, server) = single_node().await;
     let id = Id::random();
     let key = store.key(&id);
@@ -397,148 +457,166 @@ async fn refresh_up_to_its_own_expiry_is_plain_commands() {
         .create(&Record::from_unix_ms(id, data.clone(), 3, created))
         .await
         .unwrap();
+    let value = server.cli(&["get", &key]).await;
     let mut monitor = Monitor::start(&server).await;
-
-    // Plain load: GET + PEXPIRETIME; nothing written.
     let before = dirty(&server).await;
+    let at = |ms| hyper_sessions::from_unix_ms(ms);
+
+    // Touch, wrong versions: nothing moves, nothing is written.
+    for wrong in [2, 4, 30, u64::MAX] {
+        assert_eq!(
+            store.touch(&id, wrong, at(created + 60_000)).await.unwrap(),
+            SaveOutcome::Conflict,
+            "version {wrong}"
+        );
+    }
+    assert_eq!(server_expiry(&server, &key).await, created);
+    assert_eq!(dirty(&server).await, before);
+    // Right version: moved (up or down), value and version unchanged; one script per call.
+    for to in [created + 60_000, created + 5_000] {
+        assert_eq!(
+            store.touch(&id, 3, at(to)).await.unwrap(),
+            SaveOutcome::Saved
+        );
+        assert_eq!(server_expiry(&server, &key).await, to);
+    }
+    assert_eq!(dirty(&server).await, before + 2);
+    assert_eq!(server.cli(&["get", &key]).await, value);
     let rec = store.load(&id).await.unwrap().unwrap();
-    assert_eq!(
-        store_commands(&monitor.take().await),
-        ["GET", "PEXPIRETIME"]
-    );
-    assert_eq!(rec.expires_at_unix_ms(), created);
     assert_eq!((rec.version(), rec.data()), (3, &data));
-
-    // Due (the key expires before the new expiry): moved, reported, stored.
-    let to = created + 60_000;
-    let rec = store
-        .load_refreshing(&id, Refresh::from_unix_ms(to, to))
-        .await
-        .unwrap()
-        .unwrap();
+    let seen = monitor.take().await;
     assert_eq!(
-        store_commands(&monitor.take().await),
-        ["PEXPIREAT", "GET", "PEXPIRETIME"]
+        store_commands(&seen),
+        ["EVALSHA"; 7],
+        "one call each: {seen:#?}"
     );
-    assert_eq!(rec.expires_at_unix_ms(), to);
-    assert_eq!((rec.version(), rec.data()), (3, &data));
-    assert_eq!(
-        server.cli(&["pexpiretime", &key]).await.trim(),
-        to.to_string()
-    );
-    assert_eq!(dirty(&server).await, before + 1, "one write: the expiry");
-
-    // Not due (an earlier expiry, or the same one again): never moved down, nothing written.
-    for earlier in [to - 30_000, to] {
-        let rec = store
-            .load_refreshing(&id, Refresh::from_unix_ms(earlier, earlier + 5_000))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(rec.expires_at_unix_ms(), to);
-    }
-    assert_eq!(
-        server.cli(&["pexpiretime", &key]).await.trim(),
-        to.to_string()
-    );
-    assert_eq!(dirty(&server).await, before + 1, "a no-op refresh wrote");
-    monitor.take().await;
-
-    // A refresh that is never due (`if_before` 0): a plain load.
-    let rec = store
-        .load_refreshing(&id, Refresh::from_unix_ms(to + 1_000, 0))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(rec.expires_at_unix_ms(), to);
-    assert_eq!(
-        store_commands(&monitor.take().await),
-        ["GET", "PEXPIRETIME"]
-    );
-
     // Past the latest expiry Redis accepts: clamped, as every write of this store is.
-    let max = 253_402_300_799_999;
-    let rec = store
-        .load_refreshing(&id, Refresh::from_unix_ms(u64::MAX - 1, u64::MAX))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(rec.expires_at_unix_ms(), max);
     assert_eq!(
-        server.cli(&["pexpiretime", &key]).await.trim(),
-        max.to_string()
+        store.touch(&id, 3, at(u64::MAX)).await.unwrap(),
+        SaveOutcome::Saved
     );
+    assert_eq!(server_expiry(&server, &key).await, 253_402_300_799_999);
 
-    // The same through the load script (`if_before` below the new expiry).
-    let id2 = Id::random();
-    store
-        .create(&Record::from_unix_ms(id2, data.clone(), 1, created))
-        .await
-        .unwrap();
-    let rec = store
-        .load_refreshing(&id2, Refresh::from_unix_ms(u64::MAX - 1, u64::MAX - 2))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(rec.expires_at_unix_ms(), max);
-    assert_eq!((rec.version(), rec.data()), (1, &data));
-    assert_eq!(
-        store
-            .load(&id2)
-            .await
-            .unwrap()
-            .unwrap()
-            .expires_at_unix_ms(),
-        max
-    );
-}
-
-/// Missing keys, keys without an expiry and keys of another type, through the pipelines and
-/// through the load script: never revived, never given an expiry, corrupt where not missing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refresh_of_missing_and_foreign_keys() {
-    let (store, server) = single_node().await;
-    let to = now_ms() + 60_000;
-    let refresh = Refresh::from_unix_ms(to, to);
-    // A missing key stays missing.
+    // Missing: nothing revived.
     let gone = Id::random();
-    for r in [refresh, Refresh::from_unix_ms(to, to - 1_000)] {
-        assert!(store.load_refreshing(&gone, r).await.unwrap().is_none());
-        assert_eq!(server.cli(&["exists", &store.key(&gone)]).await.trim(), "0");
+    assert_eq!(
+        store.touch(&gone, 1, at(created)).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    assert_eq!(store.remove(&gone, 1).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(server.cli(&["exists", &store.key(&gone)]).await.trim(), "0");
+
+    // Remove, wrong version: the key stays as it was.
+    let before = dirty(&server).await;
+    monitor.take().await;
+    for wrong in [2, 4] {
+        assert_eq!(
+            store.remove(&id, wrong).await.unwrap(),
+            SaveOutcome::Conflict
+        );
     }
+    assert_eq!(server.cli(&["get", &key]).await, value);
+    assert_eq!(dirty(&server).await, before);
+    // Right version: gone; a second remove finds nothing.
+    assert_eq!(store.remove(&id, 3).await.unwrap(), SaveOutcome::Saved);
+    assert_eq!(server.cli(&["exists", &key]).await.trim(), "0");
+    assert_eq!(store.remove(&id, 3).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(
+        store_commands(&monitor.take().await),
+        ["EVALSHA"; 4],
+        "one call each"
+    );
 
-    // A key without an expiry (never written by this store) is corrupt, and keeps no expiry.
-    let bare = Id::random();
-    let bare_key = store.key(&bare);
+    // Expired: missing, not revived.
+    let short = Id::random();
+    store
+        .create(&Record::from_unix_ms(
+            short,
+            data.clone(),
+            1,
+            now_ms() + 200,
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        store.touch(&short, 1, at(now_ms() + 60_000)).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    assert_eq!(store.remove(&short, 1).await.unwrap(), SaveOutcome::Missing);
+    assert!(store.load(&short).await.unwrap().is_none());
+    assert_eq!(
+        server.cli(&["exists", &store.key(&short)]).await.trim(),
+        "0"
+    );
+
+    // A value this store did not write (no header) is no version: a conflict, left alone.
+    let foreign = Id::random();
     server
-        .cli(&["set", &bare_key, r#"1:0000000000000001:{"d":{}}"#])
+        .cli(&["set", &store.key(&foreign), r#"{"d":{}}"#, "px", "60000"])
         .await;
-    let err = store.load_refreshing(&bare, refresh).await.unwrap_err();
-    assert!(err.is_corrupt(), "{err:?}");
-    assert_eq!(server.cli(&["pttl", &bare_key]).await.trim(), "-1");
-    let err = store.load(&bare).await.unwrap_err();
-    assert!(err.is_corrupt(), "{err:?}");
-    let scripted = Refresh::from_unix_ms(to, to - 1_000);
-    let err = store.load_refreshing(&bare, scripted).await.unwrap_err();
-    assert!(err.is_corrupt(), "{err:?}");
-    assert_eq!(server.cli(&["pttl", &bare_key]).await.trim(), "-1");
-
-    // A key of another type is corrupt too.
+    assert_eq!(
+        store.touch(&foreign, 1, at(created)).await.unwrap(),
+        SaveOutcome::Conflict
+    );
+    assert_eq!(
+        store.remove(&foreign, 1).await.unwrap(),
+        SaveOutcome::Conflict
+    );
+    assert_eq!(
+        server.cli(&["exists", &store.key(&foreign)]).await.trim(),
+        "1"
+    );
+    // A key of another type: corrupt, left alone.
     let hash = Id::random();
     server.cli(&["hset", &store.key(&hash), "d", "x"]).await;
-    let err = store.load_refreshing(&hash, refresh).await.unwrap_err();
+    let err = store.touch(&hash, 1, at(created)).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
+    let err = store.remove(&hash, 1).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    assert_eq!(server.cli(&["exists", &store.key(&hash)]).await.trim(), "1");
+
+    // The scripts flushed from the cache (as after a restart): reloaded once, same answers.
+    let id = Id::random();
+    store
+        .create(&Record::from_unix_ms(id, data.clone(), 1, created))
+        .await
+        .unwrap();
+    server.cli(&["script", "flush"]).await;
+    monitor.take().await;
+    assert_eq!(
+        store.touch(&id, 1, at(created + 1)).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Saved);
+    assert_eq!(
+        store_commands(&monitor.take().await),
+        [
+            "EVALSHA", "SCRIPT", "EVALSHA", "EVALSHA", "SCRIPT", "EVALSHA"
+        ]
+    );
 }
 
-/// The same pipelines on a cluster: every command of one load goes to the key's node.
+/// The key's expiry as Redis has it (Unix ms).
+async fn server_expiry(server: &RedisServer, key: &str) -> u64 {
+    server
+        .cli(&["pexpiretime", key])
+        .await
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The same on a cluster: each script's one key goes to its node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refresh_up_to_its_own_expiry_on_a_cluster() {
+async fn conditional_touch_and_remove_on_a_cluster() {
     let cluster = common::servers::RedisCluster::shared().await;
     let store = RedisStore::builder()
-        .key_prefix("gt:session:")
+        .key_prefix("cond:session:")
         .open_cluster(cluster.urls())
         .await
         .unwrap();
+    let at = |ms| hyper_sessions::from_unix_ms(ms);
     for _ in 0..20 {
         let id = Id::random();
         let created = now_ms() + 10_000;
@@ -556,21 +634,71 @@ async fn refresh_up_to_its_own_expiry_on_a_cluster() {
             created
         );
         let to = created + 60_000;
-        let refresh = Refresh::from_unix_ms(to, to);
-        let rec = store.load_refreshing(&id, refresh).await.unwrap().unwrap();
-        assert_eq!(rec.expires_at_unix_ms(), to);
-        let lower = Refresh::from_unix_ms(to - 1_000, to);
-        let rec = store.load_refreshing(&id, lower).await.unwrap().unwrap();
-        assert_eq!(rec.expires_at_unix_ms(), to);
-        let gone = Id::random();
-        assert!(
-            store
-                .load_refreshing(&gone, refresh)
-                .await
-                .unwrap()
-                .is_none()
+        assert_eq!(
+            store.touch(&id, 2, at(to)).await.unwrap(),
+            SaveOutcome::Conflict
+        );
+        assert_eq!(
+            store.touch(&id, 1, at(to)).await.unwrap(),
+            SaveOutcome::Saved
+        );
+        let rec = store.load(&id).await.unwrap().unwrap();
+        assert_eq!((rec.version(), rec.expires_at_unix_ms()), (1, to));
+        assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Conflict);
+        assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Saved);
+        assert!(store.load(&id).await.unwrap().is_none());
+        assert_eq!(
+            store.touch(&id, 1, at(to)).await.unwrap(),
+            SaveOutcome::Missing
         );
     }
+}
+
+/// Contains `needle`.
+fn has(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The writes as RESP on the wire: only a save's `EVALSHA` has 9 elements (sha, key count, key
+/// and five arguments), a touch's 6, a remove's 5 (a load's 4); a create is `SET`.
+const TRIGGERS: lost_reply::Triggers = lost_reply::Triggers {
+    create: |b| has(b, b"*7\r\n$3\r\nSET\r\n"),
+    save: |b| has(b, b"*9\r\n$7\r\nEVALSHA\r\n"),
+    touch: |b| has(b, b"*6\r\n$7\r\nEVALSHA\r\n"),
+    remove: |b| has(b, b"*5\r\n$7\r\nEVALSHA\r\n"),
+};
+
+/// Issue item 9: a write whose reply was lost is retried; the retry answers `Saved` (or
+/// `Created`) when it finds its own effect, and unavailable ("outcome unknown") when another
+/// writer's effect may hide it, never `Conflict` or `Missing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_reply_was_lost_is_saved_or_unknown() {
+    let server = RedisServer::start().await;
+    let proxy = ReplyDroppingProxy::start(server.addr()).await;
+    let through_proxy = RedisStore::open(format!("redis://{}", proxy.addr))
+        .await
+        .unwrap();
+    let direct = RedisStore::open(server.url()).await.unwrap();
+    lost_reply::store_level(through_proxy, direct, &proxy, &TRIGGERS).await;
+}
+
+/// Issue item 9 through the layer: an `update` whose save reply was lost while another request
+/// saved on top answers 503, and is not applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_whose_save_reply_was_lost_is_applied_once() {
+    let server = RedisServer::start().await;
+    let proxy = ReplyDroppingProxy::start(server.addr()).await;
+    let a = serve(&SessionLayer::new(
+        RedisStore::open(format!("redis://{}", proxy.addr))
+            .await
+            .unwrap(),
+    ))
+    .await;
+    let b = serve(&SessionLayer::new(
+        RedisStore::open(server.url()).await.unwrap(),
+    ))
+    .await;
+    lost_reply::layer_level(a.addr, b.addr, &proxy, TRIGGERS.save).await;
 }
 
 /// The command timeout alone bounds an operation: a command slower than the `redis` crate's

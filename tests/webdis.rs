@@ -1,19 +1,24 @@
 //! The Webdis store against real `webdis` and `redis-server` processes started here: the
 //! conformance suite over HTTP and over HTTPS (stunnel4 with a test CA), the requests Webdis
 //! receives per request kind, keep-alive, injection through values, Basic auth, error replies,
-//! sharing sessions with the Redis store, and a crash and restart of Webdis under load.
+//! sharing sessions with the Redis store, the conditional touch and remove scripts, writes whose
+//! reply is lost, and a crash and restart of Webdis under load.
 
 mod common;
+mod lost_reply;
 
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::servers::{
-    CountingProxy, Monitor, RedisServer, TestCa, TlsTerminator, WebdisServer, client_commands,
+    CountingProxy, Monitor, RedisServer, ReplyDroppingProxy, TestCa, TlsTerminator, WebdisServer,
+    client_commands,
 };
 use common::{Browser, Conn, serve};
 use hyper::StatusCode;
-use hyper_sessions::{CreateOutcome, Id, Record, SessionLayer, SessionStore, WebdisStore};
+use hyper_sessions::{
+    CreateOutcome, Id, Record, SaveOutcome, SessionLayer, SessionStore, WebdisStore,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Redis and the Webdis in front of it, stopped when dropped.
@@ -81,7 +86,7 @@ mod https {
     use super::https_fixture as fixture;
     crate::conformance_suite!(@tests fixture;
         round_trip, load_missing, delete, create_never_overwrites, compare_and_set,
-        load_refreshing, concurrent_compare_and_set, large_and_awkward_records, counter_and_read,
+        concurrent_compare_and_set, large_and_awkward_records, counter_and_read,
         destroy_removes_everything, concurrent_updates_are_all_counted,
         concurrent_writers_keep_distinct_keys);
 }
@@ -635,4 +640,234 @@ async fn webdis_crash_and_restart() {
         .await
         .unwrap();
     common::faults::crash_and_restart(&SessionLayer::new(store), &mut servers.webdis).await;
+}
+
+/// A read whose idle-expiry refresh is due: the load, then one conditional touch script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_with_a_due_refresh_adds_one_touch() {
+    let (store, mut s) = plain_fixture().await;
+    let layer = SessionLayer::builder(store.clone())
+        .expiry(hyper_sessions::Expiry::OnInactivity(Duration::from_secs(
+            10,
+        )))
+        .build()
+        .unwrap();
+    let app = serve(&layer).await;
+    let mut b = Browser::new(app.addr).await;
+    b.get("/counter").await;
+    let key = store.key(&b.id().unwrap());
+    let before = server_expiry(&s.redis, &key).await;
+    // A refresh is due once a tenth of the window has passed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut monitor = Monitor::start(&s.redis).await;
+    s.webdis.take_requests();
+    assert_eq!(b.get("/read").await.body, "1");
+    let seen = monitor.take().await;
+    let requests = s.webdis.take_requests();
+    assert_eq!(requests.len(), 2, "load + touch: {requests:#?}");
+    assert!(
+        requests.iter().all(|r| r.starts_with("/EVALSHA/")),
+        "{requests:#?}"
+    );
+    assert_eq!(client_commands(&seen), ["EVALSHA", "EVALSHA"]);
+    let scripted: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.source == "lua")
+        .map(|s| s.command.as_str())
+        .collect();
+    assert_eq!(scripted, ["GET", "PEXPIRETIME", "GETRANGE", "PEXPIREAT"]);
+    let after = server_expiry(&s.redis, &key).await;
+    assert!(after >= before + 1000, "expiry {before} -> {after}");
+    // Right after, no refresh is due: the load alone.
+    assert_eq!(b.get("/read").await.body, "1");
+    assert_eq!(s.webdis.take_requests().len(), 1);
+}
+
+/// The key's expiry as Redis has it (Unix ms).
+async fn server_expiry(redis: &RedisServer, key: &str) -> u64 {
+    redis
+        .cli(&["pexpiretime", key])
+        .await
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn now_ms() -> u64 {
+    hyper_sessions::unix_ms(SystemTime::now())
+}
+
+/// `touch` and `remove` through Webdis: one request each, the change only on the expected
+/// version; `Conflict` and `Missing` change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
+async fn conditional_touch_and_remove() {
+    let (store, mut s) = plain_fixture().await;
+    let at = hyper_sessions::from_unix_ms;
+    let id = Id::random();
+    let key = store.key(&id);
+    let created = now_ms() + 10_000;
+    let data = Bytes::from_static(br#"{"d":{"n":1}}"#);
+    store
+        .create(&Record::from_unix_ms(id, data.clone(), 3, created))
+        .await
+        .unwrap();
+    let value = s.redis.cli(&["get", &key]).await;
+    s.webdis.take_requests();
+
+    for wrong in [2, 4, u64::MAX] {
+        assert_eq!(
+            store.touch(&id, wrong, at(created + 60_000)).await.unwrap(),
+            SaveOutcome::Conflict
+        );
+        assert_eq!(
+            store.remove(&id, wrong).await.unwrap(),
+            SaveOutcome::Conflict
+        );
+    }
+    assert_eq!(server_expiry(&s.redis, &key).await, created);
+    assert_eq!(s.redis.cli(&["get", &key]).await, value);
+    assert_eq!(
+        store.touch(&id, 3, at(created + 60_000)).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(server_expiry(&s.redis, &key).await, created + 60_000);
+    assert_eq!(s.redis.cli(&["get", &key]).await, value);
+    let rec = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.version(), rec.data(), rec.expires_at_unix_ms()),
+        (3, &data, created + 60_000)
+    );
+    // Clamped as every write of this store is.
+    assert_eq!(
+        store.touch(&id, 3, at(u64::MAX)).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(server_expiry(&s.redis, &key).await, 253_402_300_799_999);
+    assert_eq!(store.remove(&id, 3).await.unwrap(), SaveOutcome::Saved);
+    assert_eq!(s.redis.cli(&["exists", &key]).await.trim(), "0");
+    assert_eq!(store.remove(&id, 3).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(
+        store.touch(&id, 3, at(created)).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    assert_eq!(s.redis.cli(&["exists", &key]).await.trim(), "0");
+    let requests = s.webdis.take_requests();
+    assert_eq!(
+        requests.len(),
+        6 + 3 + 3,
+        "one request per call: {requests:#?}"
+    );
+    assert!(
+        requests.iter().all(|r| r.starts_with("/EVALSHA/")),
+        "{requests:#?}"
+    );
+
+    // Expired: missing, not revived.
+    let short = Id::random();
+    store
+        .create(&Record::from_unix_ms(
+            short,
+            data.clone(),
+            1,
+            now_ms() + 200,
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        store.touch(&short, 1, at(now_ms() + 60_000)).await.unwrap(),
+        SaveOutcome::Missing
+    );
+    assert_eq!(store.remove(&short, 1).await.unwrap(), SaveOutcome::Missing);
+    assert!(store.load(&short).await.unwrap().is_none());
+
+    // A key of another type: corrupt, left alone.
+    let hash = Id::random();
+    s.redis.cli(&["hset", &store.key(&hash), "d", "x"]).await;
+    let err = store.touch(&hash, 1, at(created)).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    let err = store.remove(&hash, 1).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    assert_eq!(
+        s.redis.cli(&["exists", &store.key(&hash)]).await.trim(),
+        "1"
+    );
+
+    // Redis's script cache emptied: one EVAL each, same answers.
+    let id = Id::random();
+    store
+        .create(&Record::from_unix_ms(id, data.clone(), 1, created))
+        .await
+        .unwrap();
+    s.redis.cli(&["script", "flush"]).await;
+    s.webdis.take_requests();
+    assert_eq!(
+        store.touch(&id, 1, at(created + 1)).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Saved);
+    let names: Vec<String> = s
+        .webdis
+        .take_requests()
+        .iter()
+        .map(|p| p.split('/').nth(1).unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, ["EVALSHA", "EVAL", "EVALSHA", "EVAL"]);
+}
+
+/// Whether `b` starts an HTTP request `method /EVALSHA/...` whose path has `slashes` slashes.
+fn script_request(b: &[u8], method: &str, slashes: usize) -> bool {
+    let line = b.split(|&c| c == b'\r').next().unwrap_or_default();
+    let Ok(line) = std::str::from_utf8(line) else {
+        return false;
+    };
+    let mut parts = line.split(' ');
+    parts.next() == Some(method)
+        && parts
+            .next()
+            .is_some_and(|p| p.starts_with("/EVALSHA/") && p.matches('/').count() == slashes)
+}
+
+/// The writes as Webdis requests: `/EVALSHA/<sha>/1/<key>/` and then a save's four arguments
+/// (`PUT`, the value as the body), a create's two (`PUT`), a touch's two (`GET`), a remove's
+/// one (`GET`).
+const TRIGGERS: lost_reply::Triggers = lost_reply::Triggers {
+    create: |b| script_request(b, "PUT", 6),
+    save: |b| script_request(b, "PUT", 8),
+    touch: |b| script_request(b, "GET", 6),
+    remove: |b| script_request(b, "GET", 5),
+};
+
+/// Issue item 9 over HTTP: a write whose response was lost is retried; the retry answers
+/// `Saved` (or `Created`) when it finds its own effect, and unavailable ("outcome unknown")
+/// when another writer's effect may hide it, never `Conflict` or `Missing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_response_was_lost_is_saved_or_unknown() {
+    let s = servers().await;
+    let proxy = ReplyDroppingProxy::start(s.webdis.addr()).await;
+    let through_proxy = WebdisStore::open(&format!("http://{}", proxy.addr))
+        .await
+        .unwrap();
+    let direct = WebdisStore::open(&s.webdis.url()).await.unwrap();
+    lost_reply::store_level(through_proxy, direct, &proxy, &TRIGGERS).await;
+}
+
+/// Issue item 9 through the layer: an `update` whose save response was lost while another
+/// request saved on top answers 503, and is not applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_whose_save_response_was_lost_is_applied_once() {
+    let s = servers().await;
+    let proxy = ReplyDroppingProxy::start(s.webdis.addr()).await;
+    let a = serve(&SessionLayer::new(
+        WebdisStore::open(&format!("http://{}", proxy.addr))
+            .await
+            .unwrap(),
+    ))
+    .await;
+    let b = serve(&SessionLayer::new(
+        WebdisStore::open(&s.webdis.url()).await.unwrap(),
+    ))
+    .await;
+    lost_reply::layer_level(a.addr, b.addr, &proxy, TRIGGERS.save).await;
 }

@@ -15,18 +15,17 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{
-    Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisResult, RedisWrite, Script, ToRedisArgs,
-    Value,
+    Cmd, IntoConnectionInfo, RedisError, RedisResult, RedisWrite, Script, ToRedisArgs, Value,
 };
 
 use crate::error::StoreError;
 use crate::id::{ID_LEN, Id};
 use crate::record::{Record, from_unix_ms};
 use crate::store::redis_common::{
-    Header, LOAD_PACKED_LUA, MAX_HEADER_LEN, SAVE_LUA, clamp_expiry_ms, decode_vec_from, expiry_ms,
-    split_packed,
+    Header, LOAD_PACKED_LUA, MAX_HEADER_LEN, REMOVE_LUA, SAVE_LUA, TOUCH_LUA, decode_vec_from,
+    expiry_ms, script_outcome, settle, settle_create, split_packed,
 };
-use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
+use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
 /// Sessions in Redis (7.0 or newer, or Valkey), on a single node or a Redis Cluster.
 ///
@@ -36,24 +35,21 @@ use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 /// the expiry back from the key (`PEXPIRETIME`).
 ///
 /// # Round trips
-/// Every operation is one round trip (one command, or one pipeline), so one round trip per
-/// request kind the layer makes:
+/// Every operation is one round trip (one command), so one round trip per store call the
+/// layer makes:
 ///
 /// | request | commands |
 /// |---|---|
 /// | does not touch the session | none |
-/// | reads (and slides an idle expiry when due) | `EVALSHA` (load script) |
-/// | writes | `EVALSHA` (load) + `EVALSHA` (compare-and-set script) |
+/// | reads | `EVALSHA` (load script: `GET` + `PEXPIRETIME`) |
+/// | reads, with an idle expiry due to slide | the load + `EVALSHA` (conditional touch script) |
+/// | writes | the load + `EVALSHA` (compare-and-set script) |
 /// | new session | `SET key value NX PXAT ms GET` |
+/// | empties the session | the load + `EVALSHA` (conditional remove script) |
 /// | destroy | `DEL` |
-/// | expiry refresh alone | `PEXPIREAT` |
 ///
-/// Called directly, [`load`](SessionStore::load) is the pipeline `GET` + `PEXPIRETIME`, and
-/// [`load_refreshing`](SessionStore::load_refreshing) with a [`Refresh`] whose `if_before` is
-/// not below its new expiry is `PEXPIREAT key ms GT` + `GET` + `PEXPIRETIME`: `GT` alone decides
-/// such a refresh exactly (and writes nothing when the expiry does not move), and plain
-/// commands cost Redis several times less than a script. A refresh due only before an earlier
-/// instant than its new expiry needs a condition no plain command has, so it takes the script.
+/// `save`, `touch` and `remove` are Lua scripts that check the version in the stored value's
+/// header and change the key only when it is the expected one. A load never writes.
 ///
 /// A script missing from the server's cache (after a restart or `SCRIPT FLUSH`) costs one
 /// `SCRIPT LOAD` and a second `EVALSHA`, once.
@@ -61,8 +57,8 @@ use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 /// # Stored value
 /// A Redis string: a short header `<version>:<token>:` (the version in decimal, a 16-hex-digit
 /// write token), then the session payload byte for byte. The token lets a retried write
-/// recognise itself, so a write whose reply was lost is neither applied twice nor reported as
-/// a conflict. A value without this header is reported as corrupt, which the layer answers
+/// recognise itself, so a write whose reply was lost and that is retried is not applied twice.
+/// A value without this header is reported as corrupt, which the layer answers
 /// with a fresh session (leaving the value alone). The
 /// `WebdisStore` (feature `webdis`) uses the same keys, values and
 /// scripts, so both serve the same sessions from one Redis.
@@ -72,8 +68,13 @@ use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
 /// [`StoreError::unavailable`] (the layer answers 503); a value this store did not write, or a
 /// key of another type, is [`StoreError::corrupt`]; anything else is [`StoreError::other`].
 /// Each operation is bounded by the [command timeout](RedisStoreBuilder::command_timeout)
-/// (2 s by default), so a hung Redis fails requests instead of holding them forever. Reads and
-/// idempotent writes are retried once on a broken connection; the connection itself is
+/// (2 s by default), so a hung Redis fails requests instead of holding them forever. Every
+/// operation is retried once on a broken connection (the first attempt may or may not have
+/// reached Redis). A retried write that does not find its own effect (a `save` or `touch`
+/// answering a conflict or a missing record, a `remove` finding nothing, a `create` finding the
+/// id taken) may be hiding the first attempt's effect behind another writer's: its outcome is
+/// unknown, and it fails with [`StoreError::unavailable`] rather than report a conflict that
+/// would make the layer apply the request's changes a second time. The connection itself is
 /// re-established automatically (`ConnectionManager` on a single node, the cluster client's
 /// own reconnection on a cluster), so the same store serves again once Redis is back.
 ///
@@ -117,6 +118,10 @@ struct Inner {
     load_sha: String,
     /// The SHA1 of [`SAVE_LUA`].
     save_sha: String,
+    /// The SHA1 of [`TOUCH_LUA`].
+    touch_sha: String,
+    /// The SHA1 of [`REMOVE_LUA`].
+    remove_sha: String,
     /// Write tokens: a random start, then one more per write.
     tokens: AtomicU64,
 }
@@ -238,6 +243,8 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 load_sha: Script::new(LOAD_PACKED_LUA).get_hash().to_owned(),
                 save_sha: Script::new(SAVE_LUA).get_hash().to_owned(),
+                touch_sha: Script::new(TOUCH_LUA).get_hash().to_owned(),
+                remove_sha: Script::new(REMOVE_LUA).get_hash().to_owned(),
                 tokens: AtomicU64::new(start),
             }),
         }
@@ -288,10 +295,10 @@ impl RedisStore {
 
     /// Loads the scripts into the server's cache, so that the first requests need no reload.
     async fn preloaded(self) -> Result<RedisStore, StoreError> {
-        for source in [LOAD_PACKED_LUA, SAVE_LUA] {
+        for source in [LOAD_PACKED_LUA, SAVE_LUA, TOUCH_LUA, REMOVE_LUA] {
             let mut cmd = ::redis::cmd("SCRIPT");
             cmd.arg("LOAD").arg(source);
-            self.run(Req::Cmd(&cmd), true).await?;
+            self.run(Req::Cmd(&cmd)).await?;
         }
         Ok(self)
     }
@@ -322,13 +329,6 @@ impl RedisStore {
         cmd
     }
 
-    /// A command `name key` for a pipeline (which takes its commands by value).
-    fn keyed_owned(&self, name: &str, id: &Id) -> Cmd {
-        let mut cmd = Cmd::with_capacity(4, name.len() + self.inner.prefix.len() + ID_LEN + 24);
-        cmd.arg(name).arg(self.key_arg(id));
-        cmd
-    }
-
     fn key_arg<'a>(&'a self, id: &Id) -> KeyArg<'a> {
         KeyArg {
             prefix: &self.inner.prefix,
@@ -336,9 +336,10 @@ impl RedisStore {
         }
     }
 
-    /// Runs one request, retried once on a broken connection when `retry` (the request is
-    /// idempotent), all within the command timeout.
-    async fn run(&self, req: Req<'_>, retry: bool) -> Result<Value, StoreError> {
+    /// Runs one request, retried once on a broken connection, all within the command
+    /// timeout. Answers the reply and whether it is the retry's (the first attempt may then
+    /// have been applied: see [`settle`]).
+    async fn run(&self, req: Req<'_>) -> Result<(Value, bool), StoreError> {
         // Pinned where it is built: `tokio::time::timeout` would move the whole attempt (its
         // size is mostly the redis crate's request future, over a kilobyte) into its own future.
         let mut attempt = pin!(async {
@@ -346,16 +347,16 @@ impl RedisStore {
             // would stay alive, and in this future's size, through the second attempt.
             let first = self.conn.exec(&req).await;
             match first {
-                Err(e) if retry && (e.is_io_error() || e.is_connection_dropped()) => {
-                    self.conn.exec(&req).await
+                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                    (self.conn.exec(&req).await, true)
                 }
-                other => other,
+                other => (other, false),
             }
         });
         let mut deadline = pin!(tokio::time::sleep(self.inner.timeout));
         poll_fn(|cx| {
-            if let Poll::Ready(done) = attempt.as_mut().poll(cx) {
-                return Poll::Ready(done.map_err(store_error));
+            if let Poll::Ready((done, retried)) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(done.map(|v| (v, retried)).map_err(store_error));
             }
             deadline
                 .as_mut()
@@ -365,71 +366,20 @@ impl RedisStore {
         .await
     }
 
-    /// Loads a record, moving its expiry to `expires` (Unix ms) in the same round trip if it
-    /// expires before both `if_before` and `expires` (`0`: never).
-    ///
-    /// Redis commands can only move an expiry when it is below the new one (`GT`), so the
-    /// general condition takes the load script; a plain load (`GET` + `PEXPIRETIME`) and a
-    /// refresh whose `if_before` is not below `expires` (exactly `PEXPIREAT … GT`) are
-    /// pipelines of plain commands, several times cheaper for Redis than a script.
-    async fn load_with(
+    /// Runs a conditional script (`save`, `touch`, `remove`) and sorts its answer.
+    async fn conditional(
         &self,
-        id: &Id,
-        if_before: u64,
-        expires: u64,
-    ) -> Result<Option<Record>, StoreError> {
-        let never = if_before == 0 || expires <= 1;
-        let (value, start, expires_ms) = if !never && if_before < expires {
-            let mut cmd = self.evalsha(&self.inner.load_sha, id, 2, 40);
-            cmd.arg(if_before).arg(expires);
-            match self.run(Req::Script(&cmd, LOAD_PACKED_LUA), true).await? {
-                Value::Nil => return Ok(None),
-                Value::BulkString(reply) => match split_packed(&reply) {
-                    Some((e, start)) => (reply, start, e),
-                    None => return Err(unexpected("load", &Value::BulkString(reply))),
-                },
-                other => return Err(unexpected("load", &other)),
-            }
-        } else {
-            let mut pipe = Pipeline::with_capacity(3);
-            if !never {
-                let mut cmd = self.keyed_owned("PEXPIREAT", id);
-                cmd.arg(expires).arg("GT");
-                pipe.add_command(cmd);
-            }
-            pipe.add_command(self.keyed_owned("GET", id));
-            pipe.add_command(self.keyed_owned("PEXPIRETIME", id));
-            let n = if never { 2 } else { 3 };
-            let parts = match self.run(Req::Pipe(&pipe, n), true).await? {
-                Value::Array(parts) if parts.len() == n => parts,
-                other => return Err(unexpected("load", &other)),
-            };
-            let mut parts = parts.into_iter().skip(n - 2);
-            match (parts.next(), parts.next()) {
-                // Missing, or deleted between the two commands.
-                (Some(Value::Nil), Some(Value::Int(_)))
-                | (Some(Value::BulkString(_)), Some(Value::Int(-2))) => return Ok(None),
-                (Some(Value::BulkString(v)), Some(Value::Int(e))) => (v, 0, e),
-                (get, ttl) => {
-                    let parts = get.into_iter().chain(ttl).collect();
-                    return Err(unexpected("load", &Value::Array(parts)));
-                }
-            }
-        };
-        let Ok(expires_ms) = u64::try_from(expires_ms) else {
-            return Err(StoreError::corrupt(format!(
-                "redis key {} has no expiry; this store always sets one",
-                self.key(id)
-            )));
-        };
-        let (version, data) = decode_vec_from(value, start)
-            .map_err(|e| StoreError::corrupt(format!("redis key {}: {e}", self.key(id))))?;
-        let expires_at = from_unix_ms(expires_ms);
-        // Redis's clock decided the key was live; ours has the last word.
-        if expires_at <= SystemTime::now() {
-            return Ok(None);
+        cmd: &Cmd,
+        source: &'static str,
+        op: &'static str,
+    ) -> Result<SaveOutcome, StoreError> {
+        match self.run(Req::Script(cmd, source)).await? {
+            (Value::Int(n), retried) => match script_outcome(n) {
+                Some(outcome) => settle(outcome, retried, op),
+                None => Err(unexpected(op, &Value::Int(n))),
+            },
+            (other, _) => Err(unexpected(op, &other)),
         }
-        Ok(Some(Record::new(*id, data, version, expires_at)))
     }
 }
 
@@ -533,13 +483,11 @@ impl ToRedisArgs for ValueArg<'_> {
     }
 }
 
-/// A request: one command, a script call (`EVALSHA`, with a `SCRIPT LOAD` of the source and a
-/// second `EVALSHA` when the server does not have it cached), or a pipeline of `n` commands
-/// (answered as an array of their replies).
+/// A request: one command, or a script call (`EVALSHA`, with a `SCRIPT LOAD` of the source and
+/// a second `EVALSHA` when the server does not have it cached).
 enum Req<'a> {
     Cmd(&'a Cmd),
     Script(&'a Cmd, &'static str),
-    Pipe(&'a Pipeline, usize),
 }
 
 impl Conn {
@@ -560,19 +508,6 @@ impl Conn {
                     }
                     other => other,
                 }
-            }
-            Req::Pipe(pipe, n) => {
-                let mut replies = match self {
-                    Conn::Single(c) => c.clone().send_packed_commands(pipe, 0, n).await?,
-                    Conn::Cluster(c) => c.clone().req_packed_commands(pipe, 0, n).await?,
-                };
-                if let Some(i) = replies
-                    .iter()
-                    .position(|r| matches!(r, Value::ServerError(_)))
-                {
-                    return server_error(replies.swap_remove(i));
-                }
-                Ok(Value::Array(replies))
             }
         }
     }
@@ -602,8 +537,18 @@ fn timed_out(after: Duration) -> StoreError {
     ))
 }
 
+/// An unexpected reply, described by its shape only (a reply may hold session data).
 fn unexpected(op: &str, reply: &Value) -> StoreError {
-    StoreError::other(format!("unexpected redis reply to {op}: {reply:?}"))
+    let shape = match reply {
+        Value::Nil => "nil".to_owned(),
+        Value::Int(n) => format!("the integer {n}"),
+        Value::Okay => "OK".to_owned(),
+        Value::BulkString(b) => format!("a bulk string of {} bytes", b.len()),
+        Value::SimpleString(s) => format!("a simple string of {} bytes", s.len()),
+        Value::Array(a) => format!("an array of {} replies", a.len()),
+        _ => "a reply of another type".to_owned(),
+    };
+    StoreError::other(format!("unexpected redis reply to {op}: {shape}"))
 }
 
 /// Sorts a redis error into the store's kinds, keeping it as the cause.
@@ -651,20 +596,29 @@ impl fmt::Debug for RedisStore {
 
 impl SessionStore for RedisStore {
     async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        self.load_with(id, 0, 0).await
-    }
-
-    async fn load_refreshing(
-        &self,
-        id: &Id,
-        refresh: Refresh,
-    ) -> Result<Option<Record>, StoreError> {
-        self.load_with(
-            id,
-            refresh.if_before_unix_ms(),
-            clamp_expiry_ms(refresh.expires_at_unix_ms()),
-        )
-        .await
+        let cmd = self.evalsha(&self.inner.load_sha, id, 0, 0);
+        let (reply, start, expires_ms) = match self.run(Req::Script(&cmd, LOAD_PACKED_LUA)).await?.0
+        {
+            Value::Nil => return Ok(None),
+            Value::BulkString(reply) => match split_packed(&reply) {
+                Some((e, start)) => (reply, start, e),
+                None => return Err(unexpected("load", &Value::BulkString(reply))),
+            },
+            other => return Err(unexpected("load", &other)),
+        };
+        let Ok(expires_ms) = u64::try_from(expires_ms) else {
+            return Err(StoreError::corrupt(
+                "a session key in redis has no expiry; this store always sets one",
+            ));
+        };
+        let (version, data) = decode_vec_from(reply, start)
+            .map_err(|e| StoreError::corrupt(format!("a session key in redis: {e}")))?;
+        let expires_at = from_unix_ms(expires_ms);
+        // Redis's clock decided the key was live; ours has the last word.
+        if expires_at <= SystemTime::now() {
+            return Ok(None);
+        }
+        Ok(Some(Record::new(*id, data, version, expires_at)))
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
@@ -680,21 +634,20 @@ impl SessionStore for RedisStore {
         .arg("PXAT")
         .arg(expiry_ms(record.expires_at()))
         .arg("GET");
-        match self.run(Req::Cmd(&cmd), true).await {
-            Ok(Value::Nil | Value::Okay) => Ok(CreateOutcome::Created),
-            Ok(Value::BulkString(old)) => {
-                // Our own write, applied by a first attempt whose reply was lost?
-                if old.starts_with(header.as_bytes()) {
-                    Ok(CreateOutcome::Created)
-                } else {
-                    Ok(CreateOutcome::IdTaken)
-                }
+        let (outcome, retried) = match self.run(Req::Cmd(&cmd)).await {
+            Ok((Value::Nil | Value::Okay, retried)) => (CreateOutcome::Created, retried),
+            // Our own write, applied by a first attempt whose reply was lost?
+            Ok((Value::BulkString(old), retried)) if old.starts_with(header.as_bytes()) => {
+                (CreateOutcome::Created, retried)
             }
-            Ok(other) => Err(unexpected("SET NX", &other)),
-            // A key of another type holds the id: taken all the same.
-            Err(e) if e.is_corrupt() => Ok(CreateOutcome::IdTaken),
-            Err(e) => Err(e),
-        }
+            Ok((Value::BulkString(_), retried)) => (CreateOutcome::IdTaken, retried),
+            Ok((other, _)) => return Err(unexpected("SET NX", &other)),
+            // A key of another type holds the id: taken all the same (a first attempt could
+            // not have written it).
+            Err(e) if e.is_corrupt() => (CreateOutcome::IdTaken, false),
+            Err(e) => return Err(e),
+        };
+        settle_create(outcome, retried)
     }
 
     async fn save(
@@ -719,29 +672,32 @@ impl SessionStore for RedisStore {
                 header: &header,
                 data,
             });
-        match self.run(Req::Script(&cmd, SAVE_LUA), true).await? {
-            Value::Int(0) => Ok(SaveOutcome::Missing),
-            // The layer spreads out its retries after a conflict.
-            Value::Int(1) => Ok(SaveOutcome::Conflict),
-            Value::Int(2) => Ok(SaveOutcome::Saved),
-            other => Err(unexpected("save", &other)),
-        }
+        // After a conflict, the layer spreads out its retries.
+        self.conditional(&cmd, SAVE_LUA, "save").await
+    }
+
+    async fn touch(
+        &self,
+        id: &Id,
+        expected_version: u64,
+        expires_at: SystemTime,
+    ) -> Result<SaveOutcome, StoreError> {
+        let mut cmd = self.evalsha(&self.inner.touch_sha, id, 2, 40);
+        cmd.arg(expected_version).arg(expiry_ms(expires_at));
+        self.conditional(&cmd, TOUCH_LUA, "touch").await
+    }
+
+    async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+        let mut cmd = self.evalsha(&self.inner.remove_sha, id, 1, 20);
+        cmd.arg(expected_version);
+        self.conditional(&cmd, REMOVE_LUA, "remove").await
     }
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
         let cmd = self.keyed("DEL", id, 0, 0);
-        match self.run(Req::Cmd(&cmd), true).await? {
+        match self.run(Req::Cmd(&cmd)).await?.0 {
             Value::Int(_) => Ok(()),
             other => Err(unexpected("DEL", &other)),
-        }
-    }
-
-    async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
-        let mut cmd = self.keyed("PEXPIREAT", id, 1, 20);
-        cmd.arg(expiry_ms(expires_at));
-        match self.run(Req::Cmd(&cmd), true).await? {
-            Value::Int(n) => Ok(n == 1),
-            other => Err(unexpected("PEXPIREAT", &other)),
         }
     }
 }

@@ -8,47 +8,133 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use crate::error::StoreError;
 use crate::record::{Record, unix_ms};
+use crate::store::{CreateOutcome, SaveOutcome};
 
 /// The latest expiry the stores write: the last millisecond of the year 9999. Later instants
 /// are stored as this one (Redis refuses expiry times that overflow its clock arithmetic).
 pub(crate) const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
 
 /// The body both load scripts share: the value `v` (or `nil` when missing) and its expiry `e`,
-/// moved to `ARGV[2]` first when it is before both `ARGV[1]` and `ARGV[2]`.
-macro_rules! load_and_refresh {
+/// read in one atomic step. A load never moves the expiry: the layer decides a refresh and
+/// makes it with a conditional [`TOUCH_LUA`].
+macro_rules! load_body {
     () => {
         r"
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local e = redis.call('PEXPIRETIME', KEYS[1])
-local b = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-if e > 0 and e < b and e < n then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-  e = n
-end
 "
     };
 }
 
-/// Loads a record and, when asked and due, moves its expiry in the same call.
-///
-/// `KEYS[1]` the key; `ARGV[1]` refresh only if the key expires before this (Unix ms; `0`: never);
-/// `ARGV[2]` the new expiry (Unix ms). Answers `nil`, or `{value, expiry in Unix ms, length of
+/// Loads a record: `KEYS[1]` the key. Answers `nil`, or `{value, expiry in Unix ms, length of
 /// the value in bytes}` (expiry `-1` for a key without one, which these stores never write).
 /// The length lets a reader check that the value arrived whole (Webdis's JSON cannot carry
 /// every byte string).
 #[cfg_attr(not(feature = "webdis"), allow(dead_code))] // The Webdis store's.
-pub(crate) const LOAD_LUA: &str = concat!(load_and_refresh!(), "return {v, e, #v}\n");
+pub(crate) const LOAD_LUA: &str = concat!(load_body!(), "return {v, e, #v}\n");
 
 /// [`LOAD_LUA`] answering in one bulk string, for the Redis store: `nil`, or
 /// `<expiry in Unix ms>:<value>` (expiry `-1` for a key without one). Over RESP a bulk string
 /// carries its length, and one string is several times cheaper for a client to parse than an
-/// array of three. The refresh is [`LOAD_LUA`]'s (the same source text).
+/// array of three.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))] // The Redis store's.
 pub(crate) const LOAD_PACKED_LUA: &str =
-    concat!(load_and_refresh!(), "return string.format('%d:', e) .. v\n");
+    concat!(load_body!(), "return string.format('%d:', e) .. v\n");
+
+/// The start of both conditional scripts: answers 0 when the key is missing, 1 when the
+/// version in its header is not `ARGV[1]`; what follows runs only on the expected version.
+macro_rules! if_version {
+    () => {
+        r"
+-- The header `<version>:<token>:` is at most 20 + 1 + 16 + 1 = 38 bytes.
+local h = redis.call('GETRANGE', KEYS[1], 0, 63)
+if h == '' then return 0 end
+if string.match(h, '^(%d+):') ~= ARGV[1] then return 1 end
+"
+    };
+}
+
+/// Moves a record's expiry if its version is the expected one (value and version unchanged).
+///
+/// `KEYS[1]` the key; `ARGV[1]` the expected version; `ARGV[2]` the new expiry (Unix ms, within
+/// what Redis accepts). Answers 0 (missing), 1 (conflict) or 2 (moved). Applied twice (a retry
+/// after a lost reply), it answers 2 again: the version is unchanged by the first.
+pub(crate) const TOUCH_LUA: &str = concat!(
+    if_version!(),
+    "redis.call('PEXPIREAT', KEYS[1], ARGV[2])\nreturn 2\n"
+);
+
+/// Deletes a record if its version is the expected one.
+///
+/// `KEYS[1]` the key; `ARGV[1]` the expected version. Answers 0 (missing), 1 (conflict) or 2
+/// (deleted). Applied twice (a retry after a lost reply), the second answers 0: a retried
+/// remove that does not answer 2 has an unknown outcome (see [`settle`]).
+pub(crate) const REMOVE_LUA: &str =
+    concat!(if_version!(), "redis.call('DEL', KEYS[1])\nreturn 2\n");
+
+/// The outcome of a conditional script's answer (0 missing, 1 conflict, 2 saved).
+pub(crate) fn script_outcome(answer: i64) -> Option<SaveOutcome> {
+    match answer {
+        0 => Some(SaveOutcome::Missing),
+        1 => Some(SaveOutcome::Conflict),
+        2 => Some(SaveOutcome::Saved),
+        _ => None,
+    }
+}
+
+/// What a conditional write may report. After a retry (the first attempt's reply was lost: the
+/// connection broke after the command was sent), `Conflict` or `Missing` may be the first
+/// attempt's own effect seen from outside (another writer saved on top of it, or it deleted
+/// the record): the outcome is unknown, which is [`StoreError::unavailable`], so that the layer
+/// neither replays the request's changes nor reports a false conflict. `Saved` is certain
+/// either way.
+pub(crate) fn settle(
+    outcome: SaveOutcome,
+    retried: bool,
+    op: &'static str,
+) -> Result<SaveOutcome, StoreError> {
+    if retried && outcome != SaveOutcome::Saved {
+        return Err(outcome_unknown(op));
+    }
+    Ok(outcome)
+}
+
+/// What a create may report: as [`settle`], `IdTaken` after a retry may be the first attempt's
+/// own record, changed since by another writer.
+pub(crate) fn settle_create(
+    outcome: CreateOutcome,
+    retried: bool,
+) -> Result<CreateOutcome, StoreError> {
+    if retried && outcome != CreateOutcome::Created {
+        return Err(outcome_unknown("create"));
+    }
+    Ok(outcome)
+}
+
+/// The error for a write whose outcome is unknown.
+fn outcome_unknown(op: &'static str) -> StoreError {
+    StoreError::unavailable(OutcomeUnknown(op))
+}
+
+/// A write whose reply was lost and whose retry cannot tell whether the first attempt applied.
+#[derive(Debug)]
+struct OutcomeUnknown(&'static str);
+
+impl std::fmt::Display for OutcomeUnknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "outcome unknown: the connection broke after a {} was sent, and its retry found \
+             the record changed; the first attempt may have been applied",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for OutcomeUnknown {}
 
 /// Splits a [`LOAD_PACKED_LUA`] reply into the expiry (negative: none) and where the stored
 /// value starts.
@@ -78,7 +164,8 @@ pub(crate) fn split_packed(reply: &[u8]) -> Option<(i64, usize)> {
 /// (header included; last, so that Webdis can send it as the request body). Answers 0
 /// (missing), 1 (conflict) or 2 (saved). A value that already carries the new version *and this
 /// write's token* is this very write, applied by an earlier attempt whose reply was lost: it
-/// answers 2 again instead of a false conflict.
+/// answers 2 again instead of a false conflict. (If another writer saved on top of it since,
+/// the retry answers 1, which [`settle`] turns into an unknown outcome.)
 pub(crate) const SAVE_LUA: &str = r"
 -- The header `<version>:<token>:` is at most 20 + 1 + 16 + 1 = 38 bytes.
 local h = redis.call('GETRANGE', KEYS[1], 0, 63)
@@ -208,7 +295,7 @@ pub(crate) fn expiry_ms(t: SystemTime) -> u64 {
 }
 
 /// A Unix ms instant within what Redis accepts as an expiry time.
-pub(crate) fn clamp_expiry_ms(ms: u64) -> u64 {
+fn clamp_expiry_ms(ms: u64) -> u64 {
     ms.clamp(1, MAX_EXPIRES_MS)
 }
 

@@ -24,9 +24,10 @@ use crate::error::StoreError;
 use crate::id::Id;
 use crate::record::{Record, from_unix_ms};
 use crate::store::redis_common::{
-    LOAD_LUA, SAVE_LUA, clamp_expiry_ms, decode, encode, expiry_ms, header,
+    LOAD_LUA, REMOVE_LUA, SAVE_LUA, TOUCH_LUA, decode, encode, expiry_ms, header, script_outcome,
+    settle, settle_create,
 };
-use crate::store::{CreateOutcome, Refresh, SaveOutcome, SessionStore};
+use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
 /// Creates a record unless a live one has its key, recognising its own earlier attempt.
 ///
@@ -68,11 +69,12 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
 /// | request | Webdis request |
 /// |---|---|
 /// | does not touch the session | none |
-/// | reads (and slides an idle expiry when due) | `GET /EVALSHA/<load>/1/<key>/<ms>/<ms>` |
-/// | writes | the load above + `PUT /EVALSHA/<save>/1/<key>/<version>/<version>/<ms>/<token>` |
+/// | reads | `GET /EVALSHA/<load>/1/<key>` |
+/// | reads, with an idle expiry due to slide | the load + `GET /EVALSHA/<touch>/1/<key>/<version>/<ms>` |
+/// | writes | the load + `PUT /EVALSHA/<save>/1/<key>/<version>/<version>/<ms>/<token>` |
 /// | new session | `PUT /EVALSHA/<create>/1/<key>/<ms>/<header>` |
+/// | empties the session | the load + `GET /EVALSHA/<remove>/1/<key>/<version>` |
 /// | destroy | `GET /DEL/<key>` |
-/// | expiry refresh alone | `GET /PEXPIREAT/<key>/<ms>` |
 ///
 /// Session data never travels in the URL: a `PUT` sends the stored value as its body (Webdis
 /// appends the body as the command's last argument, byte for byte), and every path segment is
@@ -90,13 +92,18 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
 /// A refused or broken connection, a timeout, a `5xx` (Webdis answers `503` when it cannot
 /// reach Redis) and a loading, read-only or out-of-memory Redis are
 /// [`StoreError::unavailable`] (the layer answers 503). A `401`/`403` (wrong credentials, or
-/// the ACL forbids a command this store needs: `EVALSHA`, `EVAL`, `DEL`, `PEXPIREAT`, `SCRIPT`),
+/// the ACL forbids a command this store needs: `EVALSHA`, `EVAL`, `DEL`, `SCRIPT`),
 /// a reply that is not Webdis's JSON and any other Redis error are [`StoreError::other`],
 /// with the reply parser's error as the cause. Each operation is bounded by the
 /// [request timeout](WebdisStoreBuilder::request_timeout) (2 s by default). Every operation is
-/// idempotent (writes carry a token that recognises an earlier attempt), so each is retried
-/// once on a broken connection; connections are made again as needed, so the same store serves
-/// again once Webdis is back.
+/// retried once on a broken connection (a write carries a token that recognises an earlier
+/// attempt of it, and the conditional ones check the version, so none is applied twice). A
+/// retried write that does not find its own effect (a `save` or `touch` answering a conflict
+/// or a missing record, a `remove` finding nothing, a `create` finding the id taken) may be
+/// hiding the first attempt's effect behind another writer's: its outcome is unknown, and it
+/// fails with [`StoreError::unavailable`] rather than report a conflict that would make the
+/// layer apply the request's changes a second time. Connections are made again as needed, so
+/// the same store serves again once Webdis is back.
 ///
 /// # Examples
 /// ```no_run
@@ -142,6 +149,8 @@ struct Inner {
     load: Script,
     save: Script,
     create: Script,
+    touch: Script,
+    remove: Script,
     /// Write tokens: a random start, then one more per write.
     tokens: AtomicU64,
 }
@@ -332,6 +341,8 @@ impl WebdisStoreBuilder {
                 load: Script::unloaded(LOAD_LUA),
                 save: Script::unloaded(SAVE_LUA),
                 create: Script::unloaded(CREATE_LUA),
+                touch: Script::unloaded(TOUCH_LUA),
+                remove: Script::unloaded(REMOVE_LUA),
                 tokens: AtomicU64::new(uuid::Uuid::new_v4().as_u64_pair().0),
             }),
         };
@@ -541,7 +552,7 @@ impl WebdisStore {
     /// the credentials and that Redis answers).
     async fn loaded(mut self) -> Result<WebdisStore, StoreError> {
         let mut shas = Vec::new();
-        for source in [LOAD_LUA, SAVE_LUA, CREATE_LUA] {
+        for source in [LOAD_LUA, SAVE_LUA, CREATE_LUA, TOUCH_LUA, REMOVE_LUA] {
             let reply = self
                 .request(
                     "SCRIPT",
@@ -562,9 +573,15 @@ impl WebdisStore {
         let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
             StoreError::other(WebdisError::msg("webdis store shared before it was built"))
         })?;
-        for (script, sha) in [&mut inner.load, &mut inner.save, &mut inner.create]
-            .into_iter()
-            .zip(shas)
+        for (script, sha) in [
+            &mut inner.load,
+            &mut inner.save,
+            &mut inner.create,
+            &mut inner.touch,
+            &mut inner.remove,
+        ]
+        .into_iter()
+        .zip(shas)
         {
             script.sha = sha;
         }
@@ -601,6 +618,19 @@ impl WebdisStore {
         args: &[&str],
         body: Option<Bytes>,
     ) -> Result<Reply, Failure> {
+        self.request_noting_retry(command, args, body, &mut false)
+            .await
+    }
+
+    /// [`request`](Self::request), setting `retried` when the reply is a retry's (the first
+    /// attempt broke off, and may have been applied: see [`settle`]).
+    async fn request_noting_retry(
+        &self,
+        command: &str,
+        args: &[&str],
+        body: Option<Bytes>,
+        retried: &mut bool,
+    ) -> Result<Reply, Failure> {
         let uri: Uri = self.url(command, args).parse().map_err(|e| {
             Failure::Store(StoreError::other(WebdisError::new(
                 format!("cannot build the URL of a {command} request"),
@@ -611,7 +641,11 @@ impl WebdisStore {
             match self.exchange(&uri, body.clone()).await {
                 // Every operation of this store is idempotent: one more try on a broken or
                 // refused connection (a pooled connection that the server had just closed).
-                Err(e) if e.is_connect() || is_broken(&e) => self.exchange(&uri, body).await,
+                Err(e) if e.is_connect() || is_broken(&e) => {
+                    // A refused connection never carried the request; a broken one may have.
+                    *retried |= !e.is_connect();
+                    self.exchange(&uri, body).await
+                }
                 other => other,
             }
         };
@@ -668,46 +702,64 @@ impl WebdisStore {
     }
 
     /// Runs a script by its SHA1; when Redis's cache lacks it (after a restart), by its source,
-    /// which caches it again.
+    /// which caches it again. Sets `retried` as [`request_noting_retry`](Self::request_noting_retry).
     async fn script(
         &self,
         script: &Script,
         key: &str,
         args: &[&str],
         body: Option<Bytes>,
+        retried: &mut bool,
     ) -> Result<Reply, Failure> {
         let mut full: Vec<&str> = Vec::with_capacity(args.len() + 3);
         full.extend([script.sha.as_str(), "1", key]);
         full.extend_from_slice(args);
-        match self.request("EVALSHA", &full, body.clone()).await {
+        match self
+            .request_noting_retry("EVALSHA", &full, body.clone(), retried)
+            .await
+        {
             Err(Failure::Reply(e)) if e.redis_code() == Some("NOSCRIPT") => {
                 full[0] = script.source;
-                self.request("EVAL", &full, body).await
+                self.request_noting_retry("EVAL", &full, body, retried)
+                    .await
             }
             other => other,
         }
     }
 
-    async fn load_with(
+    /// Runs a conditional script (`save`, `touch`, `remove`) and sorts its answer.
+    async fn conditional(
         &self,
+        script: &Script,
         id: &Id,
-        if_before: u64,
-        expires: u64,
-    ) -> Result<Option<Record>, StoreError> {
-        let key = self.key(id);
+        args: &[&str],
+        body: Option<Bytes>,
+        op: &'static str,
+    ) -> Result<SaveOutcome, StoreError> {
+        let mut retried = false;
         let reply = self
-            .script(
-                &self.inner.load,
-                &key,
-                &[&if_before.to_string(), &expires.to_string()],
-                None,
-            )
+            .script(script, &self.key(id), args, body, &mut retried)
+            .await
+            .map_err(|e| e.into_store_error(op))?;
+        match reply {
+            Reply::Int(n) => match script_outcome(n) {
+                Some(outcome) => settle(outcome, retried, op),
+                None => Err(unexpected(op, &Reply::Int(n))),
+            },
+            other => Err(unexpected(op, &other)),
+        }
+    }
+
+    async fn load_record(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+        const UNREADABLE: &str = "a session key in redis cannot be read through webdis";
+        let reply = self
+            .script(&self.inner.load, &self.key(id), &[], None, &mut false)
             .await;
         let reply = match reply {
             Ok(reply) => reply,
             Err(Failure::Reply(ReplyError::Unencodable)) => {
                 return Err(StoreError::corrupt(WebdisError::new(
-                    format!("redis key {key} cannot be read through webdis"),
+                    UNREADABLE,
                     ReplyError::Unencodable,
                 )));
             }
@@ -718,7 +770,7 @@ impl WebdisStore {
             // Webdis leaves a bulk string that is not UTF-8 out of a JSON array.
             Reply::Array(parts) if matches!(parts.as_slice(), [Reply::Int(_), Reply::Int(_)]) => {
                 return Err(StoreError::corrupt(WebdisError::new(
-                    format!("redis key {key} cannot be read through webdis"),
+                    UNREADABLE,
                     ReplyError::Unencodable,
                 )));
             }
@@ -731,18 +783,19 @@ impl WebdisStore {
         };
         if usize::try_from(len).ok() != Some(value.len()) {
             return Err(StoreError::corrupt(WebdisError::msg(format!(
-                "redis key {key} did not come back whole through webdis ({} of {len} bytes; \
-                 its JSON cannot carry NUL bytes)",
+                "a session key in redis did not come back whole through webdis ({} of {len} \
+                 bytes; its JSON cannot carry NUL bytes)",
                 value.len()
             ))));
         }
         let Ok(expires_ms) = u64::try_from(expires_ms) else {
-            return Err(StoreError::corrupt(WebdisError::msg(format!(
-                "redis key {key} has no expiry; this store always sets one"
-            ))));
+            return Err(StoreError::corrupt(WebdisError::msg(
+                "a session key in redis has no expiry; this store always sets one",
+            )));
         };
-        let (version, data) = decode(&Bytes::from(value))
-            .map_err(|e| StoreError::corrupt(WebdisError::msg(format!("redis key {key}: {e}"))))?;
+        let (version, data) = decode(&Bytes::from(value)).map_err(|e| {
+            StoreError::corrupt(WebdisError::msg(format!("a session key in redis: {e}")))
+        })?;
         let expires_at = from_unix_ms(expires_ms);
         // Redis's clock decided the key was live; ours has the last word.
         if expires_at <= SystemTime::now() {
@@ -826,18 +879,17 @@ fn timed_out(after: Duration) -> StoreError {
     ))
 }
 
+/// An unexpected reply, described by its shape only (a reply may hold session data).
 fn unexpected(op: &str, reply: &Reply) -> StoreError {
-    let mut shown = format!("{reply:?}");
-    if shown.len() > 200 {
-        let mut cut = 200;
-        while !shown.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        shown.truncate(cut);
-        shown.push_str("...");
-    }
+    let shape = match reply {
+        Reply::Nil => "nil".to_owned(),
+        Reply::Int(n) => format!("the integer {n}"),
+        Reply::Bulk(b) => format!("a bulk string of {} bytes", b.len()),
+        Reply::Status(s) => format!("a status of {} bytes", s.len()),
+        Reply::Array(a) => format!("an array of {} replies", a.len()),
+    };
     StoreError::other(WebdisError::msg(format!(
-        "unexpected webdis reply to {op}: {shown}"
+        "unexpected webdis reply to {op}: {shape}"
     )))
 }
 
@@ -854,20 +906,7 @@ impl fmt::Debug for WebdisStore {
 
 impl SessionStore for WebdisStore {
     async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        self.load_with(id, 0, 0).await
-    }
-
-    async fn load_refreshing(
-        &self,
-        id: &Id,
-        refresh: Refresh,
-    ) -> Result<Option<Record>, StoreError> {
-        self.load_with(
-            id,
-            refresh.if_before_unix_ms(),
-            clamp_expiry_ms(refresh.expires_at_unix_ms()),
-        )
-        .await
+        self.load_record(id).await
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
@@ -875,18 +914,20 @@ impl SessionStore for WebdisStore {
         let token = self.next_token();
         let expiry = expiry_ms(record.expires_at()).to_string();
         let header = header(record.version(), token);
+        let mut retried = false;
         let reply = self
             .script(
                 &self.inner.create,
                 &self.key(&record.id()),
                 &[&expiry, &header],
                 Some(Bytes::from(encode(record, token))),
+                &mut retried,
             )
             .await
             .map_err(|e| e.into_store_error("create"))?;
         match reply {
-            Reply::Int(1) => Ok(CreateOutcome::Created),
-            Reply::Int(0) => Ok(CreateOutcome::IdTaken),
+            Reply::Int(1) => settle_create(CreateOutcome::Created, retried),
+            Reply::Int(0) => settle_create(CreateOutcome::IdTaken, retried),
             other => Err(unexpected("create", &other)),
         }
     }
@@ -898,27 +939,50 @@ impl SessionStore for WebdisStore {
     ) -> Result<SaveOutcome, StoreError> {
         check_payload(record)?;
         let token = self.next_token();
-        let reply = self
-            .script(
-                &self.inner.save,
-                &self.key(&record.id()),
-                &[
-                    &expected_version.to_string(),
-                    &record.version().to_string(),
-                    &expiry_ms(record.expires_at()).to_string(),
-                    &format!("{token:016x}"),
-                ],
-                Some(Bytes::from(encode(record, token))),
-            )
-            .await
-            .map_err(|e| e.into_store_error("save"))?;
-        match reply {
-            Reply::Int(0) => Ok(SaveOutcome::Missing),
-            // The layer spreads out its retries after a conflict.
-            Reply::Int(1) => Ok(SaveOutcome::Conflict),
-            Reply::Int(2) => Ok(SaveOutcome::Saved),
-            other => Err(unexpected("save", &other)),
-        }
+        // After a conflict, the layer spreads out its retries.
+        self.conditional(
+            &self.inner.save,
+            &record.id(),
+            &[
+                &expected_version.to_string(),
+                &record.version().to_string(),
+                &expiry_ms(record.expires_at()).to_string(),
+                &format!("{token:016x}"),
+            ],
+            Some(Bytes::from(encode(record, token))),
+            "save",
+        )
+        .await
+    }
+
+    async fn touch(
+        &self,
+        id: &Id,
+        expected_version: u64,
+        expires_at: SystemTime,
+    ) -> Result<SaveOutcome, StoreError> {
+        self.conditional(
+            &self.inner.touch,
+            id,
+            &[
+                &expected_version.to_string(),
+                &expiry_ms(expires_at).to_string(),
+            ],
+            None,
+            "touch",
+        )
+        .await
+    }
+
+    async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+        self.conditional(
+            &self.inner.remove,
+            id,
+            &[&expected_version.to_string()],
+            None,
+            "remove",
+        )
+        .await
     }
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
@@ -929,21 +993,6 @@ impl SessionStore for WebdisStore {
         {
             Reply::Int(_) => Ok(()),
             other => Err(unexpected("DEL", &other)),
-        }
-    }
-
-    async fn touch(&self, id: &Id, expires_at: SystemTime) -> Result<bool, StoreError> {
-        match self
-            .request(
-                "PEXPIREAT",
-                &[&self.key(id), &expiry_ms(expires_at).to_string()],
-                None,
-            )
-            .await
-            .map_err(|e| e.into_store_error("PEXPIREAT"))?
-        {
-            Reply::Int(n) => Ok(n == 1),
-            other => Err(unexpected("PEXPIREAT", &other)),
         }
     }
 }

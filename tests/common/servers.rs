@@ -1,7 +1,7 @@
 //! Real servers the store tests start for themselves: `redis-server` on a free loopback port
 //! (killable and restartable on the same port), a 3-master Redis Cluster, `webdis` in front of
 //! a Redis (killable and restartable too), `stunnel4` terminating TLS with a test CA made by
-//! `openssl`, and a TCP proxy that counts connections.
+//! `openssl`, a TCP proxy that counts connections, and one that loses one reply.
 //!
 //! Servers are child processes in their own temporary directory; dropping the handle kills the
 //! process and removes the directory. A missing binary fails the test with the Debian package to
@@ -785,6 +785,144 @@ impl Drop for TlsTerminator {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// Whether a read from the client is the request whose reply a [`ReplyDroppingProxy`] drops.
+type Trigger = Box<dyn Fn(&[u8]) -> bool + Send>;
+
+/// What an armed [`ReplyDroppingProxy`] waits for, and how it tells the test.
+struct Armed {
+    trigger: Trigger,
+    caught: tokio::sync::oneshot::Sender<()>,
+    release: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// A TCP proxy on a free loopback port in front of `target` that relays every connection
+/// unchanged, except when armed: the first client request (one read from the client) that
+/// the trigger matches is forwarded to the server, the server's reply is read and held back,
+/// and once the test [releases](Self::release) it the client's connection is closed without
+/// that reply. The command was applied; its reply was lost.
+pub struct ReplyDroppingProxy {
+    pub addr: SocketAddr,
+    armed: Arc<Mutex<Option<Armed>>>,
+    caught: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    release: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyDroppingProxy {
+    pub async fn start(target: SocketAddr) -> ReplyDroppingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed: Arc<Mutex<Option<Armed>>> = Arc::default();
+        let shared = armed.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.spawn(drop_one_reply(inbound, target, shared.clone()));
+            }
+        });
+        ReplyDroppingProxy {
+            addr,
+            armed,
+            caught: Mutex::new(None),
+            release: Mutex::new(None),
+            task,
+        }
+    }
+
+    /// Drops the reply of the next request `trigger` matches (it sees each read from the client
+    /// as it arrives: a small request arrives in one).
+    pub fn arm(&self, trigger: impl Fn(&[u8]) -> bool + Send + 'static) {
+        let (caught_tx, caught_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel();
+        *self.caught.lock().unwrap() = Some(caught_rx);
+        *self.release.lock().unwrap() = Some(release_tx);
+        *self.armed.lock().unwrap() = Some(Armed {
+            trigger: Box::new(trigger),
+            caught: caught_tx,
+            release: release_rx,
+        });
+    }
+
+    /// Waits until the server has answered the matched request (its reply held back).
+    pub async fn caught(&self) {
+        let caught = self.caught.lock().unwrap().take().expect("armed");
+        tokio::time::timeout(Duration::from_secs(10), caught)
+            .await
+            .expect("the armed request never came")
+            .expect("the proxy went away");
+    }
+
+    /// Closes the held connection, without the reply.
+    pub fn release(&self) {
+        let release = self.release.lock().unwrap().take().expect("armed");
+        let _ = release.send(());
+    }
+
+    /// Whether a trigger is still waiting for its request.
+    pub fn is_armed(&self) -> bool {
+        self.armed.lock().unwrap().is_some()
+    }
+}
+
+impl Drop for ReplyDroppingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn drop_one_reply(
+    mut client: TcpStream,
+    target: SocketAddr,
+    armed: Arc<Mutex<Option<Armed>>>,
+) {
+    let Ok(mut server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let mut up = vec![0u8; 64 * 1024];
+    let mut down = vec![0u8; 64 * 1024];
+    let mut held: Option<Armed> = None;
+    loop {
+        tokio::select! {
+            n = client_read.read(&mut up) => {
+                let n = match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if held.is_none() {
+                    let mut armed = armed.lock().unwrap();
+                    if armed.as_ref().is_some_and(|a| (a.trigger)(&up[..n])) {
+                        held = armed.take();
+                    }
+                }
+                if server_write.write_all(&up[..n]).await.is_err() {
+                    return;
+                }
+            }
+            n = server_read.read(&mut down) => {
+                let n = match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if let Some(armed) = held.take() {
+                    // The matched request's reply: never relayed. Both connections close once
+                    // the test says so.
+                    let _ = armed.caught.send(());
+                    let _ = armed.release.await;
+                    return;
+                }
+                if client_write.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
