@@ -126,8 +126,8 @@ async fn commands_per_request_kind() {
         &mut b,
         &mut monitor,
         "/cycle",
-        &["EVALSHA", "SET", "DEL"],
-        "cycle id: load + create + delete",
+        &["EVALSHA", "SET", "EVALSHA"],
+        "cycle id: load + create + conditional remove of the old id",
     )
     .await;
     expect(&mut b, &mut monitor, "/destroy", &["DEL"], "destroy: DEL").await;
@@ -237,7 +237,7 @@ async fn the_server_keeps_the_expiry_and_the_value_layout() {
     );
     let value = server.cli(&["get", &key]).await;
     assert!(
-        value.starts_with("1:") && value.contains(r#":{"d":{"count":1}}"#),
+        value.starts_with("1:") && value.contains(r#":{"d":{"count":1},"c":"#),
         "stored value {value:?}"
     );
     assert_eq!(server.cli(&["dbsize"]).await.trim(), "1");

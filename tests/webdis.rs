@@ -88,7 +88,7 @@ mod https {
         round_trip, load_missing, delete, create_never_overwrites, compare_and_set,
         concurrent_compare_and_set, large_and_awkward_records, counter_and_read,
         destroy_removes_everything, concurrent_updates_are_all_counted,
-        concurrent_writers_keep_distinct_keys);
+        concurrent_writers_keep_distinct_keys, cycle_keeps_a_concurrent_write, model_check);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,14 +209,14 @@ async fn requests_per_request_kind() {
         "read again: load script",
     )
     .await;
-    let c = ["EVALSHA", "EVALSHA", "DEL"];
+    let c = ["EVALSHA", "EVALSHA", "EVALSHA"];
     expect(
         &mut b,
         &mut s,
         m,
         "/cycle",
         &c,
-        "cycle id: load + create + DEL",
+        "cycle id: load + create + conditional remove of the old id",
     )
     .await;
     expect(&mut b, &mut s, m, "/destroy", &["DEL"], "destroy: DEL").await;
@@ -271,8 +271,12 @@ async fn keep_alive_connections_are_reused() {
         assert_eq!(b.get("/counter").await.body, i.to_string());
     }
     let sequential = proxy.accepted();
+    // Reused, not one per request. Not exactly one: when no pooled connection is idle at the
+    // instant a request starts, hyper-util's legacy client opens a new one at once, racing the
+    // pooled connection about to come back (hyperium/hyper#4134), which a loaded machine (the
+    // whole suite running) sees now and then.
     assert!(
-        sequential <= 2,
+        sequential <= 4,
         "{sequential} connections for 3 + 400 sequential requests (at open: {at_open})"
     );
     // Eight clients at once: at most a connection per request in flight.
