@@ -90,6 +90,11 @@ impl fmt::Debug for Record {
     }
 }
 
+/// How many decimal digits `n` has.
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |l| l as usize + 1)
+}
+
 /// Milliseconds since the Unix epoch, saturating at 0 and `u64::MAX`.
 pub fn unix_ms(t: SystemTime) -> u64 {
     // Whole seconds and millis in u64 arithmetic (`as_millis` divides a u128).
@@ -267,7 +272,7 @@ impl SessionData {
         let mut len = b"{\"d\":{}}".len() + self.values.len().saturating_sub(1);
         if let Some(created) = self.created {
             // `,"c":` and the digits.
-            len += 5 + itoa::Buffer::new().format(created).len();
+            len += 5 + decimal_len(created);
         }
         for (k, v) in &self.values {
             let key = self.raw_bytes(k);
@@ -587,18 +592,18 @@ mod parse {
             }
             let created = if self.s[self.pos..].starts_with(b",\"c\":") {
                 self.pos += 5;
-                let digits = &self.s[self.pos..];
-                let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
-                // No leading zero (as JSON), and no more digits than a u64 holds.
-                if n == 0 || n > 19 || (n > 1 && digits[0] == b'0') {
+                let start = self.pos;
+                let mut created = 0u64;
+                while let Some(d @ b'0'..=b'9') = self.peek() {
+                    created = created.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+                    self.pos += 1;
+                }
+                // At least one digit, and no leading zero (as JSON).
+                let n = self.pos - start;
+                if n == 0 || (n > 1 && self.s[start] == b'0') {
                     return None;
                 }
-                self.pos += n;
-                Some(
-                    digits[..n]
-                        .iter()
-                        .fold(0u64, |v, d| v * 10 + u64::from(d - b'0')),
-                )
+                Some(created)
             } else {
                 None
             };
@@ -867,6 +872,19 @@ mod tests {
 
     fn decode(bytes: &[u8], max: usize) -> Result<SessionData, DecodeError> {
         SessionData::decode(&Bytes::copy_from_slice(bytes), max)
+    }
+
+    #[test]
+    fn exact_lengths_count_the_creation_time_digits() {
+        for created in [0, 9, 10, 99, 1_733_050_000_000, u64::MAX] {
+            assert_eq!(decimal_len(created), created.to_string().len());
+            let mut d = SessionData::default();
+            d.set("k", raw("1"));
+            d.created = Some(created);
+            assert_eq!(d.exact_len(), Some(d.encode().len()), "{created}");
+            let back = SessionData::decode(&d.encode(), 1 << 20).unwrap();
+            assert_eq!(back.created, Some(created));
+        }
     }
 
     #[test]
