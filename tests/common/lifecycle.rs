@@ -8,49 +8,13 @@ use hyper::StatusCode;
 use hyper_sessions::{Expiry, Id, SessionLayer, SessionStore, unix_ms};
 
 use super::script::ScriptServer;
-use super::{Conn, Observed, Resp};
+use super::{Browser, Observed};
 
-/// A client of the script app with a cookie jar of one session cookie.
-struct Client {
-    conn: Conn,
-    cookie: Option<String>,
-}
-
-impl Client {
-    async fn new(server: &ScriptServer) -> Client {
-        Client {
-            conn: Conn::http1(server.addr).await,
-            cookie: None,
-        }
-    }
-
-    /// A client that sends this cookie (a second tab of the same browser).
-    async fn with_cookie(server: &ScriptServer, cookie: &str) -> Client {
-        Client {
-            conn: Conn::http1(server.addr).await,
-            cookie: Some(cookie.to_owned()),
-        }
-    }
-
-    async fn get(&mut self, path: &str) -> Resp {
-        let resp = self.conn.get(path, self.cookie.as_deref()).await;
-        if let Some(pair) = resp.cookie_pair() {
-            self.cookie = Some(pair);
-        } else if resp.removes_cookie() {
-            self.cookie = None;
-        }
-        resp
-    }
-
-    fn cookie(&self) -> String {
-        self.cookie
-            .clone()
-            .expect("the client holds a session cookie")
-    }
-
-    fn id(&self) -> Id {
-        self.cookie().split_once('=').unwrap().1.parse().unwrap()
-    }
+fn cookie(browser: &Browser) -> String {
+    browser
+        .cookie
+        .clone()
+        .expect("the browser holds a session cookie")
 }
 
 fn now_ms() -> u64 {
@@ -69,20 +33,11 @@ async fn expires_ms<S: SessionStore>(store: &S, id: &Id) -> u64 {
 /// Item 1: a request that empties the session, parked while another writes, keeps that write.
 pub async fn emptying_keeps_a_concurrent_write<S: SessionStore + Clone>(store: S) {
     let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     browser.get("/set:a=1").await;
-    let cookie = browser.cookie();
-    let mut parked = server.park("A");
-    let mut a = Client::with_cookie(&server, &cookie).await;
-    let a = tokio::spawn(async move { a.get("/remove:a/park:A").await });
-    parked.arrived().await;
-    let b = Client::with_cookie(&server, &cookie)
-        .await
-        .get("/set:b=2")
-        .await;
+    let cookie = cookie(&browser);
+    let (a, b) = server.race(&cookie, "/remove:a", "/set:b=2").await;
     assert_eq!(b.status, StatusCode::OK);
-    parked.release();
-    let a = a.await.unwrap();
     assert_eq!(a.status, StatusCode::OK);
     assert!(
         a.set_cookies().is_empty(),
@@ -93,23 +48,20 @@ pub async fn emptying_keeps_a_concurrent_write<S: SessionStore + Clone>(store: S
         "b",
         "a concurrent write was lost"
     );
-    assert!(store.load(&browser.id()).await.unwrap().is_some());
+    assert!(store.load(&browser.id().unwrap()).await.unwrap().is_some());
 }
 
 /// Item 2: `cycle_id` racing `destroy` never brings the session back under any id.
 pub async fn cycle_racing_destroy_stays_destroyed<S: SessionStore + Clone>(store: S) {
     let store = Observed::new(store);
     let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     browser.get("/set:user=ada").await;
-    let cookie = browser.cookie();
-    let mut parked = server.park("A");
-    let mut a = Client::with_cookie(&server, &cookie).await;
-    let a = tokio::spawn(async move { a.get("/get:user/cycle/set:logged_in=1/park:A").await });
-    parked.arrived().await;
-    assert_eq!(browser.get("/destroy").await.status, StatusCode::OK);
-    parked.release();
-    let a = a.await.unwrap();
+    let cookie = cookie(&browser);
+    let (a, logout) = server
+        .race(&cookie, "/get:user/cycle/set:logged_in=1", "/destroy")
+        .await;
+    assert_eq!(logout.status, StatusCode::OK);
     assert_eq!(
         a.status,
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -130,27 +82,17 @@ pub async fn cycle_racing_destroy_stays_destroyed<S: SessionStore + Clone>(store
 /// Item 3: `cycle_id` keeps a write made on the old id while it was parked.
 pub async fn cycle_keeps_a_concurrent_write<S: SessionStore + Clone>(store: S) {
     let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     browser.get("/set:user=ada").await;
-    let (cookie, old) = (browser.cookie(), browser.id());
-    let mut parked = server.park("A");
-    let mut a = Client::with_cookie(&server, &cookie).await;
-    let a = tokio::spawn(async move {
-        let r = a.get("/get:user/cycle/set:logged_in=1/park:A").await;
-        (r, a.cookie)
-    });
-    parked.arrived().await;
-    let b = Client::with_cookie(&server, &cookie)
-        .await
-        .get("/set:b=2")
+    let (cookie, old) = (cookie(&browser), browser.id().unwrap());
+    let (a, b) = server
+        .race(&cookie, "/get:user/cycle/set:logged_in=1", "/set:b=2")
         .await;
     assert_eq!(b.status, StatusCode::OK);
-    parked.release();
-    let (a, new_cookie) = a.await.unwrap();
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
-    let new_cookie = new_cookie.unwrap();
-    assert_ne!(new_cookie, cookie, "the cycle sent no new id");
-    let mut cycled = Client::with_cookie(&server, &new_cookie).await;
+    let new_cookie = a.cookie_pair().expect("the cycle sent a new id");
+    assert_ne!(new_cookie, cookie);
+    let mut cycled = Browser::with_cookie(server.addr, &new_cookie).await;
     assert_eq!(
         cycled.get("/keys").await.body,
         "b,logged_in,user",
@@ -165,12 +107,12 @@ pub async fn cycle_keeps_a_concurrent_write<S: SessionStore + Clone>(store: S) {
 /// Item 4: a session's own, shorter idle window is kept by reads (the layer's is a day).
 pub async fn own_shorter_expiry_survives_reads<S: SessionStore + Clone>(store: S) {
     let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     browser.get("/set:a=1/inactive:1000").await;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(browser.get("/get:a").await.body, "1");
-        let left = expires_ms(&store, &browser.id())
+        let left = expires_ms(&store, &browser.id().unwrap())
             .await
             .saturating_sub(now_ms());
         assert!(left <= 1_000, "a read moved the expiry {left} ms ahead");
@@ -191,15 +133,15 @@ pub async fn sliding_reads_resend_the_cookie<S: SessionStore + Clone>(store: S) 
         .build()
         .unwrap();
     let server = ScriptServer::start(&layer).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     browser.get("/set:a=1").await;
     let (mut resent, mut quiet) = (0, 0);
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let before = expires_ms(&store, &browser.id()).await;
+        let before = expires_ms(&store, &browser.id().unwrap()).await;
         let r = browser.get("/get:a").await;
         assert_eq!(r.body, "1");
-        let after = expires_ms(&store, &browser.id()).await;
+        let after = expires_ms(&store, &browser.id().unwrap()).await;
         if let Some(c) = r.session_cookie() {
             resent += 1;
             assert!(
@@ -225,20 +167,11 @@ pub async fn sliding_reads_resend_the_cookie<S: SessionStore + Clone>(store: S) 
 /// Item 6: replaying a flash read removes that flash only, not a newer one.
 pub async fn replayed_flash_read_keeps_a_newer_flash<S: SessionStore + Clone>(store: S) {
     let server = ScriptServer::start(&SessionLayer::new(store)).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     browser.get("/flash:msg=old").await;
-    let cookie = browser.cookie();
-    let mut parked = server.park("A");
-    let mut a = Client::with_cookie(&server, &cookie).await;
-    let a = tokio::spawn(async move { a.get("/get:msg/park:A").await });
-    parked.arrived().await;
-    let b = Client::with_cookie(&server, &cookie)
-        .await
-        .get("/flash:msg=new")
-        .await;
+    let cookie = cookie(&browser);
+    let (a, b) = server.race(&cookie, "/get:msg", "/flash:msg=new").await;
     assert_eq!(b.status, StatusCode::OK);
-    parked.release();
-    let a = a.await.unwrap();
     assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "old"));
     assert_eq!(
         browser.get("/get:msg").await.body,
@@ -255,12 +188,12 @@ pub async fn replayed_flash_read_keeps_a_newer_flash<S: SessionStore + Clone>(st
 /// Item 7: a request still carrying the pre-login cookie never removes the browser's cookie.
 pub async fn pre_login_cookie_never_logs_out<S: SessionStore + Clone>(store: S) {
     let server = ScriptServer::start(&SessionLayer::new(store)).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     browser.get("/set:user=ada").await;
-    let old = browser.cookie();
+    let old = cookie(&browser);
     let r = browser.get("/cycle").await;
     assert!(r.cookie_pair().is_some(), "the cycle sent no new cookie");
-    let mut stale = Client::with_cookie(&server, &old).await;
+    let mut stale = Browser::with_cookie(server.addr, &old).await;
     for path in ["/get:user", "/keys", "/remove:user"] {
         let r = stale.get(path).await;
         assert_eq!(r.status, StatusCode::OK);
@@ -279,23 +212,15 @@ pub async fn refresh_never_overwrites_a_concurrent_expiry<S: SessionStore + Clon
         .build()
         .unwrap();
     let server = ScriptServer::start(&layer).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     browser.get("/set:a=1").await;
-    let cookie = browser.cookie();
+    let cookie = cookie(&browser);
     // A tenth of the window has passed: the next read refreshes.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut parked = server.park("A");
-    let mut a = Client::with_cookie(&server, &cookie).await;
-    let a = tokio::spawn(async move { a.get("/get:a/park:A").await });
-    parked.arrived().await;
-    let b = Client::with_cookie(&server, &cookie)
-        .await
-        .get("/inactive:600000")
-        .await;
-    assert_eq!(b.status, StatusCode::OK);
-    parked.release();
-    assert_eq!(a.await.unwrap().status, StatusCode::OK);
-    let left = expires_ms(&store, &browser.id())
+    let (read, remember) = server.race(&cookie, "/get:a", "/inactive:600000").await;
+    assert_eq!(remember.status, StatusCode::OK);
+    assert_eq!(read.status, StatusCode::OK);
+    let left = expires_ms(&store, &browser.id().unwrap())
         .await
         .saturating_sub(now_ms());
     assert!(
@@ -307,15 +232,15 @@ pub async fn refresh_never_overwrites_a_concurrent_expiry<S: SessionStore + Clon
 /// Item 10: the layer's absolute lifetime caps sessions created before it was configured.
 pub async fn absolute_lifetime_caps_older_sessions<S: SessionStore + Clone>(store: S) {
     let before = ScriptServer::start(&SessionLayer::new(store.clone())).await;
-    let mut browser = Client::new(&before).await;
+    let mut browser = Browser::new(before.addr).await;
     browser.get("/set:a=1").await;
-    let cookie = browser.cookie();
+    let cookie = cookie(&browser);
     let capped = SessionLayer::builder(store)
         .absolute_lifetime(Duration::from_millis(600))
         .build()
         .unwrap();
     let after = ScriptServer::start(&capped).await;
-    let mut browser = Client::with_cookie(&after, &cookie).await;
+    let mut browser = Browser::with_cookie(after.addr, &cookie).await;
     assert_eq!(browser.get("/get:a").await.body, "1");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(browser.get("/get:a").await.body, "1");
@@ -334,20 +259,20 @@ pub async fn reset_expiry_undoes_remember_me<S: SessionStore + Clone>(store: S) 
         .build()
         .unwrap();
     let server = ScriptServer::start(&layer).await;
-    let mut browser = Client::new(&server).await;
+    let mut browser = Browser::new(server.addr).await;
     let r = browser.get("/set:user=ada").await;
     assert!(!r.session_cookie().unwrap().contains("Max-Age"));
     let r = browser.get("/inactive:2592000000").await;
     let remembered = r.session_cookie().expect("remember-me re-sends the cookie");
     assert!(remembered.contains("Max-Age=2592000"), "{remembered}");
-    assert!(expires_ms(&store, &browser.id()).await > now_ms() + 29 * 86_400_000);
+    assert!(expires_ms(&store, &browser.id().unwrap()).await > now_ms() + 29 * 86_400_000);
     let r = browser.get("/reset").await;
     let forgotten = r.session_cookie().expect("reset re-sends the cookie");
     assert!(
         !forgotten.contains("Max-Age"),
         "the cookie still outlives the browser: {forgotten}"
     );
-    let left = expires_ms(&store, &browser.id())
+    let left = expires_ms(&store, &browser.id().unwrap())
         .await
         .saturating_sub(now_ms());
     assert!(

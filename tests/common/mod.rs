@@ -300,6 +300,13 @@ impl Browser {
         }
     }
 
+    /// A browser that already holds `cookie` (`name=value`): a second tab, say.
+    pub async fn with_cookie(addr: SocketAddr, cookie: &str) -> Browser {
+        let mut browser = Browser::new(addr).await;
+        browser.cookie = Some(cookie.to_owned());
+        browser
+    }
+
     pub async fn get(&mut self, path: &str) -> Resp {
         let resp = self.conn.get(path, self.cookie.as_deref()).await;
         if let Some(pair) = resp.cookie_pair() {

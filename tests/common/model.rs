@@ -218,6 +218,15 @@ struct Req {
     destroyed: bool,
 }
 
+/// Whether a conditional write's outcome fits the model's version of the record.
+fn fits(outcome: SaveOutcome, model: Option<u64>, expected: u64) -> bool {
+    match outcome {
+        SaveOutcome::Saved => model == Some(expected),
+        SaveOutcome::Conflict => model.is_some_and(|v| v != expected),
+        _ => model.is_none(),
+    }
+}
+
 /// Replays `log` through the model; answers the model's records, or what went wrong.
 #[allow(clippy::too_many_lines)] // one replay, read top to bottom
 fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Id, (u64, Data)>, String> {
@@ -271,12 +280,7 @@ fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Id, (u64,
             }
             Event::Save(r, rec, expected, outcome) => {
                 let model = records.get(&rec.id()).map(|(v, _)| *v);
-                let consistent = match outcome {
-                    SaveOutcome::Saved => model == Some(*expected),
-                    SaveOutcome::Conflict => model.is_some_and(|v| v != *expected),
-                    _ => model.is_none(),
-                };
-                if !consistent {
+                if !fits(*outcome, model, *expected) {
                     return fail(format!("the model's version is {model:?}"));
                 }
                 if *outcome != SaveOutcome::Saved {
@@ -298,12 +302,7 @@ fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Id, (u64,
             }
             Event::Touch(_, id, expected, outcome) | Event::Remove(_, id, expected, outcome) => {
                 let model = records.get(id).map(|(v, _)| *v);
-                let consistent = match outcome {
-                    SaveOutcome::Saved => model == Some(*expected),
-                    SaveOutcome::Conflict => model.is_some_and(|v| v != *expected),
-                    _ => model.is_none(),
-                };
-                if !consistent {
+                if !fits(*outcome, model, *expected) {
                     return fail(format!("the model's version is {model:?}"));
                 }
                 if let (Event::Remove(r, ..), SaveOutcome::Missing) = (event, outcome) {

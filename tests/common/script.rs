@@ -23,7 +23,7 @@ use hyper_sessions::{Error, Expiry, Session, SessionLayer};
 use tokio::sync::oneshot;
 
 use super::model::{Change, Log, REQUEST, expiry_value, log_change};
-use super::{TestServer, serve_service};
+use super::{Conn, Resp, TestServer, serve_service};
 
 /// A request held at a park point.
 pub struct Parked {
@@ -94,6 +94,22 @@ impl ScriptServer {
             parks,
             _server: server,
         }
+    }
+
+    /// Runs `parked` (steps, then a park) with `cookie` and, while it is parked after its
+    /// steps, `meanwhile` with the same cookie to completion; then lets `parked` finish.
+    /// Answers both responses.
+    pub async fn race(&self, cookie: &str, parked: &str, meanwhile: &str) -> (Resp, Resp) {
+        let mut park = self.park("race");
+        let (addr, cookie, parked) = (self.addr, cookie.to_owned(), format!("{parked}/park:race"));
+        let first = {
+            let cookie = cookie.clone();
+            tokio::spawn(async move { Conn::http1(addr).await.get(&parked, Some(&cookie)).await })
+        };
+        park.arrived().await;
+        let second = Conn::http1(addr).await.get(meanwhile, Some(&cookie)).await;
+        park.release();
+        (first.await.unwrap(), second)
     }
 
     /// Sets up the park point `name`: the next request that reaches it waits there.
