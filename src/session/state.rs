@@ -314,8 +314,14 @@ impl State {
             return Ok(Plan::Create { record, applied });
         }
         if self.dirty() {
-            let expires_ms = if self.expiry_changed || self.refresh_due(config, &stored, now_ms) {
-                self.target_expiry(config, now_ms)
+            // Moved when the policy changed, when a refresh is due, or when the absolute
+            // lifetime ends the session before the stored expiry; else kept.
+            let target = self.target_expiry(config, now_ms);
+            let expires_ms = if self.expiry_changed
+                || target < stored.expires_ms
+                || self.refresh_due(config, &stored, now_ms)
+            {
+                target
             } else {
                 stored.expires_ms
             };
@@ -589,4 +595,436 @@ pub(crate) fn too_large(len: usize, max: usize) -> Error {
         Kind::TooLarge,
         format!("session record of about {len} bytes exceeds the limit of {max} bytes"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::default_error_handler;
+
+    const NOW: u64 = 1_800_000_000_000;
+    const DAY: u64 = 86_400_000;
+
+    fn config(lifetime: Option<Duration>) -> Config {
+        Config {
+            cookie_name: "id".into(),
+            cookie_prefix: "id=".into(),
+            cookie_attributes: String::new(),
+            expiry: Expiry::OnInactivity(Duration::from_millis(DAY)),
+            absolute_lifetime: lifetime,
+            max_record_bytes: 1 << 20,
+            max_save_attempts: 24,
+            error_handler: Arc::new(default_error_handler),
+        }
+    }
+
+    fn record(id: Id, payload: &str, version: u64, expires_ms: u64) -> Record {
+        Record::from_unix_ms(id, Bytes::from(payload.to_owned()), version, expires_ms)
+    }
+
+    /// A session loaded from `{"d":{"a":1},"c":NOW}` at version 3, expiring in a day.
+    fn loaded(config: &Config) -> (State, Id) {
+        let id = Id::random();
+        let mut st = State::new(true);
+        let payload = format!(r#"{{"d":{{"a":1}},"c":{NOW}}}"#);
+        st.install(Some(record(id, &payload, 3, NOW + DAY)), config, NOW);
+        (st, id)
+    }
+
+    fn set(st: &mut State, key: &str, value: &str) {
+        st.data.set(key, value.into());
+        st.push(Change::Set(key.into(), value.into()));
+    }
+
+    fn values(record: &Record) -> String {
+        let v: serde_json::Value = serde_json::from_slice(record.data()).unwrap();
+        v["d"].to_string()
+    }
+
+    #[test]
+    fn install_keeps_only_a_live_readable_record() {
+        let config = config(None);
+        let (st, id) = loaded(&config);
+        assert_eq!(st.phase, Phase::Live);
+        assert_eq!(st.stored.map(|s| (s.id, s.version)), Some((id, 3)));
+        assert_eq!(st.data.get("a"), Some("1"));
+        for record in [
+            None,
+            Some(record(id, r#"{"d":{"a":1}}"#, 1, NOW)),
+            Some(record(id, "{not json", 1, NOW + DAY)),
+        ] {
+            let mut st = State::new(true);
+            st.install(record, &config, NOW);
+            assert_eq!(st.phase, Phase::Live);
+            assert!(st.stored.is_none() && st.data.is_empty());
+        }
+        // Past the layer's absolute lifetime, measured from the record's creation time.
+        let capped = self::config(Some(Duration::from_secs(1)));
+        let mut st = State::new(true);
+        let payload = format!(r#"{{"d":{{"a":1}},"c":{}}}"#, NOW - 1_000);
+        st.install(Some(record(id, &payload, 1, NOW + DAY)), &capped, NOW);
+        assert!(
+            st.stored.is_none(),
+            "a session past its lifetime was installed"
+        );
+        // A second install (a concurrent clone's load) changes nothing.
+        let (mut st, _) = loaded(&config);
+        st.install(None, &config, NOW);
+        assert!(st.stored.is_some());
+    }
+
+    #[test]
+    fn nothing_to_do_plans_nothing() {
+        let config = config(None);
+        let (mut st, _) = loaded(&config);
+        assert!(matches!(st.plan(&config, NOW + 1).unwrap(), Plan::Nothing));
+        let mut fresh = State::new(false);
+        assert!(matches!(fresh.plan(&config, NOW).unwrap(), Plan::Nothing));
+        // An empty new session is never stored, whatever changed.
+        fresh.push(Change::SetExpiry(Some(Expiry::OnInactivity(
+            Duration::from_secs(5),
+        ))));
+        assert!(matches!(fresh.plan(&config, NOW).unwrap(), Plan::Nothing));
+    }
+
+    #[test]
+    fn a_new_session_is_created_with_its_creation_time_and_cookie() {
+        let config = config(None);
+        let mut st = State::new(false);
+        set(&mut st, "k", "1");
+        let plan = st.plan(&config, NOW).unwrap();
+        let Plan::Create { record, applied } = &plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((record.version(), *applied), (1, 1));
+        assert_eq!(record.expires_at_unix_ms(), NOW + DAY);
+        assert!(
+            std::str::from_utf8(record.data())
+                .unwrap()
+                .contains(&format!("\"c\":{NOW}"))
+        );
+        st.done(&plan, &config, NOW);
+        assert_eq!(st.pending_changes(), 0);
+        assert_eq!(
+            st.cookie,
+            Cookie::Set(record.id(), Some(Duration::from_millis(DAY)))
+        );
+        assert!(matches!(st.plan(&config, NOW).unwrap(), Plan::Nothing));
+    }
+
+    #[test]
+    fn a_change_is_a_compare_and_set_at_the_loaded_version() {
+        let config = config(None);
+        let (mut st, id) = loaded(&config);
+        set(&mut st, "b", "2");
+        let plan = st.plan(&config, NOW + 5).unwrap();
+        let Plan::Save {
+            record, expected, ..
+        } = &plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((record.id(), record.version(), *expected), (id, 4, 3));
+        // Not due for a refresh: the stored expiry is kept.
+        assert_eq!(record.expires_at_unix_ms(), NOW + DAY);
+        // A change made while the save was under way stays pending.
+        set(&mut st, "c", "3");
+        st.done(&plan, &config, NOW + 5);
+        assert_eq!(st.pending_changes(), 1);
+        assert_eq!(st.stored.unwrap().version, 4);
+        assert_eq!(st.cookie, Cookie::Keep, "nothing moved, no cookie");
+    }
+
+    #[test]
+    fn a_due_refresh_is_a_touch_at_the_loaded_version_with_the_cookie() {
+        let config = config(None);
+        let (mut st, id) = loaded(&config);
+        let later = NOW + DAY / 10;
+        let plan = st.plan(&config, later).unwrap();
+        let Plan::Touch {
+            id: touched,
+            expected,
+            expires_ms,
+        } = plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((touched, expected, expires_ms), (id, 3, later + DAY));
+        st.done(&plan, &config, later);
+        assert_eq!(st.stored.unwrap().expires_ms, later + DAY);
+        assert_eq!(st.cookie, Cookie::Set(id, Some(Duration::from_millis(DAY))));
+        // Just short of a tenth: no refresh.
+        let (mut st, _) = loaded(&config);
+        assert!(matches!(
+            st.plan(&config, NOW + DAY / 10 - 1).unwrap(),
+            Plan::Nothing
+        ));
+    }
+
+    #[test]
+    fn the_sessions_own_policy_drives_its_refresh() {
+        let config = config(None);
+        let (mut st, _) = loaded(&config);
+        let own = Expiry::OnInactivity(Duration::from_secs(2));
+        st.data.expiry = Some(own);
+        st.push(Change::SetExpiry(Some(own)));
+        let plan = st.plan(&config, NOW).unwrap();
+        let Plan::Save { record, .. } = &plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(record.expires_at_unix_ms(), NOW + 2_000, "the own window");
+        st.done(&plan, &config, NOW);
+        assert_eq!(
+            st.cookie,
+            Cookie::Set(record.id(), Some(Duration::from_secs(2)))
+        );
+        // A read 300 ms later is due (a tenth of 2 s), and refreshes to 2 s, not a day.
+        let plan = st.plan(&config, NOW + 300).unwrap();
+        assert!(
+            matches!(plan, Plan::Touch { expires_ms, .. } if expires_ms == NOW + 2_300),
+            "{plan:?}"
+        );
+        // Back to the layer's policy: the cookie is re-sent with the layer's lifetime.
+        let (mut st, id) = loaded(&config);
+        st.data.expiry = None;
+        st.push(Change::SetExpiry(None));
+        let plan = st.plan(&config, NOW).unwrap();
+        st.done(&plan, &config, NOW);
+        assert_eq!(st.cookie, Cookie::Set(id, Some(Duration::from_millis(DAY))));
+    }
+
+    #[test]
+    fn the_absolute_lifetime_caps_every_expiry() {
+        let config = config(Some(Duration::from_secs(10)));
+        let (mut st, _) = loaded(&config);
+        set(&mut st, "b", "2");
+        let plan = st.plan(&config, NOW + 1_000).unwrap();
+        let Plan::Save { record, .. } = &plan else {
+            panic!("{plan:?}")
+        };
+        // The stored expiry (a day) is past the deadline: the save brings it back to it.
+        assert_eq!(record.expires_at_unix_ms(), NOW + 10_000);
+        let mut fresh = State::new(false);
+        set(&mut fresh, "k", "1");
+        let Plan::Create { record, .. } = fresh.plan(&config, NOW).unwrap() else {
+            panic!()
+        };
+        assert_eq!(record.expires_at_unix_ms(), NOW + 10_000);
+    }
+
+    #[test]
+    fn emptying_is_a_removal_at_the_loaded_version_and_removes_the_cookie() {
+        let config = config(None);
+        let (mut st, id) = loaded(&config);
+        st.data.remove("a");
+        st.push(Change::Remove("a".into()));
+        let plan = st.plan(&config, NOW).unwrap();
+        assert!(
+            matches!(plan, Plan::Remove { id: r, expected: 3, .. } if r == id),
+            "{plan:?}"
+        );
+        st.done(&plan, &config, NOW);
+        assert!(st.stored.is_none());
+        assert_eq!(st.cookie, Cookie::Remove);
+        assert!(matches!(st.plan(&config, NOW).unwrap(), Plan::Nothing));
+    }
+
+    #[test]
+    fn a_conflict_replays_the_changes_on_the_fresh_record() {
+        let config = config(None);
+        let (mut st, id) = loaded(&config);
+        st.data.remove("a");
+        st.push(Change::Remove("a".into()));
+        // Someone else saved {a, b} at version 4: the removal is replayed, b is kept.
+        let fresh = record(
+            id,
+            &format!(r#"{{"d":{{"a":1,"b":2}},"c":{NOW}}}"#),
+            4,
+            NOW + DAY,
+        );
+        assert_eq!(st.conflict_source(), Some(id));
+        assert!(st.rebase(Some(fresh), &config, NOW).unwrap().is_none());
+        let plan = st.plan(&config, NOW).unwrap();
+        let Plan::Save {
+            record, expected, ..
+        } = &plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((*expected, values(record)), (4, r#"{"b":2}"#.to_owned()));
+    }
+
+    #[test]
+    fn a_replayed_flash_read_removes_that_flash_only() {
+        let mut data = SessionData::default();
+        data.set_flash("msg", r#""new""#.into());
+        Change::TakeFlash("msg".into(), r#""old""#.into())
+            .apply(&mut data)
+            .unwrap();
+        assert_eq!(data.get("msg"), Some(r#""new""#), "a newer flash was eaten");
+        Change::TakeFlash("msg".into(), r#""new""#.into())
+            .apply(&mut data)
+            .unwrap();
+        assert!(data.get("msg").is_none());
+        // A plain value with the same text is not a flash: kept.
+        data.set("msg", r#""new""#.into());
+        Change::TakeFlash("msg".into(), r#""new""#.into())
+            .apply(&mut data)
+            .unwrap();
+        assert_eq!(data.get("msg"), Some(r#""new""#));
+    }
+
+    #[test]
+    fn a_vanished_record_fails_a_write_but_not_a_refresh_or_an_emptying() {
+        let config = config(None);
+        // A save that finds nothing: gone, no cookie change.
+        let (mut st, _) = loaded(&config);
+        set(&mut st, "b", "2");
+        let plan = st.plan(&config, NOW).unwrap();
+        assert_eq!(st.missing(&plan), Vanished::Gone);
+        assert_eq!((st.phase, st.cookie), (Phase::Destroyed, Cookie::Keep));
+        assert!(st.check_live().unwrap_err().is_destroyed());
+        // A touch that finds nothing: quiet.
+        let (mut st, _) = loaded(&config);
+        let plan = st.plan(&config, NOW + DAY / 2).unwrap();
+        assert!(matches!(plan, Plan::Touch { .. }));
+        assert_eq!(st.missing(&plan), Vanished::Quietly);
+        assert_eq!((st.phase, st.cookie), (Phase::Live, Cookie::Keep));
+        // An emptying whose record was destroyed meanwhile: what it meant to do is done.
+        let (mut st, _) = loaded(&config);
+        st.data.clear();
+        st.push(Change::Clear);
+        let plan = st.plan(&config, NOW).unwrap();
+        assert_eq!(st.missing(&plan), Vanished::Quietly);
+        // A reload after a conflict that finds nothing, with changes pending: gone.
+        let (mut st, _) = loaded(&config);
+        set(&mut st, "b", "2");
+        assert_eq!(st.rebase(None, &config, NOW).unwrap(), Some(Vanished::Gone));
+    }
+
+    /// The cycle's steps: create the new record, then remove the old one at its version.
+    fn cycle_to_the_new_record(config: &Config) -> (State, Id, Id) {
+        let (mut st, old) = loaded(config);
+        st.cycle();
+        set(&mut st, "user", "1");
+        let plan = st.plan(config, NOW).unwrap();
+        let Plan::Create { record, .. } = &plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(values(record), r#"{"a":1,"user":1}"#);
+        assert!(
+            std::str::from_utf8(record.data())
+                .unwrap()
+                .contains(&format!("\"c\":{NOW}"))
+        );
+        let new = record.id();
+        assert_ne!(new, old);
+        st.done(&plan, config, NOW);
+        (st, old, new)
+    }
+
+    #[test]
+    fn a_cycle_moves_the_session_conditionally() {
+        let config = config(None);
+        let (mut st, old, new) = cycle_to_the_new_record(&config);
+        assert_eq!(
+            st.cookie,
+            Cookie::Set(new, Some(Duration::from_millis(DAY)))
+        );
+        let plan = st.plan(&config, NOW).unwrap();
+        assert!(
+            matches!(plan, Plan::Remove { id, expected: 3, .. } if id == old),
+            "{plan:?}"
+        );
+        st.done(&plan, &config, NOW);
+        assert_eq!(st.pending_changes(), 0);
+        assert_eq!(st.stored.unwrap().id, new);
+        assert_eq!(
+            st.cookie,
+            Cookie::Set(new, Some(Duration::from_millis(DAY)))
+        );
+        assert!(matches!(st.plan(&config, NOW).unwrap(), Plan::Nothing));
+    }
+
+    #[test]
+    fn a_cycle_carries_over_a_write_to_the_old_id() {
+        let config = config(None);
+        let (mut st, old, new) = cycle_to_the_new_record(&config);
+        // The removal of the old record conflicts: someone saved {a, b} there meanwhile.
+        assert_eq!(st.conflict_source(), Some(old));
+        let fresh = record(
+            old,
+            &format!(r#"{{"d":{{"a":1,"b":2}},"c":{NOW}}}"#),
+            4,
+            NOW + DAY,
+        );
+        assert!(st.rebase(Some(fresh), &config, NOW).unwrap().is_none());
+        // The new record is written again with the write and this request's changes...
+        let plan = st.plan(&config, NOW).unwrap();
+        let Plan::Save {
+            record, expected, ..
+        } = &plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((record.id(), *expected), (new, 1));
+        assert_eq!(values(record), r#"{"a":1,"b":2,"user":1}"#);
+        st.done(&plan, &config, NOW);
+        // ...then the old one is removed at the version that write came from.
+        let plan = st.plan(&config, NOW).unwrap();
+        assert!(
+            matches!(plan, Plan::Remove { id, expected: 4, .. } if id == old),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn a_cycle_whose_source_was_destroyed_deletes_its_copy_and_fails() {
+        let config = config(None);
+        let (mut st, _, new) = cycle_to_the_new_record(&config);
+        let plan = st.plan(&config, NOW).unwrap();
+        assert_eq!(st.missing(&plan), Vanished::GoneAfterDeleting(new));
+        assert_eq!((st.phase, st.cookie), (Phase::Destroyed, Cookie::Keep));
+        // The same when a reload after a conflict finds the source gone.
+        let (mut st, _, new) = cycle_to_the_new_record(&config);
+        assert_eq!(
+            st.rebase(None, &config, NOW).unwrap(),
+            Some(Vanished::GoneAfterDeleting(new))
+        );
+    }
+
+    #[test]
+    fn destroy_deletes_both_records_of_a_move_and_removes_the_cookie() {
+        let config = config(None);
+        let (mut st, old, new) = cycle_to_the_new_record(&config);
+        assert_eq!(st.destroy_targets(), (Some(new), Some(old)));
+        st.destroyed(true);
+        assert_eq!((st.phase, st.cookie), (Phase::Destroyed, Cookie::Remove));
+        let (mut st, _) = loaded(&config);
+        st.destroyed(false);
+        assert_eq!(st.cookie, Cookie::Keep, "no cookie to remove");
+    }
+
+    #[test]
+    fn a_failed_update_stops_every_later_write() {
+        let config = config(None);
+        let (mut st, _) = loaded(&config);
+        set(&mut st, "b", "2");
+        st.fail();
+        assert!(st.check_live().unwrap_err().is_store());
+        assert!(matches!(st.plan(&config, NOW).unwrap(), Plan::Nothing));
+    }
+
+    #[test]
+    fn a_record_over_the_limit_is_refused_before_any_write() {
+        let mut config = config(None);
+        config.max_record_bytes = 40;
+        let (mut st, _) = loaded(&config);
+        set(&mut st, "b", &format!("\"{}\"", "x".repeat(100)));
+        assert!(st.plan(&config, NOW).unwrap_err().is_too_large());
+    }
 }

@@ -311,3 +311,65 @@ impl<S: SessionStore> DynStore for S {
         call(S::NEVER_WAITS, SessionStore::delete(self, id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// A store that claims never to wait; `waits` makes its loads wait once anyway.
+    struct Claims {
+        waits: AtomicBool,
+    }
+
+    impl SessionStore for Claims {
+        const NEVER_WAITS: bool = true;
+
+        async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+            if self.waits.load(Ordering::SeqCst) {
+                tokio::task::yield_now().await;
+            }
+            Ok(Some(Record::from_unix_ms(*id, Bytes::new(), 1, u64::MAX)))
+        }
+        async fn create(&self, _: &Record) -> Result<CreateOutcome, StoreError> {
+            Ok(CreateOutcome::Created)
+        }
+        async fn save(&self, _: &Record, _: u64) -> Result<SaveOutcome, StoreError> {
+            Ok(SaveOutcome::Saved)
+        }
+        async fn touch(&self, _: &Id, _: u64, _: SystemTime) -> Result<SaveOutcome, StoreError> {
+            Ok(SaveOutcome::Saved)
+        }
+        async fn remove(&self, _: &Id, _: u64) -> Result<SaveOutcome, StoreError> {
+            Ok(SaveOutcome::Saved)
+        }
+        async fn delete(&self, _: &Id) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_never_waits_is_answered_in_place() {
+        let store = Claims {
+            waits: AtomicBool::new(false),
+        };
+        let id = Id::random();
+        let call = DynStore::load(&store, &id);
+        assert!(matches!(call, Call::Ready(Some(Ok(Some(_))))));
+        assert!(call.await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_store_that_claims_never_to_wait_and_waits_fails_clearly() {
+        let store = Claims {
+            waits: AtomicBool::new(true),
+        };
+        let err = DynStore::load(&store, &Id::random()).await.unwrap_err();
+        assert!(!err.is_unavailable() && !err.is_corrupt(), "{err}");
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("NEVER_WAITS"), "{cause}");
+    }
+}
