@@ -160,11 +160,16 @@ impl MemoryStoreBuilder {
             .min((self.max_bytes / MIN_SHARD_BYTES).max(1));
         let limits = Limits {
             // A shard's slots are numbered in a u32.
-            sessions: self.max_sessions.div_ceil(shards).min(u32::MAX as usize - 1),
+            sessions: self
+                .max_sessions
+                .div_ceil(shards)
+                .min(u32::MAX as usize - 1),
             bytes: self.max_bytes / shards,
         };
         Inner {
-            shards: (0..shards).map(|_| Mutex::new(Shard::new(limits))).collect(),
+            shards: (0..shards)
+                .map(|_| Mutex::new(Shard::new(limits)))
+                .collect(),
             limits,
             sweep_interval: self.sweep_interval,
             sweeper_started: AtomicBool::new(false),
@@ -305,7 +310,8 @@ impl SessionStore for MemoryStore {
         expected_version: u64,
     ) -> Result<SaveOutcome, StoreError> {
         let now_ms = now_ms();
-        self.shard(&record.id()).save(record, expected_version, now_ms)
+        self.shard(&record.id())
+            .save(record, expected_version, now_ms)
     }
 
     async fn touch(

@@ -326,7 +326,8 @@ impl Shard {
     /// slot `keep` (the one being saved). The caller has checked that they fit an empty shard.
     fn make_room(&mut self, bytes: usize, sessions: usize, keep: u32, now_ms: u64) {
         let mut passes = 0;
-        while self.bytes + bytes > self.limits.bytes || self.map.len() + sessions > self.limits.sessions
+        while self.bytes + bytes > self.limits.bytes
+            || self.map.len() + sessions > self.limits.sessions
         {
             let probation = self.lists[Queue::Probation as usize];
             let protected = self.lists[Queue::Protected as usize];
