@@ -43,6 +43,9 @@ pub(crate) const ENTRY_OVERHEAD: usize = 192;
 /// evicts the next one whatever its use.
 pub(super) const MAX_PASSES: usize = 32;
 
+/// How many slots of the slab a make-room checks for expired sessions before it evicts.
+pub(super) const SWEEP_STEP: u32 = 8;
+
 const NIL: u32 = u32::MAX;
 
 /// The bytes a session with `data_len` bytes of data counts for.
@@ -106,6 +109,8 @@ pub(super) struct Shard {
     map: HashMap<Id, u32, BuildHasherDefault<IdHasher>>,
     slots: Vec<Slot>,
     free: u32,
+    /// Where the next [`Shard::sweep_some`] starts.
+    cursor: u32,
     lists: [List; 2],
     bytes: usize,
     evictions: u64,
@@ -150,6 +155,7 @@ impl Shard {
             map: HashMap::default(),
             slots: Vec::new(),
             free: NIL,
+            cursor: 0,
             lists: [List::EMPTY; 2],
             bytes: 0,
             evictions: 0,
@@ -182,8 +188,8 @@ impl Shard {
 
     pub(super) fn load(&mut self, id: &Id, now_ms: u64) -> Option<Record> {
         let i = self.live(id, now_ms)?;
-        let slot = &mut self.slots[i as usize];
-        slot.used = true;
+        self.mark_used(i);
+        let slot = &self.slots[i as usize];
         Some(Record::from_unix_ms(
             *id,
             slot.data.clone(),
@@ -264,10 +270,10 @@ impl Shard {
         slot.version = record.version();
         slot.expires_ms = record.expires_at_unix_ms();
         slot.data = record.data().clone();
-        slot.used = true;
         let list = &mut self.lists[slot.queue as usize];
         list.bytes = list.bytes - old + new;
         self.bytes = self.bytes - old + new;
+        self.mark_used(i);
         if self.bytes > self.limits.bytes {
             self.make_room(0, 0, i, now_ms);
         }
@@ -283,9 +289,8 @@ impl Shard {
     ) -> SaveOutcome {
         match self.expect(id, expected, now_ms) {
             Ok(i) => {
-                let slot = &mut self.slots[i as usize];
-                slot.expires_ms = expires_ms;
-                slot.used = true;
+                self.slots[i as usize].expires_ms = expires_ms;
+                self.mark_used(i);
                 SaveOutcome::Saved
             }
             Err(outcome) => outcome,
@@ -308,6 +313,17 @@ impl Shard {
         }
     }
 
+    /// A use of a session: the first one after its creation moves it from probation to the
+    /// tail of protected; any later one sets its bit.
+    fn mark_used(&mut self, i: u32) {
+        if self.slots[i as usize].queue == Queue::Probation {
+            self.unlink(i);
+            self.push_back(Queue::Protected, i);
+        } else {
+            self.slots[i as usize].used = true;
+        }
+    }
+
     /// Removes every expired session; answers how many.
     pub(super) fn sweep(&mut self, now_ms: u64) -> usize {
         let mut removed = 0;
@@ -325,10 +341,15 @@ impl Shard {
     /// Evicts until `bytes` more bytes and `sessions` more sessions fit, never evicting the
     /// slot `keep` (the one being saved). The caller has checked that they fit an empty shard.
     fn make_room(&mut self, bytes: usize, sessions: usize, keep: u32, now_ms: u64) {
+        let over = |s: &Self| {
+            s.bytes + bytes > s.limits.bytes || s.map.len() + sessions > s.limits.sessions
+        };
+        if !over(self) {
+            return;
+        }
+        self.sweep_some(keep, now_ms);
         let mut passes = 0;
-        while self.bytes + bytes > self.limits.bytes
-            || self.map.len() + sessions > self.limits.sessions
-        {
+        while over(self) {
             let probation = self.lists[Queue::Probation as usize];
             let protected = self.lists[Queue::Protected as usize];
             let mut queue = if probation.len > 0
@@ -353,17 +374,38 @@ impl Shard {
                 self.steps += 1;
             }
             let slot = &mut self.slots[i as usize];
-            if !slot.live(now_ms) && i != keep {
+            if i != keep && !slot.live(now_ms) {
                 self.remove_slot(i);
-            } else if i != keep && (!slot.used || passes >= MAX_PASSES) {
-                self.remove_slot(i);
-                self.evictions += 1;
-            } else {
-                // A second chance: used since it was created or last passed over.
+            } else if i == keep || (slot.used && passes < MAX_PASSES) {
+                // A second chance: used since it was last passed over (or being saved).
                 slot.used = false;
                 passes += 1;
                 self.unlink(i);
                 self.push_back(Queue::Protected, i);
+            } else {
+                self.remove_slot(i);
+                self.evictions += 1;
+            }
+        }
+    }
+
+    /// The next [`SWEEP_STEP`] slots of a sweep that goes round the slab: expired sessions
+    /// there go before eviction takes a live one.
+    fn sweep_some(&mut self, keep: u32, now_ms: u64) {
+        let n = u32::try_from(self.slots.len()).unwrap_or(NIL);
+        for _ in 0..SWEEP_STEP.min(n) {
+            if self.cursor >= n {
+                self.cursor = 0;
+            }
+            let i = self.cursor;
+            self.cursor += 1;
+            #[cfg(test)]
+            {
+                self.steps += 1;
+            }
+            let slot = &self.slots[i as usize];
+            if i != keep && slot.queue != Queue::Free && !slot.live(now_ms) {
+                self.remove_slot(i);
             }
         }
     }
@@ -420,5 +462,247 @@ impl Shard {
         if tail != NIL {
             self.slots[tail as usize].next = i;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+    const LATER: u64 = NOW + 3_600_000;
+
+    fn record(len: usize, expires_ms: u64) -> Record {
+        Record::from_unix_ms(Id::random(), Bytes::from(vec![b'x'; len]), 1, expires_ms)
+    }
+
+    fn shard(sessions: usize, bytes: usize) -> Shard {
+        Shard::new(Limits { sessions, bytes })
+    }
+
+    impl Shard {
+        /// Walks both queues and the slab: every session is in exactly one queue, the counts
+        /// and byte totals agree, and the bounds hold.
+        fn check(&self) {
+            let mut seen = 0;
+            let mut total = 0;
+            for (q, list) in self.lists.iter().enumerate() {
+                let (mut len, mut bytes, mut prev, mut i) = (0, 0, NIL, list.head);
+                while i != NIL {
+                    let slot = &self.slots[i as usize];
+                    assert_eq!(slot.queue as usize, q);
+                    assert_eq!(slot.prev, prev);
+                    assert_eq!(self.map[&slot.id], i);
+                    len += 1;
+                    bytes += cost(slot.data.len());
+                    prev = i;
+                    i = slot.next;
+                }
+                assert_eq!(list.tail, prev);
+                assert_eq!((list.len, list.bytes), (len, bytes));
+                seen += len;
+                total += bytes;
+            }
+            assert_eq!(seen, self.map.len());
+            assert_eq!(total, self.bytes);
+            assert!(self.bytes <= self.limits.bytes, "over the byte bound");
+            assert!(
+                self.map.len() <= self.limits.sessions,
+                "over the session bound"
+            );
+        }
+
+        fn contains(&self, r: &Record) -> bool {
+            self.map.contains_key(&r.id())
+        }
+    }
+
+    /// The worst case for a second-chance eviction: every session in the shard used since the
+    /// last pass. The work per create at the bound stays the same whatever the shard's size.
+    #[test]
+    fn eviction_work_does_not_grow_with_the_shard() {
+        for size in [1_000, 100_000] {
+            let mut s = shard(size, usize::MAX);
+            let old: Vec<Record> = (0..size).map(|_| record(10, LATER)).collect();
+            for r in &old {
+                s.create(r, NOW).unwrap();
+            }
+            // The first use moves a session to protected, the second sets its bit.
+            for _ in 0..2 {
+                for r in &old {
+                    s.load(&r.id(), NOW).unwrap();
+                }
+            }
+            let mut worst = 0;
+            for _ in 0..2_000 {
+                let before = s.steps;
+                s.create(&record(10, LATER), NOW).unwrap();
+                worst = worst.max(s.steps - before);
+            }
+            assert!(
+                worst <= MAX_PASSES as u64 + 1 + u64::from(SWEEP_STEP),
+                "{size} sessions: {worst} steps for one create"
+            );
+            s.check();
+        }
+        // Sessions never used again cost one step each to evict.
+        let mut s = shard(1_000, usize::MAX);
+        for _ in 0..1_000 {
+            s.create(&record(10, LATER), NOW).unwrap();
+        }
+        let before = s.steps;
+        for _ in 0..1_000 {
+            s.create(&record(10, LATER), NOW).unwrap();
+        }
+        assert_eq!(s.steps - before, 1_000 * (1 + u64::from(SWEEP_STEP)));
+        assert_eq!(s.evictions(), 1_000);
+    }
+
+    /// Sessions that came back are kept through any number of new sessions that do not.
+    #[test]
+    fn a_flood_of_new_sessions_evicts_only_its_own_kind() {
+        let mut s = shard(100, usize::MAX);
+        let users: Vec<Record> = (0..50).map(|_| record(100, LATER)).collect();
+        for r in &users {
+            s.create(r, NOW).unwrap();
+            s.load(&r.id(), NOW).unwrap();
+        }
+        for _ in 0..10_000 {
+            s.create(&record(10, LATER), NOW).unwrap();
+        }
+        assert!(users.iter().all(|r| s.contains(r)));
+        assert_eq!(s.len(), 100);
+        s.check();
+    }
+
+    /// Expired sessions go before live ones: those the round of the sweep meets, and those at
+    /// the head of a queue, whatever their use.
+    #[test]
+    fn expired_sessions_go_first() {
+        // Never used again, interleaved with expired ones: the round of the sweep finds them.
+        let mut s = shard(8, usize::MAX);
+        let mut live = Vec::new();
+        let mut expired = Vec::new();
+        for _ in 0..4 {
+            let l = record(10, LATER);
+            let e = record(10, NOW + 10);
+            s.create(&l, NOW).unwrap();
+            s.create(&e, NOW).unwrap();
+            live.push(l);
+            expired.push(e);
+        }
+        for _ in 0..4 {
+            s.create(&record(10, LATER), NOW + 10).unwrap();
+        }
+        assert!(live.iter().all(|r| s.contains(r)));
+        assert!(!expired.iter().any(|r| s.contains(r)));
+        assert_eq!(s.evictions(), 0, "removing expired sessions is no eviction");
+        s.check();
+
+        // A shard larger than the sweep's step, every session used twice (so each would get
+        // a second chance), the expired ones at the head of protected.
+        let mut s = shard(100, usize::MAX);
+        let expired: Vec<Record> = (0..50).map(|_| record(10, NOW + 10)).collect();
+        let live: Vec<Record> = (0..50).map(|_| record(10, LATER)).collect();
+        for r in expired.iter().chain(&live) {
+            s.create(r, NOW).unwrap();
+        }
+        for _ in 0..2 {
+            for r in expired.iter().chain(&live) {
+                s.load(&r.id(), NOW).unwrap();
+            }
+        }
+        for _ in 0..50 {
+            s.create(&record(10, LATER), NOW + 10).unwrap();
+        }
+        assert!(live.iter().all(|r| s.contains(r)));
+        assert!(!expired.iter().any(|r| s.contains(r)));
+        assert_eq!(s.evictions(), 0);
+        s.check();
+    }
+
+    /// A save that makes its session larger evicts others, never itself.
+    #[test]
+    fn a_growing_save_makes_room_around_itself() {
+        let limit = 10 * cost(100);
+        let mut s = shard(100, limit);
+        let me = record(100, LATER);
+        s.create(&me, NOW).unwrap();
+        for _ in 0..9 {
+            s.create(&record(100, LATER), NOW).unwrap();
+        }
+        let big = Record::from_unix_ms(me.id(), Bytes::from(vec![b'y'; 5 * cost(100)]), 2, LATER);
+        assert_eq!(s.save(&big, 1, NOW).unwrap(), SaveOutcome::Saved);
+        assert!(s.contains(&me));
+        assert!(s.len() < 10);
+        s.check();
+        // Larger than the whole shard: refused, nothing changed.
+        let huge = Record::from_unix_ms(me.id(), Bytes::from(vec![b'z'; limit]), 3, LATER);
+        assert!(s.save(&huge, 2, NOW).unwrap_err().is_unavailable());
+        assert_eq!(s.load(&me.id(), NOW).unwrap().version(), 2);
+        assert!(
+            s.create(&record(limit, LATER), NOW)
+                .unwrap_err()
+                .is_unavailable()
+        );
+        s.check();
+    }
+
+    /// Random operations on a small shard: the queues, the totals and the bounds stay
+    /// consistent after every one.
+    #[test]
+    fn random_operations_keep_the_accounting_exact() {
+        let mut s = shard(40, 40 * cost(64));
+        let mut ids: Vec<(Id, u64)> = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            usize::try_from(seed % n as u64).unwrap()
+        };
+        for step in 0..20_000 {
+            let now = NOW + step;
+            let pick = if ids.is_empty() { 0 } else { next(ids.len()) };
+            match next(7) {
+                0 | 1 => {
+                    let r = record(next(300), now + 1 + next(2_000) as u64);
+                    s.create(&r, now).unwrap();
+                    ids.push((r.id(), 1));
+                }
+                2 if !ids.is_empty() => {
+                    let (id, v) = ids[pick];
+                    let r = Record::from_unix_ms(
+                        id,
+                        Bytes::from(vec![b'x'; next(500)]),
+                        v + 1,
+                        now + 1 + next(2_000) as u64,
+                    );
+                    if s.save(&r, v, now).unwrap() == SaveOutcome::Saved {
+                        ids[pick].1 = v + 1;
+                    }
+                }
+                3 if !ids.is_empty() => {
+                    let (id, v) = ids[pick];
+                    s.touch(&id, v, now + next(2_000) as u64, now);
+                }
+                4 if !ids.is_empty() => {
+                    let (id, v) = ids[pick];
+                    s.remove(&id, v, now);
+                }
+                5 if !ids.is_empty() => {
+                    s.delete(&ids[pick].0);
+                }
+                6 if step % 100 == 0 => {
+                    s.sweep(now);
+                }
+                _ if !ids.is_empty() => {
+                    s.load(&ids[pick].0, now);
+                }
+                _ => {}
+            }
+            s.check();
+        }
+        assert!(s.evictions() > 0);
     }
 }
