@@ -237,6 +237,7 @@ async fn expired_sessions_are_evicted_first() {
 #[tokio::test]
 async fn a_record_larger_than_the_bound_is_refused() {
     const MAX: usize = 64 << 10;
+    const SMALL: usize = 16 << 10;
     let store = MemoryStore::builder().max_bytes(MAX).build();
     let others: Vec<Record> = (0..10).map(|_| record(100, 1, in_an_hour())).collect();
     for r in &others {
@@ -269,7 +270,6 @@ async fn a_record_larger_than_the_bound_is_refused() {
 
     // Through the layer, with a record limit above the store's bound (a smaller bound: the
     // value travels in the URL).
-    const SMALL: usize = 16 << 10;
     let store = MemoryStore::builder().max_bytes(SMALL).build();
     let layer = SessionLayer::builder(store.clone())
         .max_record_bytes(1 << 20)

@@ -33,8 +33,9 @@ use self::shard::{ENTRY_OVERHEAD, Limits, Shard};
 /// At the bound, a new session (or a save that makes one larger) makes room by **evicting**
 /// what is cheapest to lose, in this order:
 ///
-/// 1. expired sessions (the background sweep removes them every minute; eviction removes those
-///    it meets before it evicts a live one);
+/// 1. expired sessions: the background sweep removes them every minute, and at the bound each
+///    make-room first checks the next 8 slots of a sweep that goes round the shard, and
+///    removes an expired session it finds at the head of a queue whatever its use;
 /// 2. sessions that were never used again after the request that created them: new sessions
 ///    wait in a probation queue, in creation order, and a flood of visitors who never come
 ///    back only ever evicts its own kind;
@@ -42,13 +43,17 @@ use self::shard::{ENTRY_OVERHEAD, Limits, Shard};
 ///    the least recently used, approximately: eviction gives each a second chance (a `CLOCK`)
 ///    and takes from them only while they fill more than nine tenths of the shard.
 ///
-/// A use costs one bit in the session's slot, and each eviction looks at a bounded number of
-/// sessions (at most 33), so a create at the bound costs about as much as one below it,
-/// whatever the size of the shard. An evicted session is gone like an expired one: its next
-/// request gets a fresh session, and a write the layer makes to it is answered
+/// A use costs one bit in the session's slot (the first use after creation also moves it out
+/// of probation), and evicting one session looks at no more than 41 slots (8 for the sweep, up
+/// to 32 second chances, the one evicted), so a create at the bound costs about as much as one
+/// below it, whatever the size of the shard. An evicted session is gone like an expired one:
+/// its next request gets a fresh session, and a write the layer makes to it is answered
 /// [`Missing`](crate::SaveOutcome::Missing). [`evictions`](MemoryStore::evictions) counts
-/// them. So a flood of new sessions never refuses anyone; a logged-in user who came back once
-/// after logging in stays logged in, unless the sessions that came back fill the shard.
+/// them. So a flood of new sessions never refuses anyone, and a logged-in user who came back
+/// once after logging in stays logged in unless the sessions that came back fill the shard.
+/// A session just created (a login that cycles the id included) is on probation until its
+/// next request: under a flood of new sessions it has as long as the flood takes to fill the
+/// shard.
 ///
 /// A record larger than a shard's part of `max_bytes` (4 MiB by default) is refused with
 /// [`StoreError::unavailable`] (a 503 from the layer) and nothing is evicted for it: the

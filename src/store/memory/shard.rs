@@ -6,20 +6,22 @@
 //!
 //! - **probation**, in creation order: every new session starts here;
 //! - **protected**: sessions that were used again (loaded, saved or touched) after they were
-//!   created, moved here by eviction when it finds them at the head of probation.
+//!   created, moved here by their first use.
 //!
-//! A use only sets the slot's `used` bit, so the hot path (load, save, touch) never relinks
-//! anything. When the shard is over its bound, eviction looks at the head of a queue:
-//! an expired session there is removed whatever its bit; a session with the bit set gets a
-//! second chance (the bit cleared, moved to the tail of protected); any other is evicted.
+//! After that first move a use only sets the slot's `used` bit, so the hot path (load, save,
+//! touch) relinks nothing. When the shard is over its bound, eviction first checks the next
+//! [`SWEEP_STEP`] slots of a sweep that goes round the slab for expired sessions, then looks at
+//! the head of a queue: an expired session there is removed whatever its bit; a session with
+//! the bit set gets a second chance (the bit cleared, moved to the tail of protected); any
+//! other is evicted.
 //! Eviction takes from probation while it holds at least a tenth of the shard's sessions or
 //! bytes (or protected is empty), else from protected. So a flood of new sessions that never
 //! come back cycles through probation and never reaches a session that has been used twice,
 //! unless the protected sessions alone outgrow nine tenths of the shard (the scheme of
 //! S3-FIFO, without its ghost queue).
 //!
-//! Each eviction passes over at most [`MAX_PASSES`] used sessions before it evicts the next one
-//! whatever its bit: one create does a bounded amount of work, whatever the shard's size.
+//! One make-room passes over at most [`MAX_PASSES`] used sessions before it evicts the next
+//! one whatever its bit: one create does a bounded amount of work, whatever the shard's size.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
