@@ -2,7 +2,9 @@
 //! `cargo bench --bench footprint` (Linux: reads /proc/self/statm).
 //!
 //! Creates 1,000,000 sessions with a small payload through the store, then divides the growth
-//! of the resident set by the count and subtracts the payload's length.
+//! of the resident set by the count and subtracts the payload's length, and prints it beside
+//! what the store counts for each session against its byte bound
+//! (`MemoryStore::SESSION_OVERHEAD`), which it should not fall far short of.
 
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +23,11 @@ fn main() {
     let payload = r#"{"d":{"count":0,"user":"ada"}}"#;
     let expires = SystemTime::now() + Duration::from_secs(3600);
     let ids: Vec<Id> = (0..N).map(|_| Id::random()).collect();
-    let store = MemoryStore::builder().max_sessions(2 * N).build();
+    // Bounds well above the sessions made: nothing is evicted.
+    let store = MemoryStore::builder()
+        .max_sessions(2 * N)
+        .max_bytes(2 * N * (MemoryStore::SESSION_OVERHEAD + payload.len()))
+        .build();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -48,5 +54,11 @@ fn main() {
         per_session - payload.len() as f64,
         payload.len()
     );
+    println!(
+        "counted against max_bytes: {} bytes each ({} beyond the JSON)",
+        store.bytes() / N,
+        MemoryStore::SESSION_OVERHEAD
+    );
     assert_eq!(store.len(), N);
+    assert_eq!(store.evictions(), 0);
 }

@@ -1,19 +1,18 @@
 //! [`MemoryStore`]: sessions in this process's memory, sharded, bounded and swept.
 
-use std::collections::HashMap;
-use std::collections::hash_map::{self, OccupiedEntry};
+mod shard;
+
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
-
-use bytes::Bytes;
 
 use crate::error::StoreError;
 use crate::id::Id;
 use crate::record::{Record, unix_ms};
 use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
+
+use self::shard::{ENTRY_OVERHEAD, Limits, Shard};
 
 /// Sessions kept in this process's memory: fast, and gone when the process exits.
 ///
@@ -24,12 +23,42 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// store is dropped.
 ///
 /// # The bound
-/// The store holds at most [`max_sessions`](MemoryStoreBuilder::max_sessions) live sessions
-/// (default 1,000,000), so a flood of new visitors cannot exhaust memory. At the bound, creating a
-/// session first sweeps expired sessions out of its shard; if the shard is still full, the
-/// create fails with [`StoreError::unavailable`], which the layer answers with a 503 by
-/// default. Existing sessions keep working, and nobody is logged out to make room. Each session
-/// is also bounded in size by the layer's record size limit.
+/// The store holds at most [`max_bytes`](MemoryStoreBuilder::max_bytes) (default 256 MiB) and
+/// at most [`max_sessions`](MemoryStoreBuilder::max_sessions) sessions (default 1,000,000), so
+/// a flood of new visitors cannot exhaust memory. A session counts for the length of its data
+/// plus [`SESSION_OVERHEAD`](MemoryStore::SESSION_OVERHEAD) (192 bytes), a fixed estimate of
+/// what the store spends on it besides; [`bytes`](MemoryStore::bytes) answers the total. Each
+/// shard holds an equal part of both bounds.
+///
+/// At the bound, a new session (or a save that makes one larger) makes room by **evicting**
+/// what is cheapest to lose, in this order:
+///
+/// 1. expired sessions: the background sweep removes them every minute, and at the bound each
+///    make-room first checks the next 8 slots of a sweep that goes round the shard, and
+///    removes an expired session it finds at the head of a queue whatever its use;
+/// 2. sessions that were never used again after the request that created them: new sessions
+///    wait in a probation queue, in creation order, and a flood of visitors who never come
+///    back only ever evicts its own kind;
+/// 3. among sessions that were used again (loaded, saved or touched after their creation),
+///    the least recently used, approximately: eviction gives each a second chance (a `CLOCK`)
+///    and takes from them only while they fill more than nine tenths of the shard.
+///
+/// A use costs one bit in the session's slot (the first use after creation also moves it out
+/// of probation), and evicting one session looks at no more than 41 slots (8 for the sweep, up
+/// to 32 second chances, the one evicted), so a create at the bound costs about as much as one
+/// below it, whatever the size of the shard. An evicted session is gone like an expired one:
+/// its next request gets a fresh session, and a write the layer makes to it is answered
+/// [`Missing`](crate::SaveOutcome::Missing). [`evictions`](MemoryStore::evictions) counts
+/// them. So a flood of new sessions never refuses anyone, and a logged-in user who came back
+/// once after logging in stays logged in unless the sessions that came back fill the shard.
+/// A session just created (a login that cycles the id included) is on probation until its
+/// next request: under a flood of new sessions it has as long as the flood takes to fill the
+/// shard.
+///
+/// A record larger than a shard's part of `max_bytes` (4 MiB by default) is refused with
+/// [`StoreError::unavailable`] (a 503 from the layer) and nothing is evicted for it: the
+/// builder keeps at least 2 MiB per shard (fewer shards for a small bound), twice the layer's
+/// default record size limit.
 ///
 /// # Examples
 /// ```
@@ -37,11 +66,13 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// use hyper_sessions::{MemoryStore, SessionLayer};
 ///
 /// let store = MemoryStore::builder()
+///     .max_bytes(64 << 20)
 ///     .max_sessions(100_000)
 ///     .sweep_interval(Duration::from_secs(30))
 ///     .build();
 /// let layer = SessionLayer::new(store.clone());
 /// assert_eq!(store.len(), 0);
+/// assert_eq!(store.bytes(), 0);
 /// # let _ = layer;
 /// ```
 #[derive(Clone, Default)]
@@ -51,45 +82,9 @@ pub struct MemoryStore {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    shard_capacity: usize,
+    limits: Limits,
     sweep_interval: Duration,
     sweeper_started: AtomicBool,
-}
-
-type Shard = HashMap<Id, Entry, BuildHasherDefault<IdHasher>>;
-
-struct Entry {
-    version: u64,
-    expires_ms: u64,
-    data: Bytes,
-}
-
-impl Entry {
-    fn live(&self, now_ms: u64) -> bool {
-        self.expires_ms > now_ms
-    }
-}
-
-/// Ids are random: their low 64 bits are a hash already.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Not used by `Id` (which writes a u128); a plain FNV-1a keeps it correct anyway.
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    #[allow(clippy::cast_possible_truncation)]
-    fn write_u128(&mut self, n: u128) {
-        self.0 = n as u64;
-    }
 }
 
 impl Default for Inner {
@@ -103,14 +98,20 @@ impl Default for Inner {
 #[must_use]
 pub struct MemoryStoreBuilder {
     max_sessions: usize,
+    max_bytes: usize,
     shards: usize,
     sweep_interval: Duration,
 }
+
+/// The least a shard holds in bytes when the bound allows: twice the layer's default record
+/// size limit (1 MiB).
+const MIN_SHARD_BYTES: usize = 2 << 20;
 
 impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         MemoryStoreBuilder {
             max_sessions: 1_000_000,
+            max_bytes: 256 << 20,
             shards: 64,
             sweep_interval: Duration::from_secs(60),
         }
@@ -118,11 +119,21 @@ impl Default for MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// The most live sessions the store holds (default 1,000,000). Each shard holds an equal
-    /// part, so the store may refuse a new session a little before the total is reached (there
-    /// are never more shards than sessions).
+    /// The most sessions the store holds (default 1,000,000). Each shard holds an equal part,
+    /// so a shard may evict a little before the total is reached (there are never more shards
+    /// than sessions).
     pub fn max_sessions(mut self, max: usize) -> Self {
         self.max_sessions = max.max(1);
+        self
+    }
+
+    /// The most bytes the store holds, counting each session's data plus a fixed estimate of
+    /// its overhead (see [`MemoryStore`], "The bound"). Default 256 MiB: about a million small
+    /// sessions (a login and a few values) or 60,000 of 4 KiB, which a small server can spare.
+    /// Each shard holds an equal part (the store never holds more than the total), and the
+    /// store uses fewer shards when that part would be under 2 MiB.
+    pub fn max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max.max(1);
         self
     }
 
@@ -146,11 +157,25 @@ impl MemoryStoreBuilder {
     }
 
     fn inner(self) -> Inner {
-        // Never more shards than sessions: a small bound stays close to exact.
-        let shards = self.shards.min(self.max_sessions);
+        // Never more shards than sessions, nor shards under 2 MiB: a small bound stays close
+        // to exact and still holds a large record.
+        let shards = self
+            .shards
+            .min(self.max_sessions)
+            .min((self.max_bytes / MIN_SHARD_BYTES).max(1));
+        let limits = Limits {
+            // A shard's slots are numbered in a u32.
+            sessions: self
+                .max_sessions
+                .div_ceil(shards)
+                .min(u32::MAX as usize - 1),
+            bytes: self.max_bytes / shards,
+        };
         Inner {
-            shards: (0..shards).map(|_| Mutex::default()).collect(),
-            shard_capacity: self.max_sessions.div_ceil(shards),
+            shards: (0..shards)
+                .map(|_| Mutex::new(Shard::new(limits)))
+                .collect(),
+            limits,
             sweep_interval: self.sweep_interval,
             sweeper_started: AtomicBool::new(false),
         }
@@ -158,6 +183,12 @@ impl MemoryStoreBuilder {
 }
 
 impl MemoryStore {
+    /// The bytes each session counts for beyond its data, against
+    /// [`max_bytes`](MemoryStoreBuilder::max_bytes): an estimate of the store's own memory per
+    /// session (its slot, its entry in the id map, the headers of its data's allocation and the
+    /// spare capacity of the structures), measured by `cargo bench --bench footprint`.
+    pub const SESSION_OVERHEAD: usize = ENTRY_OVERHEAD;
+
     /// A store with the default settings.
     pub fn new() -> Self {
         MemoryStore::default()
@@ -178,13 +209,26 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// The bytes the store counts against [`max_bytes`](MemoryStoreBuilder::max_bytes): each
+    /// session's data plus a fixed estimate of its overhead, expired sessions not yet swept
+    /// included. Never more than the bound.
+    pub fn bytes(&self) -> usize {
+        self.inner.shards.iter().map(|s| lock(s).bytes()).sum()
+    }
+
+    /// How many live sessions were evicted to make room, since the store was built (expired
+    /// sessions removed on the way are not counted).
+    pub fn evictions(&self) -> u64 {
+        self.inner.shards.iter().map(|s| lock(s).evictions()).sum()
+    }
+
     /// Removes every expired session now; answers how many were removed.
     pub fn sweep_expired(&self) -> usize {
         let now_ms = now_ms();
         self.inner
             .shards
             .iter()
-            .map(|s| sweep_shard(&mut lock(s), now_ms))
+            .map(|s| lock(s).sweep(now_ms))
             .sum()
     }
 
@@ -222,7 +266,7 @@ async fn sweep_forever(store: Weak<Inner>, interval: Duration) {
         drop(inner);
         for i in 0..shards {
             let Some(inner) = store.upgrade() else { return };
-            sweep_shard(&mut lock(&inner.shards[i]), now_ms());
+            lock(&inner.shards[i]).sweep(now_ms());
             drop(inner);
             // Let requests run between shards.
             tokio::task::yield_now().await;
@@ -230,14 +274,8 @@ async fn sweep_forever(store: Weak<Inner>, interval: Duration) {
     }
 }
 
-fn sweep_shard(shard: &mut Shard, now_ms: u64) -> usize {
-    let before = shard.len();
-    shard.retain(|_, e| e.live(now_ms));
-    before - shard.len()
-}
-
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // Nothing panics while a shard is locked; if something did, the map is still consistent.
+    // Nothing panics while a shard is locked; if something did, the shard is still consistent.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -249,31 +287,10 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("shards", &self.inner.shards.len())
-            .field("shard_capacity", &self.inner.shard_capacity)
+            .field("shard_max_sessions", &self.inner.limits.sessions)
+            .field("shard_max_bytes", &self.inner.limits.bytes)
             .field("sweep_interval", &self.inner.sweep_interval)
             .finish_non_exhaustive()
-    }
-}
-
-impl MemoryStore {
-    /// Runs `change` on the live entry with this id if its version is `expected`.
-    fn change_if(
-        &self,
-        id: &Id,
-        expected: u64,
-        change: impl FnOnce(OccupiedEntry<'_, Id, Entry>),
-    ) -> SaveOutcome {
-        let mut shard = self.shard(id);
-        match shard.entry(*id) {
-            hash_map::Entry::Occupied(e) if e.get().live(now_ms()) => {
-                if e.get().version != expected {
-                    return SaveOutcome::Conflict;
-                }
-                change(e);
-                SaveOutcome::Saved
-            }
-            _ => SaveOutcome::Missing,
-        }
     }
 }
 
@@ -283,35 +300,13 @@ impl SessionStore for MemoryStore {
     const NEVER_WAITS: bool = true;
 
     async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        let shard = self.shard(id);
-        Ok(shard
-            .get(id)
-            .filter(|e| e.live(now_ms()))
-            .map(|e| Record::from_unix_ms(*id, e.data.clone(), e.version, e.expires_ms)))
+        Ok(self.shard(id).load(id, now_ms()))
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
         self.start_sweeper();
         let now_ms = now_ms();
-        let mut shard = self.shard(&record.id());
-        if shard.get(&record.id()).is_some_and(|e| e.live(now_ms)) {
-            return Ok(CreateOutcome::IdTaken);
-        }
-        if shard.len() >= self.inner.shard_capacity && sweep_shard(&mut shard, now_ms) == 0 {
-            return Err(StoreError::unavailable(format!(
-                "memory store is full ({} sessions per shard)",
-                self.inner.shard_capacity
-            )));
-        }
-        shard.insert(
-            record.id(),
-            Entry {
-                version: record.version(),
-                expires_ms: record.expires_at_unix_ms(),
-                data: record.data().clone(),
-            },
-        );
-        Ok(CreateOutcome::Created)
+        self.shard(&record.id()).create(record, now_ms)
     }
 
     async fn save(
@@ -319,13 +314,9 @@ impl SessionStore for MemoryStore {
         record: &Record,
         expected_version: u64,
     ) -> Result<SaveOutcome, StoreError> {
-        let id = record.id();
-        Ok(self.change_if(&id, expected_version, |mut e| {
-            let e = e.get_mut();
-            e.version = record.version();
-            e.expires_ms = record.expires_at_unix_ms();
-            e.data = record.data().clone();
-        }))
+        let now_ms = now_ms();
+        self.shard(&record.id())
+            .save(record, expected_version, now_ms)
     }
 
     async fn touch(
@@ -334,19 +325,19 @@ impl SessionStore for MemoryStore {
         expected_version: u64,
         expires_at: SystemTime,
     ) -> Result<SaveOutcome, StoreError> {
-        Ok(self.change_if(id, expected_version, |mut e| {
-            e.get_mut().expires_ms = unix_ms(expires_at);
-        }))
+        let now_ms = now_ms();
+        Ok(self
+            .shard(id)
+            .touch(id, expected_version, unix_ms(expires_at), now_ms))
     }
 
     async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
-        Ok(self.change_if(id, expected_version, |e| {
-            e.remove();
-        }))
+        let now_ms = now_ms();
+        Ok(self.shard(id).remove(id, expected_version, now_ms))
     }
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
-        self.shard(id).remove(id);
+        self.shard(id).delete(id);
         Ok(())
     }
 }
