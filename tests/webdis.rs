@@ -580,7 +580,10 @@ async fn connection_problems_are_clear_errors() {
         // An error page is quoted for the operator; a 200's body never is (it may carry a
         // stored session), only its length.
         if status == StatusCode::OK {
-            assert!(!chain.contains("DOCTYPE") && chain.contains("67 bytes"), "{chain}");
+            assert!(
+                !chain.contains("DOCTYPE") && chain.contains("67 bytes"),
+                "{chain}"
+            );
         } else {
             assert!(chain.contains("DOCTYPE"), "{chain}");
         }
