@@ -958,3 +958,187 @@ async fn failover_run(acks: Option<usize>) -> Failover {
     );
     report
 }
+
+/// Issue 14: a master, a replica and three Sentinels; the store finds the master through the
+/// Sentinels, the master is killed, the Sentinels promote the replica, and the same layer
+/// serves again from it without a restart (503 meanwhile, never another status).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_without_a_restart() {
+    use common::servers::RedisSentinels;
+
+    let mut master = RedisServer::start().await;
+    let master_port = master.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master_port]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica
+        .cli(&["info", "replication"])
+        .await
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sentinels = RedisSentinels::start(&master, 3, 1).await;
+    let store = RedisStore::builder()
+        .command_timeout(Duration::from_secs(1))
+        .open_sentinel(sentinels.urls(), RedisSentinels::MASTER)
+        .await
+        .unwrap();
+    assert!(format!("{store:?}").contains("sentinel"), "{store:?}");
+    let app = serve(&SessionLayer::new(store)).await;
+    let mut b = Browser::new(app.addr).await;
+    for n in 1..=5 {
+        assert_eq!(b.get("/incr/n").await.body, n.to_string());
+    }
+    // Replicated before the kill, so the count below is exact.
+    replica.cli(&["wait", "1", "0"]).await;
+    let mut replica_has = String::new();
+    while replica_has.is_empty() {
+        replica_has = replica.cli(&["keys", "session:*"]).await.trim().to_owned();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    master.kill();
+    let killed = Instant::now();
+    let mut failed = 0;
+    let recovered = loop {
+        let r = b.get("/incr/n").await;
+        match r.status {
+            StatusCode::OK => {
+                assert_eq!(r.body, "6", "the count went on from the replica's copy");
+                break killed.elapsed();
+            }
+            StatusCode::SERVICE_UNAVAILABLE => failed += 1,
+            other => panic!("{other} while failing over: {r:?}"),
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "never served again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        sentinels.master_port().await,
+        replica.port(),
+        "the Sentinels promoted the replica"
+    );
+    assert_eq!(b.get("/incr/n").await.body, "7");
+    println!(
+        "Sentinel failover: served again {recovered:?} after the kill, {failed} requests \
+         answered 503 meanwhile"
+    );
+}
+
+/// The cluster client's own response timeout is off: a command slower than the `redis` crate's
+/// default single-node response timeout (500 ms) succeeds within the store's command timeout,
+/// and one slower than the command timeout fails as unavailable, on time (as on a single node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_timeout_bounds_each_operation_on_a_cluster() {
+    let cluster = common::servers::RedisCluster::start_with_replicas(
+        0,
+        5000,
+        &["--enable-debug-command", "yes"],
+    )
+    .await;
+    let id = Id::random();
+    let data = bytes::Bytes::from_static(b"{}");
+    let patient = RedisStore::builder()
+        .command_timeout(Duration::from_secs(5))
+        .open_cluster(cluster.urls())
+        .await
+        .unwrap();
+    let hasty = RedisStore::builder()
+        .command_timeout(Duration::from_millis(300))
+        .open_cluster(cluster.urls())
+        .await
+        .unwrap();
+    patient
+        .create(&Record::from_unix_ms(id, data, 1, now_ms() + 60_000))
+        .await
+        .unwrap();
+    let node = cluster.master_of(0, &patient.key(&id)).await;
+    for (store, sleep_ok) in [(&patient, true), (&hasty, false)] {
+        let port = cluster.nodes[node].port();
+        let sleeper = tokio::spawn(async move {
+            common::servers::redis_cli(port, &["debug", "sleep", "1.2"]).await
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let started = Instant::now();
+        let loaded = store.load(&id).await;
+        let took = started.elapsed();
+        if sleep_ok {
+            assert_eq!(loaded.unwrap().unwrap().version(), 1);
+            assert!(took >= Duration::from_millis(700), "{took:?}");
+        } else {
+            let err = loaded.unwrap_err();
+            assert!(err.is_unavailable(), "{err:?}");
+            assert!(took < Duration::from_millis(800), "{took:?}");
+        }
+        sleeper.await.unwrap();
+    }
+}
+
+/// `min_replicas_ack`: each write goes with a `WAIT` in the same round trip and is acknowledged
+/// once a replica has it; without a replica to confirm it, a write is unavailable (durability
+/// unknown) although applied on the master, and reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_ack_confirms_each_write_with_wait() {
+    let master = RedisServer::start().await;
+    let master_port = master.port().to_string();
+    let mut replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master_port]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica
+        .cli(&["info", "replication"])
+        .await
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = RedisStore::builder()
+        .min_replicas_ack(1, Duration::from_millis(100))
+        .open(master.url())
+        .await
+        .unwrap();
+    let id = Id::random();
+    let data = bytes::Bytes::from_static(b"{}");
+    let mut monitor = Monitor::start(&master).await;
+    store
+        .create(&Record::from_unix_ms(
+            id,
+            data.clone(),
+            1,
+            now_ms() + 60_000,
+        ))
+        .await
+        .unwrap();
+    let rec = Record::from_unix_ms(id, data.clone(), 2, now_ms() + 60_000);
+    assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Saved);
+    assert!(store.load(&id).await.unwrap().is_some());
+    let sent = client_commands(&monitor.take().await);
+    assert_eq!(
+        sent,
+        ["SET", "WAIT", "EVALSHA", "WAIT", "EVALSHA"],
+        "each write with its WAIT, the load alone"
+    );
+    // A conflict writes nothing: reported as such.
+    assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Conflict);
+
+    replica.kill();
+    let rec = Record::from_unix_ms(id, data, 3, now_ms() + 60_000);
+    let err = store.save(&rec, 2).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    let cause = std::error::Error::source(&err).map(ToString::to_string);
+    let chain = format!("{err} / {cause:?}");
+    assert!(chain.contains("durability unknown"), "{chain}");
+    println!("{chain}");
+    assert!(!chain.contains(&id.to_string()), "{chain}");
+    assert_eq!(
+        store.load(&id).await.unwrap().unwrap().version(),
+        3,
+        "applied on the master all the same"
+    );
+    let err = store.delete(&id).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(store.load(&id).await.unwrap().is_none());
+}

@@ -480,7 +480,8 @@ impl RedisCluster {
 pub struct RedisSentinels {
     ports: Vec<u16>,
     children: Vec<Child>,
-    _dirs: Vec<TempDir>,
+    /// Their directories (config, log), removed when dropped.
+    dirs: Vec<TempDir>,
 }
 
 impl RedisSentinels {
@@ -494,7 +495,7 @@ impl RedisSentinels {
         let mut sentinels = RedisSentinels {
             ports: Vec::new(),
             children: Vec::new(),
-            _dirs: Vec::new(),
+            dirs: Vec::new(),
         };
         for _ in 0..count {
             let mut last_error = String::new();
@@ -529,7 +530,7 @@ impl RedisSentinels {
                     Ok(child) => {
                         sentinels.ports.push(port);
                         sentinels.children.push(child);
-                        sentinels._dirs.push(dir);
+                        sentinels.dirs.push(dir);
                         started = true;
                         break;
                     }
