@@ -1,7 +1,8 @@
 //! The benchmark server of `shared/bench/SPEC.md`:
 //! `bench_server --port PORT --store memory`, and with `--features redis` also
 //! `--store redis [--redis URL]` and `--store redis-cluster [--redis URL-of-any-node]`
-//! (default URL `redis://127.0.0.1:6379`), and with `--features webdis`
+//! (default URL `redis://127.0.0.1:6379`; `--min-replicas-ack N` confirms each write on N
+//! replicas with `WAIT N 100`), and with `--features webdis`
 //! `--store webdis [--webdis URL]` (default `http://127.0.0.1:7379`), and with
 //! `--features sqlite` `--store sqlite --db PATH`.
 //!
@@ -32,6 +33,8 @@ struct Args {
     pool_out: Option<String>,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     redis: String,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    min_replicas_ack: usize,
     #[cfg_attr(not(feature = "webdis"), allow(dead_code))]
     webdis: String,
     #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
@@ -42,6 +45,7 @@ fn parse_args() -> Result<Args, String> {
     let mut port = 3000;
     let mut store = "memory".to_owned();
     let mut redis = "redis://127.0.0.1:6379".to_owned();
+    let mut min_replicas_ack = 0;
     let (mut prefill, mut value_bytes, mut pool_out) = (0, 0, None);
     let mut webdis = "http://127.0.0.1:7379".to_owned();
     let mut db = "bench_sessions.db".to_owned();
@@ -52,6 +56,11 @@ fn parse_args() -> Result<Args, String> {
             "--port" => port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
             "--store" => store = value()?,
             "--redis" => redis = value()?,
+            "--min-replicas-ack" => {
+                min_replicas_ack = value()?
+                    .parse()
+                    .map_err(|e| format!("--min-replicas-ack: {e}"))?;
+            }
             "--prefill" => prefill = value()?.parse().map_err(|e| format!("--prefill: {e}"))?,
             "--value-bytes" => {
                 value_bytes = value()?
@@ -75,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
         value_bytes,
         pool_out,
         redis,
+        min_replicas_ack,
         webdis,
         db,
     })
@@ -100,10 +110,12 @@ async fn main() -> ExitCode {
         }
         #[cfg(feature = "redis")]
         "redis" | "redis-cluster" => {
+            let builder = hyper_sessions::RedisStore::builder()
+                .min_replicas_ack(args.min_replicas_ack, Duration::from_millis(100));
             let store = if args.store == "redis" {
-                hyper_sessions::RedisStore::open(args.redis.as_str()).await
+                builder.open(args.redis.as_str()).await
             } else {
-                hyper_sessions::RedisStore::open_cluster([args.redis.as_str()]).await
+                builder.open_cluster([args.redis.as_str()]).await
             };
             match store {
                 Ok(store) => run(store, &args).await,

@@ -5,17 +5,19 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::io::Write;
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use ::redis::aio::ConnectionLike;
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
+use ::redis::sentinel::{SentinelClient, SentinelServerType};
 use ::redis::{
-    Cmd, IntoConnectionInfo, RedisError, RedisResult, RedisWrite, Script, ToRedisArgs, Value,
+    AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisResult, RedisWrite,
+    Script, ToRedisArgs, Value,
 };
 
 use crate::error::StoreError;
@@ -27,7 +29,8 @@ use crate::store::redis_common::{
 };
 use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
-/// Sessions in Redis (7.0 or newer, or Valkey), on a single node or a Redis Cluster.
+/// Sessions in Redis (7.0 or newer, or Valkey), on a single node, a Redis Cluster, or a master
+/// managed by Redis Sentinel.
 ///
 /// One key per session, `<prefix><id>` (prefix `session:` by default), so no command ever spans
 /// two cluster slots. Redis keeps the expiry: every key carries a TTL at the session's
@@ -76,7 +79,17 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// unknown, and it fails with [`StoreError::unavailable`] rather than report a conflict that
 /// would make the layer apply the request's changes a second time. The connection itself is
 /// re-established automatically (`ConnectionManager` on a single node, the cluster client's
-/// own reconnection on a cluster), so the same store serves again once Redis is back.
+/// own reconnection on a cluster, a new master asked of the Sentinels under Sentinel), so the
+/// same store serves again once Redis is back or a replica has taken over.
+///
+/// # Failover and acknowledged writes
+/// Redis replicates asynchronously: a write is acknowledged by its master before any replica
+/// has it, so when a master fails and a replica takes over (Redis Cluster, Sentinel), the last
+/// writes acknowledged by the old master can be lost. With
+/// [`min_replicas_ack(n, timeout)`](RedisStoreBuilder::min_replicas_ack) every write is sent
+/// with a `WAIT n timeout` in the same round trip, on the same connection to the same node, and
+/// acknowledged only once `n` replicas have it; a write fewer replicas confirm is
+/// [`StoreError::unavailable`] (503), though it may still be applied. Off by default.
 ///
 /// # TLS
 /// `rediss://` URLs need a TLS stack in the `redis` crate, which this crate does not pull in:
@@ -101,7 +114,13 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 ///
 /// // A cluster: any node's URL (or several); the others are discovered.
 /// let cluster = RedisStore::open_cluster(["redis://10.0.0.1:7000"]).await?;
-/// # let _ = (layer, cluster);
+///
+/// // A master managed by Sentinel, each write confirmed by one replica before it counts.
+/// let sentinel = RedisStore::builder()
+///     .min_replicas_ack(1, Duration::from_millis(100))
+///     .open_sentinel(["redis://10.0.0.1:26379", "redis://10.0.0.2:26379"], "mymaster")
+///     .await?;
+/// # let _ = (layer, cluster, sentinel);
 /// # Ok(())
 /// # }
 /// ```
@@ -124,20 +143,33 @@ struct Inner {
     remove_sha: String,
     /// Write tokens: a random start, then one more per write.
     tokens: AtomicU64,
+    /// The replicas every write must reach before it is acknowledged, if any.
+    acks: Option<Acks>,
+}
+
+/// What [`RedisStoreBuilder::min_replicas_ack`] asks for.
+struct Acks {
+    replicas: i64,
+    timeout: Duration,
+    /// `WAIT replicas timeout-ms`, sent after every write in the same round trip.
+    wait: Cmd,
 }
 
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelConn>),
 }
 
-/// Configures a [`RedisStore`]: key prefix and command timeout, then the connection.
+/// Configures a [`RedisStore`]: key prefix, command timeout and replica acknowledgements, then
+/// the connection.
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
+    acks: Option<(usize, Duration)>,
 }
 
 impl Default for RedisStoreBuilder {
@@ -145,6 +177,7 @@ impl Default for RedisStoreBuilder {
         RedisStoreBuilder {
             prefix: "session:".to_owned(),
             timeout: Duration::from_secs(2),
+            acks: None,
         }
     }
 }
@@ -174,6 +207,46 @@ impl RedisStoreBuilder {
     /// ```
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Acknowledges a write (`create`, `save`, `touch`, `remove`, `delete`) only once `replicas`
+    /// replicas of the node that made it have it, waiting at most `timeout` for them (at least
+    /// 1 ms). Off by default, and `0` turns it off again.
+    ///
+    /// Redis replicates asynchronously: without this, a write the master acknowledged and then
+    /// lost in a crash before any replica had it is gone after a failover, although the client
+    /// was told it was stored. With it, each write is followed by Redis's `WAIT replicas
+    /// timeout` in the same round trip, on the same connection to the same node (on a cluster,
+    /// the master of the key's slot), and counts as stored only when `WAIT` reports at least
+    /// `replicas` replicas.
+    ///
+    /// When fewer replicas confirm within `timeout` (replicas down, lagging or not yet attached
+    /// after a failover), the write fails with [`StoreError::unavailable`] (the layer answers
+    /// 503) **although it may have been applied**: the master has it, its replicas may not. The
+    /// same holds for a write retried after a broken connection, whose first attempt may have
+    /// been made on another connection that this `WAIT` does not cover. Reads are unaffected.
+    ///
+    /// The cost: each write waits for a replica's acknowledgement (about one more round trip
+    /// between master and replica when all is well). `WAIT` holds the connection it runs on
+    /// until it answers, and the store sends every request to a node over one multiplexed
+    /// connection, so while replicas lag, other requests to that node wait behind it: keep
+    /// `timeout` short (tens of milliseconds to a few hundred) and well under the
+    /// [command timeout](Self::command_timeout), which still bounds every operation. This also
+    /// means a node left without replicas (a promoted replica whose old master is not back yet)
+    /// refuses writes until one attaches. `WAIT` does not make Redis strongly consistent: a
+    /// failover may still promote the one replica that lacks the write; ask for as many replicas
+    /// as a failover can lose.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = hyper_sessions::RedisStore::builder()
+    ///     .min_replicas_ack(1, Duration::from_millis(100));
+    /// # let _ = builder;
+    /// ```
+    pub fn min_replicas_ack(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.acks = (replicas > 0).then(|| (replicas, timeout.max(Duration::from_millis(1))));
         self
     }
 
@@ -211,8 +284,13 @@ impl RedisStoreBuilder {
         I: IntoIterator<Item = U>,
         U: IntoConnectionInfo,
     {
+        // The cluster client sets no response timeout by default, per command or overall (the
+        // overall one follows the per-command one): the command timeout is the only bound, as
+        // on a single node. Said explicitly for the overall one, so a change of default there
+        // cannot cut operations short.
         let client = ClusterClient::builder(urls)
             .connection_timeout(self.timeout)
+            .overall_response_timeout(None)
             .build()
             .map_err(store_error)?;
         let connection = tokio::time::timeout(self.timeout, client.get_async_connection())
@@ -220,6 +298,56 @@ impl RedisStoreBuilder {
             .map_err(|_| timed_out(self.timeout))?
             .map_err(store_error)?;
         self.with_cluster_connection(connection).preloaded().await
+    }
+
+    /// Connects to the master that Redis Sentinel knows as `master_name`, asking the Sentinels
+    /// at `sentinel_urls` (`redis://host:26379`, with the Sentinels' own password if they have
+    /// one) where it is, through the `redis` crate's Sentinel support.
+    ///
+    /// The store keeps one connection to the master. When that connection breaks or the node
+    /// answers that it is read-only (a master demoted by a failover), it asks the Sentinels
+    /// again on the next request, so after a failover the same store serves from the new master
+    /// without a restart; requests meanwhile answer 503. For a password or database number on
+    /// the master itself, or TLS, build a `SentinelClient` and use
+    /// [`with_sentinel_client`](Self::with_sentinel_client).
+    ///
+    /// # Errors
+    /// As for [`open`](Self::open); a master name no Sentinel knows, or whose master is down,
+    /// is [`StoreError::unavailable`].
+    pub async fn open_sentinel<I, U>(
+        self,
+        sentinel_urls: I,
+        master_name: &str,
+    ) -> Result<RedisStore, StoreError>
+    where
+        I: IntoIterator<Item = U>,
+        U: IntoConnectionInfo,
+    {
+        let client = SentinelClient::build(
+            sentinel_urls.into_iter().collect(),
+            master_name.to_owned(),
+            None,
+            SentinelServerType::Master,
+        )
+        .map_err(store_error)?;
+        self.with_sentinel_client(client).preloaded().await
+    }
+
+    /// A store on the master of an existing `SentinelClient` (with your own authentication,
+    /// database, TLS or protocol settings for the Sentinels and the master). The client must be
+    /// for a master ([`SentinelServerType::Master`]): the store writes. Connections to the
+    /// master are made as by [`open_sentinel`](Self::open_sentinel).
+    pub fn with_sentinel_client(self, client: SentinelClient) -> RedisStore {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            // As for a single node: the command timeout is the only bound.
+            .set_response_timeout(None);
+        self.build(Conn::Sentinel(Arc::new(SentinelConn {
+            client: tokio::sync::Mutex::new(client),
+            current: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            config,
+        })))
     }
 
     /// A store on an existing single-node `ConnectionManager` (with your own reconnection,
@@ -246,6 +374,19 @@ impl RedisStoreBuilder {
                 touch_sha: Script::new(TOUCH_LUA).get_hash().to_owned(),
                 remove_sha: Script::new(REMOVE_LUA).get_hash().to_owned(),
                 tokens: AtomicU64::new(start),
+                acks: self.acks.map(|(replicas, timeout)| {
+                    let mut wait = ::redis::cmd("WAIT");
+                    wait.arg(replicas).arg(
+                        u64::try_from(timeout.as_millis())
+                            .unwrap_or(u64::MAX)
+                            .max(1),
+                    );
+                    Acks {
+                        replicas: i64::try_from(replicas).unwrap_or(i64::MAX),
+                        timeout,
+                        wait,
+                    }
+                }),
             }),
         }
     }
@@ -271,6 +412,21 @@ impl RedisStore {
         U: IntoConnectionInfo,
     {
         RedisStoreBuilder::default().open_cluster(urls).await
+    }
+
+    /// Connects to a Sentinel-managed master with the default settings; see
+    /// [`RedisStoreBuilder::open_sentinel`].
+    pub async fn open_sentinel<I, U>(
+        sentinel_urls: I,
+        master_name: &str,
+    ) -> Result<RedisStore, StoreError>
+    where
+        I: IntoIterator<Item = U>,
+        U: IntoConnectionInfo,
+    {
+        RedisStoreBuilder::default()
+            .open_sentinel(sentinel_urls, master_name)
+            .await
     }
 
     /// The key prefix.
@@ -366,6 +522,45 @@ impl RedisStore {
         .await
     }
 
+    /// Runs a write as [`run`](Self::run) does: when replicas must acknowledge it, with
+    /// `WAIT` in the same round trip, and answers how many replicas `WAIT` reported (`None`
+    /// without [`min_replicas_ack`](RedisStoreBuilder::min_replicas_ack)).
+    async fn run_write(&self, req: Req<'_>) -> Result<(Value, bool, Option<i64>), StoreError> {
+        let Some(acks) = &self.inner.acks else {
+            return self.run(req).await.map(|(v, retried)| (v, retried, None));
+        };
+        // Boxed: this path's futures stay out of the size of the default path's.
+        let mut attempt = Box::pin(async {
+            let first = self.conn.exec_waiting(&req, &acks.wait).await;
+            match first {
+                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                    (self.conn.exec_waiting(&req, &acks.wait).await, true)
+                }
+                other => (other, false),
+            }
+        });
+        let ((value, acked), retried) = self.bounded(attempt.as_mut()).await?;
+        Ok((value, retried, Some(acked)))
+    }
+
+    /// An attempt bounded by the command timeout (as in [`run`](Self::run)).
+    async fn bounded<T>(
+        &self,
+        mut attempt: std::pin::Pin<&mut impl Future<Output = (RedisResult<T>, bool)>>,
+    ) -> Result<(T, bool), StoreError> {
+        let mut deadline = pin!(tokio::time::sleep(self.inner.timeout));
+        poll_fn(|cx| {
+            if let Poll::Ready((done, retried)) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(done.map(|v| (v, retried)).map_err(store_error));
+            }
+            deadline
+                .as_mut()
+                .poll(cx)
+                .map(|()| Err(timed_out(self.inner.timeout)))
+        })
+        .await
+    }
+
     /// Runs a conditional script (`save`, `touch`, `remove`) and sorts its answer.
     async fn conditional(
         &self,
@@ -373,12 +568,41 @@ impl RedisStore {
         source: &'static str,
         op: &'static str,
     ) -> Result<SaveOutcome, StoreError> {
-        match self.run(Req::Script(cmd, source)).await? {
-            (Value::Int(n), retried) => match script_outcome(n) {
-                Some(outcome) => settle(outcome, retried, op),
+        match self.run_write(Req::Script(cmd, source)).await? {
+            (Value::Int(n), retried, acked) => match script_outcome(n) {
+                Some(outcome) => {
+                    let outcome = settle(outcome, retried, op)?;
+                    if outcome == SaveOutcome::Saved {
+                        self.confirmed(acked, retried, op)?;
+                    }
+                    Ok(outcome)
+                }
                 None => Err(unexpected(op, &Value::Int(n))),
             },
-            (other, _) => Err(unexpected(op, &other)),
+            (other, ..) => Err(unexpected(op, &other)),
+        }
+    }
+
+    /// Whether a write that changed the record may be acknowledged: always without
+    /// [`min_replicas_ack`](RedisStoreBuilder::min_replicas_ack); with it, only if `WAIT`
+    /// reported enough replicas on the write's own attempt.
+    fn confirmed(
+        &self,
+        acked: Option<i64>,
+        retried: bool,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        let Some(acks) = &self.inner.acks else {
+            return Ok(());
+        };
+        match acked {
+            Some(n) if !retried && n >= acks.replicas => Ok(()),
+            _ => Err(StoreError::unavailable(NotReplicated {
+                op,
+                acked: if retried { None } else { acked },
+                wanted: acks.replicas,
+                timeout: acks.timeout,
+            })),
         }
     }
 }
@@ -516,8 +740,137 @@ impl Conn {
         let reply = match self {
             Conn::Single(c) => c.clone().send_packed_command(cmd).await?,
             Conn::Cluster(c) => c.clone().req_packed_command(cmd).await?,
+            Conn::Sentinel(c) => return c.send(cmd).await,
         };
         server_error(reply)
+    }
+
+    /// As [`exec`](Self::exec), each command sent with `wait` (`WAIT n timeout`) after it in
+    /// one pipeline: one round trip, one connection, one node (on a cluster, the pipeline goes
+    /// to the node of its one key; `WAIT` alone would go to every master). Answers the
+    /// command's reply and `WAIT`'s count of replicas.
+    async fn exec_waiting(&self, req: &Req<'_>, wait: &Cmd) -> RedisResult<(Value, i64)> {
+        let (cmd, source) = match *req {
+            Req::Cmd(cmd) => (cmd, None),
+            Req::Script(cmd, source) => (cmd, Some(source)),
+        };
+        let mut pipe = Pipeline::with_capacity(2);
+        pipe.add_command(cmd.clone()).add_command(wait.clone());
+        let first = self.send_pipeline(&pipe).await;
+        match (first, source) {
+            (Err(e), Some(source))
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
+                let mut load = ::redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(source);
+                self.send(&load).await?;
+                self.send_pipeline(&pipe).await
+            }
+            (other, _) => other,
+        }
+    }
+
+    /// Sends a command and its `WAIT`; the command's server error, if any, is the error.
+    async fn send_pipeline(&self, pipe: &Pipeline) -> RedisResult<(Value, i64)> {
+        let replies = match self {
+            Conn::Single(c) => c.clone().send_packed_commands(pipe, 0, 2).await?,
+            Conn::Cluster(c) => c.clone().req_packed_commands(pipe, 0, 2).await?,
+            Conn::Sentinel(c) => c.send_pipeline(pipe).await?,
+        };
+        let mut replies = replies.into_iter();
+        let (Some(reply), Some(acked), None) = (replies.next(), replies.next(), replies.next())
+        else {
+            return Err(RedisError::from((
+                ::redis::ErrorKind::UnexpectedReturnType,
+                "not two replies to a command and its WAIT",
+            )));
+        };
+        let reply = server_error(reply)?;
+        match server_error(acked)? {
+            Value::Int(n) => Ok((reply, n)),
+            _ => Err(RedisError::from((
+                ::redis::ErrorKind::UnexpectedReturnType,
+                "WAIT did not answer an integer",
+            ))),
+        }
+    }
+}
+
+/// The connection to a Sentinel-managed master: the one in use, or none until the next request
+/// asks the Sentinels where the master is.
+struct SentinelConn {
+    client: tokio::sync::Mutex<SentinelClient>,
+    /// The connection in use and its generation (so that a failure forgets only the connection
+    /// it happened on, not a newer one).
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: AtomicU64,
+    config: AsyncConnectionConfig,
+}
+
+impl SentinelConn {
+    /// The connection in use, or a new one to the master the Sentinels name now.
+    async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        if let Some(current) = self.lock().clone() {
+            return Ok(current);
+        }
+        // One request at a time asks the Sentinels; the others then find its connection.
+        let mut client = self.client.lock().await;
+        if let Some(current) = self.lock().clone() {
+            return Ok(current);
+        }
+        let conn = client
+            .async_get_client()
+            .await?
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.lock() = Some((generation, conn.clone()));
+        Ok((generation, conn))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, MultiplexedConnection)>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets the connection of `generation` after `e` if `e` says it no longer reaches a
+    /// master: broken, or a node that is read-only now (demoted by a failover).
+    fn after_error(&self, generation: u64, e: &RedisError) {
+        let stale = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::ReadOnly);
+        if stale {
+            let mut current = self.lock();
+            if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+                *current = None;
+            }
+        }
+    }
+
+    async fn send(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let (generation, mut conn) = self.connection().await?;
+        let reply = conn.send_packed_command(cmd).await.and_then(server_error);
+        if let Err(e) = &reply {
+            self.after_error(generation, e);
+        }
+        reply
+    }
+
+    async fn send_pipeline(&self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+        let (generation, mut conn) = self.connection().await?;
+        let replies = conn.send_packed_commands(pipe, 0, 2).await;
+        match &replies {
+            Err(e) => self.after_error(generation, e),
+            Ok(replies) => {
+                for reply in replies {
+                    if let Value::ServerError(e) = reply {
+                        self.after_error(generation, &e.clone().into());
+                    }
+                }
+            }
+        }
+        replies
     }
 }
 
@@ -529,6 +882,43 @@ fn server_error(reply: Value) -> RedisResult<Value> {
         reply => Ok(reply),
     }
 }
+
+/// A write `WAIT` did not confirm on enough replicas: applied on the master, maybe not beyond.
+#[derive(Debug)]
+struct NotReplicated {
+    op: &'static str,
+    /// The replicas `WAIT` reported; `None` for a retried write (its `WAIT` covered only the
+    /// retry's connection).
+    acked: Option<i64>,
+    wanted: i64,
+    timeout: Duration,
+}
+
+impl fmt::Display for NotReplicated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self {
+            op,
+            wanted,
+            timeout,
+            ..
+        } = self;
+        match self.acked {
+            Some(acked) => write!(
+                f,
+                "durability unknown: a {op} reached {acked} of the {wanted} replicas asked for \
+                 within {timeout:?}; it may be applied, and may be lost on a failover"
+            ),
+            None => write!(
+                f,
+                "durability unknown: a {op} was retried after a broken connection, so WAIT \
+                 cannot confirm it on {wanted} replicas; it may be applied, and may be lost on \
+                 a failover"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for NotReplicated {}
 
 fn timed_out(after: Duration) -> StoreError {
     StoreError::unavailable(std::io::Error::new(
@@ -567,6 +957,8 @@ fn store_error(e: RedisError) -> StoreError {
                     | ServerErrorKind::MasterDown
                     | ServerErrorKind::ReadOnly
             ) | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::MasterNameNotFoundBySentinel
+                | ErrorKind::NoValidReplicasFoundBySentinel
         )
         || matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS" | "MISCONF"));
     if unavailable {
@@ -586,10 +978,15 @@ impl fmt::Debug for RedisStore {
                 &match self.conn {
                     Conn::Single(_) => "single node",
                     Conn::Cluster(_) => "cluster",
+                    Conn::Sentinel(_) => "sentinel",
                 },
             )
             .field("key_prefix", &self.inner.prefix)
             .field("command_timeout", &self.inner.timeout)
+            .field(
+                "min_replicas_ack",
+                &self.inner.acks.as_ref().map(|a| (a.replicas, a.timeout)),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -634,20 +1031,26 @@ impl SessionStore for RedisStore {
         .arg("PXAT")
         .arg(expiry_ms(record.expires_at()))
         .arg("GET");
-        let (outcome, retried) = match self.run(Req::Cmd(&cmd)).await {
-            Ok((Value::Nil | Value::Okay, retried)) => (CreateOutcome::Created, retried),
-            // Our own write, applied by a first attempt whose reply was lost?
-            Ok((Value::BulkString(old), retried)) if old.starts_with(header.as_bytes()) => {
-                (CreateOutcome::Created, retried)
+        let (outcome, retried, acked) = match self.run_write(Req::Cmd(&cmd)).await {
+            Ok((Value::Nil | Value::Okay, retried, acked)) => {
+                (CreateOutcome::Created, retried, acked)
             }
-            Ok((Value::BulkString(_), retried)) => (CreateOutcome::IdTaken, retried),
-            Ok((other, _)) => return Err(unexpected("SET NX", &other)),
+            // Our own write, applied by a first attempt whose reply was lost?
+            Ok((Value::BulkString(old), retried, acked)) if old.starts_with(header.as_bytes()) => {
+                (CreateOutcome::Created, retried, acked)
+            }
+            Ok((Value::BulkString(_), retried, acked)) => (CreateOutcome::IdTaken, retried, acked),
+            Ok((other, ..)) => return Err(unexpected("SET NX", &other)),
             // A key of another type holds the id: taken all the same (a first attempt could
             // not have written it).
-            Err(e) if e.is_corrupt() => (CreateOutcome::IdTaken, false),
+            Err(e) if e.is_corrupt() => (CreateOutcome::IdTaken, false, None),
             Err(e) => return Err(e),
         };
-        settle_create(outcome, retried)
+        let outcome = settle_create(outcome, retried)?;
+        if outcome == CreateOutcome::Created {
+            self.confirmed(acked, retried, "create")?;
+        }
+        Ok(outcome)
     }
 
     async fn save(
@@ -695,9 +1098,11 @@ impl SessionStore for RedisStore {
 
     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
         let cmd = self.keyed("DEL", id, 0, 0);
-        match self.run(Req::Cmd(&cmd)).await?.0 {
-            Value::Int(_) => Ok(()),
-            other => Err(unexpected("DEL", &other)),
+        match self.run_write(Req::Cmd(&cmd)).await? {
+            // Nothing was there (and no first attempt may have deleted it): nothing to confirm.
+            (Value::Int(0), false, _) => Ok(()),
+            (Value::Int(_), retried, acked) => self.confirmed(acked, retried, "delete"),
+            (other, ..) => Err(unexpected("DEL", &other)),
         }
     }
 }

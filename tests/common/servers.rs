@@ -1,5 +1,6 @@
 //! Real servers the store tests start for themselves: `redis-server` on a free loopback port
-//! (killable and restartable on the same port), a 3-master Redis Cluster, `webdis` in front of
+//! (killable and restartable on the same port), a 3-master Redis Cluster (with replicas if
+//! asked), Redis Sentinels watching a master, `webdis` in front of
 //! a Redis (killable and restartable too), `stunnel4` terminating TLS with a test CA made by
 //! `openssl`, a TCP proxy that counts connections, and one that loses one reply.
 //!
@@ -269,49 +270,188 @@ pub async fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A Redis Cluster of three masters (no replicas) on free loopback ports.
+/// A Redis Cluster of three masters (no replicas, unless started with
+/// [`start_with_replicas`](Self::start_with_replicas)) on free loopback ports.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// Every node's `redis-server` arguments.
+    args: Vec<String>,
 }
 
 impl RedisCluster {
     /// Starts three `--cluster-enabled` servers, joins them with `redis-cli --cluster create`
     /// and waits until every node reports `cluster_state:ok`.
     pub async fn start() -> RedisCluster {
+        RedisCluster::start_with_replicas(0, 5000, &[]).await
+    }
+
+    /// Three masters with `replicas` replicas each (`--cluster-replicas`), every node with
+    /// `--cluster-node-timeout node_timeout_ms` (a failover starts about that long after a
+    /// master stops answering) and `extra_args`; waits until every node reports
+    /// `cluster_state:ok` and every replica's link to its master is up.
+    pub async fn start_with_replicas(
+        replicas: usize,
+        node_timeout_ms: u64,
+        extra_args: &[&str],
+    ) -> RedisCluster {
+        let count = 3 * (1 + replicas);
+        let node_timeout = node_timeout_ms.to_string();
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &node_timeout,
+        ];
+        args.extend_from_slice(extra_args);
         let mut nodes = Vec::new();
-        for _ in 0..3 {
-            nodes.push(
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                ])
-                .await,
-            );
+        for _ in 0..count {
+            nodes.push(RedisServer::start_with(&args).await);
         }
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
-        let mut args = vec!["--cluster", "create"];
-        args.extend(addrs.iter().map(String::as_str));
-        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-        nodes[0].cli(&args).await;
+        let replicas = replicas.to_string();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addrs.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
+        nodes[0].cli(&create).await;
         let deadline = Instant::now() + Duration::from_secs(30);
+        let known = format!("cluster_known_nodes:{count}");
         for node in &nodes {
             loop {
                 let info = node.cli(&["cluster", "info"]).await;
-                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
+                let replication = node.cli(&["info", "replication"]).await;
+                if info.contains("cluster_state:ok")
+                    && info.contains(&known)
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+                {
                     break;
                 }
-                assert!(Instant::now() < deadline, "cluster never became ok: {info}");
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster never became ok: {info}{replication}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        RedisCluster { nodes }
+        RedisCluster {
+            nodes,
+            args: args.iter().map(|&a| a.to_owned()).collect(),
+        }
+    }
+
+    /// Starts a new, empty node and joins it to the cluster as a replica of master `master`
+    /// (`CLUSTER MEET`, `CLUSTER REPLICATE`), as an operator replaces a lost node;
+    /// waits until its link to the master is up. Answers its index.
+    pub async fn add_replica(&mut self, master: usize) -> usize {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let node = RedisServer::start_with(&args).await;
+        let id = self.nodes[master].cli(&["cluster", "myid"]).await;
+        let id = id.trim();
+        // `CLUSTER MEET`, then `CLUSTER REPLICATE` once the new node knows the master (what
+        // `redis-cli --cluster add-node --cluster-slave` does, without its one-second pauses).
+        let port = self.nodes[master].port().to_string();
+        node.cli(&["cluster", "meet", "127.0.0.1", &port]).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !node.cli(&["cluster", "nodes"]).await.contains(id) {
+            assert!(
+                Instant::now() < deadline,
+                "the new node never met the cluster"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        loop {
+            let out = node.cli(&["cluster", "replicate", id]).await;
+            if out.trim() == "OK" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "CLUSTER REPLICATE: {out}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let replication = node.cli(&["info", "replication"]).await;
+            if replication.contains("master_link_status:up") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the new replica never synced: {replication}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// The index in [`nodes`](Self::nodes) of the master that serves `key` now, as node
+    /// `asking` sees the cluster.
+    pub async fn master_of(&self, asking: usize, key: &str) -> usize {
+        let slot: u16 = self.nodes[asking]
+            .cli(&["cluster", "keyslot", key])
+            .await
+            .trim()
+            .parse()
+            .unwrap();
+        for line in self.nodes[asking].cli(&["cluster", "nodes"]).await.lines() {
+            // <id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <link> <slot ranges>
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            if owns {
+                return self.index_of(fields[1]);
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// The indexes of the replicas of master `master`, as it sees the cluster.
+    pub async fn replicas_of(&self, master: usize) -> Vec<usize> {
+        let nodes = self.nodes[master].cli(&["cluster", "nodes"]).await;
+        let id = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_owned();
+        nodes
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some(id.as_str()))
+            .map(|l| self.index_of(l.split_whitespace().nth(1).unwrap()))
+            .collect()
+    }
+
+    /// The index of the node at `ip:port@cport`.
+    fn index_of(&self, addr: &str) -> usize {
+        let port: u16 = addr
+            .split('@')
+            .next()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {addr:?}"));
+        self.nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// Whether node `index` answers `ROLE` as a master.
+    pub async fn is_master(&self, index: usize) -> bool {
+        self.nodes[index]
+            .cli(&["role"])
+            .await
+            .lines()
+            .next()
+            .is_some_and(|l| l.trim() == "master")
     }
 
     /// Every node's URL.
@@ -331,6 +471,128 @@ impl RedisCluster {
         let cluster = Arc::new(RedisCluster::start().await);
         *SHARED.lock().unwrap() = Arc::downgrade(&cluster);
         cluster
+    }
+}
+
+/// Redis Sentinels (`redis-server CONF --sentinel`, so no package beyond `redis-server`) on free
+/// loopback ports, watching one master as `mymaster` with a quorum of two, and quick to act:
+/// `down-after-milliseconds 1000`, `failover-timeout 5000`.
+pub struct RedisSentinels {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    /// Their directories (config, log), removed when dropped.
+    dirs: Vec<TempDir>,
+}
+
+impl RedisSentinels {
+    /// The name the Sentinels know the master by.
+    pub const MASTER: &'static str = "mymaster";
+
+    /// Starts `count` Sentinels watching `master`, and waits until each knows `replicas`
+    /// replicas and every other Sentinel (a failover needs both).
+    pub async fn start(master: &RedisServer, count: usize, replicas: usize) -> RedisSentinels {
+        let binary = require_binary("redis-server", "redis-server");
+        let mut sentinels = RedisSentinels {
+            ports: Vec::new(),
+            children: Vec::new(),
+            dirs: Vec::new(),
+        };
+        for _ in 0..count {
+            let mut last_error = String::new();
+            let mut started = false;
+            for _ in 0..5 {
+                let port = free_port();
+                let dir = TempDir::new("sentinel");
+                let config = format!(
+                    "port {port}\nbind 127.0.0.1\ndaemonize no\nlogfile sentinel.log\n\
+                     dir {dir}\nsentinel monitor {name} 127.0.0.1 {master} 2\n\
+                     sentinel down-after-milliseconds {name} 1000\n\
+                     sentinel failover-timeout {name} 5000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    dir = dir.path().display(),
+                    name = Self::MASTER,
+                    master = master.port(),
+                );
+                let config_path = dir.path().join("sentinel.conf");
+                std::fs::write(&config_path, config).unwrap();
+                let child = Command::new(&binary)
+                    .arg(&config_path)
+                    .arg("--sentinel")
+                    .current_dir(dir.path())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server --sentinel runs");
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                let log = dir.path().join("sentinel.log");
+                match wait_ready(child, "redis-sentinel", &log, || ping(addr)).await {
+                    Ok(child) => {
+                        sentinels.ports.push(port);
+                        sentinels.children.push(child);
+                        sentinels.dirs.push(dir);
+                        started = true;
+                        break;
+                    }
+                    Err(e) => last_error = e,
+                }
+            }
+            assert!(started, "a Sentinel did not start: {last_error}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &port in &sentinels.ports {
+            loop {
+                let info = redis_cli(port, &["sentinel", "master", Self::MASTER]).await;
+                let field = |name: &str| -> usize {
+                    let mut lines = info.lines();
+                    while let Some(l) = lines.next() {
+                        if l.trim() == name {
+                            return lines
+                                .next()
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                        }
+                    }
+                    0
+                };
+                if field("num-slaves") >= replicas && field("num-other-sentinels") + 1 >= count {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the Sentinels never saw each other and the replicas: {info}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        sentinels
+    }
+
+    /// Every Sentinel's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The port of the master, as the first Sentinel reports it now.
+    pub async fn master_port(&self) -> u16 {
+        let out = redis_cli(
+            self.ports[0],
+            &["sentinel", "get-master-addr-by-name", Self::MASTER],
+        )
+        .await;
+        out.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for RedisSentinels {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
