@@ -100,13 +100,14 @@ async fn main() -> ExitCode {
         }
     };
     match args.store.as_str() {
-        // The /login run creates a session per request: room for a long run.
+        // The /login run creates a session per request, and the scaling runs prefill up to a
+        // million 64 KiB values: room for both, so that nothing is evicted while measuring.
         "memory" => {
-            run(
-                MemoryStore::builder().max_sessions(20_000_000).build(),
-                &args,
-            )
-            .await
+            let store = MemoryStore::builder()
+                .max_sessions(20_000_000)
+                .max_bytes(128 << 30)
+                .build();
+            run(store, &args).await
         }
         #[cfg(feature = "redis")]
         "redis" | "redis-cluster" => {
