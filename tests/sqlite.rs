@@ -400,6 +400,52 @@ async fn a_foreign_write_lock_stalls_neither_reads_nor_the_queue() {
     );
 }
 
+/// With no reader connections (`readers(0)`), loads run on the writer's connection between its
+/// batches: everything still works, and under another process's write lock a load queued
+/// behind a blocked write waits for that write's deadline at most, never for a chain of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_readers_loads_wait_one_busy_timeout_at_most() {
+    const BUSY: Duration = Duration::from_millis(200);
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .busy_timeout(BUSY)
+        .readers(0)
+        .open()
+        .await
+        .unwrap();
+    let id = Id::random();
+    store.create(&record(id, "a", in_ms(60_000))).await.unwrap();
+    let next = Record::new(id, Bytes::from_static(b"b"), 2, in_ms(60_000));
+    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+    assert_eq!(store.load(&id).await.unwrap().unwrap().data(), "b");
+
+    let other = raw(&dir.db());
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let blocked: Vec<_> = (0..10)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create(&record(Id::random(), "x", in_ms(60_000)))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let start = std::time::Instant::now();
+    let loaded = store.load(&id).await.unwrap();
+    let load_took = start.elapsed();
+    for t in blocked {
+        assert!(t.await.unwrap().unwrap_err().is_unavailable());
+    }
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(loaded.unwrap().version(), 2);
+    assert!(
+        load_took < BUSY + Duration::from_millis(250),
+        "a load waited {load_took:?} behind blocked writes"
+    );
+}
+
 #[tokio::test]
 async fn a_full_database_refuses_new_sessions_and_keeps_old_ones() {
     let dir = TempDir::new();
