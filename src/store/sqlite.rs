@@ -47,10 +47,10 @@ const MAX_TABLE_NAME: usize = 64;
 /// Unix milliseconds, with an index on the expiry. Expired rows are never returned nor changed
 /// (every statement compares the expiry, as an integer, with the time it runs), and each contract
 /// method is one round trip to a store thread (a reader for a load, else the writer) running one
-/// to three statements, all prepared once when the store opens. Every change to a loaded record (`save`, `touch`, `remove`) is a
-/// conditional statement (`... WHERE id = ? AND version = ? AND expires_at > now`); only when it
-/// matches no row does one more statement tell a conflict (a live row of another version) from a
-/// missing row.
+/// to three statements, all prepared once when the store opens. Every change to a loaded record
+/// (`save`, `touch`, `remove`) is a conditional statement (`... WHERE id = ? AND version = ? AND
+/// expires_at > now`); only when it matches no row does one more statement tell a conflict (a
+/// live row of another version) from a missing row.
 /// The schema version is kept in a small `hyper_sessions_schema` table, so a later release can
 /// migrate the data.
 ///
@@ -375,9 +375,12 @@ impl SqliteStoreBuilder {
     /// load goes to the reader with the fewest loads queued. More readers than free cores cost
     /// throughput (each load is more often a thread wake-up: on one CPU, two readers served
     /// about 40 % fewer `/read` requests per second than one). Each reader holds its own page
-    /// cache (up to 8 MiB, as the writer's). `0` runs loads on the writer's connection, between its write
-    /// batches; so does a database in memory (a private in-memory database has one connection)
-    /// or a file whose journal cannot be switched to WAL.
+    /// cache (up to 8 MiB, as the writer's), which `SQLite` empties whenever another connection
+    /// has written since its last load.
+    ///
+    /// `0` runs loads on the writer's connection, between its write batches; so does a
+    /// database in memory (a private in-memory database has one connection) or a file whose
+    /// journal cannot be switched to WAL.
     pub fn readers(mut self, readers: usize) -> Self {
         self.readers = readers.min(MAX_READERS);
         self
