@@ -280,6 +280,179 @@ async fn a_locked_database_is_unavailable_and_loses_nothing() {
     assert_eq!(b.get("/counter").await.body, "2");
 }
 
+/// `n` concurrent writes through the layer, each on its own connection, timed: half create a
+/// session, half save one of `savers` (one save per session at most when `n <= 2 * savers`).
+fn timed_writes(
+    addr: std::net::SocketAddr,
+    savers: &[String],
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<(StatusCode, Duration)>> {
+    (0..n)
+        .map(|i| {
+            let cookie = savers[i / 2 % savers.len()].clone();
+            tokio::spawn(async move {
+                let mut conn = Conn::http1(addr).await;
+                let start = std::time::Instant::now();
+                let r = if i % 2 == 0 {
+                    conn.get("/counter", None).await
+                } else {
+                    conn.get("/incr/n", Some(&cookie)).await
+                };
+                (r.status, start.elapsed())
+            })
+        })
+        .collect()
+}
+
+/// Another process holds the write lock: 20 concurrent writes through the layer each answer 503
+/// within about one busy timeout of their own (not one after another), a read beside them is
+/// answered at once on a reader connection, and once the lock is released writes go through at
+/// once, those already queued included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_write_lock_stalls_neither_reads_nor_the_queue() {
+    const BUSY: Duration = Duration::from_millis(300);
+    // Generous for a loaded 2-core machine, and still far below the sum of several timeouts.
+    const MARGIN: Duration = Duration::from_millis(250);
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .busy_timeout(BUSY)
+        .open()
+        .await
+        .unwrap();
+    let server = serve(&SessionLayer::new(store.clone())).await;
+    let mut reader = Browser::new(server.addr).await;
+    assert_eq!(reader.get("/counter").await.body, "1");
+    let mut savers = Vec::new();
+    for _ in 0..10 {
+        let mut saver = Browser::new(server.addr).await;
+        assert_eq!(saver.get("/counter").await.body, "1");
+        savers.push(saver.cookie.clone().unwrap());
+    }
+
+    let other = raw(&dir.db());
+    let writes = |n| timed_writes(server.addr, &savers, n);
+
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let locked_at = std::time::Instant::now();
+    let blocked = writes(20);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The writes are waiting for the lock; a read is not.
+    let start = std::time::Instant::now();
+    let r = reader.get("/read").await;
+    let read_took = start.elapsed();
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"));
+    let start = std::time::Instant::now();
+    assert!(store.load(&reader.id().unwrap()).await.unwrap().is_some());
+    let load_took = start.elapsed();
+    let mut answers = Vec::new();
+    for t in blocked {
+        answers.push(t.await.unwrap());
+    }
+    answers.sort_by_key(|&(_, took)| took);
+    eprintln!(
+        "held lock (busy timeout {BUSY:?}): read {read_took:?} over HTTP, load {load_took:?}; \
+         blocked writes answered after {:?}",
+        answers.iter().map(|&(_, took)| took).collect::<Vec<_>>()
+    );
+    for &(status, took) in &answers {
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            took >= BUSY.saturating_sub(Duration::from_millis(5)),
+            "gave up early: {took:?}"
+        );
+        assert!(
+            took <= BUSY + MARGIN,
+            "a blocked write answered after {took:?}"
+        );
+    }
+    assert!(
+        read_took < Duration::from_millis(100) && load_took < Duration::from_millis(100),
+        "a read waited behind blocked writes: {read_took:?} over HTTP, {load_took:?} load"
+    );
+    assert!(locked_at.elapsed() < BUSY * 3, "{:?}", locked_at.elapsed());
+
+    // Writes queued while the lock is held, released well within their timeout: each goes
+    // through as soon as the lock is free, not after a timeout.
+    let queued = writes(20);
+    tokio::time::sleep(BUSY / 3).await;
+    let released = std::time::Instant::now();
+    other.execute_batch("ROLLBACK").unwrap();
+    for t in queued {
+        let (status, took) = t.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(took < BUSY, "a queued write took {took:?}");
+    }
+    let after_release = released.elapsed();
+    assert!(
+        after_release < Duration::from_millis(150),
+        "queued writes finished {after_release:?} after the release"
+    );
+    // And new writes go straight through.
+    let start = std::time::Instant::now();
+    for t in writes(20) {
+        assert_eq!(t.await.unwrap().0, StatusCode::OK);
+    }
+    let free_took = start.elapsed();
+    // The blocked saves stored nothing; the queued ones and the last ones did.
+    for cookie in &savers {
+        let r = Conn::http1(server.addr)
+            .await
+            .get("/get/n", Some(cookie))
+            .await;
+        assert_eq!(r.body, "2");
+    }
+    eprintln!(
+        "queued writes done {after_release:?} after the release; 20 writes on a free lock \
+         {free_took:?}"
+    );
+}
+
+/// With no reader connections (`readers(0)`), loads run on the writer's connection between its
+/// batches: everything still works, and under another process's write lock a load queued
+/// behind a blocked write waits for that write's deadline at most, never for a chain of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_readers_loads_wait_one_busy_timeout_at_most() {
+    const BUSY: Duration = Duration::from_millis(200);
+    let dir = TempDir::new();
+    let store = SqliteStore::builder(dir.db())
+        .busy_timeout(BUSY)
+        .readers(0)
+        .open()
+        .await
+        .unwrap();
+    let id = Id::random();
+    store.create(&record(id, "a", in_ms(60_000))).await.unwrap();
+    let next = Record::new(id, Bytes::from_static(b"b"), 2, in_ms(60_000));
+    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+    assert_eq!(store.load(&id).await.unwrap().unwrap().data(), "b");
+
+    let other = raw(&dir.db());
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let blocked: Vec<_> = (0..10)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create(&record(Id::random(), "x", in_ms(60_000)))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let start = std::time::Instant::now();
+    let loaded = store.load(&id).await.unwrap();
+    let load_took = start.elapsed();
+    for t in blocked {
+        assert!(t.await.unwrap().unwrap_err().is_unavailable());
+    }
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(loaded.unwrap().version(), 2);
+    assert!(
+        load_took < BUSY + Duration::from_millis(250),
+        "a load waited {load_took:?} behind blocked writes"
+    );
+}
+
 #[tokio::test]
 async fn a_full_database_refuses_new_sessions_and_keeps_old_ones() {
     let dir = TempDir::new();
