@@ -682,6 +682,42 @@ async fn a_write_whose_reply_was_lost_is_saved_or_unknown() {
     lost_reply::store_level(through_proxy, direct, &proxy, &TRIGGERS).await;
 }
 
+/// The same on a Redis Cluster (here one master owning every slot, announcing the proxy's
+/// address, so the cluster client talks to it through the proxy): the cluster client must not
+/// send a write again by itself after the broken connection, out of the store's sight, which
+/// would turn "outcome unknown" into a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_reply_was_lost_is_saved_or_unknown_on_a_cluster() {
+    let node = common::servers::one_node_cluster().await;
+    let proxy = ReplyDroppingProxy::start(node.addr()).await;
+    common::servers::announce_port(&node, proxy.addr.port()).await;
+    let through_proxy = RedisStore::open_cluster([format!("redis://{}", proxy.addr)])
+        .await
+        .unwrap();
+    // The single-node store on the node itself: it owns every slot, so no redirection.
+    let direct = RedisStore::open(node.url()).await.unwrap();
+    lost_reply::store_level(through_proxy, direct, &proxy, &TRIGGERS).await;
+}
+
+/// The same through the layer on a cluster: the `update` answers 503 and is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_whose_save_reply_was_lost_is_applied_once_on_a_cluster() {
+    let node = common::servers::one_node_cluster().await;
+    let proxy = ReplyDroppingProxy::start(node.addr()).await;
+    common::servers::announce_port(&node, proxy.addr.port()).await;
+    let a = serve(&SessionLayer::new(
+        RedisStore::open_cluster([format!("redis://{}", proxy.addr)])
+            .await
+            .unwrap(),
+    ))
+    .await;
+    let b = serve(&SessionLayer::new(
+        RedisStore::open(node.url()).await.unwrap(),
+    ))
+    .await;
+    lost_reply::layer_level(a.addr, b.addr, &proxy, TRIGGERS.save).await;
+}
+
 /// Issue item 9 through the layer: an `update` whose save reply was lost while another request
 /// saved on top answers 503, and is not applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
