@@ -55,7 +55,9 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// header and change the key only when it is the expected one. A load never writes.
 ///
 /// A script missing from the server's cache (after a restart or `SCRIPT FLUSH`) costs one
-/// `SCRIPT LOAD` and a second `EVALSHA`, once.
+/// `SCRIPT LOAD` and a second `EVALSHA`, once; on a cluster, one `EVAL` with the script instead
+/// (on the key's node, which a `SCRIPT LOAD` to the masters the client knows of may miss just
+/// after a failover).
 ///
 /// # Stored value
 /// A Redis string: a short header `<version>:<token>:` (the version in decimal, a 16-hex-digit
@@ -764,6 +766,22 @@ fn not_run(e: &RedisError) -> bool {
     )
 }
 
+/// `EVAL source …` for `EVALSHA sha …`: on a cluster, what a script call the node did not have
+/// cached (`NOSCRIPT`) is sent again as. `SCRIPT LOAD` goes to the masters the cluster client
+/// knows of, which just after a failover may not include the one that serves the key (reached
+/// through another route); the script itself, with its key, reaches that node and is cached
+/// there.
+fn eval_of(evalsha: &Cmd, source: &str) -> Cmd {
+    let mut eval = ::redis::cmd("EVAL");
+    eval.arg(source);
+    for arg in evalsha.args_iter().skip(2) {
+        if let ::redis::Arg::Simple(arg) = arg {
+            eval.arg(arg);
+        }
+    }
+    eval
+}
+
 /// The pauses between the attempts of a cluster command the cluster did not run
 /// ([`not_run`]): none before the first resend (after a `MOVED` the cluster client sets about
 /// refreshing its slot map at once), then growing up to [`CLUSTER_PAUSE_MAX`]. The cluster client
@@ -819,6 +837,9 @@ impl Conn {
                         if e.kind()
                             == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
                     {
+                        if let Conn::Cluster(_) = self {
+                            return self.send(&eval_of(cmd, source)).await;
+                        }
                         let mut load = ::redis::cmd("SCRIPT");
                         load.arg("LOAD").arg(source);
                         self.send(&load).await?;
@@ -869,6 +890,12 @@ impl Conn {
             (Err(e), Some(source))
                 if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
             {
+                if let Conn::Cluster(_) = self {
+                    let mut pipe = Pipeline::with_capacity(2);
+                    pipe.add_command(eval_of(cmd, source))
+                        .add_command(wait.clone());
+                    return self.send_pipeline(&pipe).await;
+                }
                 let mut load = ::redis::cmd("SCRIPT");
                 load.arg("LOAD").arg(source);
                 self.send(&load).await?;
