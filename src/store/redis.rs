@@ -921,8 +921,13 @@ impl Conn {
             )));
         };
         let reply = server_error(reply)?;
-        match server_error(acked)? {
+        match acked {
             Value::Int(n) => Ok((reply, n)),
+            // The command ran (its reply is above), and `WAIT` refused to count its replicas
+            // (seen from a node that answered as a replica, during a cluster failover): no
+            // replica confirmed the write, which is then reported as not replicated (unavailable),
+            // not as an error of its own.
+            Value::ServerError(_) => Ok((reply, 0)),
             _ => Err(RedisError::from((
                 ::redis::ErrorKind::UnexpectedReturnType,
                 "WAIT did not answer an integer",
