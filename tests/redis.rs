@@ -654,6 +654,40 @@ async fn conditional_touch_and_remove_on_a_cluster() {
     }
 }
 
+/// On a cluster, a script call the key's node does not have cached (after a restart, a
+/// failover to a replica that never loaded it, `SCRIPT FLUSH`) is sent again as `EVAL` with
+/// the script (which caches it on that node): every operation still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_script_cache_is_refilled_on_a_cluster() {
+    let cluster = common::servers::RedisCluster::start().await;
+    let store = RedisStore::builder()
+        .open_cluster(cluster.urls())
+        .await
+        .unwrap();
+    let flush = || async {
+        for node in &cluster.nodes {
+            assert_eq!(node.cli(&["script", "flush"]).await.trim(), "OK");
+        }
+    };
+    let id = Id::random();
+    let exp = now_ms() + 60_000;
+    let rec = |v: u64| Record::from_unix_ms(id, bytes::Bytes::from_static(b"{}"), v, exp);
+    store.create(&rec(1)).await.unwrap();
+    flush().await;
+    assert_eq!(store.load(&id).await.unwrap().unwrap().version(), 1);
+    flush().await;
+    assert_eq!(store.save(&rec(2), 1).await.unwrap(), SaveOutcome::Saved);
+    flush().await;
+    let later = hyper_sessions::from_unix_ms(exp + 1_000);
+    assert_eq!(
+        store.touch(&id, 2, later).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    flush().await;
+    assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Saved);
+    assert!(store.load(&id).await.unwrap().is_none());
+}
+
 /// Contains `needle`.
 fn has(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -680,6 +714,42 @@ async fn a_write_whose_reply_was_lost_is_saved_or_unknown() {
         .unwrap();
     let direct = RedisStore::open(server.url()).await.unwrap();
     lost_reply::store_level(through_proxy, direct, &proxy, &TRIGGERS).await;
+}
+
+/// The same on a Redis Cluster (here one master owning every slot, announcing the proxy's
+/// address, so the cluster client talks to it through the proxy): the cluster client must not
+/// send a write again by itself after the broken connection, out of the store's sight, which
+/// would turn "outcome unknown" into a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_reply_was_lost_is_saved_or_unknown_on_a_cluster() {
+    let node = common::servers::one_node_cluster().await;
+    let proxy = ReplyDroppingProxy::start(node.addr()).await;
+    common::servers::announce_port(&node, proxy.addr.port()).await;
+    let through_proxy = RedisStore::open_cluster([format!("redis://{}", proxy.addr)])
+        .await
+        .unwrap();
+    // The single-node store on the node itself: it owns every slot, so no redirection.
+    let direct = RedisStore::open(node.url()).await.unwrap();
+    lost_reply::store_level(through_proxy, direct, &proxy, &TRIGGERS).await;
+}
+
+/// The same through the layer on a cluster: the `update` answers 503 and is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_whose_save_reply_was_lost_is_applied_once_on_a_cluster() {
+    let node = common::servers::one_node_cluster().await;
+    let proxy = ReplyDroppingProxy::start(node.addr()).await;
+    common::servers::announce_port(&node, proxy.addr.port()).await;
+    let a = serve(&SessionLayer::new(
+        RedisStore::open_cluster([format!("redis://{}", proxy.addr)])
+            .await
+            .unwrap(),
+    ))
+    .await;
+    let b = serve(&SessionLayer::new(
+        RedisStore::open(node.url()).await.unwrap(),
+    ))
+    .await;
+    lost_reply::layer_level(a.addr, b.addr, &proxy, TRIGGERS.save).await;
 }
 
 /// Issue item 9 through the layer: an `update` whose save reply was lost while another request

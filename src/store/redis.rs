@@ -55,7 +55,9 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// header and change the key only when it is the expected one. A load never writes.
 ///
 /// A script missing from the server's cache (after a restart or `SCRIPT FLUSH`) costs one
-/// `SCRIPT LOAD` and a second `EVALSHA`, once.
+/// `SCRIPT LOAD` and a second `EVALSHA`, once; on a cluster, one `EVAL` with the script instead
+/// (on the key's node, which a `SCRIPT LOAD` to the masters the client knows of may miss just
+/// after a failover).
 ///
 /// # Stored value
 /// A Redis string: a short header `<version>:<token>:` (the version in decimal, a 16-hex-digit
@@ -81,6 +83,15 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// re-established automatically (`ConnectionManager` on a single node, the cluster client's
 /// own reconnection on a cluster, a new master asked of the Sentinels under Sentinel), so the
 /// same store serves again once Redis is back or a replica has taken over.
+///
+/// On a cluster opened with [`open_cluster`](RedisStoreBuilder::open_cluster), the cluster
+/// client's own retries are off: it would send a command again by itself after a broken
+/// connection, where the store cannot see it, and a write whose reply was lost would then come
+/// back as a conflict instead of "outcome unknown". The store sends a command again only after
+/// a broken connection (once, as above) or after an answer saying the cluster did not run it
+/// (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, a node still loading, no connection
+/// to the slot's node), after short pauses and within the command timeout; the cluster client
+/// still refreshes its slot map after a `MOVED`, so a failover's new master is found.
 ///
 /// # Failover and acknowledged writes
 /// Redis replicates asynchronously: a write is acknowledged by its master before any replica
@@ -288,9 +299,18 @@ impl RedisStoreBuilder {
         // overall one follows the per-command one): the command timeout is the only bound, as
         // on a single node. Said explicitly for the overall one, so a change of default there
         // cannot cut operations short.
+        //
+        // No retries by the cluster client: it would send a command again by itself after a
+        // broken connection, out of the store's sight, so that a write whose reply was lost and
+        // that another writer overwrote meanwhile would come back as a conflict rather than as
+        // "outcome unknown". The store retries instead (see `RedisStore::run`): once after a
+        // broken connection, recognising its own write, and as often as the command timeout
+        // allows after an answer saying the command did not run (`MOVED`, `ASK`, `TRYAGAIN`,
+        // `CLUSTERDOWN`; the client still refreshes its slot map after a `MOVED`).
         let client = ClusterClient::builder(urls)
             .connection_timeout(self.timeout)
             .overall_response_timeout(None)
+            .retries(0)
             .build()
             .map_err(store_error)?;
         let connection = tokio::time::timeout(self.timeout, client.get_async_connection())
@@ -358,6 +378,13 @@ impl RedisStoreBuilder {
     }
 
     /// A store on an existing async Redis Cluster connection.
+    ///
+    /// Build its client with `ClusterClientBuilder::retries(0)`, as
+    /// [`open_cluster`](Self::open_cluster) does: with the `redis` crate's default retries, the
+    /// client sends a command again by itself after a broken connection, where the store cannot
+    /// see it, so a write whose reply was lost and that another writer overwrote meanwhile is
+    /// reported as a conflict (and the layer applies the request's changes a second time)
+    /// rather than as [`StoreError::unavailable`].
     pub fn with_cluster_connection(self, connection: ClusterConnection) -> RedisStore {
         self.build(Conn::Cluster(connection))
     }
@@ -493,8 +520,9 @@ impl RedisStore {
     }
 
     /// Runs one request, retried once on a broken connection, all within the command
-    /// timeout. Answers the reply and whether it is the retry's (the first attempt may then
-    /// have been applied: see [`settle`]).
+    /// timeout (on a cluster, each attempt is also sent again while the cluster answers that it
+    /// did not run it: see [`Resend`]). Answers the reply and whether it is the retry's (the
+    /// first attempt may then have been applied: see [`settle`]).
     async fn run(&self, req: Req<'_>) -> Result<(Value, bool), StoreError> {
         // Pinned where it is built: `tokio::time::timeout` would move the whole attempt (its
         // size is mostly the redis crate's request future, over a kilobyte) into its own future.
@@ -714,8 +742,92 @@ enum Req<'a> {
     Script(&'a Cmd, &'static str),
 }
 
+/// The shortest and longest pause before a cluster command is sent again after the cluster
+/// answered that it did not run it (see [`not_run`]).
+const CLUSTER_PAUSE_MIN: Duration = Duration::from_millis(5);
+const CLUSTER_PAUSE_MAX: Duration = Duration::from_millis(100);
+
+/// Whether a cluster answered `e` without running the command: a redirection (`MOVED`, `ASK`),
+/// a slot that is not served for the moment (`TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, a node
+/// still loading its data), or no connection to send it on. Sending such a command again
+/// cannot apply it twice.
+fn not_run(e: &RedisError) -> bool {
+    use ::redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::BusyLoading
+        ) | ErrorKind::ClusterConnectionNotFound
+    )
+}
+
+/// `EVAL source …` for `EVALSHA sha …`: on a cluster, what a script call the node did not have
+/// cached (`NOSCRIPT`) is sent again as. `SCRIPT LOAD` goes to the masters the cluster client
+/// knows of, which just after a failover may not include the one that serves the key (reached
+/// through another route); the script itself, with its key, reaches that node and is cached
+/// there.
+fn eval_of(evalsha: &Cmd, source: &str) -> Cmd {
+    let mut eval = ::redis::cmd("EVAL");
+    eval.arg(source);
+    for arg in evalsha.args_iter().skip(2) {
+        if let ::redis::Arg::Simple(arg) = arg {
+            eval.arg(arg);
+        }
+    }
+    eval
+}
+
+/// The pauses between the attempts of a cluster command the cluster did not run
+/// ([`not_run`]): none before the first resend (after a `MOVED` the cluster client sets about
+/// refreshing its slot map at once), then growing up to [`CLUSTER_PAUSE_MAX`]. The cluster client
+/// itself is built without retries (see [`RedisStoreBuilder::open_cluster`]). There is no limit
+/// on the attempts: the caller bounds them by the command timeout.
+struct Resend {
+    cluster: bool,
+    pause: Duration,
+}
+
+impl Resend {
+    fn new(conn: &Conn) -> Resend {
+        Resend {
+            cluster: matches!(conn, Conn::Cluster(_)),
+            pause: Duration::ZERO,
+        }
+    }
+
+    /// Whether to send the command again after `e`: if so, after how long a pause.
+    fn again(&mut self, e: &RedisError) -> Option<Duration> {
+        if !(self.cluster && not_run(e)) {
+            return None;
+        }
+        let pause = self.pause;
+        self.pause = (pause * 2).clamp(CLUSTER_PAUSE_MIN, CLUSTER_PAUSE_MAX);
+        Some(pause)
+    }
+}
+
 impl Conn {
+    /// Runs a request once (on a cluster, until the cluster has run it: see [`Resend`]).
     async fn exec(&self, req: &Req<'_>) -> RedisResult<Value> {
+        let mut resend = Resend::new(self);
+        loop {
+            let done = self.exec_once(req).await;
+            match done {
+                Err(e) => match resend.again(&e) {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => return Err(e),
+                },
+                done => return done,
+            }
+        }
+    }
+
+    async fn exec_once(&self, req: &Req<'_>) -> RedisResult<Value> {
         match *req {
             Req::Cmd(cmd) => self.send(cmd).await,
             Req::Script(cmd, source) => {
@@ -725,6 +837,9 @@ impl Conn {
                         if e.kind()
                             == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
                     {
+                        if let Conn::Cluster(_) = self {
+                            return self.send(&eval_of(cmd, source)).await;
+                        }
                         let mut load = ::redis::cmd("SCRIPT");
                         load.arg("LOAD").arg(source);
                         self.send(&load).await?;
@@ -750,6 +865,20 @@ impl Conn {
     /// to the node of its one key; `WAIT` alone would go to every master). Answers the
     /// command's reply and `WAIT`'s count of replicas.
     async fn exec_waiting(&self, req: &Req<'_>, wait: &Cmd) -> RedisResult<(Value, i64)> {
+        let mut resend = Resend::new(self);
+        loop {
+            let done = self.exec_waiting_once(req, wait).await;
+            match done {
+                Err(e) => match resend.again(&e) {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => return Err(e),
+                },
+                done => return done,
+            }
+        }
+    }
+
+    async fn exec_waiting_once(&self, req: &Req<'_>, wait: &Cmd) -> RedisResult<(Value, i64)> {
         let (cmd, source) = match *req {
             Req::Cmd(cmd) => (cmd, None),
             Req::Script(cmd, source) => (cmd, Some(source)),
@@ -761,6 +890,12 @@ impl Conn {
             (Err(e), Some(source))
                 if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
             {
+                if let Conn::Cluster(_) = self {
+                    let mut pipe = Pipeline::with_capacity(2);
+                    pipe.add_command(eval_of(cmd, source))
+                        .add_command(wait.clone());
+                    return self.send_pipeline(&pipe).await;
+                }
                 let mut load = ::redis::cmd("SCRIPT");
                 load.arg("LOAD").arg(source);
                 self.send(&load).await?;
@@ -786,8 +921,13 @@ impl Conn {
             )));
         };
         let reply = server_error(reply)?;
-        match server_error(acked)? {
+        match acked {
             Value::Int(n) => Ok((reply, n)),
+            // The command ran (its reply is above), and `WAIT` refused to count its replicas
+            // (seen from a node that answered as a replica, during a cluster failover): no
+            // replica confirmed the write, which is then reported as not replicated (unavailable),
+            // not as an error of its own.
+            Value::ServerError(_) => Ok((reply, 0)),
             _ => Err(RedisError::from((
                 ::redis::ErrorKind::UnexpectedReturnType,
                 "WAIT did not answer an integer",

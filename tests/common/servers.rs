@@ -474,6 +474,56 @@ impl RedisCluster {
     }
 }
 
+/// A Redis Cluster of one master: a `--cluster-enabled` server that owns all 16384 slots
+/// (`CLUSTER ADDSLOTSRANGE 0 16383`), announcing itself as `127.0.0.1`. Waits until the node
+/// reports `cluster_state:ok`.
+pub async fn one_node_cluster() -> RedisServer {
+    let node = RedisServer::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-announce-ip",
+        "127.0.0.1",
+    ])
+    .await;
+    let out = node.cli(&["cluster", "addslotsrange", "0", "16383"]).await;
+    assert_eq!(out.trim(), "OK", "CLUSTER ADDSLOTSRANGE: {out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = node.cli(&["cluster", "info"]).await;
+        if info.contains("cluster_state:ok") {
+            return node;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the one-node cluster never became ok: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Makes a cluster node announce `port` as its own (`cluster-announce-port`), so that cluster
+/// clients reach it there (say, through a proxy on that port); waits until `CLUSTER SLOTS`
+/// says so.
+pub async fn announce_port(node: &RedisServer, port: u16) {
+    let port = port.to_string();
+    let out = node
+        .cli(&["config", "set", "cluster-announce-port", &port])
+        .await;
+    assert_eq!(out.trim(), "OK", "CONFIG SET cluster-announce-port: {out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node
+        .cli(&["cluster", "slots"])
+        .await
+        .lines()
+        .any(|l| l.trim() == port)
+    {
+        assert!(Instant::now() < deadline, "the node never announced {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Redis Sentinels (`redis-server CONF --sentinel`, so no package beyond `redis-server`) on free
 /// loopback ports, watching one master as `mymaster` with a quorum of two, and quick to act:
 /// `down-after-milliseconds 1000`, `failover-timeout 5000`.
