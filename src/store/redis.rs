@@ -283,7 +283,9 @@ impl RedisStoreBuilder {
             .await
             .map_err(|_| timed_out(self.timeout))?
             .map_err(store_error)?;
-        self.with_connection_manager(manager).preloaded().await
+        self.with_connection_manager(manager)
+            .preloaded_boxed()
+            .await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (the others are discovered).
@@ -317,7 +319,9 @@ impl RedisStoreBuilder {
             .await
             .map_err(|_| timed_out(self.timeout))?
             .map_err(store_error)?;
-        self.with_cluster_connection(connection).preloaded().await
+        self.with_cluster_connection(connection)
+            .preloaded_boxed()
+            .await
     }
 
     /// Connects to the master that Redis Sentinel knows as `master_name`, asking the Sentinels
@@ -350,7 +354,7 @@ impl RedisStoreBuilder {
             SentinelServerType::Master,
         )
         .map_err(store_error)?;
-        self.with_sentinel_client(client).preloaded().await
+        self.with_sentinel_client(client).preloaded_boxed().await
     }
 
     /// A store on the master of an existing `SentinelClient` (with your own authentication,
@@ -474,6 +478,16 @@ impl RedisStore {
     /// ```
     pub fn key(&self, id: &Id) -> String {
         id.prefixed(&self.inner.prefix)
+    }
+
+    /// [`preloaded`](Self::preloaded), boxed: opening happens once, and the request path's
+    /// nested futures (the retry loops, the script fallback) would otherwise make the future of
+    /// every `open` call deep enough to exceed the compiler's default recursion limit when a
+    /// caller's own future is laid out around it (seen with clippy on `examples/redis.rs`).
+    fn preloaded_boxed(
+        self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<RedisStore, StoreError>> + Send>> {
+        Box::pin(self.preloaded())
     }
 
     /// Loads the scripts into the server's cache, so that the first requests need no reload.
