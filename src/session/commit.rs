@@ -53,8 +53,7 @@ impl Session {
                     let vanished = self.state().missing(&plan);
                     return self.after_vanishing(vanished).await;
                 }
-                // `SaveOutcome` is non-exhaustive for stores' sake; anything else is a conflict.
-                _ => {
+                SaveOutcome::Conflict => {
                     conflicts += 1;
                     if conflicts >= config.max_save_attempts {
                         return Err(Error::new(Kind::Conflict));

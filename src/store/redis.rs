@@ -551,17 +551,7 @@ impl RedisStore {
                 other => (other, false),
             }
         });
-        let mut deadline = pin!(tokio::time::sleep(self.inner.timeout));
-        poll_fn(|cx| {
-            if let Poll::Ready((done, retried)) = attempt.as_mut().poll(cx) {
-                return Poll::Ready(done.map(|v| (v, retried)).map_err(store_error));
-            }
-            deadline
-                .as_mut()
-                .poll(cx)
-                .map(|()| Err(timed_out(self.inner.timeout)))
-        })
-        .await
+        self.bounded(attempt.as_mut()).await
     }
 
     /// Runs a write as [`run`](Self::run) does: when replicas must acknowledge it, with
