@@ -9,7 +9,7 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use hyper_sessions::{Id, MemoryStore, Record, SessionStore};
+use hyper_sessions::{Id, Key, MemoryStore, Record, SessionStore};
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");
@@ -22,7 +22,7 @@ fn main() {
     const N: usize = 1_000_000;
     let payload = r#"{"d":{"count":0,"user":"ada"}}"#;
     let expires = SystemTime::now() + Duration::from_secs(3600);
-    let ids: Vec<Id> = (0..N).map(|_| Id::random()).collect();
+    let ids: Vec<Key> = (0..N).map(|_| Key::of(Id::random())).collect();
     // Bounds well above the sessions made: nothing is evicted.
     let store = MemoryStore::builder()
         .max_sessions(2 * N)

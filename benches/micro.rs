@@ -19,7 +19,8 @@ use http::{HeaderMap, HeaderValue, Request, Response, header::COOKIE};
 use http_body_util::{Empty, Full};
 use hyper::service::Service;
 use hyper_sessions::{
-    Id, MemoryStore, Record, Session, SessionLayer, SessionService, SessionStore, find_session_id,
+    Id, Key, MemoryStore, Record, Session, SessionLayer, SessionService, SessionStore,
+    find_session_id,
 };
 
 fn main() {
@@ -73,6 +74,12 @@ mod id {
     fn display(b: Bencher) {
         let id = Id::random();
         b.bench(|| black_box(id).to_string());
+    }
+
+    #[divan::bench]
+    fn store_key(b: Bencher) {
+        let id = Id::random();
+        b.bench(|| Key::of(black_box(id)));
     }
 }
 
@@ -183,13 +190,13 @@ mod request {
 mod memory_store {
     use super::*;
 
-    fn filled(n: usize) -> (MemoryStore, Arc<Vec<Id>>) {
+    fn filled(n: usize) -> (MemoryStore, Arc<Vec<Key>>) {
         let store = MemoryStore::default();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let expires = SystemTime::now() + Duration::from_secs(3600);
-        let ids: Vec<Id> = (0..n).map(|_| Id::random()).collect();
+        let ids: Vec<Key> = (0..n).map(|_| Key::of(Id::random())).collect();
         rt.block_on(async {
             for id in &ids {
                 let rec = Record::new(*id, Bytes::from_static(br#"{"d":{"n":1}}"#), 1, expires);

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_sessions::{Id, MemoryStore, Record, SessionLayer, SessionStore};
+use hyper_sessions::{Id, Key, MemoryStore, Record, SessionLayer, SessionStore};
 use hyper_util::rt::TokioIo;
 
 struct Args {
@@ -173,7 +173,7 @@ async fn prefill<S: SessionStore + Clone>(store: &S, args: &Args) -> Result<(), 
         let (store, payload) = (store.clone(), payload.clone());
         tasks.spawn(async move {
             store
-                .create(&Record::new(id, payload, 1, expires))
+                .create(&Record::new(Key::of(id), payload, 1, expires))
                 .await
                 .map_err(|e| format!("prefill: {e:?}"))
         });

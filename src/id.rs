@@ -182,26 +182,6 @@ impl Id {
             pos += 2;
         }
     }
-
-    /// `prefix` followed by the canonical text form, without the formatting machinery (store
-    /// keys are built on every request).
-    #[cfg(any(feature = "redis", feature = "webdis"))]
-    pub(crate) fn prefixed(self, prefix: &str) -> String {
-        let mut buf = [0u8; ID_LEN];
-        self.encode(&mut buf);
-        let mut key = String::with_capacity(prefix.len() + ID_LEN);
-        key.push_str(prefix);
-        // Only ASCII hex digits and hyphens were written.
-        key.push_str(std::str::from_utf8(&buf).unwrap_or_default());
-        key
-    }
-
-    /// The id's top 32 bits, which are random: a shard index for in-process maps.
-    #[cfg(feature = "memory")]
-    #[allow(clippy::cast_possible_truncation)]
-    pub(crate) fn high_bits(self) -> u32 {
-        (self.hi >> 32) as u32
-    }
 }
 
 impl fmt::Display for Id {

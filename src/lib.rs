@@ -116,6 +116,7 @@ mod error;
 #[cfg(feature = "axum")]
 mod extract;
 mod id;
+mod key;
 mod record;
 mod service;
 mod session;
@@ -134,6 +135,7 @@ pub use crate::error::{Error, StoreError, StoreErrorKind};
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use crate::extract::MissingSessionLayer;
 pub use crate::id::{Id, InvalidId};
+pub use crate::key::{Fingerprint, Key};
 pub use crate::record::{Record, from_unix_ms, unix_ms};
 pub use crate::service::{
     DEFAULT_MAX_RECORD_BYTES, ResponseFuture, SessionLayer, SessionLayerBuilder, SessionService,

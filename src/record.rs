@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::config::Expiry;
-use crate::id::Id;
+use crate::key::Key;
 
 /// One stored session, as a [`SessionStore`](crate::SessionStore) keeps it.
 ///
@@ -17,7 +17,7 @@ use crate::id::Id;
 /// stop returning the record. Expiry instants have millisecond precision.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
-    id: Id,
+    key: Key,
     data: Bytes,
     version: u64,
     expires_ms: u64,
@@ -26,15 +26,15 @@ pub struct Record {
 impl Record {
     /// A record with these parts. Stores call this (or [`Record::from_unix_ms`]) when they load
     /// one.
-    pub fn new(id: Id, data: Bytes, version: u64, expires_at: SystemTime) -> Self {
-        Record::from_unix_ms(id, data, version, unix_ms(expires_at))
+    pub fn new(key: Key, data: Bytes, version: u64, expires_at: SystemTime) -> Self {
+        Record::from_unix_ms(key, data, version, unix_ms(expires_at))
     }
 
     /// A record whose expiry is given in milliseconds since the Unix epoch, the form most
     /// stores keep (`PXAT` in Redis, an integer column in `SQLite`).
-    pub fn from_unix_ms(id: Id, data: Bytes, version: u64, expires_at_unix_ms: u64) -> Self {
+    pub fn from_unix_ms(key: Key, data: Bytes, version: u64, expires_at_unix_ms: u64) -> Self {
         Record {
-            id,
+            key,
             data,
             version,
             expires_ms: expires_at_unix_ms,
@@ -48,9 +48,9 @@ impl Record {
         self
     }
 
-    /// The session id.
-    pub fn id(&self) -> Id {
-        self.id
+    /// The session's store key (a digest of its id; see [`Key`]).
+    pub fn key(&self) -> Key {
+        self.key
     }
 
     /// The encoded session payload. Stores keep it byte for byte.
@@ -82,7 +82,7 @@ impl Record {
 impl fmt::Debug for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Record")
-            .field("id", &self.id)
+            .field("key", &self.key)
             .field("data_len", &self.data.len())
             .field("version", &self.version)
             .field("expires_at_unix_ms", &self.expires_ms)

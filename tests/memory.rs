@@ -6,10 +6,10 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::{Browser, Conn, serve};
+use common::{Browser, Conn, new_key, serve};
 use hyper::StatusCode;
 use hyper_sessions::{
-    CreateOutcome, Id, MemoryStore, Record, SaveOutcome, SessionLayer, SessionStore,
+    CreateOutcome, Key, MemoryStore, Record, SaveOutcome, SessionLayer, SessionStore,
 };
 
 #[allow(clippy::unused_async)] // the suite awaits every fixture
@@ -20,12 +20,7 @@ async fn fixture() -> (MemoryStore, ()) {
 conformance_suite!(fixture);
 
 fn record(len: usize, version: u64, expires_at: SystemTime) -> Record {
-    Record::new(
-        Id::random(),
-        Bytes::from(vec![b'x'; len]),
-        version,
-        expires_at,
-    )
+    Record::new(new_key(), Bytes::from(vec![b'x'; len]), version, expires_at)
 }
 
 fn in_an_hour() -> SystemTime {
@@ -45,7 +40,7 @@ async fn the_byte_bound_holds() {
         let len = usize::try_from(seed >> 51).unwrap(); // up to 8 KiB
         if i % 3 == 2 {
             // A save that changes the size of a session created earlier, if still there.
-            let (id, version): (Id, u64) = held[i / 2];
+            let (id, version): (Key, u64) = held[i / 2];
             let rec = Record::new(
                 id,
                 Bytes::from(vec![b'y'; 2 * len]),
@@ -58,7 +53,7 @@ async fn the_byte_bound_holds() {
         } else {
             let rec = record(len, 1, in_an_hour());
             assert_eq!(store.create(&rec).await.unwrap(), CreateOutcome::Created);
-            held.push((rec.id(), 1));
+            held.push((rec.key(), 1));
         }
         assert!(store.bytes() <= MAX, "{} bytes held", store.bytes());
     }
@@ -183,7 +178,7 @@ async fn an_evicted_record_is_missing() {
     store.create(&record(10, 1, in_an_hour())).await.unwrap();
     store.create(&record(10, 1, in_an_hour())).await.unwrap();
     assert_eq!(store.evictions(), 1);
-    let id = a.id();
+    let id = a.key();
     assert!(store.load(&id).await.unwrap().is_none());
     let next = Record::new(id, Bytes::from_static(b"y"), 4, in_an_hour());
     assert_eq!(store.save(&next, 3).await.unwrap(), SaveOutcome::Missing);
@@ -219,7 +214,7 @@ async fn expired_sessions_are_evicted_first() {
             ))
             .await
             .unwrap();
-        live.push(l.id());
+        live.push(l.key());
     }
     tokio::time::sleep(Duration::from_millis(40)).await;
     for _ in 0..4 {
@@ -251,7 +246,7 @@ async fn a_record_larger_than_the_bound_is_refused() {
     assert!(err.is_unavailable(), "{err}");
     let err = store
         .save(
-            &Record::new(others[0].id(), Bytes::from(vec![0; MAX]), 2, in_an_hour()),
+            &Record::new(others[0].key(), Bytes::from(vec![0; MAX]), 2, in_an_hour()),
             1,
         )
         .await
@@ -260,7 +255,7 @@ async fn a_record_larger_than_the_bound_is_refused() {
     assert_eq!((store.bytes(), store.evictions()), (bytes, 0));
     assert_eq!(
         store
-            .load(&others[0].id())
+            .load(&others[0].key())
             .await
             .unwrap()
             .unwrap()

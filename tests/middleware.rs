@@ -322,7 +322,7 @@ async fn per_session_expiry_remember_me() {
         set.contains("Max-Age=2592000") || set.contains("Max-Age=2591999"),
         "{set}"
     );
-    let rec = store.load(&b.id().unwrap()).await.unwrap().unwrap();
+    let rec = store.load(&b.key().unwrap()).await.unwrap().unwrap();
     let remaining = rec
         .expires_at()
         .duration_since(std::time::SystemTime::now())
@@ -330,7 +330,7 @@ async fn per_session_expiry_remember_me() {
     assert!(remaining > Duration::from_secs(29 * 86_400));
     // The override is kept with the session.
     b.get("/counter").await;
-    let rec = store.load(&b.id().unwrap()).await.unwrap().unwrap();
+    let rec = store.load(&b.key().unwrap()).await.unwrap().unwrap();
     let remaining = rec
         .expires_at()
         .duration_since(std::time::SystemTime::now())

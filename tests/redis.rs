@@ -9,9 +9,9 @@ mod lost_reply;
 use std::time::{Duration, Instant};
 
 use common::servers::{Monitor, RedisServer, ReplyDroppingProxy, client_commands};
-use common::{Browser, Conn, serve};
+use common::{Browser, Conn, new_key, serve};
 use hyper::StatusCode;
-use hyper_sessions::{Id, Record, RedisStore, SaveOutcome, SessionLayer, SessionStore};
+use hyper_sessions::{Id, Key, Record, RedisStore, SaveOutcome, SessionLayer, SessionStore};
 
 /// A fresh server per test (they start in a few milliseconds).
 async fn single_node() -> (RedisStore, RedisServer) {
@@ -177,7 +177,7 @@ async fn a_read_with_a_due_refresh_adds_one_touch() {
     let app = serve(&layer).await;
     let mut b = Browser::new(app.addr).await;
     b.get("/counter").await;
-    let key = store.key(&b.id().unwrap());
+    let key = store.key(&b.key().unwrap());
     let before: u64 = server
         .cli(&["pexpiretime", &key])
         .await
@@ -208,7 +208,7 @@ async fn a_read_with_a_due_refresh_adds_one_touch() {
         .parse()
         .unwrap();
     assert!(after >= before + 1000, "expiry {before} -> {after}");
-    let rec = store.load(&b.id().unwrap()).await.unwrap().unwrap();
+    let rec = store.load(&b.key().unwrap()).await.unwrap().unwrap();
     assert_eq!(
         rec.expires_at_unix_ms(),
         after,
@@ -227,8 +227,8 @@ async fn the_server_keeps_the_expiry_and_the_value_layout() {
     let app = serve(&SessionLayer::new(store.clone())).await;
     let mut b = Browser::new(app.addr).await;
     b.get("/counter").await;
-    let id = b.id().unwrap();
-    let key = format!("session:{id}");
+    let id = b.key().unwrap();
+    let key = format!("session:{}", id.to_hex());
     assert_eq!(store.key(&id), key);
     let ttl: u64 = server.cli(&["pttl", &key]).await.trim().parse().unwrap();
     assert!(
@@ -246,23 +246,24 @@ async fn the_server_keeps_the_expiry_and_the_value_layout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_values_are_corrupt_not_sessions() {
     let (store, server) = single_node().await;
-    let id = Id::random();
+    let cookie_id = Id::random();
+    let id = Key::of(cookie_id);
     let key = store.key(&id);
     server
         .cli(&["set", &key, r#"{"d":{"admin":true}}"#, "px", "60000"])
         .await;
     let err = store.load(&id).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
-    let other = Id::random();
+    let other = new_key();
     server.cli(&["hset", &store.key(&other), "d", "x"]).await;
     let err = store.load(&other).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
     // The layer starts a fresh session and leaves the value alone.
     let app = serve(&SessionLayer::new(store.clone())).await;
     let mut c = Conn::http1(app.addr).await;
-    let r = c.get("/counter", Some(&format!("id={id}"))).await;
+    let r = c.get("/counter", Some(&format!("id={cookie_id}"))).await;
     assert_eq!(r.body, "1");
-    assert_ne!(r.cookie_pair().unwrap(), format!("id={id}"));
+    assert_ne!(r.cookie_pair().unwrap(), format!("id={cookie_id}"));
     assert!(server.cli(&["get", &key]).await.contains("admin"));
 }
 
@@ -273,7 +274,7 @@ async fn a_key_deleted_behind_the_layers_back_is_never_silently_rewritten() {
     let mut b = Browser::new(app.addr).await;
     b.get("/counter").await;
     let cookie = b.cookie.clone().unwrap();
-    let key = store.key(&b.id().unwrap());
+    let key = store.key(&b.key().unwrap());
     let addr = app.addr;
     let slow = tokio::spawn(async move {
         Conn::http1(addr)
@@ -402,7 +403,7 @@ async fn dirty(server: &RedisServer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_is_one_script_and_never_writes() {
     let (store, server) = single_node().await;
-    let id = Id::random();
+    let id = new_key();
     let created = now_ms() + 10_000;
     let data = bytes::Bytes::from_static(br#"{"d":{"n":1}}"#);
     store
@@ -424,19 +425,19 @@ async fn load_is_one_script_and_never_writes() {
     assert_eq!((rec.version(), rec.data()), (3, &data));
     assert_eq!(dirty(&server).await, before, "a load wrote");
 
-    assert!(store.load(&Id::random()).await.unwrap().is_none());
+    assert!(store.load(&new_key()).await.unwrap().is_none());
     // A key without an expiry (never written by this store) is corrupt, and keeps no expiry.
-    let bare = Id::random();
+    let bare = new_key();
     let bare_key = store.key(&bare);
     server
         .cli(&["set", &bare_key, r#"1:0000000000000001:{"d":{}}"#])
         .await;
     let err = store.load(&bare).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
-    assert!(!format!("{err:?}").contains(&bare.to_string()), "{err:?}");
+    assert!(!format!("{err:?}").contains(&bare.to_hex()), "{err:?}");
     assert_eq!(server.cli(&["pttl", &bare_key]).await.trim(), "-1");
     // A key of another type is corrupt too.
-    let hash = Id::random();
+    let hash = new_key();
     server.cli(&["hset", &store.key(&hash), "d", "x"]).await;
     let err = store.load(&hash).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
@@ -449,7 +450,7 @@ async fn load_is_one_script_and_never_writes() {
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn conditional_touch_and_remove() {
     let (store, server) = single_node().await;
-    let id = Id::random();
+    let id = new_key();
     let key = store.key(&id);
     let created = now_ms() + 10_000;
     let data = bytes::Bytes::from_static(br#"{"d":{"n":1}}"#);
@@ -498,7 +499,7 @@ async fn conditional_touch_and_remove() {
     assert_eq!(server_expiry(&server, &key).await, 253_402_300_799_999);
 
     // Missing: nothing revived.
-    let gone = Id::random();
+    let gone = new_key();
     assert_eq!(
         store.touch(&gone, 1, at(created)).await.unwrap(),
         SaveOutcome::Missing
@@ -528,7 +529,7 @@ async fn conditional_touch_and_remove() {
     );
 
     // Expired: missing, not revived.
-    let short = Id::random();
+    let short = new_key();
     store
         .create(&Record::from_unix_ms(
             short,
@@ -551,7 +552,7 @@ async fn conditional_touch_and_remove() {
     );
 
     // A value this store did not write (no header) is no version: a conflict, left alone.
-    let foreign = Id::random();
+    let foreign = new_key();
     server
         .cli(&["set", &store.key(&foreign), r#"{"d":{}}"#, "px", "60000"])
         .await;
@@ -568,7 +569,7 @@ async fn conditional_touch_and_remove() {
         "1"
     );
     // A key of another type: corrupt, left alone.
-    let hash = Id::random();
+    let hash = new_key();
     server.cli(&["hset", &store.key(&hash), "d", "x"]).await;
     let err = store.touch(&hash, 1, at(created)).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
@@ -577,7 +578,7 @@ async fn conditional_touch_and_remove() {
     assert_eq!(server.cli(&["exists", &store.key(&hash)]).await.trim(), "1");
 
     // The scripts flushed from the cache (as after a restart): reloaded once, same answers.
-    let id = Id::random();
+    let id = new_key();
     store
         .create(&Record::from_unix_ms(id, data.clone(), 1, created))
         .await
@@ -618,7 +619,7 @@ async fn conditional_touch_and_remove_on_a_cluster() {
         .unwrap();
     let at = |ms| hyper_sessions::from_unix_ms(ms);
     for _ in 0..20 {
-        let id = Id::random();
+        let id = new_key();
         let created = now_ms() + 10_000;
         store
             .create(&Record::from_unix_ms(
@@ -669,7 +670,7 @@ async fn an_empty_script_cache_is_refilled_on_a_cluster() {
             assert_eq!(node.cli(&["script", "flush"]).await.trim(), "OK");
         }
     };
-    let id = Id::random();
+    let id = new_key();
     let exp = now_ms() + 60_000;
     let rec = |v: u64| Record::from_unix_ms(id, bytes::Bytes::from_static(b"{}"), v, exp);
     store.create(&rec(1)).await.unwrap();
@@ -777,7 +778,7 @@ async fn an_update_whose_save_reply_was_lost_is_applied_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_timeout_bounds_each_operation() {
     let server = RedisServer::start_with(&["--enable-debug-command", "yes"]).await;
-    let id = Id::random();
+    let id = new_key();
     let data = bytes::Bytes::from_static(b"{}");
     let patient = RedisStore::builder()
         .command_timeout(Duration::from_secs(5))
@@ -802,7 +803,7 @@ async fn the_command_timeout_bounds_each_operation() {
 async fn loads_are_bounded_by_the_command_timeout(
     patient: &RedisStore,
     hasty: &RedisStore,
-    id: &Id,
+    key: &Key,
     port: u16,
 ) {
     for (store, sleep_ok) in [(patient, true), (hasty, false)] {
@@ -812,7 +813,7 @@ async fn loads_are_bounded_by_the_command_timeout(
         // Let the sleep start first.
         tokio::time::sleep(Duration::from_millis(150)).await;
         let started = Instant::now();
-        let loaded = store.load(id).await;
+        let loaded = store.load(key).await;
         let took = started.elapsed();
         if sleep_ok {
             assert_eq!(loaded.unwrap().unwrap().version(), 1);
@@ -923,7 +924,7 @@ async fn failover_run(acks: Option<usize>) -> Failover {
     for _ in 0..40 {
         let mut b = Browser::new(app.addr).await;
         assert_eq!(b.get("/incr/n").await.body, "1");
-        masters.push(cluster.master_of(0, &store.key(&b.id().unwrap())).await);
+        masters.push(cluster.master_of(0, &store.key(&b.key().unwrap())).await);
         browsers.push(b);
         let victim = masters[0];
         let on_victim = masters.iter().filter(|&&m| m == victim).count();
@@ -1121,7 +1122,7 @@ async fn the_command_timeout_bounds_each_operation_on_a_cluster() {
         &["--enable-debug-command", "yes"],
     )
     .await;
-    let id = Id::random();
+    let id = new_key();
     let data = bytes::Bytes::from_static(b"{}");
     let patient = RedisStore::builder()
         .command_timeout(Duration::from_secs(5))
@@ -1164,7 +1165,7 @@ async fn min_replicas_ack_confirms_each_write_with_wait() {
         .open(master.url())
         .await
         .unwrap();
-    let id = Id::random();
+    let id = new_key();
     let data = bytes::Bytes::from_static(b"{}");
     let mut monitor = Monitor::start(&master).await;
     store
@@ -1196,7 +1197,7 @@ async fn min_replicas_ack_confirms_each_write_with_wait() {
     let chain = format!("{err} / {cause:?}");
     assert!(chain.contains("durability unknown"), "{chain}");
     println!("{chain}");
-    assert!(!chain.contains(&id.to_string()), "{chain}");
+    assert!(!chain.contains(&id.to_hex()), "{chain}");
     assert_eq!(
         store.load(&id).await.unwrap().unwrap().version(),
         3,

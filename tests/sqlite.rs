@@ -12,10 +12,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use hyper::StatusCode;
 use hyper_sessions::{
-    CreateOutcome, Id, Record, SaveOutcome, SessionLayer, SessionStore, SqliteStore, StoreErrorKind,
+    CreateOutcome, Key, Record, SaveOutcome, SessionLayer, SessionStore, SqliteStore,
+    StoreErrorKind,
 };
 
-use common::{Browser, Conn, serve};
+use common::{Browser, Conn, new_key, serve};
 
 /// A fresh directory under the system temp dir, removed (with the database in it) when dropped.
 struct TempDir(PathBuf);
@@ -69,8 +70,8 @@ fn in_ms(ms: u64) -> SystemTime {
     SystemTime::now() + Duration::from_millis(ms)
 }
 
-fn record(id: Id, data: &str, expires_at: SystemTime) -> Record {
-    Record::new(id, Bytes::from(data.to_owned()), 1, expires_at)
+fn record(key: Key, data: &str, expires_at: SystemTime) -> Record {
+    Record::new(key, Bytes::from(data.to_owned()), 1, expires_at)
 }
 
 /// A second, plain rusqlite connection on the same file: what another process would see.
@@ -95,7 +96,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 async fn schema_and_pragmas() {
     let dir = TempDir::new();
     let store = SqliteStore::open(dir.db()).await.unwrap();
-    let id = Id::random();
+    let id = new_key();
     store
         .create(&record(id, r#"{"d":{}}"#, in_ms(60_000)))
         .await
@@ -162,7 +163,7 @@ async fn newer_schema_and_foreign_tables_are_refused() {
         .open()
         .await
         .unwrap();
-    let id = Id::random();
+    let id = new_key();
     other.create(&record(id, "x", in_ms(60_000))).await.unwrap();
     assert!(other.load(&id).await.unwrap().is_some());
 }
@@ -217,7 +218,7 @@ async fn missing_directory_and_non_database_files_are_clear_errors() {
 async fn read_only_database_is_a_clear_error() {
     let dir = TempDir::new();
     let store = SqliteStore::open(dir.db()).await.unwrap();
-    let id = Id::random();
+    let id = new_key();
     store
         .create(&record(id, r#"{"d":{"a":1}}"#, in_ms(60_000)))
         .await
@@ -242,7 +243,7 @@ async fn a_locked_database_is_unavailable_and_loses_nothing() {
         .open()
         .await
         .unwrap();
-    let id = Id::random();
+    let id = new_key();
     store
         .create(&record(id, r#"{"d":{"a":1}}"#, in_ms(60_000)))
         .await
@@ -251,7 +252,7 @@ async fn a_locked_database_is_unavailable_and_loses_nothing() {
     let other = raw(&dir.db());
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
     let err = store
-        .create(&record(Id::random(), "x", in_ms(60_000)))
+        .create(&record(new_key(), "x", in_ms(60_000)))
         .await
         .unwrap_err();
     assert!(err.is_unavailable(), "{}", chain(&err));
@@ -262,7 +263,7 @@ async fn a_locked_database_is_unavailable_and_loses_nothing() {
     // And writes work again afterwards.
     assert_eq!(
         store
-            .create(&record(Id::random(), "x", in_ms(60_000)))
+            .create(&record(new_key(), "x", in_ms(60_000)))
             .await
             .unwrap(),
         CreateOutcome::Created
@@ -342,7 +343,7 @@ async fn a_foreign_write_lock_stalls_neither_reads_nor_the_queue() {
     let read_took = start.elapsed();
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"));
     let start = std::time::Instant::now();
-    assert!(store.load(&reader.id().unwrap()).await.unwrap().is_some());
+    assert!(store.load(&reader.key().unwrap()).await.unwrap().is_some());
     let load_took = start.elapsed();
     let mut answers = Vec::new();
     for t in blocked {
@@ -420,7 +421,7 @@ async fn without_readers_loads_wait_one_busy_timeout_at_most() {
         .open()
         .await
         .unwrap();
-    let id = Id::random();
+    let id = new_key();
     store.create(&record(id, "a", in_ms(60_000))).await.unwrap();
     let next = Record::new(id, Bytes::from_static(b"b"), 2, in_ms(60_000));
     assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
@@ -431,11 +432,7 @@ async fn without_readers_loads_wait_one_busy_timeout_at_most() {
     let blocked: Vec<_> = (0..10)
         .map(|_| {
             let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .create(&record(Id::random(), "x", in_ms(60_000)))
-                    .await
-            })
+            tokio::spawn(async move { store.create(&record(new_key(), "x", in_ms(60_000))).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -461,7 +458,7 @@ async fn a_full_database_refuses_new_sessions_and_keeps_old_ones() {
         .open()
         .await
         .unwrap();
-    let first = Id::random();
+    let first = new_key();
     store
         .create(&record(first, r#"{"d":{"n":1}}"#, in_ms(60_000)))
         .await
@@ -469,10 +466,7 @@ async fn a_full_database_refuses_new_sessions_and_keeps_old_ones() {
     let big = format!(r#"{{"d":{{"s":"{}"}}}}"#, "x".repeat(4000));
     let mut err = None;
     for _ in 0..100 {
-        match store
-            .create(&record(Id::random(), &big, in_ms(60_000)))
-            .await
-        {
+        match store.create(&record(new_key(), &big, in_ms(60_000))).await {
             Ok(_) => {}
             Err(e) => {
                 err = Some(e);
@@ -514,7 +508,7 @@ async fn corrupt_rows_are_reported_and_start_a_fresh_session() {
     for (column, garbage) in cases {
         let mut b = Browser::new(server.addr).await;
         assert_eq!(b.get("/counter").await.body, "1");
-        let id = b.id().unwrap();
+        let id = b.key().unwrap();
         let cookie = b.cookie.clone().unwrap();
         c.execute(garbage, [id.to_bytes()]).unwrap();
         c.execute(
@@ -526,9 +520,12 @@ async fn corrupt_rows_are_reported_and_start_a_fresh_session() {
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{}", chain(&err));
         let text = chain(&err);
         assert!(text.contains(&format!("column {column}")), "{text}");
-        let full = id.to_string();
+        let full = id.to_hex();
         assert!(text.contains(&full[..8]), "the row is named: {text}");
-        assert!(!text.contains(&full), "the whole id leaked: {text}");
+        assert!(
+            !text.contains(&full[..9]),
+            "more than the key's fingerprint leaked: {text}"
+        );
         // Over HTTP: a fresh session under a new id, the bad row left alone.
         let mut conn = Conn::http1(server.addr).await;
         let r = conn.get("/counter", Some(&cookie)).await;
@@ -555,14 +552,14 @@ async fn delete_expired_and_the_cleanup_task() {
         .open()
         .await
         .unwrap();
-    let live = Id::random();
+    let live = new_key();
     store
         .create(&record(live, "live", in_ms(60_000)))
         .await
         .unwrap();
     for _ in 0..2500 {
         store
-            .create(&record(Id::random(), "old", in_ms(50)))
+            .create(&record(new_key(), "old", in_ms(50)))
             .await
             .unwrap();
     }
@@ -586,12 +583,12 @@ async fn delete_expired_and_the_cleanup_task() {
         .unwrap();
     for _ in 0..10 {
         store
-            .create(&record(Id::random(), "old", in_ms(20)))
+            .create(&record(new_key(), "old", in_ms(20)))
             .await
             .unwrap();
     }
     store
-        .create(&record(Id::random(), "live", in_ms(60_000)))
+        .create(&record(new_key(), "live", in_ms(60_000)))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -618,10 +615,10 @@ async fn delete_expired_and_the_cleanup_task() {
 async fn saves_with_the_same_and_a_new_expiry() {
     let (store, dir) = file_fixture().await;
     let c = raw(&dir.db());
-    let row = |id: Id| -> (Vec<u8>, i64, i64) {
+    let row = |key: Key| -> (Vec<u8>, i64, i64) {
         c.query_row(
             "SELECT data, version, expires_at FROM sessions WHERE id = ?1",
-            [&id.to_bytes()[..]],
+            [&key.to_bytes()[..]],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap()
@@ -632,7 +629,7 @@ async fn saves_with_the_same_and_a_new_expiry() {
         .unwrap();
     let now = u64::try_from(now.as_millis()).unwrap();
     let (e1, e2) = (now + 60_000, now + 90_000);
-    let id = Id::random();
+    let id = new_key();
     let at = |v, d: &str, e| Record::from_unix_ms(id, ms(d), v, e);
     assert_eq!(
         store.create(&at(1, "a", e1)).await.unwrap(),
@@ -692,16 +689,16 @@ async fn saves_with_the_same_and_a_new_expiry() {
         store.save(&at(5, "e", e1), 4).await.unwrap(),
         SaveOutcome::Missing
     );
-    let other = Record::from_unix_ms(Id::random(), ms("z"), 2, e1);
+    let other = Record::from_unix_ms(new_key(), ms("z"), 2, e1);
     assert_eq!(store.save(&other, 1).await.unwrap(), SaveOutcome::Missing);
 }
 
 /// The row as stored, read on another connection: `(data, version, expires_at)`, or `None`.
-fn stored_row(c: &rusqlite::Connection, id: Id) -> Option<(Vec<u8>, i64, i64)> {
+fn stored_row(c: &rusqlite::Connection, key: Key) -> Option<(Vec<u8>, i64, i64)> {
     use rusqlite::OptionalExtension;
     c.query_row(
         "SELECT data, version, expires_at FROM sessions WHERE id = ?1",
-        [&id.to_bytes()[..]],
+        [&key.to_bytes()[..]],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )
     .optional()
@@ -722,7 +719,7 @@ async fn conditional_touch_and_remove() {
     let e = |x: u64| i64::try_from(x).unwrap();
     let now = now_unix_ms();
     let (e1, e2, e3) = (now + 60_000, now + 90_000, now + 30_000);
-    let id = Id::random();
+    let id = new_key();
     let at = |v, d: &str, e| Record::from_unix_ms(id, Bytes::from(d.to_owned()), v, e);
     store.create(&at(1, "a", e1)).await.unwrap();
 
@@ -789,7 +786,7 @@ async fn conditional_touch_and_remove() {
 
     // An unknown id, whatever the version.
     for v in [0, 1, u64::MAX] {
-        let unknown = Id::random();
+        let unknown = new_key();
         assert_eq!(
             store.touch(&unknown, v, from_ms(e1)).await.unwrap(),
             SaveOutcome::Missing
@@ -803,7 +800,7 @@ async fn conditional_touch_and_remove() {
 
     // An expired row (not yet cleaned up) is missing, for the right version and any other: the
     // touch does not revive it, and the remove leaves it to the cleanup.
-    let old = Id::random();
+    let old = new_key();
     let expired = Record::from_unix_ms(old, Bytes::from_static(b"x"), 3, now + 60_000);
     store.create(&expired).await.unwrap();
     c.execute(
@@ -830,7 +827,7 @@ fn from_ms(ms: u64) -> SystemTime {
 #[tokio::test]
 async fn conditional_touch_and_remove_in_memory() {
     let (store, ()) = memory_fixture().await;
-    let id = Id::random();
+    let id = new_key();
     store.create(&record(id, "a", in_ms(60_000))).await.unwrap();
     let later = in_ms(120_000);
     assert_eq!(
@@ -871,7 +868,7 @@ async fn touch_and_remove_never_undo_a_newer_version() {
     let saved_expiry = now_unix_ms() + 600_000;
     let (mut removed_first, mut saved_first) = (0, 0);
     for round in 0..40 {
-        let id = Id::random();
+        let id = new_key();
         let data = |v: &str| Bytes::from(v.to_owned());
         store
             .create(&Record::from_unix_ms(
@@ -887,7 +884,7 @@ async fn touch_and_remove_never_undo_a_newer_version() {
         // are then committed together, in the order they were queued.
         let s0 = store.clone();
         let blocker =
-            tokio::spawn(async move { s0.create(&record(Id::random(), "b", in_ms(60_000))).await });
+            tokio::spawn(async move { s0.create(&record(new_key(), "b", in_ms(60_000))).await });
         tokio::time::sleep(Duration::from_millis(5)).await;
         let next = Record::from_unix_ms(id, data("v2"), 2, saved_expiry);
         let (s1, s2) = (store.clone(), store.clone());
@@ -955,7 +952,7 @@ async fn touch_and_remove_never_undo_a_newer_version() {
 async fn expiry_is_checked_when_the_statement_runs() {
     let (store, dir) = file_fixture().await;
     let other = raw(&dir.db());
-    let id = Id::random();
+    let id = new_key();
     store.create(&record(id, "a", in_ms(300))).await.unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
     let s = store.clone();
@@ -971,7 +968,7 @@ async fn expiry_is_checked_when_the_statement_runs() {
 #[tokio::test]
 async fn statements_outlive_schema_changes_by_others() {
     let (store, dir) = file_fixture().await;
-    let id = Id::random();
+    let id = new_key();
     store
         .create(&record(id, r#"{"d":{}}"#, in_ms(60_000)))
         .await
@@ -996,7 +993,7 @@ async fn statements_outlive_schema_changes_by_others() {
         .await
         .unwrap();
     other
-        .create(&record(Id::random(), "{}", in_ms(60_000)))
+        .create(&record(new_key(), "{}", in_ms(60_000)))
         .await
         .unwrap();
     assert_eq!(
@@ -1179,7 +1176,7 @@ async fn one_failing_write_among_concurrent_ones_fails_alone() {
                 format!(r#"{{"d":{{"i":{i}}}}}"#)
             };
             tasks.push(tokio::spawn(async move {
-                let id = Id::random();
+                let id = new_key();
                 let outcome = store.create(&record(id, &data, in_ms(60_000))).await;
                 (i, id, data, outcome)
             }));

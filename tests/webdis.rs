@@ -14,10 +14,10 @@ use common::servers::{
     CountingProxy, Monitor, RedisServer, ReplyDroppingProxy, TestCa, TlsTerminator, WebdisServer,
     client_commands,
 };
-use common::{Browser, Conn, serve};
+use common::{Browser, Conn, new_key, serve};
 use hyper::StatusCode;
 use hyper_sessions::{
-    CreateOutcome, Id, Record, SaveOutcome, SessionLayer, SessionStore, WebdisStore,
+    CreateOutcome, Id, Key, Record, SaveOutcome, SessionLayer, SessionStore, WebdisStore,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -329,7 +329,7 @@ async fn values_cannot_inject_commands() {
     let mut ids = Vec::new();
     for (i, value) in nasty.iter().enumerate() {
         let data = serde_json::json!({"d": {"v": value, "k": format!("/{i}/SET/x")}}).to_string();
-        let id = Id::random();
+        let id = new_key();
         let rec = Record::new(
             id,
             Bytes::from(data),
@@ -352,7 +352,7 @@ async fn values_cannot_inject_commands() {
     let r = b.get("/set/x?v=%2FSET%2Fother_key%2Fpwned%3F%23%25").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(b.get("/get/x").await.body, "/SET/other_key/pwned?#%");
-    ids.push(b.id().unwrap());
+    ids.push(b.key().unwrap());
 
     let mut keys: Vec<String> = s
         .redis
@@ -362,7 +362,10 @@ async fn values_cannot_inject_commands() {
         .map(str::to_owned)
         .collect();
     keys.sort();
-    let mut want: Vec<String> = ids.iter().map(|id| format!("{prefix}{id}")).collect();
+    let mut want: Vec<String> = ids
+        .iter()
+        .map(|key| format!("{prefix}{}", key.to_hex()))
+        .collect();
     want.sort();
     assert_eq!(keys, want, "only the sessions' own keys exist");
     assert_eq!(s.redis.cli(&["exists", "other_key"]).await.trim(), "0");
@@ -454,19 +457,20 @@ async fn raw_set(redis: &RedisServer, key: &str, value: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_and_unreadable_values_are_corrupt() {
     let (store, s) = plain_fixture().await;
-    let foreign = Id::random();
+    let foreign = new_key();
     raw_set(&s.redis, &store.key(&foreign), br#"{"d":{"admin":true}}"#).await;
-    let hash = Id::random();
+    let hash = new_key();
     s.redis.cli(&["hset", &store.key(&hash), "d", "x"]).await;
     // Values Webdis's JSON cannot carry: not UTF-8 (Webdis answers `{}`), a NUL (it cuts there).
-    let binary = Id::random();
+    let binary_id = Id::random();
+    let binary = Key::of(binary_id);
     raw_set(
         &s.redis,
         &store.key(&binary),
         b"1:0000000000000000:\xff\xfe{}",
     )
     .await;
-    let nul = Id::random();
+    let nul = new_key();
     raw_set(
         &s.redis,
         &store.key(&nul),
@@ -486,9 +490,9 @@ async fn foreign_and_unreadable_values_are_corrupt() {
     // The layer starts a fresh session and leaves the value alone.
     let app = serve(&SessionLayer::new(store.clone())).await;
     let mut c = Conn::http1(app.addr).await;
-    let r = c.get("/counter", Some(&format!("id={binary}"))).await;
+    let r = c.get("/counter", Some(&format!("id={binary_id}"))).await;
     assert_eq!(r.body, "1");
-    assert_ne!(r.cookie_pair().unwrap(), format!("id={binary}"));
+    assert_ne!(r.cookie_pair().unwrap(), format!("id={binary_id}"));
     // A key of another type holds the id: taken, not overwritten.
     let rec = Record::new(
         hash,
@@ -498,7 +502,7 @@ async fn foreign_and_unreadable_values_are_corrupt() {
     );
     assert_eq!(store.create(&rec).await.unwrap(), CreateOutcome::IdTaken);
     // And this store refuses to write what it could not read back.
-    let id = Id::random();
+    let id = new_key();
     for data in [&b"\xff\xfe"[..], b"{\"d\":{}}\0"] {
         let rec = Record::new(
             id,
@@ -591,7 +595,7 @@ async fn connection_problems_are_clear_errors() {
     // Webdis up, Redis down: Webdis answers 503, an outage.
     let (store, mut s) = plain_fixture().await;
     s.redis.kill();
-    let err = store.load(&Id::random()).await.unwrap_err();
+    let err = store.load(&new_key()).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     assert!(format!("{err:?}").contains("503"), "{err:?}");
 }
@@ -669,7 +673,7 @@ async fn a_read_with_a_due_refresh_adds_one_touch() {
     let app = serve(&layer).await;
     let mut b = Browser::new(app.addr).await;
     b.get("/counter").await;
-    let key = store.key(&b.id().unwrap());
+    let key = store.key(&b.key().unwrap());
     let before = server_expiry(&s.redis, &key).await;
     // A refresh is due once a tenth of the window has passed.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -718,7 +722,7 @@ fn now_ms() -> u64 {
 async fn conditional_touch_and_remove() {
     let (store, mut s) = plain_fixture().await;
     let at = hyper_sessions::from_unix_ms;
-    let id = Id::random();
+    let id = new_key();
     let key = store.key(&id);
     let created = now_ms() + 10_000;
     let data = Bytes::from_static(br#"{"d":{"n":1}}"#);
@@ -778,7 +782,7 @@ async fn conditional_touch_and_remove() {
     );
 
     // Expired: missing, not revived.
-    let short = Id::random();
+    let short = new_key();
     store
         .create(&Record::from_unix_ms(
             short,
@@ -797,7 +801,7 @@ async fn conditional_touch_and_remove() {
     assert!(store.load(&short).await.unwrap().is_none());
 
     // A key of another type: corrupt, left alone.
-    let hash = Id::random();
+    let hash = new_key();
     s.redis.cli(&["hset", &store.key(&hash), "d", "x"]).await;
     let err = store.touch(&hash, 1, at(created)).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
@@ -809,7 +813,7 @@ async fn conditional_touch_and_remove() {
     );
 
     // Redis's script cache emptied: one EVAL each, same answers.
-    let id = Id::random();
+    let id = new_key();
     store
         .create(&Record::from_unix_ms(id, data.clone(), 1, created))
         .await

@@ -42,10 +42,10 @@ impl Session {
                     expires_ms,
                 } => {
                     store
-                        .touch(id, *expected, from_unix_ms(*expires_ms))
+                        .touch(&id.key, *expected, from_unix_ms(*expires_ms))
                         .await?
                 }
-                Plan::Remove { id, expected, .. } => store.remove(id, *expected).await?,
+                Plan::Remove { id, expected, .. } => store.remove(&id.key, *expected).await?,
             };
             match outcome {
                 SaveOutcome::Saved => self.state().done(&plan, config, now),
@@ -65,7 +65,7 @@ impl Session {
                     let Some(source) = self.state().conflict_source() else {
                         continue;
                     };
-                    let fresh = store.load(&source).await?;
+                    let fresh = store.load(&source.key).await?;
                     let now = unix_ms(SystemTime::now());
                     let rebased = self.state().rebase(fresh, config, now)?;
                     if let Some(vanished) = rebased {
@@ -83,7 +83,7 @@ impl Session {
             Vanished::Gone => Err(Error::new(Kind::Gone)),
             Vanished::GoneAfterDeleting(id) => {
                 // The copy a cycle made of a session destroyed meanwhile must not outlive it.
-                self.store().delete(&id).await?;
+                self.store().delete(&id.key).await?;
                 Err(Error::new(Kind::Gone))
             }
         }

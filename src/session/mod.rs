@@ -8,7 +8,7 @@ mod state;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -22,6 +22,7 @@ use crate::config::{Config, Expiry};
 use crate::cookie::{CookieAction, CookieLookup};
 use crate::error::{Chain, Error, Kind};
 use crate::id::Id;
+use crate::key::IdKey;
 use crate::record::{Record, unix_ms};
 use crate::store::{Call, DynStore};
 
@@ -69,6 +70,9 @@ pub struct Session {
 struct Inner {
     shared: Arc<Shared>,
     cookie: CookieLookup,
+    /// The cookie's id with its store key, derived on first use (a request that never touches
+    /// its session pays nothing for the digest).
+    cookie_key: OnceLock<IdKey>,
     /// Serialises this handle's own store I/O (load, commit, destroy) so clones used
     /// concurrently within one request do not race each other. Per request, never shared.
     io: IoLock,
@@ -79,6 +83,8 @@ struct Inner {
 /// The future of [`Session::load`].
 struct Load<'a> {
     session: &'a Session,
+    /// What is loaded: the cookie's session (none without one).
+    id: Option<IdKey>,
     store: Option<Call<'a, Option<Record>>>,
     now_ms: u64,
 }
@@ -111,7 +117,9 @@ impl Future for Load<'_> {
         };
         let session = self.session;
         let mut st = session.state();
-        st.install(record, session.config(), self.now_ms);
+        if let Some(id) = self.id {
+            st.install(id, record, session.config(), self.now_ms);
+        }
         Poll::Ready(st.check_live())
     }
 }
@@ -128,6 +136,7 @@ impl Session {
             inner: Arc::new(Inner {
                 shared,
                 cookie,
+                cookie_key: OnceLock::new(),
                 io: IoLock::default(),
                 state: Mutex::new(state),
             }),
@@ -166,6 +175,14 @@ impl Session {
         &self.inner.shared.config
     }
 
+    /// The cookie's id with its store key, if the cookie named a session.
+    fn cookie_id(&self) -> Option<&IdKey> {
+        match self.inner.cookie {
+            CookieLookup::Found(id) => Some(self.inner.cookie_key.get_or_init(|| IdKey::new(id))),
+            _ => None,
+        }
+    }
+
     fn store(&self) -> &dyn DynStore {
         &*self.inner.shared.store
     }
@@ -187,14 +204,11 @@ impl Session {
     /// handle that load at the same time each ask the store; the first answer is installed.
     fn load(&self) -> Load<'_> {
         let now_ms = unix_ms(SystemTime::now());
-        let store = match &self.inner.cookie {
-            CookieLookup::Found(id) => Some(self.store().load(id)),
-            // `loaded` starts true for every other lookup.
-            _ => None,
-        };
+        let id = self.cookie_id();
         Load {
             session: self,
-            store,
+            id: id.copied(),
+            store: id.map(|id| self.store().load(&id.key)),
             now_ms,
         }
     }
@@ -406,12 +420,12 @@ impl Session {
             let mut st = self.state();
             st.used = true;
             match (st.phase, self.inner.cookie) {
-                (Phase::Unloaded, CookieLookup::Found(id)) => (Some(id), None),
+                (Phase::Unloaded, CookieLookup::Found(_)) => (self.cookie_id().copied(), None),
                 _ => st.destroy_targets(),
             }
         };
         for id in [targets.0, targets.1].into_iter().flatten() {
-            self.store().delete(&id).await?;
+            self.store().delete(&id.key).await?;
         }
         self.state().destroyed(self.client_sent_cookie());
         Ok(())
@@ -442,15 +456,15 @@ impl Session {
         self.ready().await?;
         let mut st = self.state();
         if let Some(id) = st.new_id {
-            return Ok(Some(id));
+            return Ok(Some(id.id));
         }
         if let Some(stored) = st.stored {
-            return Ok(Some(stored.id));
+            return Ok(Some(stored.id.id));
         }
         if st.data.is_empty() {
             return Ok(None);
         }
-        Ok(Some(*st.new_id.get_or_insert_with(Id::random)))
+        Ok(Some(st.new_id.get_or_insert_with(IdKey::random).id))
     }
 
     /// Sets this session's own expiry policy, kept with the session (for "remember me", say):

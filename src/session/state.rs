@@ -9,6 +9,7 @@ use crate::config::{Config, Expiry};
 use crate::cookie::CookieAction;
 use crate::error::{Chain, Error, Kind};
 use crate::id::Id;
+use crate::key::IdKey;
 use crate::record::{Record, SessionData};
 
 /// Where the session is in its life within this request.
@@ -27,15 +28,15 @@ pub(crate) enum Phase {
 /// The stored record behind the session: which one, at which version, until when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Stored {
-    pub(crate) id: Id,
+    pub(crate) id: IdKey,
     pub(crate) version: u64,
     pub(crate) expires_ms: u64,
 }
 
 impl Stored {
-    fn of(record: &Record) -> Stored {
+    fn of(id: IdKey, record: &Record) -> Stored {
         Stored {
-            id: record.id(),
+            id,
             version: record.version(),
             expires_ms: record.expires_at_unix_ms(),
         }
@@ -100,25 +101,27 @@ pub(crate) enum Plan {
     Nothing,
     /// A new record: a new session, or the first step of moving a cycled one.
     Create {
+        id: IdKey,
         record: Record,
         applied: usize,
     },
     /// A compare-and-set of the record at `expected`.
     Save {
+        id: IdKey,
         record: Record,
         expected: u64,
         applied: usize,
     },
     /// An expiry refresh of the record at `expected`.
     Touch {
-        id: Id,
+        id: IdKey,
         expected: u64,
         expires_ms: u64,
     },
     /// A removal of the record at `expected`: the session was emptied, or this is the last step
     /// of moving a cycled one (its old record).
     Remove {
-        id: Id,
+        id: IdKey,
         expected: u64,
         applied: usize,
     },
@@ -133,7 +136,7 @@ pub(crate) enum Vanished {
     Gone,
     /// As `Gone`, after deleting the record this request had already created for a cycle
     /// whose source was destroyed meanwhile.
-    GoneAfterDeleting(Id),
+    GoneAfterDeleting(IdKey),
 }
 
 /// The store's expiry is refreshed once this fraction of the idle window has passed.
@@ -158,7 +161,7 @@ pub(crate) struct State {
     /// `cycle_id` was called and the move has not started.
     cycle: bool,
     /// The id a new or cycled session will be created under.
-    pub(crate) new_id: Option<Id>,
+    pub(crate) new_id: Option<IdKey>,
     /// The expiry policy changed and the record must be written with its new expiry.
     expiry_changed: bool,
     /// When this request last read the clock (Unix ms): at the load, or at a commit.
@@ -221,13 +224,19 @@ impl State {
     }
 
     /// Installs a loaded record (or its absence), unless a concurrent load already did.
-    pub(crate) fn install(&mut self, record: Option<Record>, config: &Config, now_ms: u64) {
+    pub(crate) fn install(
+        &mut self,
+        id: IdKey,
+        record: Option<Record>,
+        config: &Config,
+        now_ms: u64,
+    ) {
         if self.phase != Phase::Unloaded {
             return;
         }
         self.phase = Phase::Live;
         self.clock_ms = now_ms;
-        if let Some((stored, data)) = live_record(record, config, now_ms) {
+        if let Some((stored, data)) = live_record(id, record, config, now_ms) {
             self.data = data;
             self.stored = Some(stored);
         }
@@ -253,7 +262,7 @@ impl State {
 
     fn record(
         &self,
-        id: Id,
+        id: IdKey,
         version: u64,
         expires_ms: u64,
         config: &Config,
@@ -262,7 +271,7 @@ impl State {
         if bytes.len() > config.max_record_bytes {
             return Err(too_large(bytes.len(), config.max_record_bytes));
         }
-        Ok(Record::from_unix_ms(id, bytes, version, expires_ms))
+        Ok(Record::from_unix_ms(id.key, bytes, version, expires_ms))
     }
 
     /// The store work the commit does next, at `now_ms`.
@@ -282,6 +291,7 @@ impl State {
                     config,
                 )?;
                 return Ok(Plan::Save {
+                    id: to.id,
                     record,
                     expected: to.version,
                     applied,
@@ -297,9 +307,13 @@ impl State {
             if self.data.created.is_none() {
                 self.data.created = Some(now_ms);
             }
-            let id = *self.new_id.get_or_insert_with(Id::random);
+            let id = *self.new_id.get_or_insert_with(IdKey::random);
             let record = self.record(id, 1, self.target_expiry(config, now_ms), config)?;
-            return Ok(Plan::Create { record, applied });
+            return Ok(Plan::Create {
+                id,
+                record,
+                applied,
+            });
         };
         if self.data.is_empty() && self.dirty() {
             return Ok(Plan::Remove {
@@ -309,9 +323,13 @@ impl State {
             });
         }
         if self.cycle {
-            let id = *self.new_id.get_or_insert_with(Id::random);
+            let id = *self.new_id.get_or_insert_with(IdKey::random);
             let record = self.record(id, 1, self.target_expiry(config, now_ms), config)?;
-            return Ok(Plan::Create { record, applied });
+            return Ok(Plan::Create {
+                id,
+                record,
+                applied,
+            });
         }
         if self.dirty() {
             // Moved when the policy changed, when a refresh is due, or when the absolute
@@ -327,6 +345,7 @@ impl State {
             };
             let record = self.record(stored.id, stored.version + 1, expires_ms, config)?;
             return Ok(Plan::Save {
+                id: stored.id,
                 record,
                 expected: stored.version,
                 applied,
@@ -344,6 +363,7 @@ impl State {
         match *plan {
             Plan::Nothing => {}
             Plan::Create {
+                id,
                 ref record,
                 applied,
             } => {
@@ -354,19 +374,14 @@ impl State {
                 } else {
                     self.drain(applied);
                 }
-                self.stored = Some(Stored::of(record));
+                self.stored = Some(Stored::of(id, record));
                 self.cycle = false;
                 self.expiry_changed = false;
                 self.new_id = None;
-                self.send_cookie(
-                    record.id(),
-                    record.expires_at_unix_ms(),
-                    true,
-                    config,
-                    now_ms,
-                );
+                self.send_cookie(id.id, record.expires_at_unix_ms(), true, config, now_ms);
             }
             Plan::Save {
+                id,
                 ref record,
                 applied,
                 ..
@@ -375,26 +390,20 @@ impl State {
                     .stored
                     .is_some_and(|s| s.expires_ms != record.expires_at_unix_ms());
                 let policy_changed = self.expiry_changed;
-                self.stored = Some(Stored::of(record));
+                self.stored = Some(Stored::of(id, record));
                 self.expiry_changed = false;
                 if self.moving_from.is_some() {
                     self.moved = applied;
                     self.rebased = false;
                     // The new id's cookie, with the lifetime just written.
-                    self.send_cookie(
-                        record.id(),
-                        record.expires_at_unix_ms(),
-                        true,
-                        config,
-                        now_ms,
-                    );
+                    self.send_cookie(id.id, record.expires_at_unix_ms(), true, config, now_ms);
                 } else {
                     self.drain(applied);
                     if moved_expiry || policy_changed {
                         // A new policy may change the cookie's kind (persistent or not) too.
                         let always = policy_changed;
                         self.send_cookie(
-                            record.id(),
+                            id.id,
                             record.expires_at_unix_ms(),
                             always,
                             config,
@@ -407,7 +416,7 @@ impl State {
                 if let Some(stored) = &mut self.stored {
                     stored.expires_ms = expires_ms;
                 }
-                self.send_cookie(id, expires_ms, false, config, now_ms);
+                self.send_cookie(id.id, expires_ms, false, config, now_ms);
             }
             Plan::Remove { applied, .. } => {
                 if self.moving_from.take().is_some() {
@@ -426,11 +435,11 @@ impl State {
 
     /// The new id was taken (a collision, or a create retried after its reply was lost).
     pub(crate) fn id_taken(&mut self) {
-        self.new_id = Some(Id::random());
+        self.new_id = Some(IdKey::random());
     }
 
     /// The id to reload after a `Conflict`: the record whose version moved.
-    pub(crate) fn conflict_source(&self) -> Option<Id> {
+    pub(crate) fn conflict_source(&self) -> Option<IdKey> {
         self.moving_from.or(self.stored).map(|s| s.id)
     }
 
@@ -451,7 +460,9 @@ impl State {
         config: &Config,
         now_ms: u64,
     ) -> Result<Option<Vanished>, Error> {
-        let Some((stored, mut data)) = live_record(fresh, config, now_ms) else {
+        let source = self.conflict_source();
+        let Some((stored, mut data)) = source.and_then(|id| live_record(id, fresh, config, now_ms))
+        else {
             let quiet = self.moving_from.is_none() && (self.data.is_empty() || !self.dirty());
             return Ok(Some(self.vanish(quiet)));
         };
@@ -486,7 +497,7 @@ impl State {
     }
 
     /// The ids `destroy` must delete: the stored record, and the old one of a move under way.
-    pub(crate) fn destroy_targets(&self) -> (Option<Id>, Option<Id>) {
+    pub(crate) fn destroy_targets(&self) -> (Option<IdKey>, Option<IdKey>) {
         (self.stored.map(|s| s.id), self.moving_from.map(|s| s.id))
     }
 
@@ -518,7 +529,7 @@ impl State {
     /// `cycle_id`: the session moves to a new id at the commit.
     pub(crate) fn cycle(&mut self) {
         self.cycle = true;
-        self.new_id = Some(Id::random());
+        self.new_id = Some(IdKey::random());
     }
 
     fn drain(&mut self, applied: usize) {
@@ -557,6 +568,7 @@ impl State {
 
 /// A loaded record as the session sees it: `None` unless it is live and readable.
 fn live_record(
+    id: IdKey,
     record: Option<Record>,
     config: &Config,
     now_ms: u64,
@@ -581,7 +593,7 @@ fn live_record(
         .absolute_lifetime
         .zip(data.created)
         .is_some_and(|(l, c)| c.saturating_add(duration_ms(l)) <= now_ms);
-    (!past_lifetime).then(|| (Stored::of(&record), data))
+    (!past_lifetime).then(|| (Stored::of(id, &record), data))
 }
 
 pub(crate) fn duration_ms(d: Duration) -> u64 {
@@ -622,16 +634,16 @@ mod tests {
         }
     }
 
-    fn record(id: Id, payload: &str, version: u64, expires_ms: u64) -> Record {
-        Record::from_unix_ms(id, Bytes::from(payload.to_owned()), version, expires_ms)
+    fn record(id: IdKey, payload: &str, version: u64, expires_ms: u64) -> Record {
+        Record::from_unix_ms(id.key, Bytes::from(payload.to_owned()), version, expires_ms)
     }
 
     /// A session loaded from `{"d":{"a":1},"c":NOW}` at version 3, expiring in a day.
-    fn loaded(config: &Config) -> (State, Id) {
-        let id = Id::random();
+    fn loaded(config: &Config) -> (State, IdKey) {
+        let id = IdKey::random();
         let mut st = State::new(true);
         let payload = format!(r#"{{"d":{{"a":1}},"c":{NOW}}}"#);
-        st.install(Some(record(id, &payload, 3, NOW + DAY)), config, NOW);
+        st.install(id, Some(record(id, &payload, 3, NOW + DAY)), config, NOW);
         (st, id)
     }
 
@@ -658,7 +670,7 @@ mod tests {
             Some(record(id, "{not json", 1, NOW + DAY)),
         ] {
             let mut st = State::new(true);
-            st.install(record, &config, NOW);
+            st.install(id, record, &config, NOW);
             assert_eq!(st.phase, Phase::Live);
             assert!(st.stored.is_none() && st.data.is_empty());
         }
@@ -666,14 +678,14 @@ mod tests {
         let capped = self::config(Some(Duration::from_secs(1)));
         let mut st = State::new(true);
         let payload = format!(r#"{{"d":{{"a":1}},"c":{}}}"#, NOW - 1_000);
-        st.install(Some(record(id, &payload, 1, NOW + DAY)), &capped, NOW);
+        st.install(id, Some(record(id, &payload, 1, NOW + DAY)), &capped, NOW);
         assert!(
             st.stored.is_none(),
             "a session past its lifetime was installed"
         );
         // A second install (a concurrent clone's load) changes nothing.
-        let (mut st, _) = loaded(&config);
-        st.install(None, &config, NOW);
+        let (mut st, id) = loaded(&config);
+        st.install(id, None, &config, NOW);
         assert!(st.stored.is_some());
     }
 
@@ -697,7 +709,12 @@ mod tests {
         let mut st = State::new(false);
         set(&mut st, "k", "1");
         let plan = st.plan(&config, NOW).unwrap();
-        let Plan::Create { record, applied } = &plan else {
+        let Plan::Create {
+            id,
+            record,
+            applied,
+        } = &plan
+        else {
             panic!("{plan:?}")
         };
         assert_eq!((record.version(), *applied), (1, 1));
@@ -711,7 +728,7 @@ mod tests {
         assert_eq!(st.pending_changes(), 0);
         assert_eq!(
             st.cookie,
-            Cookie::Set(record.id(), Some(Duration::from_millis(DAY)))
+            Cookie::Set(id.id, Some(Duration::from_millis(DAY)))
         );
         assert!(matches!(st.plan(&config, NOW).unwrap(), Plan::Nothing));
     }
@@ -723,12 +740,15 @@ mod tests {
         set(&mut st, "b", "2");
         let plan = st.plan(&config, NOW + 5).unwrap();
         let Plan::Save {
-            record, expected, ..
+            id: saved,
+            record,
+            expected,
+            ..
         } = &plan
         else {
             panic!("{plan:?}")
         };
-        assert_eq!((record.id(), record.version(), *expected), (id, 4, 3));
+        assert_eq!((*saved, record.version(), *expected), (id, 4, 3));
         // Not due for a refresh: the stored expiry is kept.
         assert_eq!(record.expires_at_unix_ms(), NOW + DAY);
         // A change made while the save was under way stays pending.
@@ -756,7 +776,10 @@ mod tests {
         assert_eq!((touched, expected, expires_ms), (id, 3, later + DAY));
         st.done(&plan, &config, later);
         assert_eq!(st.stored.unwrap().expires_ms, later + DAY);
-        assert_eq!(st.cookie, Cookie::Set(id, Some(Duration::from_millis(DAY))));
+        assert_eq!(
+            st.cookie,
+            Cookie::Set(id.id, Some(Duration::from_millis(DAY)))
+        );
         // Just short of a tenth: no refresh.
         let (mut st, _) = loaded(&config);
         assert!(matches!(
@@ -768,7 +791,7 @@ mod tests {
     #[test]
     fn the_sessions_own_policy_drives_its_refresh() {
         let config = config(None);
-        let (mut st, _) = loaded(&config);
+        let (mut st, id) = loaded(&config);
         let own = Expiry::OnInactivity(Duration::from_secs(2));
         st.data.expiry = Some(own);
         st.push(Change::SetExpiry(Some(own)));
@@ -778,10 +801,7 @@ mod tests {
         };
         assert_eq!(record.expires_at_unix_ms(), NOW + 2_000, "the own window");
         st.done(&plan, &config, NOW);
-        assert_eq!(
-            st.cookie,
-            Cookie::Set(record.id(), Some(Duration::from_secs(2)))
-        );
+        assert_eq!(st.cookie, Cookie::Set(id.id, Some(Duration::from_secs(2))));
         // A read 300 ms later is due (a tenth of 2 s), and refreshes to 2 s, not a day.
         let plan = st.plan(&config, NOW + 300).unwrap();
         assert!(
@@ -794,7 +814,10 @@ mod tests {
         st.push(Change::SetExpiry(None));
         let plan = st.plan(&config, NOW).unwrap();
         st.done(&plan, &config, NOW);
-        assert_eq!(st.cookie, Cookie::Set(id, Some(Duration::from_millis(DAY))));
+        assert_eq!(
+            st.cookie,
+            Cookie::Set(id.id, Some(Duration::from_millis(DAY)))
+        );
     }
 
     #[test]
@@ -907,12 +930,15 @@ mod tests {
     }
 
     /// The cycle's steps: create the new record, then remove the old one at its version.
-    fn cycle_to_the_new_record(config: &Config) -> (State, Id, Id) {
+    fn cycle_to_the_new_record(config: &Config) -> (State, IdKey, IdKey) {
         let (mut st, old) = loaded(config);
         st.cycle();
         set(&mut st, "user", "1");
         let plan = st.plan(config, NOW).unwrap();
-        let Plan::Create { record, .. } = &plan else {
+        let Plan::Create {
+            id: new, record, ..
+        } = &plan
+        else {
             panic!("{plan:?}")
         };
         assert_eq!(values(record), r#"{"a":1,"user":1}"#);
@@ -921,7 +947,7 @@ mod tests {
                 .unwrap()
                 .contains(&format!("\"c\":{NOW}"))
         );
-        let new = record.id();
+        let new = *new;
         assert_ne!(new, old);
         st.done(&plan, config, NOW);
         (st, old, new)
@@ -933,7 +959,7 @@ mod tests {
         let (mut st, old, new) = cycle_to_the_new_record(&config);
         assert_eq!(
             st.cookie,
-            Cookie::Set(new, Some(Duration::from_millis(DAY)))
+            Cookie::Set(new.id, Some(Duration::from_millis(DAY)))
         );
         let plan = st.plan(&config, NOW).unwrap();
         assert!(
@@ -945,7 +971,7 @@ mod tests {
         assert_eq!(st.stored.unwrap().id, new);
         assert_eq!(
             st.cookie,
-            Cookie::Set(new, Some(Duration::from_millis(DAY)))
+            Cookie::Set(new.id, Some(Duration::from_millis(DAY)))
         );
         assert!(matches!(st.plan(&config, NOW).unwrap(), Plan::Nothing));
     }
@@ -966,12 +992,15 @@ mod tests {
         // The new record is written again with the write and this request's changes...
         let plan = st.plan(&config, NOW).unwrap();
         let Plan::Save {
-            record, expected, ..
+            id: saved,
+            record,
+            expected,
+            ..
         } = &plan
         else {
             panic!("{plan:?}")
         };
-        assert_eq!((record.id(), *expected), (new, 1));
+        assert_eq!((*saved, *expected), (new, 1));
         assert_eq!(values(record), r#"{"a":1,"b":2,"user":1}"#);
         st.done(&plan, &config, NOW);
         // ...then the old one is removed at the version that write came from.

@@ -6,7 +6,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 use crate::error::StoreError;
-use crate::id::Id;
+use crate::key::Key;
 use crate::record::Record;
 
 #[cfg(feature = "memory")]
@@ -26,7 +26,7 @@ pub(crate) mod webdis;
 pub enum CreateOutcome {
     /// The record was stored.
     Created,
-    /// A live record with this id already exists; nothing was written.
+    /// A live record with this key already exists; nothing was written.
     IdTaken,
 }
 
@@ -39,13 +39,16 @@ pub enum SaveOutcome {
     Saved,
     /// The stored record has another version (someone saved in between); nothing was written.
     Conflict,
-    /// There is no live record with this id (deleted or expired); nothing was written.
+    /// There is no live record with this key (deleted or expired); nothing was written.
     Missing,
 }
 
 /// Where sessions live: the contract every store implements.
 ///
-/// A store keeps [`Record`]s by [`Id`]: opaque payload bytes, a version and an expiry instant.
+/// A store keeps [`Record`]s by [`Key`]: opaque payload bytes, a version and an expiry instant.
+/// The key is a digest of the session's id, never the id itself (the cookie's bearer secret), so
+/// nothing a store keeps, logs or sends over its wire can be replayed as a cookie; a store
+/// names a session in its errors by the key's [`fingerprint`](Key::fingerprint) at most.
 /// The middleware does the rest (encoding, expiry policy, retries). Every method is one atomic
 /// operation on one record; a store needs no locking across calls.
 ///
@@ -57,10 +60,10 @@ pub enum SaveOutcome {
 /// - **`load`** returns the live record, or `None` when there is none or it has expired
 ///   (`expires_at <= now`): an expired record is never returned, whether or not it has been
 ///   removed yet. (The middleware checks again, but a store must not rely on that.)
-/// - **`create`** stores a new record only if no live record has that id, and says which
+/// - **`create`** stores a new record only if no live record has that key, and says which
 ///   happened. It must never overwrite a live record (ids are random, but a collision or a
 ///   replay must not hand one user another's session).
-/// - **`save`** is a compare-and-set: it replaces the record only if a live record with that id
+/// - **`save`** is a compare-and-set: it replaces the record only if a live record with that key
 ///   exists *and* its version is `expected_version`; the record passed in carries the new
 ///   version (`expected_version + 1`). Otherwise it writes nothing and answers
 ///   [`SaveOutcome::Conflict`] or [`SaveOutcome::Missing`]. A missing record is never
@@ -68,7 +71,7 @@ pub enum SaveOutcome {
 /// - **`touch`** moves a live record's expiry to `expires_at` if its version is
 ///   `expected_version`, without changing its data or version; otherwise as `save`.
 /// - **`remove`** deletes a live record if its version is `expected_version`; otherwise as
-///   `save` (an emptied session, and the old id of a cycled one).
+///   `save` (an emptied session, and the old record of a cycled one).
 /// - **`delete`** removes the record whatever its version (a destroyed session); deleting a
 ///   missing record succeeds.
 /// - Failures are [`StoreError`]s with their cause: [`StoreError::unavailable`] for an
@@ -94,16 +97,16 @@ pub enum SaveOutcome {
 /// use std::sync::{Arc, Mutex};
 /// use std::time::SystemTime;
 ///
-/// use hyper_sessions::{CreateOutcome, Id, Record, SaveOutcome, SessionStore, StoreError};
+/// use hyper_sessions::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
 ///
 /// #[derive(Clone, Default)]
-/// struct MapStore(Arc<Mutex<HashMap<Id, Record>>>);
+/// struct MapStore(Arc<Mutex<HashMap<Key, Record>>>);
 ///
 /// impl SessionStore for MapStore {
-///     async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+///     async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
 ///         let map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
 ///         Ok(map
-///             .get(id)
+///             .get(key)
 ///             .filter(|r| !r.is_expired_at(SystemTime::now()))
 ///             .cloned())
 ///     }
@@ -111,17 +114,17 @@ pub enum SaveOutcome {
 ///     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
 ///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
 ///         let now = SystemTime::now();
-///         if map.get(&record.id()).is_some_and(|r| !r.is_expired_at(now)) {
+///         if map.get(&record.key()).is_some_and(|r| !r.is_expired_at(now)) {
 ///             return Ok(CreateOutcome::IdTaken);
 ///         }
-///         map.insert(record.id(), record.clone());
+///         map.insert(record.key(), record.clone());
 ///         Ok(CreateOutcome::Created)
 ///     }
 ///
 ///     async fn save(&self, record: &Record, expected: u64) -> Result<SaveOutcome, StoreError> {
 ///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
 ///         let now = SystemTime::now();
-///         match map.get_mut(&record.id()) {
+///         match map.get_mut(&record.key()) {
 ///             Some(r) if !r.is_expired_at(now) => {
 ///                 if r.version() != expected {
 ///                     return Ok(SaveOutcome::Conflict);
@@ -135,42 +138,42 @@ pub enum SaveOutcome {
 ///
 ///     async fn touch(
 ///         &self,
-///         id: &Id,
+///         key: &Key,
 ///         expected: u64,
 ///         expires_at: SystemTime,
 ///     ) -> Result<SaveOutcome, StoreError> {
 ///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
 ///         let now = SystemTime::now();
-///         match map.get_mut(id) {
+///         match map.get_mut(key) {
 ///             Some(r) if !r.is_expired_at(now) => {
 ///                 if r.version() != expected {
 ///                     return Ok(SaveOutcome::Conflict);
 ///                 }
-///                 *r = Record::new(r.id(), r.data().clone(), r.version(), expires_at);
+///                 *r = Record::new(r.key(), r.data().clone(), r.version(), expires_at);
 ///                 Ok(SaveOutcome::Saved)
 ///             }
 ///             _ => Ok(SaveOutcome::Missing),
 ///         }
 ///     }
 ///
-///     async fn remove(&self, id: &Id, expected: u64) -> Result<SaveOutcome, StoreError> {
+///     async fn remove(&self, key: &Key, expected: u64) -> Result<SaveOutcome, StoreError> {
 ///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
 ///         let now = SystemTime::now();
-///         match map.get(id) {
+///         match map.get(key) {
 ///             Some(r) if !r.is_expired_at(now) => {
 ///                 if r.version() != expected {
 ///                     return Ok(SaveOutcome::Conflict);
 ///                 }
-///                 map.remove(id);
+///                 map.remove(key);
 ///                 Ok(SaveOutcome::Saved)
 ///             }
 ///             _ => Ok(SaveOutcome::Missing),
 ///         }
 ///     }
 ///
-///     async fn delete(&self, id: &Id) -> Result<(), StoreError> {
+///     async fn delete(&self, key: &Key) -> Result<(), StoreError> {
 ///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
-///         map.remove(id);
+///         map.remove(key);
 ///         Ok(())
 ///     }
 /// }
@@ -186,39 +189,39 @@ pub trait SessionStore: Send + Sync + 'static {
     /// store that says `true` and then waits fails with an error rather than being waited for.
     const NEVER_WAITS: bool = false;
 
-    /// The live record with this id, or `None` if there is none or it has expired.
-    fn load(&self, id: &Id) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+    /// The live record with this key, or `None` if there is none or it has expired.
+    fn load(&self, key: &Key) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
 
-    /// Stores a new record unless a live record with its id exists.
+    /// Stores a new record unless a live record with its key exists.
     fn create(
         &self,
         record: &Record,
     ) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
 
-    /// Replaces the live record with this id if its version is `expected_version`.
+    /// Replaces the live record with this key if its version is `expected_version`.
     fn save(
         &self,
         record: &Record,
         expected_version: u64,
     ) -> impl Future<Output = Result<SaveOutcome, StoreError>> + Send;
 
-    /// Moves the expiry of the live record with this id if its version is `expected_version`.
+    /// Moves the expiry of the live record with this key if its version is `expected_version`.
     fn touch(
         &self,
-        id: &Id,
+        key: &Key,
         expected_version: u64,
         expires_at: SystemTime,
     ) -> impl Future<Output = Result<SaveOutcome, StoreError>> + Send;
 
-    /// Deletes the live record with this id if its version is `expected_version`.
+    /// Deletes the live record with this key if its version is `expected_version`.
     fn remove(
         &self,
-        id: &Id,
+        key: &Key,
         expected_version: u64,
     ) -> impl Future<Output = Result<SaveOutcome, StoreError>> + Send;
 
-    /// Removes the record with this id whatever its version, if there is one.
-    fn delete(&self, id: &Id) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Removes the record with this key whatever its version, if there is one.
+    fn delete(&self, key: &Key) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -270,22 +273,22 @@ where
 
 /// The object-safe twin of [`SessionStore`], so that `Session` need not be generic.
 pub(crate) trait DynStore: Send + Sync + 'static {
-    fn load<'a>(&'a self, id: &'a Id) -> Call<'a, Option<Record>>;
+    fn load<'a>(&'a self, key: &'a Key) -> Call<'a, Option<Record>>;
     fn create<'a>(&'a self, record: &'a Record) -> Call<'a, CreateOutcome>;
     fn save<'a>(&'a self, record: &'a Record, expected: u64) -> Call<'a, SaveOutcome>;
     fn touch<'a>(
         &'a self,
-        id: &'a Id,
+        key: &'a Key,
         expected: u64,
         expires_at: SystemTime,
     ) -> Call<'a, SaveOutcome>;
-    fn remove<'a>(&'a self, id: &'a Id, expected: u64) -> Call<'a, SaveOutcome>;
-    fn delete<'a>(&'a self, id: &'a Id) -> Call<'a, ()>;
+    fn remove<'a>(&'a self, key: &'a Key, expected: u64) -> Call<'a, SaveOutcome>;
+    fn delete<'a>(&'a self, key: &'a Key) -> Call<'a, ()>;
 }
 
 impl<S: SessionStore> DynStore for S {
-    fn load<'a>(&'a self, id: &'a Id) -> Call<'a, Option<Record>> {
-        call(S::NEVER_WAITS, SessionStore::load(self, id))
+    fn load<'a>(&'a self, key: &'a Key) -> Call<'a, Option<Record>> {
+        call(S::NEVER_WAITS, SessionStore::load(self, key))
     }
     fn create<'a>(&'a self, record: &'a Record) -> Call<'a, CreateOutcome> {
         call(S::NEVER_WAITS, SessionStore::create(self, record))
@@ -295,20 +298,20 @@ impl<S: SessionStore> DynStore for S {
     }
     fn touch<'a>(
         &'a self,
-        id: &'a Id,
+        key: &'a Key,
         expected: u64,
         expires_at: SystemTime,
     ) -> Call<'a, SaveOutcome> {
         call(
             S::NEVER_WAITS,
-            SessionStore::touch(self, id, expected, expires_at),
+            SessionStore::touch(self, key, expected, expires_at),
         )
     }
-    fn remove<'a>(&'a self, id: &'a Id, expected: u64) -> Call<'a, SaveOutcome> {
-        call(S::NEVER_WAITS, SessionStore::remove(self, id, expected))
+    fn remove<'a>(&'a self, key: &'a Key, expected: u64) -> Call<'a, SaveOutcome> {
+        call(S::NEVER_WAITS, SessionStore::remove(self, key, expected))
     }
-    fn delete<'a>(&'a self, id: &'a Id) -> Call<'a, ()> {
-        call(S::NEVER_WAITS, SessionStore::delete(self, id))
+    fn delete<'a>(&'a self, key: &'a Key) -> Call<'a, ()> {
+        call(S::NEVER_WAITS, SessionStore::delete(self, key))
     }
 }
 
@@ -328,11 +331,11 @@ mod tests {
     impl SessionStore for Claims {
         const NEVER_WAITS: bool = true;
 
-        async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+        async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
             if self.waits.load(Ordering::SeqCst) {
                 tokio::task::yield_now().await;
             }
-            Ok(Some(Record::from_unix_ms(*id, Bytes::new(), 1, u64::MAX)))
+            Ok(Some(Record::from_unix_ms(*key, Bytes::new(), 1, u64::MAX)))
         }
         async fn create(&self, _: &Record) -> Result<CreateOutcome, StoreError> {
             Ok(CreateOutcome::Created)
@@ -340,13 +343,13 @@ mod tests {
         async fn save(&self, _: &Record, _: u64) -> Result<SaveOutcome, StoreError> {
             Ok(SaveOutcome::Saved)
         }
-        async fn touch(&self, _: &Id, _: u64, _: SystemTime) -> Result<SaveOutcome, StoreError> {
+        async fn touch(&self, _: &Key, _: u64, _: SystemTime) -> Result<SaveOutcome, StoreError> {
             Ok(SaveOutcome::Saved)
         }
-        async fn remove(&self, _: &Id, _: u64) -> Result<SaveOutcome, StoreError> {
+        async fn remove(&self, _: &Key, _: u64) -> Result<SaveOutcome, StoreError> {
             Ok(SaveOutcome::Saved)
         }
-        async fn delete(&self, _: &Id) -> Result<(), StoreError> {
+        async fn delete(&self, _: &Key) -> Result<(), StoreError> {
             Ok(())
         }
     }
@@ -356,8 +359,8 @@ mod tests {
         let store = Claims {
             waits: AtomicBool::new(false),
         };
-        let id = Id::random();
-        let call = DynStore::load(&store, &id);
+        let key = Key::random();
+        let call = DynStore::load(&store, &key);
         assert!(matches!(call, Call::Ready(Some(Ok(Some(_))))));
         assert!(call.await.unwrap().is_some());
     }
@@ -367,7 +370,7 @@ mod tests {
         let store = Claims {
             waits: AtomicBool::new(true),
         };
-        let err = DynStore::load(&store, &Id::random()).await.unwrap_err();
+        let err = DynStore::load(&store, &Key::random()).await.unwrap_err();
         assert!(!err.is_unavailable() && !err.is_corrupt(), "{err}");
         let cause = std::error::Error::source(&err).unwrap().to_string();
         assert!(cause.contains("NEVER_WAITS"), "{cause}");

@@ -21,7 +21,7 @@ use ::redis::{
 };
 
 use crate::error::StoreError;
-use crate::id::{ID_LEN, Id};
+use crate::key::{KEY_HEX_LEN, Key};
 use crate::record::{Record, from_unix_ms};
 use crate::store::redis_common::{
     Header, LOAD_PACKED_LUA, MAX_HEADER_LEN, REMOVE_LUA, SAVE_LUA, TOUCH_LUA, decode_vec_from,
@@ -194,7 +194,7 @@ impl Default for RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
-    /// The prefix of every key (default `session:`); the key is the prefix and the session id.
+    /// The prefix of every key (default `session:`); the key is the prefix and the session key.
     ///
     /// # Examples
     /// ```
@@ -465,19 +465,19 @@ impl RedisStore {
         &self.inner.prefix
     }
 
-    /// The Redis key of a session: the prefix, then the id in its canonical form.
+    /// The Redis key of a session: the prefix, then the session's [`Key`] in hex (never the id).
     ///
     /// # Examples
     /// ```no_run
     /// # async fn run() -> Result<(), hyper_sessions::StoreError> {
     /// let store = hyper_sessions::RedisStore::open("redis://127.0.0.1/").await?;
-    /// let id = hyper_sessions::Id::random();
-    /// assert_eq!(store.key(&id), format!("session:{id}"));
+    /// let key = hyper_sessions::Key::of(hyper_sessions::Id::random());
+    /// assert_eq!(store.key(&key), format!("session:{}", key.to_hex()));
     /// # Ok(())
     /// # }
     /// ```
-    pub fn key(&self, id: &Id) -> String {
-        id.prefixed(&self.inner.prefix)
+    pub fn key(&self, key: &Key) -> String {
+        key.prefixed(&self.inner.prefix)
     }
 
     /// [`preloaded`](Self::preloaded), boxed: opening happens once, and the request path's
@@ -506,30 +506,30 @@ impl RedisStore {
 
     /// A command `name key`, with room for `more` further arguments of `bytes` bytes in all;
     /// its buffers are reused (see [`PooledCmd`]).
-    fn keyed(&self, name: &str, id: &Id, more: usize, bytes: usize) -> PooledCmd {
+    fn keyed(&self, name: &str, key: &Key, more: usize, bytes: usize) -> PooledCmd {
         let mut cmd = PooledCmd::with_capacity(
             2 + more,
-            name.len() + self.inner.prefix.len() + ID_LEN + bytes,
+            name.len() + self.inner.prefix.len() + KEY_HEX_LEN + bytes,
         );
-        cmd.arg(name).arg(self.key_arg(id));
+        cmd.arg(name).arg(self.key_arg(key));
         cmd
     }
 
     /// `EVALSHA sha 1 key`, with room for `more` further arguments of `bytes` bytes in all;
     /// its buffers are reused (see [`PooledCmd`]).
-    fn evalsha(&self, sha: &str, id: &Id, more: usize, bytes: usize) -> PooledCmd {
+    fn evalsha(&self, sha: &str, key: &Key, more: usize, bytes: usize) -> PooledCmd {
         let mut cmd = PooledCmd::with_capacity(
             4 + more,
-            7 + sha.len() + 1 + self.inner.prefix.len() + ID_LEN + bytes,
+            7 + sha.len() + 1 + self.inner.prefix.len() + KEY_HEX_LEN + bytes,
         );
-        cmd.arg("EVALSHA").arg(sha).arg("1").arg(self.key_arg(id));
+        cmd.arg("EVALSHA").arg(sha).arg("1").arg(self.key_arg(key));
         cmd
     }
 
-    fn key_arg<'a>(&'a self, id: &Id) -> KeyArg<'a> {
+    fn key_arg<'a>(&'a self, key: &Key) -> KeyArg<'a> {
         KeyArg {
             prefix: &self.inner.prefix,
-            id: *id,
+            key: *key,
         }
     }
 
@@ -709,17 +709,17 @@ impl Drop for PooledCmd {
 /// command's buffer (no `String` per command).
 struct KeyArg<'a> {
     prefix: &'a str,
-    id: Id,
+    key: Key,
 }
 
 impl ToRedisArgs for KeyArg<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        let mut id = [0u8; ID_LEN];
-        self.id.encode(&mut id);
+        let mut key = [0u8; KEY_HEX_LEN];
+        self.key.encode(&mut key);
         let mut arg = out.writer_for_next_arg();
         // Writes into a command's buffer cannot fail.
         let _ = arg.write_all(self.prefix.as_bytes());
-        let _ = arg.write_all(&id);
+        let _ = arg.write_all(&key);
     }
 }
 
@@ -1136,8 +1136,8 @@ impl fmt::Debug for RedisStore {
 }
 
 impl SessionStore for RedisStore {
-    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        let cmd = self.evalsha(&self.inner.load_sha, id, 0, 0);
+    async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        let cmd = self.evalsha(&self.inner.load_sha, key, 0, 0);
         let (reply, start, expires_ms) = match self.run(Req::Script(&cmd, LOAD_PACKED_LUA)).await?.0
         {
             Value::Nil => return Ok(None),
@@ -1159,14 +1159,14 @@ impl SessionStore for RedisStore {
         if expires_at <= SystemTime::now() {
             return Ok(None);
         }
-        Ok(Some(Record::new(*id, data, version, expires_at)))
+        Ok(Some(Record::new(*key, data, version, expires_at)))
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
         let token = self.next_token();
         let header = Header::new(record.version(), token);
         let data = record.data();
-        let mut cmd = self.keyed("SET", &record.id(), 5, MAX_HEADER_LEN + data.len() + 32);
+        let mut cmd = self.keyed("SET", &record.key(), 5, MAX_HEADER_LEN + data.len() + 32);
         cmd.arg(ValueArg {
             header: &header,
             data,
@@ -1207,7 +1207,7 @@ impl SessionStore for RedisStore {
         let data = record.data();
         let mut cmd = self.evalsha(
             &self.inner.save_sha,
-            &record.id(),
+            &record.key(),
             5,
             3 * 20 + 16 + MAX_HEADER_LEN + data.len(),
         );
@@ -1225,23 +1225,23 @@ impl SessionStore for RedisStore {
 
     async fn touch(
         &self,
-        id: &Id,
+        key: &Key,
         expected_version: u64,
         expires_at: SystemTime,
     ) -> Result<SaveOutcome, StoreError> {
-        let mut cmd = self.evalsha(&self.inner.touch_sha, id, 2, 40);
+        let mut cmd = self.evalsha(&self.inner.touch_sha, key, 2, 40);
         cmd.arg(expected_version).arg(expiry_ms(expires_at));
         self.conditional(&cmd, TOUCH_LUA, "touch").await
     }
 
-    async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
-        let mut cmd = self.evalsha(&self.inner.remove_sha, id, 1, 20);
+    async fn remove(&self, key: &Key, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+        let mut cmd = self.evalsha(&self.inner.remove_sha, key, 1, 20);
         cmd.arg(expected_version);
         self.conditional(&cmd, REMOVE_LUA, "remove").await
     }
 
-    async fn delete(&self, id: &Id) -> Result<(), StoreError> {
-        let cmd = self.keyed("DEL", id, 0, 0);
+    async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        let cmd = self.keyed("DEL", key, 0, 0);
         match self.run_write(Req::Cmd(&cmd)).await? {
             // Nothing was there (and no first attempt may have deleted it): nothing to confirm.
             (Value::Int(0), false, _) => Ok(()),

@@ -304,13 +304,13 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::id::Id;
+    use crate::key::Key;
 
     #[test]
     fn value_round_trip() {
-        let id = Id::random();
+        let key = Key::random();
         let rec = Record::new(
-            id,
+            key,
             Bytes::from_static(b"{\"d\":{}}:x"),
             42,
             SystemTime::now(),
@@ -321,7 +321,7 @@ mod tests {
         let (version, data) = decode(&Bytes::from(value)).unwrap();
         assert_eq!(version, 42);
         assert_eq!(data, rec.data());
-        let max = Record::new(id, Bytes::new(), u64::MAX, SystemTime::now());
+        let max = Record::new(key, Bytes::new(), u64::MAX, SystemTime::now());
         assert_eq!(
             decode(&Bytes::from(encode(&max, u64::MAX))).unwrap().0,
             u64::MAX
@@ -350,7 +350,7 @@ mod tests {
     #[test]
     fn decode_vec_from_agrees_with_decode() {
         let rec = Record::new(
-            Id::random(),
+            Key::random(),
             Bytes::from_static(b"{\"d\":{\"n\":1}}"),
             7,
             SystemTime::now(),

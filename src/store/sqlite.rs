@@ -16,7 +16,7 @@ use rusqlite::{
 };
 
 use crate::error::StoreError;
-use crate::id::Id;
+use crate::key::Key;
 use crate::record::{Record, from_unix_ms, unix_ms};
 use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
@@ -986,9 +986,9 @@ struct Stored {
 }
 
 impl Stored {
-    fn into_record(self, id: Id) -> Record {
+    fn into_record(self, key: Key) -> Record {
         Record::new(
-            id,
+            key,
             self.data,
             self.version,
             from_unix_ms(u64::try_from(self.expires_ms).unwrap_or(0)),
@@ -1026,14 +1026,16 @@ fn load_row(load: &mut Statement<'_>, id: &[u8; 16]) -> Result<Option<Stored>, F
 }
 
 impl SessionStore for SqliteStore {
-    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        let (id, key) = (*id, id.to_bytes());
-        let stored = load(&self.inner, key).await.map_err(|e| name_row(e, id))?;
-        Ok(stored.map(|s| s.into_record(id)))
+    async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        let (key, bytes) = (*key, key.to_bytes());
+        let stored = load(&self.inner, bytes)
+            .await
+            .map_err(|e| name_row(e, key))?;
+        Ok(stored.map(|s| s.into_record(key)))
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
-        let key = record.id().to_bytes();
+        let key = record.key().to_bytes();
         let data = record.data().clone();
         let version = version_param(record.version())?;
         let expires = ms(record.expires_at());
@@ -1054,7 +1056,7 @@ impl SessionStore for SqliteStore {
         record: &Record,
         expected_version: u64,
     ) -> Result<SaveOutcome, StoreError> {
-        let key = record.id().to_bytes();
+        let key = record.key().to_bytes();
         let data = record.data().clone();
         let version = version_param(record.version())?;
         // No stored version is beyond SQLite's integers: such an expectation matches no row.
@@ -1080,11 +1082,11 @@ impl SessionStore for SqliteStore {
 
     async fn touch(
         &self,
-        id: &Id,
+        key: &Key,
         expected_version: u64,
         expires_at: SystemTime,
     ) -> Result<SaveOutcome, StoreError> {
-        let key = id.to_bytes();
+        let key = key.to_bytes();
         let expected = i64::try_from(expected_version).ok();
         let expires = ms(expires_at);
         write(&self.inner, "touch", move |s| {
@@ -1098,8 +1100,8 @@ impl SessionStore for SqliteStore {
         .await
     }
 
-    async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
-        let key = id.to_bytes();
+    async fn remove(&self, key: &Key, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+        let key = key.to_bytes();
         let expected = i64::try_from(expected_version).ok();
         write(&self.inner, "remove", move |s| {
             if let Some(expected) = expected {
@@ -1112,8 +1114,8 @@ impl SessionStore for SqliteStore {
         .await
     }
 
-    async fn delete(&self, id: &Id) -> Result<(), StoreError> {
-        let key = id.to_bytes();
+    async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        let key = key.to_bytes();
         write(&self.inner, "delete", move |s| {
             s.delete.execute(params![key])?;
             Ok(())
@@ -1259,14 +1261,13 @@ fn sql_error(op: &str, label: &str, e: rusqlite::Error) -> StoreError {
     }
 }
 
-/// Adds which row to a corrupt-row error: the id's first eight characters only (it is a secret).
-fn name_row(e: StoreError, id: Id) -> StoreError {
+/// Adds which row to a corrupt-row error: the key's fingerprint only.
+fn name_row(e: StoreError, key: Key) -> StoreError {
     if !e.is_corrupt() {
         return e;
     }
-    let prefix: String = id.to_string().chars().take(8).collect();
     StoreError::corrupt(SqliteError {
-        message: format!("session row {prefix}…: {}", ErrorSource(&e)),
+        message: format!("session row {}…: {}", key.fingerprint(), ErrorSource(&e)),
         source: None,
     })
 }
@@ -1314,15 +1315,15 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_errors_name_only_an_id_prefix() {
-        let id = Id::random();
+    fn corrupt_errors_name_only_the_keys_fingerprint() {
+        let key = Key::random();
         let e = StoreError::corrupt(SqliteError {
             message: "load: unreadable row: column version holds TEXT".into(),
             source: None,
         });
-        let named = name_row(e, id);
+        let named = name_row(e, key);
         let text = crate::error::Chain(&named).to_string();
-        let full = id.to_string();
+        let full = key.to_hex();
         assert!(text.contains(&full[..8]), "{text}");
         assert!(!text.contains(&full[..9]), "{text}");
         assert!(text.contains("column version holds TEXT"), "{text}");

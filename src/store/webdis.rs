@@ -21,7 +21,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, percent_e
 
 use self::reply::{Reply, ReplyError, parse_reply};
 use crate::error::StoreError;
-use crate::id::Id;
+use crate::key::Key;
 use crate::record::{Record, from_unix_ms};
 use crate::store::redis_common::{
     LOAD_LUA, REMOVE_LUA, SAVE_LUA, TOUCH_LUA, decode, encode, expiry_ms, header, script_outcome,
@@ -202,7 +202,7 @@ impl fmt::Debug for WebdisStoreBuilder {
 }
 
 impl WebdisStoreBuilder {
-    /// The prefix of every key (default `session:`); the key is the prefix and the session id.
+    /// The prefix of every key (default `session:`); the key is the prefix and the session key.
     ///
     /// # Examples
     /// ```
@@ -533,19 +533,19 @@ impl WebdisStore {
         &self.inner.prefix
     }
 
-    /// The Redis key of a session: the prefix, then the id in its canonical form.
+    /// The Redis key of a session: the prefix, then the session's [`Key`] in hex (never the id).
     ///
     /// # Examples
     /// ```no_run
     /// # async fn run() -> Result<(), hyper_sessions::StoreError> {
     /// let store = hyper_sessions::WebdisStore::open("http://127.0.0.1:7379").await?;
-    /// let id = hyper_sessions::Id::random();
-    /// assert_eq!(store.key(&id), format!("session:{id}"));
+    /// let key = hyper_sessions::Key::of(hyper_sessions::Id::random());
+    /// assert_eq!(store.key(&key), format!("session:{}", key.to_hex()));
     /// # Ok(())
     /// # }
     /// ```
-    pub fn key(&self, id: &Id) -> String {
-        id.prefixed(&self.inner.prefix)
+    pub fn key(&self, key: &Key) -> String {
+        key.prefixed(&self.inner.prefix)
     }
 
     /// Loads the scripts into Redis's cache and learns their SHA1s (which also checks the URL,
@@ -731,14 +731,14 @@ impl WebdisStore {
     async fn conditional(
         &self,
         script: &Script,
-        id: &Id,
+        key: &Key,
         args: &[&str],
         body: Option<Bytes>,
         op: &'static str,
     ) -> Result<SaveOutcome, StoreError> {
         let mut retried = false;
         let reply = self
-            .script(script, &self.key(id), args, body, &mut retried)
+            .script(script, &self.key(key), args, body, &mut retried)
             .await
             .map_err(|e| e.into_store_error(op))?;
         match reply {
@@ -750,10 +750,10 @@ impl WebdisStore {
         }
     }
 
-    async fn load_record(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+    async fn load_record(&self, key: &Key) -> Result<Option<Record>, StoreError> {
         const UNREADABLE: &str = "a session key in redis cannot be read through webdis";
         let reply = self
-            .script(&self.inner.load, &self.key(id), &[], None, &mut false)
+            .script(&self.inner.load, &self.key(key), &[], None, &mut false)
             .await;
         let reply = match reply {
             Ok(reply) => reply,
@@ -801,7 +801,7 @@ impl WebdisStore {
         if expires_at <= SystemTime::now() {
             return Ok(None);
         }
-        Ok(Some(Record::new(*id, data, version, expires_at)))
+        Ok(Some(Record::new(*key, data, version, expires_at)))
     }
 }
 
@@ -905,8 +905,8 @@ impl fmt::Debug for WebdisStore {
 }
 
 impl SessionStore for WebdisStore {
-    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        self.load_record(id).await
+    async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        self.load_record(key).await
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
@@ -918,7 +918,7 @@ impl SessionStore for WebdisStore {
         let reply = self
             .script(
                 &self.inner.create,
-                &self.key(&record.id()),
+                &self.key(&record.key()),
                 &[&expiry, &header],
                 Some(Bytes::from(encode(record, token))),
                 &mut retried,
@@ -942,7 +942,7 @@ impl SessionStore for WebdisStore {
         // After a conflict, the layer spreads out its retries.
         self.conditional(
             &self.inner.save,
-            &record.id(),
+            &record.key(),
             &[
                 &expected_version.to_string(),
                 &record.version().to_string(),
@@ -957,13 +957,13 @@ impl SessionStore for WebdisStore {
 
     async fn touch(
         &self,
-        id: &Id,
+        key: &Key,
         expected_version: u64,
         expires_at: SystemTime,
     ) -> Result<SaveOutcome, StoreError> {
         self.conditional(
             &self.inner.touch,
-            id,
+            key,
             &[
                 &expected_version.to_string(),
                 &expiry_ms(expires_at).to_string(),
@@ -974,10 +974,10 @@ impl SessionStore for WebdisStore {
         .await
     }
 
-    async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+    async fn remove(&self, key: &Key, expected_version: u64) -> Result<SaveOutcome, StoreError> {
         self.conditional(
             &self.inner.remove,
-            id,
+            key,
             &[&expected_version.to_string()],
             None,
             "remove",
@@ -985,9 +985,9 @@ impl SessionStore for WebdisStore {
         .await
     }
 
-    async fn delete(&self, id: &Id) -> Result<(), StoreError> {
+    async fn delete(&self, key: &Key) -> Result<(), StoreError> {
         match self
-            .request("DEL", &[&self.key(id)], None)
+            .request("DEL", &[&self.key(key)], None)
             .await
             .map_err(|e| e.into_store_error("DEL"))?
         {
@@ -1062,7 +1062,12 @@ mod tests {
     #[test]
     fn payload_check() {
         let rec = |data: &'static [u8]| {
-            Record::new(Id::random(), Bytes::from_static(data), 1, SystemTime::now())
+            Record::new(
+                Key::random(),
+                Bytes::from_static(data),
+                1,
+                SystemTime::now(),
+            )
         };
         assert!(check_payload(&rec(b"{\"d\":{\"z\":\"\\u0000 z\xc3\xbcrich\"}}")).is_ok());
         assert!(check_payload(&rec(b"a\0b")).is_err());

@@ -7,10 +7,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
+use super::new_key;
 use bytes::Bytes;
 use hyper::StatusCode;
 use hyper_sessions::{
-    CreateOutcome, Expiry, Id, Record, SaveOutcome, SessionLayer, SessionStore, unix_ms,
+    CreateOutcome, Expiry, Id, Key, Record, SaveOutcome, SessionLayer, SessionStore, unix_ms,
 };
 
 // The suite's other half; unused by the test binaries that do not run the suite.
@@ -55,8 +56,8 @@ fn in_ms(ms: u64) -> SystemTime {
     SystemTime::now() + Duration::from_millis(ms)
 }
 
-fn record(id: Id, data: &str, version: u64, expires_at: SystemTime) -> Record {
-    Record::new(id, Bytes::from(data.to_owned()), version, expires_at)
+fn record(key: Key, data: &str, version: u64, expires_at: SystemTime) -> Record {
+    Record::new(key, Bytes::from(data.to_owned()), version, expires_at)
 }
 
 const DATA: &str = r#"{"d":{"count":1}}"#;
@@ -64,16 +65,16 @@ const DATA: &str = r#"{"d":{"count":1}}"#;
 // ---- the store contract, called directly ----
 
 pub async fn round_trip<S: SessionStore>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     let expires = in_ms(60_000);
-    let rec = record(id, DATA, 1, expires);
+    let rec = record(key, DATA, 1, expires);
     assert_eq!(store.create(&rec).await.unwrap(), CreateOutcome::Created);
     let back = store
-        .load(&id)
+        .load(&key)
         .await
         .unwrap()
         .expect("created record loads");
-    assert_eq!(back.id(), id);
+    assert_eq!(back.key(), key);
     assert_eq!(back.data(), rec.data());
     assert_eq!(back.version(), 1);
     // Stores may keep millisecond precision.
@@ -81,95 +82,98 @@ pub async fn round_trip<S: SessionStore>(store: S) {
 }
 
 pub async fn load_missing<S: SessionStore>(store: S) {
-    assert!(store.load(&Id::random()).await.unwrap().is_none());
+    assert!(store.load(&new_key()).await.unwrap().is_none());
 }
 
 pub async fn expired_records_are_never_returned<S: SessionStore>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     store
-        .create(&record(id, DATA, 1, in_ms(300)))
+        .create(&record(key, DATA, 1, in_ms(300)))
         .await
         .unwrap();
-    assert!(store.load(&id).await.unwrap().is_some());
+    assert!(store.load(&key).await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert!(
-        store.load(&id).await.unwrap().is_none(),
+        store.load(&key).await.unwrap().is_none(),
         "expired record returned"
     );
     // Saving or touching an expired record must not revive it.
-    let next = record(id, DATA, 2, in_ms(60_000));
+    let next = record(key, DATA, 2, in_ms(60_000));
     assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Missing);
     assert_eq!(
-        store.touch(&id, 1, in_ms(60_000)).await.unwrap(),
+        store.touch(&key, 1, in_ms(60_000)).await.unwrap(),
         SaveOutcome::Missing
     );
-    assert!(store.load(&id).await.unwrap().is_none());
+    assert!(store.load(&key).await.unwrap().is_none());
 }
 
 pub async fn delete<S: SessionStore>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     store
-        .create(&record(id, DATA, 1, in_ms(60_000)))
+        .create(&record(key, DATA, 1, in_ms(60_000)))
         .await
         .unwrap();
-    let other = Id::random();
+    let other = new_key();
     store
         .create(&record(other, DATA, 1, in_ms(60_000)))
         .await
         .unwrap();
-    store.delete(&id).await.unwrap();
-    assert!(store.load(&id).await.unwrap().is_none());
+    store.delete(&key).await.unwrap();
+    assert!(store.load(&key).await.unwrap().is_none());
     assert!(
         store.load(&other).await.unwrap().is_some(),
         "delete removed another record"
     );
     // Deleting what is not there succeeds.
-    store.delete(&id).await.unwrap();
-    store.delete(&Id::random()).await.unwrap();
+    store.delete(&key).await.unwrap();
+    store.delete(&new_key()).await.unwrap();
 }
 
 pub async fn create_never_overwrites<S: SessionStore>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     store
-        .create(&record(id, DATA, 1, in_ms(60_000)))
+        .create(&record(key, DATA, 1, in_ms(60_000)))
         .await
         .unwrap();
-    let intruder = record(id, r#"{"d":{"admin":true}}"#, 1, in_ms(60_000));
+    let intruder = record(key, r#"{"d":{"admin":true}}"#, 1, in_ms(60_000));
     assert_eq!(
         store.create(&intruder).await.unwrap(),
         CreateOutcome::IdTaken
     );
-    let back = store.load(&id).await.unwrap().unwrap();
+    let back = store.load(&key).await.unwrap().unwrap();
     assert_eq!(back.data(), &Bytes::from(DATA));
 }
 
 pub async fn create_replaces_expired<S: SessionStore>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     store
-        .create(&record(id, DATA, 1, in_ms(200)))
+        .create(&record(key, DATA, 1, in_ms(200)))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(350)).await;
-    let fresh = record(id, r#"{"d":{"new":1}}"#, 1, in_ms(60_000));
+    let fresh = record(key, r#"{"d":{"new":1}}"#, 1, in_ms(60_000));
     assert_eq!(store.create(&fresh).await.unwrap(), CreateOutcome::Created);
-    assert_eq!(store.load(&id).await.unwrap().unwrap().data(), fresh.data());
+    assert_eq!(
+        store.load(&key).await.unwrap().unwrap().data(),
+        fresh.data()
+    );
 }
 
 pub async fn compare_and_set<S: SessionStore>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     store
-        .create(&record(id, DATA, 1, in_ms(60_000)))
+        .create(&record(key, DATA, 1, in_ms(60_000)))
         .await
         .unwrap();
-    let stale = record(id, r#"{"d":{"count":9}}"#, 6, in_ms(60_000));
+    let stale = record(key, r#"{"d":{"count":9}}"#, 6, in_ms(60_000));
     assert_eq!(store.save(&stale, 5).await.unwrap(), SaveOutcome::Conflict);
     assert_eq!(
-        store.load(&id).await.unwrap().unwrap().data(),
+        store.load(&key).await.unwrap().unwrap().data(),
         &Bytes::from(DATA)
     );
-    let next = record(id, r#"{"d":{"count":2}}"#, 2, in_ms(120_000));
+    let next = record(key, r#"{"d":{"count":2}}"#, 2, in_ms(120_000));
     assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
-    let back = store.load(&id).await.unwrap().unwrap();
+    let back = store.load(&key).await.unwrap().unwrap();
     assert_eq!(back.version(), 2);
     assert_eq!(back.data(), next.data());
     assert_eq!(back.expires_at_unix_ms(), next.expires_at_unix_ms());
@@ -178,42 +182,50 @@ pub async fn compare_and_set<S: SessionStore>(store: S) {
 }
 
 pub async fn save_never_recreates<S: SessionStore>(store: S) {
-    let id = Id::random();
-    let rec = record(id, DATA, 2, in_ms(60_000));
+    let key = new_key();
+    let rec = record(key, DATA, 2, in_ms(60_000));
     assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Missing);
-    assert!(store.load(&id).await.unwrap().is_none());
+    assert!(store.load(&key).await.unwrap().is_none());
     store
-        .create(&record(id, DATA, 1, in_ms(60_000)))
+        .create(&record(key, DATA, 1, in_ms(60_000)))
         .await
         .unwrap();
-    store.delete(&id).await.unwrap();
+    store.delete(&key).await.unwrap();
     assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Missing);
     assert!(
-        store.load(&id).await.unwrap().is_none(),
+        store.load(&key).await.unwrap().is_none(),
         "save brought a deleted record back"
     );
 }
 
 pub async fn touch_is_conditional<S: SessionStore>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     store
-        .create(&record(id, DATA, 1, in_ms(300)))
+        .create(&record(key, DATA, 1, in_ms(300)))
         .await
         .unwrap();
     let later = in_ms(60_000);
     // At another version: nothing moves.
     assert_eq!(
-        store.touch(&id, 2, later).await.unwrap(),
+        store.touch(&key, 2, later).await.unwrap(),
         SaveOutcome::Conflict
     );
-    assert!(store.load(&id).await.unwrap().unwrap().expires_at_unix_ms() < unix_ms(later));
+    assert!(
+        store
+            .load(&key)
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at_unix_ms()
+            < unix_ms(later)
+    );
     assert_eq!(
-        store.touch(&id, 1, later).await.unwrap(),
+        store.touch(&key, 1, later).await.unwrap(),
         SaveOutcome::Saved
     );
     tokio::time::sleep(Duration::from_millis(450)).await;
     let back = store
-        .load(&id)
+        .load(&key)
         .await
         .unwrap()
         .expect("touch extended the record");
@@ -221,23 +233,28 @@ pub async fn touch_is_conditional<S: SessionStore>(store: S) {
     assert_eq!(back.data(), &Bytes::from(DATA));
     assert_eq!(back.expires_at_unix_ms(), unix_ms(later));
     assert_eq!(
-        store.touch(&Id::random(), 1, later).await.unwrap(),
+        store.touch(&new_key(), 1, later).await.unwrap(),
         SaveOutcome::Missing
     );
     // A save moves the version: a touch at the old one is refused and keeps the save's expiry.
     let saved_expiry = in_ms(30_000);
-    let next = record(id, DATA, 2, saved_expiry);
+    let next = record(key, DATA, 2, saved_expiry);
     assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
     assert_eq!(
-        store.touch(&id, 1, in_ms(90_000)).await.unwrap(),
+        store.touch(&key, 1, in_ms(90_000)).await.unwrap(),
         SaveOutcome::Conflict
     );
     assert_eq!(
-        store.load(&id).await.unwrap().unwrap().expires_at_unix_ms(),
+        store
+            .load(&key)
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at_unix_ms(),
         unix_ms(saved_expiry)
     );
     // An expired record is not revived.
-    let short = Id::random();
+    let short = new_key();
     store
         .create(&record(short, DATA, 1, in_ms(100)))
         .await
@@ -251,33 +268,33 @@ pub async fn touch_is_conditional<S: SessionStore>(store: S) {
 }
 
 pub async fn remove_is_conditional<S: SessionStore>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     store
-        .create(&record(id, DATA, 1, in_ms(60_000)))
+        .create(&record(key, DATA, 1, in_ms(60_000)))
         .await
         .unwrap();
-    let next = record(id, r#"{"d":{"count":2}}"#, 2, in_ms(60_000));
+    let next = record(key, r#"{"d":{"count":2}}"#, 2, in_ms(60_000));
     assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
     // A removal at the version it saw never removes a newer one.
-    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Conflict);
-    assert_eq!(store.load(&id).await.unwrap().unwrap().version(), 2);
-    assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Saved);
-    assert!(store.load(&id).await.unwrap().is_none());
-    assert_eq!(store.remove(&id, 2).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(store.remove(&key, 1).await.unwrap(), SaveOutcome::Conflict);
+    assert_eq!(store.load(&key).await.unwrap().unwrap().version(), 2);
+    assert_eq!(store.remove(&key, 2).await.unwrap(), SaveOutcome::Saved);
+    assert!(store.load(&key).await.unwrap().is_none());
+    assert_eq!(store.remove(&key, 2).await.unwrap(), SaveOutcome::Missing);
     assert_eq!(
-        store.remove(&Id::random(), 1).await.unwrap(),
+        store.remove(&new_key(), 1).await.unwrap(),
         SaveOutcome::Missing
     );
     // Nor does it create anything, or touch another record.
-    let other = Id::random();
+    let other = new_key();
     store
         .create(&record(other, DATA, 1, in_ms(60_000)))
         .await
         .unwrap();
-    assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Missing);
+    assert_eq!(store.remove(&key, 1).await.unwrap(), SaveOutcome::Missing);
     assert!(store.load(&other).await.unwrap().is_some());
     // An expired record is Missing, whatever its version.
-    let short = Id::random();
+    let short = new_key();
     store
         .create(&record(short, DATA, 1, in_ms(100)))
         .await
@@ -287,16 +304,16 @@ pub async fn remove_is_conditional<S: SessionStore>(store: S) {
 }
 
 pub async fn concurrent_compare_and_set<S: SessionStore + Clone>(store: S) {
-    let id = Id::random();
+    let key = new_key();
     store
-        .create(&record(id, DATA, 1, in_ms(60_000)))
+        .create(&record(key, DATA, 1, in_ms(60_000)))
         .await
         .unwrap();
     let mut tasks = Vec::new();
     for i in 0..32 {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            let rec = record(id, &format!(r#"{{"d":{{"w":{i}}}}}"#), 2, in_ms(60_000));
+            let rec = record(key, &format!(r#"{{"d":{{"w":{i}}}}}"#), 2, in_ms(60_000));
             store.save(&rec, 1).await.unwrap()
         }));
     }
@@ -307,7 +324,7 @@ pub async fn concurrent_compare_and_set<S: SessionStore + Clone>(store: S) {
         }
     }
     assert_eq!(saved, 1, "exactly one compare-and-set may win");
-    assert_eq!(store.load(&id).await.unwrap().unwrap().version(), 2);
+    assert_eq!(store.load(&key).await.unwrap().unwrap().version(), 2);
 }
 
 pub async fn large_and_awkward_records<S: SessionStore>(store: S) {
@@ -319,10 +336,10 @@ pub async fn large_and_awkward_records<S: SessionStore>(store: S) {
         "big": "x".repeat(1 << 20),
     }})
     .to_string();
-    let id = Id::random();
-    let rec = record(id, &awkward, 1, in_ms(60_000));
+    let key = new_key();
+    let rec = record(key, &awkward, 1, in_ms(60_000));
     store.create(&rec).await.unwrap();
-    let back = store.load(&id).await.unwrap().unwrap();
+    let back = store.load(&key).await.unwrap().unwrap();
     assert!(
         back.data() == rec.data(),
         "record did not round-trip byte for byte"
@@ -336,7 +353,7 @@ fn layer<S: SessionStore>(store: S) -> SessionLayer {
 }
 
 async fn stored<S: SessionStore>(store: &S, browser: &Browser) -> Option<Record> {
-    store.load(&browser.id()?).await.unwrap()
+    store.load(&browser.key()?).await.unwrap()
 }
 
 pub async fn cookie_lifecycle<S: SessionStore + Clone>(store: S) {
@@ -428,7 +445,7 @@ pub async fn destroy_removes_everything<S: SessionStore + Clone>(store: S) {
         );
     }
     assert!(
-        store.load(&old_id).await.unwrap().is_none(),
+        store.load(&Key::of(old_id)).await.unwrap().is_none(),
         "record left in the store"
     );
     // Replaying the old cookie gives nothing back.
@@ -455,7 +472,7 @@ pub async fn cycle_id_moves_the_data<S: SessionStore + Clone>(store: S) {
         "data kept across the new id"
     );
     assert!(
-        store.load(&old_id).await.unwrap().is_none(),
+        store.load(&Key::of(old_id)).await.unwrap().is_none(),
         "old record not deleted"
     );
     let mut c = Conn::http1(server.addr).await;
@@ -477,11 +494,11 @@ pub async fn unknown_and_corrupt_ids_start_fresh<S: SessionStore + Clone>(store:
     assert_eq!(r.body, "1");
     let issued = r.cookie_pair().unwrap();
     assert_ne!(issued, cookie, "a client-chosen id was adopted");
-    assert!(store.load(&planted).await.unwrap().is_none());
+    assert!(store.load(&Key::of(planted)).await.unwrap().is_none());
     // A record that is not a session payload: a fresh session, the record left alone.
     let corrupt = Id::random();
     store
-        .create(&record(corrupt, "{not json", 1, in_ms(60_000)))
+        .create(&record(Key::of(corrupt), "{not json", 1, in_ms(60_000)))
         .await
         .unwrap();
     let cookie = format!("id={corrupt}");
@@ -490,7 +507,7 @@ pub async fn unknown_and_corrupt_ids_start_fresh<S: SessionStore + Clone>(store:
     assert_eq!(r.body, "1");
     assert_ne!(r.cookie_pair().unwrap(), cookie);
     assert_eq!(
-        store.load(&corrupt).await.unwrap().unwrap().data(),
+        store.load(&Key::of(corrupt)).await.unwrap().unwrap().data(),
         &Bytes::from("{not json"),
         "the corrupt record was overwritten"
     );
@@ -616,7 +633,7 @@ pub async fn write_racing_destroy_stays_destroyed<S: SessionStore + Clone>(store
         "a request that destroyed nothing touched the cookie"
     );
     assert!(
-        store.load(&id).await.unwrap().is_none(),
+        store.load(&Key::of(id)).await.unwrap().is_none(),
         "destroyed session came back"
     );
 }
@@ -628,12 +645,12 @@ pub async fn emptied_session_is_deleted<S: SessionStore + Clone>(store: S) {
     let id = b.id().unwrap();
     let r = b.get("/clear").await;
     assert!(r.removes_cookie());
-    assert!(store.load(&id).await.unwrap().is_none());
+    assert!(store.load(&Key::of(id)).await.unwrap().is_none());
     b.get("/set/a").await;
     let id = b.id().unwrap();
     let r = b.get("/remove/a").await;
     assert!(r.removes_cookie());
-    assert!(store.load(&id).await.unwrap().is_none());
+    assert!(store.load(&Key::of(id)).await.unwrap().is_none());
 }
 
 pub async fn idle_expiry_slides_on_reads<S: SessionStore + Clone>(store: S) {

@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use hyper::StatusCode;
-use hyper_sessions::{Expiry, Id, SessionLayer, SessionStore, unix_ms};
+use hyper_sessions::{Expiry, Key, SessionLayer, SessionStore, unix_ms};
 
 use super::script::ScriptServer;
 use super::{Browser, Observed};
@@ -21,9 +21,9 @@ fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
 }
 
-async fn expires_ms<S: SessionStore>(store: &S, id: &Id) -> u64 {
+async fn expires_ms<S: SessionStore>(store: &S, key: &Key) -> u64 {
     store
-        .load(id)
+        .load(key)
         .await
         .unwrap()
         .expect("the session is stored")
@@ -48,7 +48,7 @@ pub async fn emptying_keeps_a_concurrent_write<S: SessionStore + Clone>(store: S
         "b",
         "a concurrent write was lost"
     );
-    assert!(store.load(&browser.id().unwrap()).await.unwrap().is_some());
+    assert!(store.load(&browser.key().unwrap()).await.unwrap().is_some());
 }
 
 /// Item 2: `cycle_id` racing `destroy` never brings the session back under any id.
@@ -84,7 +84,7 @@ pub async fn cycle_keeps_a_concurrent_write<S: SessionStore + Clone>(store: S) {
     let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
     let mut browser = Browser::new(server.addr).await;
     browser.get("/set:user=ada").await;
-    let (cookie, old) = (cookie(&browser), browser.id().unwrap());
+    let (cookie, old) = (cookie(&browser), browser.key().unwrap());
     let (a, b) = server
         .race(&cookie, "/get:user/cycle/set:logged_in=1", "/set:b=2")
         .await;
@@ -112,7 +112,7 @@ pub async fn own_shorter_expiry_survives_reads<S: SessionStore + Clone>(store: S
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(browser.get("/get:a").await.body, "1");
-        let left = expires_ms(&store, &browser.id().unwrap())
+        let left = expires_ms(&store, &browser.key().unwrap())
             .await
             .saturating_sub(now_ms());
         assert!(left <= 1_000, "a read moved the expiry {left} ms ahead");
@@ -138,10 +138,10 @@ pub async fn sliding_reads_resend_the_cookie<S: SessionStore + Clone>(store: S) 
     let (mut resent, mut quiet) = (0, 0);
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let before = expires_ms(&store, &browser.id().unwrap()).await;
+        let before = expires_ms(&store, &browser.key().unwrap()).await;
         let r = browser.get("/get:a").await;
         assert_eq!(r.body, "1");
-        let after = expires_ms(&store, &browser.id().unwrap()).await;
+        let after = expires_ms(&store, &browser.key().unwrap()).await;
         if let Some(c) = r.session_cookie() {
             resent += 1;
             assert!(
@@ -220,7 +220,7 @@ pub async fn refresh_never_overwrites_a_concurrent_expiry<S: SessionStore + Clon
     let (read, remember) = server.race(&cookie, "/get:a", "/inactive:600000").await;
     assert_eq!(remember.status, StatusCode::OK);
     assert_eq!(read.status, StatusCode::OK);
-    let left = expires_ms(&store, &browser.id().unwrap())
+    let left = expires_ms(&store, &browser.key().unwrap())
         .await
         .saturating_sub(now_ms());
     assert!(
@@ -265,14 +265,14 @@ pub async fn reset_expiry_undoes_remember_me<S: SessionStore + Clone>(store: S) 
     let r = browser.get("/inactive:2592000000").await;
     let remembered = r.session_cookie().expect("remember-me re-sends the cookie");
     assert!(remembered.contains("Max-Age=2592000"), "{remembered}");
-    assert!(expires_ms(&store, &browser.id().unwrap()).await > now_ms() + 29 * 86_400_000);
+    assert!(expires_ms(&store, &browser.key().unwrap()).await > now_ms() + 29 * 86_400_000);
     let r = browser.get("/reset").await;
     let forgotten = r.session_cookie().expect("reset re-sends the cookie");
     assert!(
         !forgotten.contains("Max-Age"),
         "the cookie still outlives the browser: {forgotten}"
     );
-    let left = expires_ms(&store, &browser.id().unwrap())
+    let left = expires_ms(&store, &browser.key().unwrap())
         .await
         .saturating_sub(now_ms());
     assert!(

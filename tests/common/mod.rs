@@ -22,7 +22,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{COOKIE, SET_COOKIE};
 use hyper::{Request, StatusCode};
 use hyper_sessions::{
-    CreateOutcome, Id, Record, SaveOutcome, SessionLayer, SessionStore, StoreError,
+    CreateOutcome, Id, Key, Record, SaveOutcome, SessionLayer, SessionStore, StoreError,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -327,6 +327,16 @@ impl Browser {
         let c = self.cookie.as_ref()?;
         c.split_once('=')?.1.parse().ok()
     }
+
+    /// The store key of the session the cookie names.
+    pub fn key(&self) -> Option<Key> {
+        self.id().map(Key::of)
+    }
+}
+
+/// The store key of a new random id: a session no store has seen.
+pub fn new_key() -> Key {
+    Key::of(Id::random())
 }
 
 /// Wraps a real store to count its calls and, when switched, fail like a store that is down.
@@ -343,7 +353,7 @@ pub struct Observed<S> {
     /// Every save loses the compare-and-set, as under endless concurrent writers.
     pub always_conflict: Arc<AtomicBool>,
     /// The ids of the records created, in order.
-    pub created: Arc<std::sync::Mutex<Vec<Id>>>,
+    pub created: Arc<std::sync::Mutex<Vec<Key>>>,
 }
 
 impl<S> Observed<S> {
@@ -360,7 +370,7 @@ impl<S> Observed<S> {
     }
 
     /// The ids of the records created so far, in order.
-    pub fn created_ids(&self) -> Vec<Id> {
+    pub fn created_ids(&self) -> Vec<Key> {
         self.created.lock().unwrap().clone()
     }
 
@@ -387,17 +397,17 @@ impl<S> Observed<S> {
 }
 
 impl<S: SessionStore> SessionStore for Observed<S> {
-    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+    async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         self.check()?;
-        self.inner.load(id).await
+        self.inner.load(key).await
     }
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.check_write()?;
         let outcome = self.inner.create(record).await?;
         if outcome == CreateOutcome::Created {
-            self.created.lock().unwrap().push(record.id());
+            self.created.lock().unwrap().push(record.key());
         }
         Ok(outcome)
     }
@@ -409,24 +419,24 @@ impl<S: SessionStore> SessionStore for Observed<S> {
         }
         self.inner.save(record, expected).await
     }
-    async fn delete(&self, id: &Id) -> Result<(), StoreError> {
+    async fn delete(&self, key: &Key) -> Result<(), StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.check_write()?;
-        self.inner.delete(id).await
+        self.inner.delete(key).await
     }
     async fn touch(
         &self,
-        id: &Id,
+        key: &Key,
         expected: u64,
         expires_at: SystemTime,
     ) -> Result<SaveOutcome, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.check_write()?;
-        self.inner.touch(id, expected, expires_at).await
+        self.inner.touch(key, expected, expires_at).await
     }
-    async fn remove(&self, id: &Id, expected: u64) -> Result<SaveOutcome, StoreError> {
+    async fn remove(&self, key: &Key, expected: u64) -> Result<SaveOutcome, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.check_write()?;
-        self.inner.remove(id, expected).await
+        self.inner.remove(key, expected).await
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use hyper::StatusCode;
 use hyper_sessions::{
-    CreateOutcome, Expiry, Id, Record, SaveOutcome, SessionLayer, SessionStore, StoreError,
+    CreateOutcome, Expiry, Key, Record, SaveOutcome, SessionLayer, SessionStore, StoreError,
 };
 use serde_json::Value;
 
@@ -43,12 +43,12 @@ pub enum Change {
 #[derive(Debug, Clone)]
 pub enum Event {
     Change(u32, Change),
-    Load(u32, Id, Option<Record>),
+    Load(u32, Key, Option<Record>),
     Create(u32, Record, CreateOutcome),
     Save(u32, Record, u64, SaveOutcome),
-    Touch(u32, Id, u64, SaveOutcome),
-    Remove(u32, Id, u64, SaveOutcome),
-    Delete(u32, Id),
+    Touch(u32, Key, u64, SaveOutcome),
+    Remove(u32, Key, u64, SaveOutcome),
+    Delete(u32, Key),
 }
 
 /// The shared log, and the request each task works for.
@@ -88,10 +88,10 @@ impl<S> Logged<S> {
 }
 
 impl<S: SessionStore> SessionStore for Logged<S> {
-    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
+    async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
         let _one = self.one_at_a_time.lock().await;
-        let got = self.inner.load(id).await?;
-        self.push(|r| Event::Load(r, *id, got.clone()));
+        let got = self.inner.load(key).await?;
+        self.push(|r| Event::Load(r, *key, got.clone()));
         Ok(got)
     }
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
@@ -108,25 +108,25 @@ impl<S: SessionStore> SessionStore for Logged<S> {
     }
     async fn touch(
         &self,
-        id: &Id,
+        key: &Key,
         expected: u64,
         expires_at: SystemTime,
     ) -> Result<SaveOutcome, StoreError> {
         let _one = self.one_at_a_time.lock().await;
-        let outcome = self.inner.touch(id, expected, expires_at).await?;
-        self.push(|r| Event::Touch(r, *id, expected, outcome));
+        let outcome = self.inner.touch(key, expected, expires_at).await?;
+        self.push(|r| Event::Touch(r, *key, expected, outcome));
         Ok(outcome)
     }
-    async fn remove(&self, id: &Id, expected: u64) -> Result<SaveOutcome, StoreError> {
+    async fn remove(&self, key: &Key, expected: u64) -> Result<SaveOutcome, StoreError> {
         let _one = self.one_at_a_time.lock().await;
-        let outcome = self.inner.remove(id, expected).await?;
-        self.push(|r| Event::Remove(r, *id, expected, outcome));
+        let outcome = self.inner.remove(key, expected).await?;
+        self.push(|r| Event::Remove(r, *key, expected, outcome));
         Ok(outcome)
     }
-    async fn delete(&self, id: &Id) -> Result<(), StoreError> {
+    async fn delete(&self, key: &Key) -> Result<(), StoreError> {
         let _one = self.one_at_a_time.lock().await;
-        self.inner.delete(id).await?;
-        self.push(|r| Event::Delete(r, *id));
+        self.inner.delete(key).await?;
+        self.push(|r| Event::Delete(r, *key));
         Ok(())
     }
 }
@@ -208,11 +208,11 @@ struct Req {
     /// The data its next write is based on: its last load, or its own last write.
     base: Data,
     /// The record that data is: what it last loaded, or last wrote.
-    stored: Option<Id>,
+    stored: Option<Key>,
     /// A cycle under way: the old id, still to be removed.
-    moving_from: Option<Id>,
+    moving_from: Option<Key>,
     /// The record a cycle created.
-    moved_to: Option<Id>,
+    moved_to: Option<Key>,
     /// The old record was destroyed before the move completed.
     doomed: bool,
     destroyed: bool,
@@ -229,8 +229,8 @@ fn fits(outcome: SaveOutcome, model: Option<u64>, expected: u64) -> bool {
 
 /// Replays `log` through the model; answers the model's records, or what went wrong.
 #[allow(clippy::too_many_lines)] // one replay, read top to bottom
-fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Id, (u64, Data)>, String> {
-    let mut records: HashMap<Id, (u64, Data)> = HashMap::new();
+fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Key, (u64, Data)>, String> {
+    let mut records: HashMap<Key, (u64, Data)> = HashMap::new();
     let mut reqs: HashMap<u32, Req> = HashMap::new();
     for (at, event) in log.iter().enumerate() {
         let fail = |what: String| Err(format!("event {at} {event:?}: {what}"));
@@ -251,7 +251,7 @@ fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Id, (u64,
                 let req = reqs.entry(*r).or_default();
                 req.base = got.as_ref().map(Data::of).unwrap_or_default();
                 if req.moving_from.is_none() {
-                    req.stored = got.as_ref().map(Record::id);
+                    req.stored = got.as_ref().map(Record::key);
                 }
             }
             Event::Create(r, rec, outcome) => {
@@ -266,20 +266,20 @@ fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Id, (u64,
                         Data::of(rec)
                     ));
                 }
-                records.insert(rec.id(), (1, want.clone()));
+                records.insert(rec.key(), (1, want.clone()));
                 // A create by a request whose session is stored starts a move.
                 match req.stored.filter(|id| records.contains_key(id)) {
                     Some(old) if req.moving_from.is_none() => {
                         req.moving_from = Some(old);
-                        req.moved_to = Some(rec.id());
+                        req.moved_to = Some(rec.key());
                     }
                     _ => req.pending.clear(),
                 }
                 req.base = want;
-                req.stored = Some(rec.id());
+                req.stored = Some(rec.key());
             }
             Event::Save(r, rec, expected, outcome) => {
-                let model = records.get(&rec.id()).map(|(v, _)| *v);
+                let model = records.get(&rec.key()).map(|(v, _)| *v);
                 if !fits(*outcome, model, *expected) {
                     return fail(format!("the model's version is {model:?}"));
                 }
@@ -294,7 +294,7 @@ fn replay(log: &[Event], acked: &HashMap<u32, bool>) -> Result<HashMap<Id, (u64,
                         Data::of(rec)
                     ));
                 }
-                records.insert(rec.id(), (expected + 1, want.clone()));
+                records.insert(rec.key(), (expected + 1, want.clone()));
                 if req.moving_from.is_none() {
                     req.pending.clear();
                 }
@@ -458,8 +458,8 @@ async fn run_once<S: SessionStore + Clone>(store: &S, seed: u64) -> Result<(), S
     }
     for event in &log {
         if let Event::Create(_, rec, CreateOutcome::Created) = event
-            && !records.contains_key(&rec.id())
-            && store.load(&rec.id()).await.unwrap().is_some()
+            && !records.contains_key(&rec.key())
+            && store.load(&rec.key()).await.unwrap().is_some()
         {
             return Err(describe(
                 "a record the model removed is still stored".to_owned(),

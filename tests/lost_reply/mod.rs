@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::StatusCode;
-use hyper_sessions::{CreateOutcome, Id, Record, SaveOutcome, SessionStore, StoreError};
+use hyper_sessions::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
 
 use crate::common::servers::ReplyDroppingProxy;
-use crate::common::{Browser, Conn};
+use crate::common::{Browser, Conn, new_key};
 
 /// Recognises each kind of write on the wire.
 pub struct Triggers {
@@ -27,9 +27,9 @@ fn now_ms() -> u64 {
     hyper_sessions::unix_ms(std::time::SystemTime::now())
 }
 
-fn counter(id: Id, n: u64, version: u64, expires_ms: u64) -> Record {
+fn counter(key: Key, n: u64, version: u64, expires_ms: u64) -> Record {
     Record::from_unix_ms(
-        id,
+        key,
         Bytes::from(format!(r#"{{"d":{{"n":{n}}}}}"#)),
         version,
         expires_ms,
@@ -80,7 +80,7 @@ pub async fn store_level<S: SessionStore + Clone>(
     t: &Triggers,
 ) {
     let exp = now_ms() + 60_000;
-    let id = Id::random();
+    let id = new_key();
     assert_eq!(
         b.create(&counter(id, 0, 1, exp)).await.unwrap(),
         CreateOutcome::Created
@@ -176,7 +176,7 @@ pub async fn store_level<S: SessionStore + Clone>(
     assert!(b.load(&id).await.unwrap().is_none());
 
     // 6. A create whose reply was lost: the retry recognises its own record.
-    let fresh = Id::random();
+    let fresh = new_key();
     let (a2, rec) = (a.clone(), counter(fresh, 0, 1, exp));
     let out = lose_reply(
         proxy,
@@ -189,7 +189,7 @@ pub async fn store_level<S: SessionStore + Clone>(
     assert_eq!(b.load(&fresh).await.unwrap().unwrap().version(), 1);
 
     // 7. A create, then a save on top before its reply is lost: unknown, not "taken".
-    let fresh = Id::random();
+    let fresh = new_key();
     let (a2, rec) = (a.clone(), counter(fresh, 0, 1, exp));
     let out = lose_reply(
         proxy,

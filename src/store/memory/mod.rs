@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use crate::error::StoreError;
-use crate::id::Id;
+use crate::key::Key;
 use crate::record::{Record, unix_ms};
 use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
@@ -232,10 +232,10 @@ impl MemoryStore {
             .sum()
     }
 
-    fn shard(&self, id: &Id) -> MutexGuard<'_, Shard> {
+    fn shard(&self, key: &Key) -> MutexGuard<'_, Shard> {
         let n = self.inner.shards.len();
-        // The id's high bits pick the shard; its low bits hash within it.
-        let index = usize::try_from(id.high_bits()).unwrap_or(0) % n;
+        // The key's high bits pick the shard; its low bits hash within it.
+        let index = usize::try_from(key.high_bits()).unwrap_or(0) % n;
         lock(&self.inner.shards[index])
     }
 
@@ -299,14 +299,14 @@ impl fmt::Debug for MemoryStore {
 impl SessionStore for MemoryStore {
     const NEVER_WAITS: bool = true;
 
-    async fn load(&self, id: &Id) -> Result<Option<Record>, StoreError> {
-        Ok(self.shard(id).load(id, now_ms()))
+    async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        Ok(self.shard(key).load(key, now_ms()))
     }
 
     async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
         self.start_sweeper();
         let now_ms = now_ms();
-        self.shard(&record.id()).create(record, now_ms)
+        self.shard(&record.key()).create(record, now_ms)
     }
 
     async fn save(
@@ -315,29 +315,29 @@ impl SessionStore for MemoryStore {
         expected_version: u64,
     ) -> Result<SaveOutcome, StoreError> {
         let now_ms = now_ms();
-        self.shard(&record.id())
+        self.shard(&record.key())
             .save(record, expected_version, now_ms)
     }
 
     async fn touch(
         &self,
-        id: &Id,
+        key: &Key,
         expected_version: u64,
         expires_at: SystemTime,
     ) -> Result<SaveOutcome, StoreError> {
         let now_ms = now_ms();
         Ok(self
-            .shard(id)
-            .touch(id, expected_version, unix_ms(expires_at), now_ms))
+            .shard(key)
+            .touch(key, expected_version, unix_ms(expires_at), now_ms))
     }
 
-    async fn remove(&self, id: &Id, expected_version: u64) -> Result<SaveOutcome, StoreError> {
+    async fn remove(&self, key: &Key, expected_version: u64) -> Result<SaveOutcome, StoreError> {
         let now_ms = now_ms();
-        Ok(self.shard(id).remove(id, expected_version, now_ms))
+        Ok(self.shard(key).remove(key, expected_version, now_ms))
     }
 
-    async fn delete(&self, id: &Id) -> Result<(), StoreError> {
-        self.shard(id).delete(id);
+    async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        self.shard(key).delete(key);
         Ok(())
     }
 }

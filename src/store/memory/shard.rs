@@ -29,7 +29,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use bytes::Bytes;
 
 use crate::error::StoreError;
-use crate::id::Id;
+use crate::key::Key;
 use crate::record::Record;
 use crate::store::{CreateOutcome, SaveOutcome};
 
@@ -65,7 +65,7 @@ enum Queue {
 }
 
 struct Slot {
-    id: Id,
+    key: Key,
     version: u64,
     expires_ms: u64,
     data: Bytes,
@@ -108,7 +108,7 @@ pub(super) struct Limits {
 
 /// One shard: the map from id to slot, the slab, the two queues and the totals.
 pub(super) struct Shard {
-    map: HashMap<Id, u32, BuildHasherDefault<IdHasher>>,
+    map: HashMap<Key, u32, BuildHasherDefault<KeyHasher>>,
     slots: Vec<Slot>,
     free: u32,
     /// Where the next [`Shard::sweep_some`] starts.
@@ -122,17 +122,17 @@ pub(super) struct Shard {
     steps: u64,
 }
 
-/// Ids are random: their low 64 bits are a hash already.
+/// Keys are digests: their low 64 bits are a hash already.
 #[derive(Default)]
-struct IdHasher(u64);
+struct KeyHasher(u64);
 
-impl Hasher for IdHasher {
+impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
         self.0
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Not used by `Id` (which writes a u128); a plain FNV-1a keeps it correct anyway.
+        // Not used by `Key` (which writes a u128); a plain FNV-1a keeps it correct anyway.
         for &b in bytes {
             self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
@@ -182,18 +182,18 @@ impl Shard {
         self.evictions
     }
 
-    /// The slot of the live session with this id.
-    fn live(&self, id: &Id, now_ms: u64) -> Option<u32> {
-        let &i = self.map.get(id)?;
+    /// The slot of the live session with this key.
+    fn live(&self, key: &Key, now_ms: u64) -> Option<u32> {
+        let &i = self.map.get(key)?;
         self.slots[i as usize].live(now_ms).then_some(i)
     }
 
-    pub(super) fn load(&mut self, id: &Id, now_ms: u64) -> Option<Record> {
-        let i = self.live(id, now_ms)?;
+    pub(super) fn load(&mut self, key: &Key, now_ms: u64) -> Option<Record> {
+        let i = self.live(key, now_ms)?;
         self.mark_used(i);
         let slot = &self.slots[i as usize];
         Some(Record::from_unix_ms(
-            *id,
+            *key,
             slot.data.clone(),
             slot.version,
             slot.expires_ms,
@@ -205,8 +205,8 @@ impl Shard {
         record: &Record,
         now_ms: u64,
     ) -> Result<CreateOutcome, StoreError> {
-        let id = record.id();
-        if let Some(&i) = self.map.get(&id) {
+        let key = record.key();
+        if let Some(&i) = self.map.get(&key) {
             if self.slots[i as usize].live(now_ms) {
                 return Ok(CreateOutcome::IdTaken);
             }
@@ -219,7 +219,7 @@ impl Shard {
         }
         self.make_room(cost, 1, NIL, now_ms);
         let slot = Slot {
-            id,
+            key,
             version: record.version(),
             expires_ms: record.expires_at_unix_ms(),
             data: record.data().clone(),
@@ -237,15 +237,15 @@ impl Shard {
             self.slots[i as usize] = slot;
             i
         };
-        self.map.insert(id, i);
+        self.map.insert(key, i);
         self.bytes += cost;
         self.push_back(Queue::Probation, i);
         Ok(CreateOutcome::Created)
     }
 
     /// The slot of the live session with this id at version `expected`, or why there is none.
-    fn expect(&self, id: &Id, expected: u64, now_ms: u64) -> Result<u32, SaveOutcome> {
-        match self.live(id, now_ms) {
+    fn expect(&self, key: &Key, expected: u64, now_ms: u64) -> Result<u32, SaveOutcome> {
+        match self.live(key, now_ms) {
             Some(i) if self.slots[i as usize].version == expected => Ok(i),
             Some(_) => Err(SaveOutcome::Conflict),
             None => Err(SaveOutcome::Missing),
@@ -258,7 +258,7 @@ impl Shard {
         expected: u64,
         now_ms: u64,
     ) -> Result<SaveOutcome, StoreError> {
-        let i = match self.expect(&record.id(), expected, now_ms) {
+        let i = match self.expect(&record.key(), expected, now_ms) {
             Ok(i) => i,
             Err(outcome) => return Ok(outcome),
         };
@@ -284,12 +284,12 @@ impl Shard {
 
     pub(super) fn touch(
         &mut self,
-        id: &Id,
+        key: &Key,
         expected: u64,
         expires_ms: u64,
         now_ms: u64,
     ) -> SaveOutcome {
-        match self.expect(id, expected, now_ms) {
+        match self.expect(key, expected, now_ms) {
             Ok(i) => {
                 self.slots[i as usize].expires_ms = expires_ms;
                 self.mark_used(i);
@@ -299,8 +299,8 @@ impl Shard {
         }
     }
 
-    pub(super) fn remove(&mut self, id: &Id, expected: u64, now_ms: u64) -> SaveOutcome {
-        match self.expect(id, expected, now_ms) {
+    pub(super) fn remove(&mut self, key: &Key, expected: u64, now_ms: u64) -> SaveOutcome {
+        match self.expect(key, expected, now_ms) {
             Ok(i) => {
                 self.remove_slot(i);
                 SaveOutcome::Saved
@@ -309,8 +309,8 @@ impl Shard {
         }
     }
 
-    pub(super) fn delete(&mut self, id: &Id) {
-        if let Some(&i) = self.map.get(id) {
+    pub(super) fn delete(&mut self, key: &Key) {
+        if let Some(&i) = self.map.get(key) {
             self.remove_slot(i);
         }
     }
@@ -417,7 +417,7 @@ impl Shard {
         let slot = &mut self.slots[i as usize];
         let cost = cost(slot.data.len());
         self.bytes -= cost;
-        self.map.remove(&slot.id);
+        self.map.remove(&slot.key);
         slot.data = Bytes::new();
         slot.queue = Queue::Free;
         slot.next = self.free;
@@ -475,7 +475,7 @@ mod tests {
     const LATER: u64 = NOW + 3_600_000;
 
     fn record(len: usize, expires_ms: u64) -> Record {
-        Record::from_unix_ms(Id::random(), Bytes::from(vec![b'x'; len]), 1, expires_ms)
+        Record::from_unix_ms(Key::random(), Bytes::from(vec![b'x'; len]), 1, expires_ms)
     }
 
     fn shard(sessions: usize, bytes: usize) -> Shard {
@@ -494,7 +494,7 @@ mod tests {
                     let slot = &self.slots[i as usize];
                     assert_eq!(slot.queue as usize, q);
                     assert_eq!(slot.prev, prev);
-                    assert_eq!(self.map[&slot.id], i);
+                    assert_eq!(self.map[&slot.key], i);
                     len += 1;
                     bytes += cost(slot.data.len());
                     prev = i;
@@ -515,7 +515,7 @@ mod tests {
         }
 
         fn contains(&self, r: &Record) -> bool {
-            self.map.contains_key(&r.id())
+            self.map.contains_key(&r.key())
         }
     }
 
@@ -532,7 +532,7 @@ mod tests {
             // The first use moves a session to protected, the second sets its bit.
             for _ in 0..2 {
                 for r in &old {
-                    s.load(&r.id(), NOW).unwrap();
+                    s.load(&r.key(), NOW).unwrap();
                 }
             }
             let mut worst = 0;
@@ -567,7 +567,7 @@ mod tests {
         let users: Vec<Record> = (0..50).map(|_| record(100, LATER)).collect();
         for r in &users {
             s.create(r, NOW).unwrap();
-            s.load(&r.id(), NOW).unwrap();
+            s.load(&r.key(), NOW).unwrap();
         }
         for _ in 0..10_000 {
             s.create(&record(10, LATER), NOW).unwrap();
@@ -611,7 +611,7 @@ mod tests {
         }
         for _ in 0..2 {
             for r in expired.iter().chain(&live) {
-                s.load(&r.id(), NOW).unwrap();
+                s.load(&r.key(), NOW).unwrap();
             }
         }
         for _ in 0..50 {
@@ -633,15 +633,15 @@ mod tests {
         for _ in 0..9 {
             s.create(&record(100, LATER), NOW).unwrap();
         }
-        let big = Record::from_unix_ms(me.id(), Bytes::from(vec![b'y'; 5 * cost(100)]), 2, LATER);
+        let big = Record::from_unix_ms(me.key(), Bytes::from(vec![b'y'; 5 * cost(100)]), 2, LATER);
         assert_eq!(s.save(&big, 1, NOW).unwrap(), SaveOutcome::Saved);
         assert!(s.contains(&me));
         assert!(s.len() < 10);
         s.check();
         // Larger than the whole shard: refused, nothing changed.
-        let huge = Record::from_unix_ms(me.id(), Bytes::from(vec![b'z'; limit]), 3, LATER);
+        let huge = Record::from_unix_ms(me.key(), Bytes::from(vec![b'z'; limit]), 3, LATER);
         assert!(s.save(&huge, 2, NOW).unwrap_err().is_unavailable());
-        assert_eq!(s.load(&me.id(), NOW).unwrap().version(), 2);
+        assert_eq!(s.load(&me.key(), NOW).unwrap().version(), 2);
         assert!(
             s.create(&record(limit, LATER), NOW)
                 .unwrap_err()
@@ -655,7 +655,7 @@ mod tests {
     #[test]
     fn random_operations_keep_the_accounting_exact() {
         let mut s = shard(40, 40 * cost(64));
-        let mut ids: Vec<(Id, u64)> = Vec::new();
+        let mut ids: Vec<(Key, u64)> = Vec::new();
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move |n: usize| {
             seed ^= seed << 13;
@@ -670,12 +670,12 @@ mod tests {
                 0 | 1 => {
                     let r = record(next(300), now + 1 + next(2_000) as u64);
                     s.create(&r, now).unwrap();
-                    ids.push((r.id(), 1));
+                    ids.push((r.key(), 1));
                 }
                 2 if !ids.is_empty() => {
-                    let (id, v) = ids[pick];
+                    let (key, v) = ids[pick];
                     let r = Record::from_unix_ms(
-                        id,
+                        key,
                         Bytes::from(vec![b'x'; next(500)]),
                         v + 1,
                         now + 1 + next(2_000) as u64,
@@ -685,12 +685,12 @@ mod tests {
                     }
                 }
                 3 if !ids.is_empty() => {
-                    let (id, v) = ids[pick];
-                    s.touch(&id, v, now + next(2_000) as u64, now);
+                    let (key, v) = ids[pick];
+                    s.touch(&key, v, now + next(2_000) as u64, now);
                 }
                 4 if !ids.is_empty() => {
-                    let (id, v) = ids[pick];
-                    s.remove(&id, v, now);
+                    let (key, v) = ids[pick];
+                    s.remove(&key, v, now);
                 }
                 5 if !ids.is_empty() => {
                     s.delete(&ids[pick].0);
