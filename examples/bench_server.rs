@@ -8,6 +8,17 @@
 //!
 //! Stores other than those compiled in make it exit with status 2 at once.
 //!
+//! Besides the contract's `/untouched`, `/read`, `/counter` and `/login` it answers the extras
+//! (all `GET`; keys and `v` values percent-decoded; bodies as in SPEC.md; also `/id` and
+//! `/remember/{secs}` for the tests, 404 for other paths):
+//! `/set/{key}?v={value}` (default `1`), `/get/{key}`, `/keys`, `/incr/{key}`,
+//! `/flash/{key}?v={value}`, `/cycle`, `/destroy`, `/remove/{key}` (remove `key`, `ok`),
+//! `/clear` (remove every key, `ok`), and `/sleep/{ms}/{path}`: load the session (one store
+//! read), wait `ms` milliseconds, then do and answer what `/{path}` does, for any path here
+//! (`/sleep/300/cycle`, `/sleep/300/remove/a`, `/sleep/300/set/k?v=x`, ...). The sleep holds a
+//! request open between its load and its commit while others on the same session finish, so
+//! that a race between any two operations can be driven over HTTP on every store.
+//!
 //! For the scaling runs of `benches/scale.sh`: `--prefill N` creates N sessions in the store
 //! before serving, each holding `count` and a string of `--value-bytes B` bytes (default 0),
 //! and `--pool-out FILE` writes the cookies of the first 1000 of them, one per line.

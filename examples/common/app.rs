@@ -180,11 +180,27 @@ async fn spec_endpoint(session: &Session, spec: Spec) -> Result<Response<Body>, 
     }
 }
 
+/// `/sleep/{ms}/{path}` split into `ms` and `/{path}` (the rest still percent-encoded: the
+/// endpoint it names decodes its own key and value).
+fn sleep_then(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/sleep/")?;
+    let slash = rest.find('/')?;
+    Some(rest.split_at(slash))
+}
+
 async fn extras(
     session: &Session,
     path: &str,
     query: Option<&str>,
 ) -> Result<Response<Body>, Error> {
+    if let Some((ms, then)) = sleep_then(path) {
+        // Load first (one store read), so that the sleep holds a loaded session open while
+        // other requests on it commit; then serve `then` as its own request would be served.
+        session.contains("count").await?;
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        // Boxed: `respond` comes back here, and a recursive future needs a known size.
+        return Ok(Box::pin(respond(session, then, query)).await);
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     Ok(match segments.as_slice() {
         // `handle` answers it before taking the session; `respond` comes here.
@@ -242,13 +258,6 @@ async fn extras(
             session
                 .set_expiry(Expiry::OnInactivity(Duration::from_secs(secs)))
                 .await?;
-            ok("ok")
-        }
-        ["sleep", ms, "set", key] => {
-            // Load first, so the sleep holds a loaded session open while others save.
-            session.contains("count").await?;
-            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-            session.insert(&percent_decode(key), "1").await?;
             ok("ok")
         }
         _ => text(StatusCode::NOT_FOUND, Bytes::new()),
