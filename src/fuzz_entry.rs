@@ -266,8 +266,8 @@ pub fn record_decode(data: &[u8]) {
     match (&decoded, &exact) {
         (Ok(a), Ok(b)) => assert!(a.same_as(b), "result depends on the limit"),
         (
-            Err(DecodeError::Json(_) | DecodeError::Syntax { .. }),
-            Err(DecodeError::Json(_) | DecodeError::Syntax { .. }),
+            Err(DecodeError::Json { .. } | DecodeError::Syntax { .. }),
+            Err(DecodeError::Json { .. } | DecodeError::Syntax { .. }),
         ) => {}
         _ => panic!("result depends on the limit: {decoded:?} vs {exact:?}"),
     }

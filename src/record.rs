@@ -148,9 +148,36 @@ fn text_bytes<'a>(src: &'a [u8], t: &'a Text) -> &'a [u8] {
 /// Why stored bytes are not a session payload.
 #[derive(Debug)]
 pub(crate) enum DecodeError {
-    TooLarge { len: usize, max: usize },
-    Syntax { at: usize, what: &'static str },
-    Json(serde_json::Error),
+    TooLarge {
+        len: usize,
+        max: usize,
+    },
+    Syntax {
+        at: usize,
+        what: &'static str,
+    },
+    /// `serde_json` refused a part. Its own error is not kept: its message quotes the stored
+    /// text ("invalid type: string \"...\""), which is session data and must not reach a log.
+    Json {
+        what: &'static str,
+        column: usize,
+    },
+}
+
+impl DecodeError {
+    /// What `serde_json` found wrong (its category) and where, without any of the stored text.
+    fn json(e: &serde_json::Error) -> DecodeError {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax => "malformed JSON",
+            serde_json::error::Category::Eof => "truncated JSON",
+            serde_json::error::Category::Data => "a value of the wrong type",
+            serde_json::error::Category::Io => "unreadable JSON",
+        };
+        DecodeError::Json {
+            what,
+            column: e.column(),
+        }
+    }
 }
 
 impl fmt::Display for DecodeError {
@@ -165,19 +192,15 @@ impl fmt::Display for DecodeError {
                     "record is not a valid session payload: {what} at byte {at}"
                 )
             }
-            DecodeError::Json(_) => f.write_str("record is not a valid session payload"),
+            DecodeError::Json { what, column } => write!(
+                f,
+                "record is not a valid session payload: {what} (column {column} of a part)"
+            ),
         }
     }
 }
 
-impl std::error::Error for DecodeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            DecodeError::Json(e) => Some(e),
-            DecodeError::TooLarge { .. } | DecodeError::Syntax { .. } => None,
-        }
-    }
-}
+impl std::error::Error for DecodeError {}
 
 impl SessionData {
     /// Decodes stored bytes, refusing anything over `max` bytes before parsing.
@@ -524,7 +547,7 @@ mod parse {
                 let start = p.pos;
                 p.skip_value()?;
                 let raw = &s[start..p.pos];
-                let bad = |e: serde_json::Error| DecodeError::Json(e);
+                let bad = |e: serde_json::Error| DecodeError::json(&e);
                 match slot {
                     1 => data.flash = serde_json::from_slice(raw).map_err(bad)?,
                     2 => data.expiry = Some(serde_json::from_slice(raw).map_err(bad)?),
@@ -667,8 +690,8 @@ mod parse {
                 let at = self.pos;
                 let (start, end, escaped) = self.string()?;
                 let key = if escaped {
-                    let unescaped: String =
-                        serde_json::from_slice(&self.s[at..=end]).map_err(DecodeError::Json)?;
+                    let unescaped: String = serde_json::from_slice(&self.s[at..=end])
+                        .map_err(|e| DecodeError::json(&e))?;
                     Text::Own(unescaped.into())
                 } else {
                     Text::At(start, end)
