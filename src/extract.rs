@@ -78,7 +78,7 @@ impl std::error::Error for MissingSessionLayer {}
 
 impl IntoResponse for MissingSessionLayer {
     fn into_response(self) -> Response {
-        log::error!("hyper-sessions: {self}");
+        crate::trace::event!(error, "hyper-sessions: {self}");
         let mut resp = Response::new(Self::MESSAGE.into());
         *resp.status_mut() = self.status();
         resp.headers_mut().insert(
@@ -108,7 +108,7 @@ impl IntoResponse for MissingSessionLayer {
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        log::error!("hyper-sessions: a handler failed: {}", Chain(&self));
+        crate::trace::event!(error, "hyper-sessions: a handler failed: {}", Chain(&self));
         let (parts, ()) = default_error_handler(&self).into_parts();
         Response::from_parts(parts, axum_core::body::Body::empty())
     }
