@@ -130,12 +130,12 @@ const EXPIRED: &str = "; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT";
 
 /// Renders the `Set-Cookie` value for an action (`None` for [`CookieAction::None`]).
 pub(crate) fn set_cookie_value(config: &Config, action: CookieAction) -> Option<HeaderValue> {
-    let mut digits = [0u8; 20];
+    let mut digits = itoa::Buffer::new();
     let (middle, tail): (&[u8], &[u8]) = match action {
         CookieAction::None => return None,
         CookieAction::Set(_, None) => (&[], &[]),
         CookieAction::Set(_, Some(max_age)) => {
-            (b"; Max-Age=", decimal(&mut digits, max_age.as_secs()))
+            (b"; Max-Age=", digits.format(max_age.as_secs()).as_bytes())
         }
         CookieAction::Remove => (EXPIRED.as_bytes(), &[]),
     };
@@ -161,23 +161,6 @@ pub(crate) fn set_cookie_value(config: &Config, action: CookieAction) -> Option<
     }
     // The parts were validated when the layer was built.
     HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
-}
-
-/// `n` in decimal, written at the end of `buf`, without the formatting machinery.
-fn decimal(buf: &mut [u8; 20], mut n: u64) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        // `n % 10` is a single digit.
-        #[allow(clippy::cast_possible_truncation)]
-        let digit = (n % 10) as u8;
-        buf[i] = b'0' + digit;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }
 
 /// Adds the cookie header, plus `Vary: Cookie` and a `Cache-Control` that keeps shared caches

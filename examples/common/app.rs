@@ -143,22 +143,7 @@ pub async fn respond(session: &Session, path: &str, query: Option<&str>) -> Resp
 
 /// `n` in decimal, in a buffer of its own size (one allocation, as a static body has none).
 fn decimal(n: i64) -> Bytes {
-    let mut buf = [0u8; 20];
-    let mut at = buf.len();
-    let mut rest = n.unsigned_abs();
-    loop {
-        at -= 1;
-        buf[at] = b"0123456789"[usize::try_from(rest % 10).unwrap_or(0)];
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    if n < 0 {
-        at -= 1;
-        buf[at] = b'-';
-    }
-    Bytes::copy_from_slice(&buf[at..])
+    Bytes::copy_from_slice(itoa::Buffer::new().format(n).as_bytes())
 }
 
 /// The benchmark's endpoints, without allocating beyond the response body.
