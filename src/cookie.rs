@@ -69,36 +69,10 @@ pub fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
 
 /// Splits at the first `;`: the pair before it and the rest after it.
 fn split_pair(s: &[u8]) -> (&[u8], &[u8]) {
-    match find_semicolon(s) {
+    match memchr::memchr(b';', s) {
         Some(end) => (&s[..end], &s[end + 1..]),
         None => (s, &[][..]),
     }
-}
-
-/// The index of the first `;`, eight bytes at a time (Cookie headers can be kilobytes of
-/// other cookies).
-fn find_semicolon(s: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let mut chunks = s.chunks_exact(8);
-    let mut at = 0;
-    for chunk in chunks.by_ref() {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
-        let x = u64::from_le_bytes(b) ^ (ONES * u64::from(b';'));
-        // A zero byte (a `;`) sets its high bit; bytes above it may be false positives, the
-        // lowest set bit never is.
-        let zero = x.wrapping_sub(ONES) & !x & HIGH;
-        if zero != 0 {
-            return Some(at + (zero.trailing_zeros() / 8) as usize);
-        }
-        at += 8;
-    }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&b| b == b';')
-        .map(|i| at + i)
 }
 
 fn trim_start(mut s: &[u8]) -> &[u8] {
