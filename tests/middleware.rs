@@ -439,3 +439,42 @@ async fn endless_conflicts_give_up_with_an_error() {
     store.always_conflict.store(false, Ordering::SeqCst);
     assert_eq!(b.get("/read").await.body, "1", "nothing was stored");
 }
+
+/// Clones of one request's session used at once by tasks its handler spawns: their store I/O
+/// takes turns (the session's I/O lock, contended here), and every `update` is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clones_of_one_requests_session_take_turns_at_the_store() {
+    use hyper::service::{Service, service_fn};
+
+    let service = SessionLayer::new(MemoryStore::default()).wrap(service_fn(
+        |req: hyper::Request<http_body_util::Empty<bytes::Bytes>>| async move {
+            let session = Session::from_request(&req).unwrap();
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let session = session.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..25 {
+                            session
+                                .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+                                .await
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            let n: u64 = session.get("n").await.unwrap().unwrap_or(0);
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(n.to_string()))
+        },
+    ));
+    let req = hyper::Request::get("/")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), service.call(req))
+        .await
+        .expect("a clone waiting for the I/O lock was never woken")
+        .unwrap();
+    assert_eq!(resp.into_body(), "200");
+}

@@ -1,7 +1,6 @@
 //! The [`Session`] handle: typed access, flash values, the change log and the commit.
 
 mod commit;
-mod io_lock;
 mod json;
 mod state;
 
@@ -15,7 +14,6 @@ use std::time::SystemTime;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use self::io_lock::{IoGuard, IoLock};
 use self::json::to_json;
 use self::state::{Change, Phase, State, UpdateFn, too_large};
 use crate::config::{Config, Expiry};
@@ -76,7 +74,7 @@ struct Inner {
     cookie_key: OnceLock<IdKey>,
     /// Serialises this handle's own store I/O (load, commit, destroy) so clones used
     /// concurrently within one request do not race each other. Per request, never shared.
-    io: IoLock,
+    io: tokio::sync::Mutex<()>,
     /// Never held across an `.await`.
     state: Mutex<State>,
 }
@@ -139,7 +137,7 @@ impl Session {
                 shared,
                 cookie,
                 cookie_key: OnceLock::new(),
-                io: IoLock::default(),
+                io: tokio::sync::Mutex::new(()),
                 state: Mutex::new(state),
             }),
         }
@@ -512,12 +510,12 @@ impl Session {
         Ok(st.policy(self.config()))
     }
 
-    /// Serialises this handle's store I/O. Uncontended (the usual case) it is one atomic swap;
-    /// the waiting future is boxed so that it does not grow every commit's future.
-    async fn io_lock(&self) -> IoGuard<'_> {
+    /// Serialises this handle's store I/O. Uncontended (the usual case) `try_lock` takes it at
+    /// once; the waiting future is boxed so that it does not grow every commit's future.
+    async fn io_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         match self.inner.io.try_lock() {
-            Some(guard) => guard,
-            None => Box::pin(self.inner.io.lock()).await,
+            Ok(guard) => guard,
+            Err(_) => Box::pin(self.inner.io.lock()).await,
         }
     }
 
