@@ -66,52 +66,18 @@ fn hex8(x: u64) -> Option<u32> {
     Some(((v << 16) | (v >> 32)) as u32)
 }
 
-/// Random bytes from the OS for the next ids of this thread.
-struct RandomPool {
-    bytes: [u8; POOL_IDS * 16],
-    /// How many ids' worth of `bytes` were handed out (and wiped).
-    used: usize,
-}
-
-const POOL_IDS: usize = 32;
-
-impl RandomPool {
-    fn take(&mut self) -> [u8; 16] {
-        if self.used == POOL_IDS {
-            if let Err(e) = getrandom::fill(&mut self.bytes) {
-                panic!("hyper-sessions: the OS CSPRNG failed, no session id can be made: {e}");
-            }
-            self.used = 0;
-        }
-        let mut out = [0u8; 16];
-        let chunk = &mut self.bytes[self.used * 16..][..16];
-        out.copy_from_slice(chunk);
-        chunk.fill(0);
-        self.used += 1;
-        out
-    }
-}
-
-thread_local! {
-    static POOL: std::cell::RefCell<RandomPool> = const {
-        std::cell::RefCell::new(RandomPool { bytes: [0; POOL_IDS * 16], used: POOL_IDS })
-    };
-}
-
 impl Id {
-    /// A new random id from the operating system's CSPRNG.
-    ///
-    /// The random bytes are fetched from the OS 32 ids at a time into a per-thread buffer (one
-    /// `getrandom` call instead of 32; each id's bytes are wiped from the buffer as it is
-    /// handed out), so only ids not issued yet are ever held in memory. After a `fork`, parent
-    /// and child would share the buffer's remaining ids: create sessions in one of them only,
-    /// or in a store that refuses taken ids (every store of this crate does).
+    /// A new random id from the operating system's CSPRNG: one `getrandom` call per id, so
+    /// no random bytes are held in memory and a forked process draws ids of its own.
     ///
     /// # Panics
     /// Panics if the operating system cannot supply random bytes (as `uuid::Uuid::new_v4` does);
     /// there is no safe id to hand out in that case.
     pub fn random() -> Self {
-        let bytes = POOL.with_borrow_mut(RandomPool::take);
+        let mut bytes = [0u8; 16];
+        if let Err(e) = getrandom::fill(&mut bytes) {
+            panic!("hyper-sessions: the OS CSPRNG failed, no session id can be made: {e}");
+        }
         Id::from_u128(
             uuid::Builder::from_random_bytes(bytes)
                 .into_uuid()
@@ -237,7 +203,7 @@ mod tests {
     }
 
     #[test]
-    fn pooled_ids_are_distinct_v4_and_every_random_bit_varies() {
+    fn ids_are_distinct_v4_and_every_random_bit_varies() {
         let n = 10_000;
         let mut seen = std::collections::HashSet::new();
         let mut ones = [0u32; 128];
@@ -251,8 +217,8 @@ mod tests {
                 *count += u32::from((v >> bit) & 1 == 1);
             }
         }
-        // 122 random bits, each set in about half the ids (a wiped or repeated buffer chunk
-        // would show as bits stuck at 0); the 6 version/variant bits are fixed.
+        // 122 random bits, each set in about half the ids (a zeroed or repeated buffer would
+        // show as bits stuck at 0); the 6 version/variant bits are fixed.
         let fixed = [76, 77, 78, 79, 62, 63];
         for (bit, &count) in ones.iter().enumerate() {
             if !fixed.contains(&bit) {
