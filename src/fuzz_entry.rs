@@ -15,8 +15,8 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::cookie::{CookieLookup, find_in_header, find_session_id};
 use crate::id::Id;
-use crate::record::{DecodeError, SessionData};
 use crate::service::DEFAULT_MAX_RECORD_BYTES;
+use crate::session::payload::{DecodeError, SessionData};
 
 /// The cookie names the `cookie_header` target looks up: the short default style, and a
 /// prefixed one (so near-miss prefixes such as `Host-id` or `__host-id` are exercised).
@@ -266,8 +266,8 @@ pub fn record_decode(data: &[u8]) {
     match (&decoded, &exact) {
         (Ok(a), Ok(b)) => assert!(a.same_as(b), "result depends on the limit"),
         (
-            Err(DecodeError::Json { .. } | DecodeError::Syntax { .. }),
-            Err(DecodeError::Json { .. } | DecodeError::Syntax { .. }),
+            Err(DecodeError::Json { .. } | DecodeError::NotUtf8 { .. }),
+            Err(DecodeError::Json { .. } | DecodeError::NotUtf8 { .. }),
         ) => {}
         _ => panic!("result depends on the limit: {decoded:?} vs {exact:?}"),
     }

@@ -13,11 +13,9 @@ use std::time::Instant;
 
 #[cfg(feature = "tracing")]
 use crate::error::StoreErrorKind;
-#[cfg(feature = "tracing")]
-use crate::record::Record;
 use crate::store::{Call, DynStore};
 #[cfg(feature = "tracing")]
-use crate::store::{CreateOutcome, SaveOutcome};
+use crate::store::{CreateOutcome, Record, SaveOutcome};
 
 /// An event at a level (`error`, `warn`, `debug`): `tracing::$level!` with the `tracing`
 /// feature, `log::$level!` without it.

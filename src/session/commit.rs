@@ -5,8 +5,7 @@ use std::time::{Duration, SystemTime};
 use super::Session;
 use super::state::{Plan, Vanished};
 use crate::error::{Error, Kind};
-use crate::record::{from_unix_ms, unix_ms};
-use crate::store::{CreateOutcome, SaveOutcome};
+use crate::store::{CreateOutcome, SaveOutcome, from_unix_ms, unix_ms};
 use crate::trace::{event, op};
 
 impl Session {

@@ -2,6 +2,7 @@
 
 mod commit;
 mod json;
+pub(crate) mod payload;
 mod state;
 
 use std::fmt;

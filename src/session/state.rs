@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::payload::SessionData;
 use crate::config::{Config, Expiry};
 use crate::cookie::CookieAction;
 use crate::error::{Chain, Error, Kind};
 use crate::id::Id;
 use crate::key::IdKey;
-use crate::record::{Record, SessionData};
+use crate::store::Record;
 
 /// Where the session is in its life within this request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

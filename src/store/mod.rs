@@ -7,7 +7,10 @@ use std::time::SystemTime;
 
 use crate::error::StoreError;
 use crate::key::Key;
-use crate::record::Record;
+
+pub(crate) mod record;
+
+pub use self::record::{Record, from_unix_ms, unix_ms};
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;

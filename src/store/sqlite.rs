@@ -17,8 +17,7 @@ use rusqlite::{
 
 use crate::error::StoreError;
 use crate::key::Key;
-use crate::record::{Record, from_unix_ms, unix_ms};
-use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
+use crate::store::{CreateOutcome, Record, SaveOutcome, SessionStore, from_unix_ms, unix_ms};
 
 /// The schema version this release writes and reads.
 const SCHEMA_VERSION: i64 = 1;

@@ -9,8 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::StoreError;
 use crate::key::Key;
-use crate::record::{Record, unix_ms};
-use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
+use crate::store::{CreateOutcome, Record, SaveOutcome, SessionStore, unix_ms};
 
 use self::shard::{ENTRY_OVERHEAD, Limits, Shard};
 

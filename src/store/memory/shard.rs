@@ -30,8 +30,7 @@ use bytes::Bytes;
 
 use crate::error::StoreError;
 use crate::key::Key;
-use crate::record::Record;
-use crate::store::{CreateOutcome, SaveOutcome};
+use crate::store::{CreateOutcome, Record, SaveOutcome};
 
 /// The bytes a session costs beyond its data, as the store counts them: its slot in the slab
 /// (80 bytes), its entry in the id map (24 bytes, at the map's load factor), the allocation
