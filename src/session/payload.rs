@@ -791,7 +791,7 @@ mod tests {
         serde::Deserializer::deserialize_map(&mut de, Count).unwrap_or(0)
     }
 
-    /// The decoder (the one-pass reader, then serde_json) against `serde_json::Value` on mutated
+    /// The decoder (the one-pass reader, then `serde_json`) against `serde_json::Value` on mutated
     /// payloads: whatever it accepts is JSON with the same values, and whatever `serde_json`
     /// reads as a payload it accepts too.
     /// `count` inputs: the seeds in turn, each with fewer than `max_edits` random one-byte
