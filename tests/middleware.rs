@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{Browser, Conn, Observed, serve};
 use hyper::StatusCode;
-use hyper_sessions::{Expiry, Id, MemoryStore, SameSite, Session, SessionLayer, SessionStore};
+use hyper_sessions::store::SessionStore;
+use hyper_sessions::{Expiry, Id, MemoryStore, SameSite, Session, SessionLayer};
 
 fn observed() -> Observed<MemoryStore> {
     Observed::new(MemoryStore::default())
@@ -510,7 +511,7 @@ async fn the_id_and_fingerprint_need_no_store_round_trip() {
         loads,
         "id() loaded the session"
     );
-    let fingerprint = hyper_sessions::Key::of(id).fingerprint().to_string();
+    let fingerprint = hyper_sessions::store::Key::of(id).fingerprint().to_string();
     assert_eq!(r.body, format!("{id} {fingerprint}"));
     assert!(!id.to_string().replace('-', "").contains(&fingerprint));
     assert_eq!(b.get("/cycle").await.body, "true true");

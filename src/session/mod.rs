@@ -485,7 +485,7 @@ impl Session {
         self.current().map(|id| id.id)
     }
 
-    /// A short, log-safe name of the session (see [`Key::fingerprint`](crate::Key::fingerprint)):
+    /// A short, log-safe name of the session (see [`Key::fingerprint`](crate::store::Key::fingerprint)):
     /// the first 8 hex digits of the digest of [`id`](Session::id), never part of the id
     /// itself. Use it to correlate an application's logs with a session.
     pub fn fingerprint(&self) -> Option<Fingerprint> {

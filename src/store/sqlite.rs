@@ -94,7 +94,7 @@ const MAX_TABLE_NAME: usize = 64;
 /// ```no_run
 /// use hyper_sessions::{SessionLayer, SqliteStore};
 ///
-/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
 /// let store = SqliteStore::open("sessions.db").await?;
 /// let layer = SessionLayer::new(store);
 /// # let _ = layer;
@@ -288,7 +288,7 @@ enum Location {
 /// use std::time::Duration;
 /// use hyper_sessions::SqliteStore;
 ///
-/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
 /// let store = SqliteStore::builder("/var/lib/myapp/sessions.db")
 ///     .table("web_sessions")
 ///     .busy_timeout(Duration::from_secs(2))
@@ -760,7 +760,7 @@ impl SqliteStore {
     /// # Examples
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), hyper_sessions::StoreError> {
+    /// # async fn main() -> Result<(), hyper_sessions::store::StoreError> {
     /// let store = hyper_sessions::SqliteStore::open_in_memory().await?;
     /// assert_eq!(store.delete_expired().await?, 0);
     /// # Ok(())

@@ -4,8 +4,10 @@
 
 use std::time::{Duration, SystemTime};
 
+use super::{ExpiresMs, unix_ms};
 use hyper::StatusCode;
-use hyper_sessions::{Expiry, Key, SessionLayer, SessionStore, unix_ms};
+use hyper_sessions::store::{Key, SessionStore};
+use hyper_sessions::{Expiry, SessionLayer};
 
 use super::script::ScriptServer;
 use super::{Browser, Observed};

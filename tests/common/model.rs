@@ -17,9 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use hyper::StatusCode;
-use hyper_sessions::{
-    CreateOutcome, Expiry, Key, Record, SaveOutcome, SessionLayer, SessionStore, StoreError,
-};
+use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
+use hyper_sessions::{Expiry, SessionLayer};
 use serde_json::Value;
 
 use super::Conn;
