@@ -121,6 +121,7 @@ mod record;
 mod service;
 mod session;
 mod store;
+mod trace;
 
 /// Entry points for the fuzz targets and their seed replay test: **not part of the public
 /// API**, hidden from the docs and exempt from semver.

@@ -263,3 +263,16 @@ async fn extras(
         _ => text(StatusCode::NOT_FOUND, Bytes::new()),
     })
 }
+
+/// The app as an axum `Router` behind `layer`: `/untouched` takes no session (as the peers'
+/// servers do), every other path goes to [`respond`] through the `Session` extractor.
+#[cfg(feature = "axum")]
+pub fn axum_router(layer: &hyper_sessions::SessionLayer) -> axum::Router {
+    async fn handler(session: Session, uri: hyper::Uri) -> Response<Body> {
+        respond(&session, uri.path(), uri.query()).await
+    }
+    axum::Router::new()
+        .route("/untouched", axum::routing::get(|| async { "ok" }))
+        .fallback(handler)
+        .layer(layer.clone())
+}

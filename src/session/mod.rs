@@ -24,7 +24,8 @@ use crate::error::{Chain, Error, Kind};
 use crate::id::Id;
 use crate::key::IdKey;
 use crate::record::{Record, unix_ms};
-use crate::store::{Call, DynStore};
+use crate::store::DynStore;
+use crate::trace::{Op, event, op};
 
 /// What every request of one layer shares: the store and the configuration.
 pub(crate) struct Shared {
@@ -85,7 +86,7 @@ struct Load<'a> {
     session: &'a Session,
     /// What is loaded: the cookie's session (none without one).
     id: Option<IdKey>,
-    store: Option<Call<'a, Option<Record>>>,
+    store: Option<Op<'a, Option<Record>>>,
     now_ms: u64,
 }
 
@@ -107,7 +108,8 @@ impl Future for Load<'_> {
         let record = match answer {
             Ok(record) => record,
             Err(e) if e.is_corrupt() => {
-                log::error!(
+                event!(
+                    error,
                     "hyper-sessions: ignoring unreadable session record: {}; starting a fresh session",
                     Chain(&e)
                 );
@@ -208,7 +210,10 @@ impl Session {
         Load {
             session: self,
             id: id.copied(),
-            store: id.map(|id| self.store().load(&id.key)),
+            store: id.map(|id| {
+                let store = self.store();
+                op(store, "load", 1, store.load(&id.key))
+            }),
             now_ms,
         }
     }
@@ -425,7 +430,8 @@ impl Session {
             }
         };
         for id in [targets.0, targets.1].into_iter().flatten() {
-            self.store().delete(&id.key).await?;
+            let store = self.store();
+            op(store, "delete", 1, store.delete(&id.key)).await?;
         }
         self.state().destroyed(self.client_sent_cookie());
         Ok(())

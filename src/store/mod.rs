@@ -273,6 +273,9 @@ where
 
 /// The object-safe twin of [`SessionStore`], so that `Session` need not be generic.
 pub(crate) trait DynStore: Send + Sync + 'static {
+    /// The store's short type name, for spans.
+    #[cfg(feature = "tracing")]
+    fn name(&self) -> &'static str;
     fn load<'a>(&'a self, key: &'a Key) -> Call<'a, Option<Record>>;
     fn create<'a>(&'a self, record: &'a Record) -> Call<'a, CreateOutcome>;
     fn save<'a>(&'a self, record: &'a Record, expected: u64) -> Call<'a, SaveOutcome>;
@@ -287,6 +290,10 @@ pub(crate) trait DynStore: Send + Sync + 'static {
 }
 
 impl<S: SessionStore> DynStore for S {
+    #[cfg(feature = "tracing")]
+    fn name(&self) -> &'static str {
+        crate::trace::store_name(std::any::type_name::<S>())
+    }
     fn load<'a>(&'a self, key: &'a Key) -> Call<'a, Option<Record>> {
         call(S::NEVER_WAITS, SessionStore::load(self, key))
     }

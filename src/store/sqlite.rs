@@ -445,14 +445,14 @@ impl SqliteStoreBuilder {
             }),
         };
         if let Some(interval) = self.cleanup_interval {
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn(clean_forever(Arc::downgrade(&store.inner), interval));
-                }
-                Err(_) => log::warn!(
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(clean_forever(Arc::downgrade(&store.inner), interval));
+            } else {
+                crate::trace::event!(
+                    warn,
                     "hyper-sessions: SqliteStore opened outside a tokio runtime; no cleanup task \
                      (call delete_expired yourself)"
-                ),
+                );
             }
         }
         Ok(store)
@@ -620,7 +620,8 @@ fn setup(
         let mode: String = c.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         wal = mode.eq_ignore_ascii_case("wal");
         if !wal {
-            log::warn!(
+            crate::trace::event!(
+                warn,
                 "hyper-sessions: SQLite kept journal_mode={mode} (WAL unavailable); loads run \
                  on the writer's connection"
             );
@@ -960,9 +961,12 @@ async fn clean_forever(store: Weak<Inner>, interval: Duration) {
         ticker.tick().await;
         let Some(inner) = store.upgrade() else { return };
         match delete_expired(&inner).await {
-            Ok(n) if n > 0 => log::debug!("hyper-sessions: deleted {n} expired SQLite sessions"),
+            Ok(n) if n > 0 => {
+                crate::trace::event!(debug, "hyper-sessions: deleted {n} expired SQLite sessions");
+            }
             Ok(_) => {}
-            Err(e) => log::warn!(
+            Err(e) => crate::trace::event!(
+                warn,
                 "hyper-sessions: cleaning expired sessions failed: {}",
                 crate::error::Chain(&e)
             ),

@@ -93,20 +93,10 @@ pub async fn serve_on(stack: Stack, layer: &SessionLayer) -> TestServer {
     }
 }
 
-/// The example app as an axum `Router`: every path goes to a handler that takes the `Session`
-/// extractor, behind `layer`.
+/// The example app as an axum `Router` (`app::axum_router`), plus `/__stack` naming the stack.
 #[cfg(feature = "axum")]
 pub fn axum_router(layer: &SessionLayer) -> axum::Router {
-    async fn handler(
-        session: hyper_sessions::Session,
-        uri: hyper::Uri,
-    ) -> hyper::Response<app::Body> {
-        app::respond(&session, uri.path(), uri.query()).await
-    }
-    axum::Router::new()
-        .route("/__stack", axum::routing::get(|| async { "axum" }))
-        .fallback(handler)
-        .layer(layer.clone())
+    app::axum_router(layer).route("/__stack", axum::routing::get(|| async { "axum" }))
 }
 
 /// Serves an axum router with `axum::serve` on a free loopback port.
