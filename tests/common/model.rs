@@ -387,7 +387,7 @@ fn random_step(rng: &mut Rng, unique: &mut u64) -> String {
         32..40 => format!("remove:k{k}"),
         40..58 => "incr:n".to_owned(),
         58..68 => format!("flash:f{f}=m{unique}"),
-        68..78 => format!("get:f{f}"),
+        68..78 => format!("take:f{f}"),
         78..82 => "clear".to_owned(),
         82..87 => format!("inactive:{}", 100_000 + rng.below(1000)),
         87..90 => "reset".to_owned(),
