@@ -67,6 +67,18 @@ fn record(key: Key, data: &str, version: u64, expires_at: SystemTime) -> Record 
 
 const DATA: &str = r#"{"d":{"count":1}}"#;
 
+/// A new record of `DATA` at version 1, expiring in `ms` milliseconds, created in `store`: its
+/// key.
+async fn created<S: SessionStore>(store: &S, ms: u64) -> Key {
+    let key = new_key();
+    let outcome = store
+        .create(&record(key, DATA, 1, in_ms(ms)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, CreateOutcome::Created);
+    key
+}
+
 /// Defines each check as a public function and lists it in [`CHECKS`] and [`check_store`]: a
 /// check is written once and cannot be left out of the run.
 macro_rules! checks {
@@ -100,253 +112,205 @@ macro_rules! checks {
 checks! {
     /// A created record loads back byte for byte, with its version and expiry (to the millisecond).
     async fn round_trip(store) {
-    let key = new_key();
-    let expires = in_ms(60_000);
-    let rec = record(key, DATA, 1, expires);
-    assert_eq!(store.create(&rec).await.unwrap(), CreateOutcome::Created);
-    let back = store
-        .load(&key)
-        .await
-        .unwrap()
-        .expect("created record loads");
-    assert_eq!(back.key(), key);
-    assert_eq!(back.data(), rec.data());
-    assert_eq!(back.version(), 1);
-    // Stores may keep millisecond precision.
-    assert_eq!(expiry_ms(&back), expiry_ms(&rec));
+        let key = new_key();
+        let expires = in_ms(60_000);
+        let rec = record(key, DATA, 1, expires);
+        assert_eq!(store.create(&rec).await.unwrap(), CreateOutcome::Created);
+        let back = store
+            .load(&key)
+            .await
+            .unwrap()
+            .expect("created record loads");
+        assert_eq!(back.key(), key);
+        assert_eq!(back.data(), rec.data());
+        assert_eq!(back.version(), 1);
+        // Stores may keep millisecond precision.
+        assert_eq!(expiry_ms(&back), expiry_ms(&rec));
     }
 
     /// A key the store never saw loads as `None`.
     async fn load_missing(store) {
-    assert!(store.load(&new_key()).await.unwrap().is_none());
+        assert!(store.load(&new_key()).await.unwrap().is_none());
     }
 
     /// An expired record is never returned, and neither `save` nor `touch` revives it.
     async fn expired_records_are_never_returned(store) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(300)))
-        .await
-        .unwrap();
-    assert!(store.load(&key).await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    assert!(
-        store.load(&key).await.unwrap().is_none(),
-        "expired record returned"
-    );
-    // Saving or touching an expired record must not revive it.
-    let next = record(key, DATA, 2, in_ms(60_000));
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Missing);
-    assert_eq!(
-        store.touch(&key, 1, in_ms(60_000)).await.unwrap(),
-        SaveOutcome::Missing
-    );
-    assert!(store.load(&key).await.unwrap().is_none());
+        let key = created(&store, 300).await;
+        assert!(store.load(&key).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(
+            store.load(&key).await.unwrap().is_none(),
+            "expired record returned"
+        );
+        // Saving or touching an expired record must not revive it.
+        let next = record(key, DATA, 2, in_ms(60_000));
+        assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Missing);
+        assert_eq!(
+            store.touch(&key, 1, in_ms(60_000)).await.unwrap(),
+            SaveOutcome::Missing
+        );
+        assert!(store.load(&key).await.unwrap().is_none());
     }
 
     /// `delete` removes that record only, and deleting what is not there succeeds.
     async fn delete(store) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let other = new_key();
-    store
-        .create(&record(other, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    store.delete(&key).await.unwrap();
-    assert!(store.load(&key).await.unwrap().is_none());
-    assert!(
-        store.load(&other).await.unwrap().is_some(),
-        "delete removed another record"
-    );
-    // Deleting what is not there succeeds.
-    store.delete(&key).await.unwrap();
-    store.delete(&new_key()).await.unwrap();
+        let key = created(&store, 60_000).await;
+        let other = created(&store, 60_000).await;
+        store.delete(&key).await.unwrap();
+        assert!(store.load(&key).await.unwrap().is_none());
+        assert!(
+            store.load(&other).await.unwrap().is_some(),
+            "delete removed another record"
+        );
+        // Deleting what is not there succeeds.
+        store.delete(&key).await.unwrap();
+        store.delete(&new_key()).await.unwrap();
     }
 
     /// `create` never overwrites a live record: it answers `IdTaken`.
     async fn create_never_overwrites(store) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let intruder = record(key, r#"{"d":{"admin":true}}"#, 1, in_ms(60_000));
-    assert_eq!(
-        store.create(&intruder).await.unwrap(),
-        CreateOutcome::IdTaken
-    );
-    let back = store.load(&key).await.unwrap().unwrap();
-    assert_eq!(back.data(), &Bytes::from(DATA));
+        let key = created(&store, 60_000).await;
+        let intruder = record(key, r#"{"d":{"admin":true}}"#, 1, in_ms(60_000));
+        assert_eq!(
+            store.create(&intruder).await.unwrap(),
+            CreateOutcome::IdTaken
+        );
+        let back = store.load(&key).await.unwrap().unwrap();
+        assert_eq!(back.data(), &Bytes::from(DATA));
     }
 
     /// `create` takes the place of an expired record.
     async fn create_replaces_expired(store) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(200)))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let fresh = record(key, r#"{"d":{"new":1}}"#, 1, in_ms(60_000));
-    assert_eq!(store.create(&fresh).await.unwrap(), CreateOutcome::Created);
-    assert_eq!(
-        store.load(&key).await.unwrap().unwrap().data(),
-        fresh.data()
-    );
+        let key = created(&store, 200).await;
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let fresh = record(key, r#"{"d":{"new":1}}"#, 1, in_ms(60_000));
+        assert_eq!(store.create(&fresh).await.unwrap(), CreateOutcome::Created);
+        assert_eq!(
+            store.load(&key).await.unwrap().unwrap().data(),
+            fresh.data()
+        );
     }
 
     /// `save` replaces the record only at the expected version.
     async fn compare_and_set(store) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let stale = record(key, r#"{"d":{"count":9}}"#, 6, in_ms(60_000));
-    assert_eq!(store.save(&stale, 5).await.unwrap(), SaveOutcome::Conflict);
-    assert_eq!(
-        store.load(&key).await.unwrap().unwrap().data(),
-        &Bytes::from(DATA)
-    );
-    let next = record(key, r#"{"d":{"count":2}}"#, 2, in_ms(120_000));
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
-    let back = store.load(&key).await.unwrap().unwrap();
-    assert_eq!(back.version(), 2);
-    assert_eq!(back.data(), next.data());
-    assert_eq!(expiry_ms(&back), expiry_ms(&next));
-    // The old version no longer matches.
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Conflict);
+        let key = created(&store, 60_000).await;
+        let stale = record(key, r#"{"d":{"count":9}}"#, 6, in_ms(60_000));
+        assert_eq!(store.save(&stale, 5).await.unwrap(), SaveOutcome::Conflict);
+        assert_eq!(
+            store.load(&key).await.unwrap().unwrap().data(),
+            &Bytes::from(DATA)
+        );
+        let next = record(key, r#"{"d":{"count":2}}"#, 2, in_ms(120_000));
+        assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+        let back = store.load(&key).await.unwrap().unwrap();
+        assert_eq!(back.version(), 2);
+        assert_eq!(back.data(), next.data());
+        assert_eq!(expiry_ms(&back), expiry_ms(&next));
+        // The old version no longer matches.
+        assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Conflict);
     }
 
     /// `save` never re-creates a missing or deleted record.
     async fn save_never_recreates(store) {
-    let key = new_key();
-    let rec = record(key, DATA, 2, in_ms(60_000));
-    assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Missing);
-    assert!(store.load(&key).await.unwrap().is_none());
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    store.delete(&key).await.unwrap();
-    assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Missing);
-    assert!(
-        store.load(&key).await.unwrap().is_none(),
-        "save brought a deleted record back"
-    );
+        let key = new_key();
+        let rec = record(key, DATA, 2, in_ms(60_000));
+        assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Missing);
+        assert!(store.load(&key).await.unwrap().is_none());
+        store
+            .create(&record(key, DATA, 1, in_ms(60_000)))
+            .await
+            .unwrap();
+        store.delete(&key).await.unwrap();
+        assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Missing);
+        assert!(
+            store.load(&key).await.unwrap().is_none(),
+            "save brought a deleted record back"
+        );
     }
 
     /// `touch` moves the expiry only at the expected version, keeps data and version, and revives nothing.
     async fn touch_is_conditional(store) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(300)))
-        .await
-        .unwrap();
-    let later = in_ms(60_000);
-    // At another version: nothing moves.
-    assert_eq!(
-        store.touch(&key, 2, later).await.unwrap(),
-        SaveOutcome::Conflict
-    );
-    let kept = store.load(&key).await.unwrap().unwrap();
-    assert!(expiry_ms(&kept) < unix_ms(later));
-    assert_eq!(
-        store.touch(&key, 1, later).await.unwrap(),
-        SaveOutcome::Saved
-    );
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    let back = store
-        .load(&key)
-        .await
-        .unwrap()
-        .expect("touch extended the record");
-    assert_eq!(back.version(), 1, "touch must not change the version");
-    assert_eq!(back.data(), &Bytes::from(DATA));
-    assert_eq!(expiry_ms(&back), unix_ms(later));
-    assert_eq!(
-        store.touch(&new_key(), 1, later).await.unwrap(),
-        SaveOutcome::Missing
-    );
-    // A save moves the version: a touch at the old one is refused and keeps the save's expiry.
-    let saved_expiry = in_ms(30_000);
-    let next = record(key, DATA, 2, saved_expiry);
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
-    assert_eq!(
-        store.touch(&key, 1, in_ms(90_000)).await.unwrap(),
-        SaveOutcome::Conflict
-    );
-    let kept = store.load(&key).await.unwrap().unwrap();
-    assert_eq!(expiry_ms(&kept), unix_ms(saved_expiry));
-    // An expired record is not revived.
-    let short = new_key();
-    store
-        .create(&record(short, DATA, 1, in_ms(100)))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(
-        store.touch(&short, 1, in_ms(60_000)).await.unwrap(),
-        SaveOutcome::Missing
-    );
-    assert!(store.load(&short).await.unwrap().is_none());
+        let key = created(&store, 300).await;
+        let later = in_ms(60_000);
+        // At another version: nothing moves.
+        assert_eq!(
+            store.touch(&key, 2, later).await.unwrap(),
+            SaveOutcome::Conflict
+        );
+        let kept = store.load(&key).await.unwrap().unwrap();
+        assert!(expiry_ms(&kept) < unix_ms(later));
+        assert_eq!(
+            store.touch(&key, 1, later).await.unwrap(),
+            SaveOutcome::Saved
+        );
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let back = store
+            .load(&key)
+            .await
+            .unwrap()
+            .expect("touch extended the record");
+        assert_eq!(back.version(), 1, "touch must not change the version");
+        assert_eq!(back.data(), &Bytes::from(DATA));
+        assert_eq!(expiry_ms(&back), unix_ms(later));
+        assert_eq!(
+            store.touch(&new_key(), 1, later).await.unwrap(),
+            SaveOutcome::Missing
+        );
+        // A save moves the version: a touch at the old one is refused and keeps the save's expiry.
+        let saved_expiry = in_ms(30_000);
+        let next = record(key, DATA, 2, saved_expiry);
+        assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+        assert_eq!(
+            store.touch(&key, 1, in_ms(90_000)).await.unwrap(),
+            SaveOutcome::Conflict
+        );
+        let kept = store.load(&key).await.unwrap().unwrap();
+        assert_eq!(expiry_ms(&kept), unix_ms(saved_expiry));
+        // An expired record is not revived.
+        let short = created(&store, 100).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            store.touch(&short, 1, in_ms(60_000)).await.unwrap(),
+            SaveOutcome::Missing
+        );
+        assert!(store.load(&short).await.unwrap().is_none());
     }
 
     /// `remove` deletes only at the expected version, creates nothing and touches no other record.
     async fn remove_is_conditional(store) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let next = record(key, r#"{"d":{"count":2}}"#, 2, in_ms(60_000));
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
-    // A removal at the version it saw never removes a newer one.
-    assert_eq!(store.remove(&key, 1).await.unwrap(), SaveOutcome::Conflict);
-    assert_eq!(store.load(&key).await.unwrap().unwrap().version(), 2);
-    assert_eq!(store.remove(&key, 2).await.unwrap(), SaveOutcome::Saved);
-    assert!(store.load(&key).await.unwrap().is_none());
-    assert_eq!(store.remove(&key, 2).await.unwrap(), SaveOutcome::Missing);
-    assert_eq!(
-        store.remove(&new_key(), 1).await.unwrap(),
-        SaveOutcome::Missing
-    );
-    // Nor does it create anything, or touch another record.
-    let other = new_key();
-    store
-        .create(&record(other, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    assert_eq!(store.remove(&key, 1).await.unwrap(), SaveOutcome::Missing);
-    assert!(store.load(&other).await.unwrap().is_some());
-    // An expired record is Missing, whatever its version.
-    let short = new_key();
-    store
-        .create(&record(short, DATA, 1, in_ms(100)))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(store.remove(&short, 1).await.unwrap(), SaveOutcome::Missing);
+        let key = created(&store, 60_000).await;
+        let next = record(key, r#"{"d":{"count":2}}"#, 2, in_ms(60_000));
+        assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
+        // A removal at the version it saw never removes a newer one.
+        assert_eq!(store.remove(&key, 1).await.unwrap(), SaveOutcome::Conflict);
+        assert_eq!(store.load(&key).await.unwrap().unwrap().version(), 2);
+        assert_eq!(store.remove(&key, 2).await.unwrap(), SaveOutcome::Saved);
+        assert!(store.load(&key).await.unwrap().is_none());
+        assert_eq!(store.remove(&key, 2).await.unwrap(), SaveOutcome::Missing);
+        assert_eq!(
+            store.remove(&new_key(), 1).await.unwrap(),
+            SaveOutcome::Missing
+        );
+        // Nor does it create anything, or touch another record.
+        let other = created(&store, 60_000).await;
+        assert_eq!(store.remove(&key, 1).await.unwrap(), SaveOutcome::Missing);
+        assert!(store.load(&other).await.unwrap().is_some());
+        // An expired record is Missing, whatever its version.
+        let short = created(&store, 100).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(store.remove(&short, 1).await.unwrap(), SaveOutcome::Missing);
     }
 
     /// Of 32 concurrent saves at the same version, exactly one wins.
     async fn concurrent_compare_and_set(store) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..32 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let rec = record(key, &format!(r#"{{"d":{{"w":{i}}}}}"#), 2, in_ms(60_000));
-            store.save(&rec, 1).await.unwrap()
-        }));
+        let key = created(&store, 60_000).await;
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let rec = record(key, &format!(r#"{{"d":{{"w":{i}}}}}"#), 2, in_ms(60_000));
+                store.save(&rec, 1).await.unwrap()
+            }));
     }
     let mut saved = 0;
     for t in tasks {
@@ -360,22 +324,22 @@ checks! {
 
     /// A 1 MiB record of awkward text (quotes, newlines, NUL, non-ASCII) round-trips byte for byte.
     async fn large_and_awkward_records(store) {
-    let awkward = serde_json::json!({"d": {
-        "path": "/a/b?c=d&e=%2F#frag",
-        "quotes": "\"'`",
-        "lines": "a\nb\r\nc\t",
-        "unicode": "zürich 東京 🦀 \u{0}",
-        "big": "x".repeat(1 << 20),
-    }})
-    .to_string();
-    let key = new_key();
-    let rec = record(key, &awkward, 1, in_ms(60_000));
-    store.create(&rec).await.unwrap();
-    let back = store.load(&key).await.unwrap().unwrap();
-    assert!(
-        back.data() == rec.data(),
-        "record did not round-trip byte for byte"
-    );
+        let awkward = serde_json::json!({"d": {
+            "path": "/a/b?c=d&e=%2F#frag",
+            "quotes": "\"'`",
+            "lines": "a\nb\r\nc\t",
+            "unicode": "zürich 東京 🦀 \u{0}",
+            "big": "x".repeat(1 << 20),
+        }})
+        .to_string();
+        let key = new_key();
+        let rec = record(key, &awkward, 1, in_ms(60_000));
+        store.create(&rec).await.unwrap();
+        let back = store.load(&key).await.unwrap().unwrap();
+        assert!(
+            back.data() == rec.data(),
+            "record did not round-trip byte for byte"
+        );
     }
 }
 
