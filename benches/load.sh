@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The load benchmark of shared/bench/SPEC.md: bench_server (per store) against a bare hyper
-# server with the same endpoints, wrk with a pool of 1000 session cookies, server pinned to
-# CPU 0 and wrk to CPU 1, 2 s warm-up then DURATION per endpoint. The bare server runs before,
-# between and after the stores; ratios are to the median of its /untouched runs.
+# The load benchmark of the peer benchmark's contract (its SPEC.md, an external document this
+# repository does not carry; the driver scripts the contract names are copied in
+# benches/driver): bench_server (per store) against a bare hyper server with the same
+# endpoints, wrk with a pool of 1000 session cookies, server pinned to CPU 0 and wrk to CPU 1,
+# 2 s warm-up then DURATION per endpoint. The bare server runs before, between and after the
+# stores; ratios are to the median of its /untouched runs.
 #
 #   benches/load.sh [STORE ...]        # default: memory; also sqlite redis webdis, and axum
 #                                      # (bench_server --stack axum on the memory store)
@@ -15,7 +17,7 @@
 # goes to 127.0.0.1 only; every wrk run is bounded by its duration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DRIVER=${DRIVER:-../shared/bench/driver}
+DRIVER=${DRIVER:-benches/driver}
 DURATION=${DURATION:-8s}
 WARMUP=${WARMUP:-2s}
 PORT=${PORT:-18080}

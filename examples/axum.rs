@@ -32,7 +32,7 @@ use serde::Deserialize;
 /// The classic counter: the visit count, and the flash left by the previous visit.
 async fn index(session: Session) -> Result<Html<String>, Error> {
     let visits: u64 = session.get("pageCount").await?.unwrap_or(0);
-    let previous: Option<String> = session.get("message").await?;
+    let previous: Option<String> = session.take_flash("message").await?;
     session.insert("pageCount", &(visits + 1)).await?;
     session
         .flash("message", &format!("Hello from visit {}", visits + 1))
@@ -83,7 +83,10 @@ async fn me(session: Session) -> Result<Response, Error> {
         )
             .into_response());
     };
-    let notice = session.get::<String>("notice").await?.unwrap_or_default();
+    let notice = session
+        .take_flash::<String>("notice")
+        .await?
+        .unwrap_or_default();
     Ok(Html(format!(
         "<p>{notice}</p><p>Hello {user}, this page is protected.</p>\
          <form method=post action=/logout><button>Log out</button></form>"

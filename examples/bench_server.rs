@@ -37,7 +37,8 @@ use std::time::{Duration, SystemTime};
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_sessions::{Id, Key, MemoryStore, Record, SessionLayer, SessionStore};
+use hyper_sessions::store::{Key, Record, SessionStore};
+use hyper_sessions::{Id, MemoryStore, SessionLayer};
 use hyper_util::rt::TokioIo;
 
 struct Args {

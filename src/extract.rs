@@ -103,7 +103,7 @@ impl IntoResponse for MissingSessionLayer {
 ///     let name: Option<String> = session.get("name").await?;
 ///     Ok(format!("Hello, {}", name.as_deref().unwrap_or("stranger")))
 /// }
-/// # let _ = axum::routing::get(greet);
+/// # let _: axum::Router = axum::Router::new().route("/", axum::routing::get(greet));
 /// ```
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl IntoResponse for Error {

@@ -19,9 +19,8 @@ use bytes::Bytes;
 use common::{Browser, serve_service};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_sessions::{
-    Error, Id, Key, MemoryStore, Record, Session, SessionLayer, SessionStore, StoreError,
-};
+use hyper_sessions::store::{Key, Record, SessionStore, StoreError};
+use hyper_sessions::{Error, Id, MemoryStore, Session, SessionLayer};
 
 /// Every log line of this test process.
 static LOGS: Mutex<Vec<String>> = Mutex::new(Vec::new());

@@ -196,10 +196,8 @@ async fn extras(
                 .await?;
             ok("ok")
         }
-        ["get", key] => match session
-            .get::<serde_json::Value>(&percent_decode(key))
-            .await?
-        {
+        // A flash is read once: taken when the key holds one.
+        ["get", key] => match take_or_get(session, &percent_decode(key)).await? {
             Some(serde_json::Value::String(s)) => ok(s),
             Some(v) => ok(v.to_string()),
             None => text(StatusCode::NOT_FOUND, Bytes::new()),
@@ -233,11 +231,11 @@ async fn extras(
             session.destroy().await?;
             ok("ok")
         }
-        ["id"] => ok(session
-            .id()
-            .await?
-            .map(|id| id.to_string())
-            .unwrap_or_default()),
+        ["id"] => {
+            // Loaded first, so that a cookie naming no live session answers no id.
+            session.contains("").await?;
+            ok(session.id().map(|id| id.to_string()).unwrap_or_default())
+        }
         ["remember", secs] => {
             let secs = secs.parse().unwrap_or(60);
             session
@@ -260,4 +258,12 @@ pub fn axum_router(layer: &hyper_sessions::SessionLayer) -> axum::Router {
         .route("/untouched", axum::routing::get(|| async { "ok" }))
         .fallback(handler)
         .layer(layer.clone())
+}
+
+/// The flash under `key`, consumed, or else the plain value under it.
+async fn take_or_get(session: &Session, key: &str) -> Result<Option<serde_json::Value>, Error> {
+    match session.take_flash(key).await? {
+        Some(flash) => Ok(Some(flash)),
+        None => session.get(key).await,
+    }
 }

@@ -328,6 +328,7 @@ impl SessionData {
 
     /// Equal payloads: the same keys, the same raw values, the same bookkeeping. Used by the
     /// tests and by the `record_decode` fuzz invariants.
+    #[cfg(any(test, feature = "__fuzz"))]
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.flash == other.flash
             && self.expiry == other.expiry

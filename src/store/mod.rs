@@ -1,16 +1,21 @@
-//! The store contract ([`SessionStore`]) and the stores that ship with the crate.
+//! For store authors: the contract every store implements ([`SessionStore`]) and what it deals
+//! in ([`Record`], [`Key`], the outcomes, [`StoreError`]).
+//!
+//! The stores that ship with the crate are at its root ([`MemoryStore`](crate::MemoryStore)
+//! and, with their features, `RedisStore`, `WebdisStore` and `SqliteStore`).
 
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
-use crate::error::StoreError;
-use crate::key::Key;
+pub use crate::error::{StoreError, StoreErrorKind};
+pub use crate::key::Key;
 
 pub(crate) mod record;
 
-pub use self::record::{Record, from_unix_ms, unix_ms};
+pub use self::record::Record;
+pub(crate) use self::record::{from_unix_ms, unix_ms};
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
@@ -100,7 +105,7 @@ pub enum SaveOutcome {
 /// use std::sync::{Arc, Mutex};
 /// use std::time::SystemTime;
 ///
-/// use hyper_sessions::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
+/// use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
 ///
 /// #[derive(Clone, Default)]
 /// struct MapStore(Arc<Mutex<HashMap<Key, Record>>>);

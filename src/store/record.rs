@@ -7,11 +7,11 @@ use bytes::Bytes;
 
 use crate::key::Key;
 
-/// One stored session, as a [`SessionStore`](crate::SessionStore) keeps it.
+/// One stored session, as a [`SessionStore`](crate::store::SessionStore) keeps it.
 ///
 /// The store treats `data` as opaque bytes (the middleware encodes and decodes it), and keeps
 /// `version` and the expiry beside it: `version` drives the compare-and-set of
-/// [`SessionStore::save`](crate::SessionStore::save), and the expiry is when the store must
+/// [`SessionStore::save`](crate::store::SessionStore::save), and the expiry is when the store must
 /// stop returning the record. Expiry instants have millisecond precision.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
@@ -22,15 +22,19 @@ pub struct Record {
 }
 
 impl Record {
-    /// A record with these parts. Stores call this (or [`Record::from_unix_ms`]) when they load
-    /// one.
+    /// A record with these parts. Stores call this when they load one.
     pub fn new(key: Key, data: Bytes, version: u64, expires_at: SystemTime) -> Self {
         Record::from_unix_ms(key, data, version, unix_ms(expires_at))
     }
 
-    /// A record whose expiry is given in milliseconds since the Unix epoch, the form most
-    /// stores keep (`PXAT` in Redis, an integer column in `SQLite`).
-    pub fn from_unix_ms(key: Key, data: Bytes, version: u64, expires_at_unix_ms: u64) -> Self {
+    /// A record whose expiry is given in milliseconds since the Unix epoch, the form the
+    /// crate's stores keep (`PXAT` in Redis, an integer column in `SQLite`).
+    pub(crate) fn from_unix_ms(
+        key: Key,
+        data: Bytes,
+        version: u64,
+        expires_at_unix_ms: u64,
+    ) -> Self {
         Record {
             key,
             data,
@@ -67,7 +71,7 @@ impl Record {
     }
 
     /// The expiry in whole milliseconds since the Unix epoch.
-    pub fn expires_at_unix_ms(&self) -> u64 {
+    pub(crate) fn expires_at_unix_ms(&self) -> u64 {
         self.expires_ms
     }
 
@@ -89,7 +93,7 @@ impl fmt::Debug for Record {
 }
 
 /// Milliseconds since the Unix epoch, saturating at 0 and `u64::MAX`.
-pub fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     // Whole seconds and millis in u64 arithmetic (`as_millis` divides a u128).
     t.duration_since(UNIX_EPOCH).map_or(0, |d| {
         d.as_secs()
@@ -99,6 +103,6 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// The instant `ms` milliseconds after the Unix epoch.
-pub fn from_unix_ms(ms: u64) -> SystemTime {
+pub(crate) fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }

@@ -114,7 +114,7 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// use std::time::Duration;
 /// use hyper_sessions::{RedisStore, SessionLayer};
 ///
-/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
 /// // Password and database number go in the URL.
 /// let store = RedisStore::builder()
 ///     .key_prefix("myapp:session:")
@@ -469,9 +469,9 @@ impl RedisStore {
     ///
     /// # Examples
     /// ```no_run
-    /// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+    /// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
     /// let store = hyper_sessions::RedisStore::open("redis://127.0.0.1/").await?;
-    /// let key = hyper_sessions::Key::of(hyper_sessions::Id::random());
+    /// let key = hyper_sessions::store::Key::of(hyper_sessions::Id::random());
     /// assert_eq!(store.key(&key), format!("session:{}", key.to_hex()));
     /// # Ok(())
     /// # }

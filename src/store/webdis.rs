@@ -537,9 +537,9 @@ impl WebdisStore {
     ///
     /// # Examples
     /// ```no_run
-    /// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+    /// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
     /// let store = hyper_sessions::WebdisStore::open("http://127.0.0.1:7379").await?;
-    /// let key = hyper_sessions::Key::of(hyper_sessions::Id::random());
+    /// let key = hyper_sessions::store::Key::of(hyper_sessions::Id::random());
     /// assert_eq!(store.key(&key), format!("session:{}", key.to_hex()));
     /// # Ok(())
     /// # }

@@ -89,7 +89,7 @@ const CLEANUP_BATCH: i64 = 1000;
 /// ```no_run
 /// use hyper_sessions::{SessionLayer, SqliteStore};
 ///
-/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
 /// let store = SqliteStore::open("sessions.db").await?;
 /// let layer = SessionLayer::new(store);
 /// # let _ = layer;
@@ -134,7 +134,7 @@ pub(super) enum Location {
 /// use std::time::Duration;
 /// use hyper_sessions::SqliteStore;
 ///
-/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
 /// let store = SqliteStore::builder("/var/lib/myapp/sessions.db")
 ///     .table("web_sessions")
 ///     .busy_timeout(Duration::from_secs(2))
@@ -341,7 +341,7 @@ impl SqliteStore {
     /// # Examples
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), hyper_sessions::StoreError> {
+    /// # async fn main() -> Result<(), hyper_sessions::store::StoreError> {
     /// let store = hyper_sessions::SqliteStore::open_in_memory().await?;
     /// assert_eq!(store.delete_expired().await?, 0);
     /// # Ok(())
