@@ -294,7 +294,7 @@ pub fn record_decode(data: &[u8]) {
 
 /// The Webdis reply parser, as the Webdis store calls it.
 #[cfg(feature = "webdis")]
-pub use crate::store::webdis::reply::{Reply, ReplyError, parse_reply};
+pub use crate::store::redis::webdis::reply::{Reply, ReplyError, parse_reply};
 
 /// The commands the Webdis store sends, one of which each fuzz input picks.
 #[cfg(feature = "webdis")]
