@@ -29,7 +29,7 @@ use bytes::Bytes;
 
 use super::value::{self, Header, clamp_expiry, lua_header_pattern};
 use crate::error::StoreError;
-use crate::key::{Fingerprint, KEY_HEX_LEN, Key};
+use crate::key::{KEY_HEX_LEN, Key};
 use crate::record::{Record, unix_ms};
 use crate::store::{CreateOutcome, SaveOutcome};
 
@@ -372,14 +372,15 @@ struct Answer {
 #[derive(Debug, Clone, Copy)]
 struct Op {
     name: &'static str,
-    session: Option<Fingerprint>,
+    /// The session's key, named in messages by its fingerprint (made only for a message).
+    session: Option<Key>,
 }
 
 impl Op {
     fn on(name: &'static str, key: &Key) -> Op {
         Op {
             name,
-            session: Some(key.fingerprint()),
+            session: Some(*key),
         }
     }
 }
@@ -903,7 +904,7 @@ impl fmt::Display for Problem {
             ),
         }?;
         match self.op.session {
-            Some(session) => write!(f, " (session {session})"),
+            Some(key) => write!(f, " (session {})", key.fingerprint()),
             None => Ok(()),
         }
     }
