@@ -253,13 +253,7 @@ impl RedisStoreBuilder {
             // and cut the command timeout short.
             .set_response_timeout(None);
         let connect = ConnectionManager::new_with_config(client, config);
-        let manager = tokio::time::timeout(self.timeout, connect)
-            .await
-            .map_err(|_| connect_timed_out(self.timeout))?
-            .map_err(open_error)?;
-        self.with_connection_manager(manager)
-            .preloaded_boxed()
-            .await
+        self.connected(connect, Conn::Single).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (the others are discovered).
@@ -289,13 +283,22 @@ impl RedisStoreBuilder {
             .retries(0)
             .build()
             .map_err(open_error)?;
-        let connection = tokio::time::timeout(self.timeout, client.get_async_connection())
+        self.connected(client.get_async_connection(), Conn::Cluster)
+            .await
+    }
+
+    /// The store on the connection `connect` makes within the command timeout, its scripts
+    /// loaded.
+    async fn connected<C>(
+        self,
+        connect: impl Future<Output = RedisResult<C>>,
+        conn: impl FnOnce(C) -> Conn,
+    ) -> Result<RedisStore, StoreError> {
+        let connection = tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| connect_timed_out(self.timeout))?
             .map_err(open_error)?;
-        self.with_cluster_connection(connection)
-            .preloaded_boxed()
-            .await
+        self.build(conn(connection)).preloaded_boxed().await
     }
 
     /// Connects to the master that Redis Sentinel knows as `master_name`, asking the Sentinels
