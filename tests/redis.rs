@@ -25,6 +25,26 @@ mod single {
     crate::conformance_suite!(fixture);
 }
 
+/// A Redis listening on a Unix socket too, reached through it: `redis+unix://` URLs go through
+/// the `redis` crate's `ConnectionManager` (the store's own connections speak TCP only), so the
+/// suite runs on both single-node transports.
+async fn unix_socket() -> (RedisStore, (RedisServer, common::servers::TempDir)) {
+    let dir = common::servers::TempDir::new("redis-socket");
+    let socket = dir.path().join("redis.sock");
+    let socket = socket.to_str().unwrap();
+    let server =
+        RedisServer::start_with(&["--unixsocket", socket, "--unixsocketperm", "700"]).await;
+    let store = RedisStore::open(format!("redis+unix://{socket}"))
+        .await
+        .unwrap();
+    (store, (server, dir))
+}
+
+mod manager {
+    use super::unix_socket as fixture;
+    crate::conformance_suite!(fixture);
+}
+
 mod cluster {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -389,6 +409,29 @@ async fn connection_problems_are_clear_errors() {
             .trim(),
         "1"
     );
+    // An ACL user: `AUTH user password` on every new connection.
+    let server =
+        RedisServer::start_with(&["--user", "app", "on", ">s3cret", "~*", "&*", "+@all"]).await;
+    let port = server.port();
+    for wrong in ["app:wrong", "nobody:s3cret"] {
+        let err = RedisStore::open(format!("redis://{wrong}@127.0.0.1:{port}"))
+            .await
+            .unwrap_err();
+        assert!(!err.is_unavailable(), "{wrong}: {err:?}");
+        let shown = format!("{err:?}");
+        assert!(shown.contains("authentication failed"), "{shown}");
+        assert!(
+            !shown.contains("wrong") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+    let store = RedisStore::open(format!("redis://app:s3cret@127.0.0.1:{port}/2"))
+        .await
+        .unwrap();
+    let app = serve(&SessionLayer::new(store)).await;
+    let mut b = Browser::new(app.addr).await;
+    b.get("/counter").await;
+    assert_eq!(b.get("/counter").await.body, "2");
 }
 
 /// Kills Redis while requests are in flight, then restarts it on the same port: requests that
@@ -898,6 +941,10 @@ async fn loads_are_bounded_by_the_command_timeout(
             assert!(took < Duration::from_millis(800), "{took:?}");
         }
         sleeper.await.unwrap();
+        // The reply the timed-out load never read is not taken for the next one's.
+        let other = new_key();
+        assert!(store.load(&other).await.unwrap().is_none());
+        assert_eq!(store.load(key).await.unwrap().unwrap().version(), 1);
     }
 }
 
