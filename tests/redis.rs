@@ -25,26 +25,6 @@ mod single {
     crate::conformance_suite!(fixture);
 }
 
-/// A Redis listening on a Unix socket too, reached through it: `redis+unix://` URLs go through
-/// the `redis` crate's `ConnectionManager` (the store's own connections speak TCP only), so the
-/// suite runs on both single-node transports.
-async fn unix_socket() -> (RedisStore, (RedisServer, common::servers::TempDir)) {
-    let dir = common::servers::TempDir::new("redis-socket");
-    let socket = dir.path().join("redis.sock");
-    let socket = socket.to_str().unwrap();
-    let server =
-        RedisServer::start_with(&["--unixsocket", socket, "--unixsocketperm", "700"]).await;
-    let store = RedisStore::open(format!("redis+unix://{socket}"))
-        .await
-        .unwrap();
-    (store, (server, dir))
-}
-
-mod manager {
-    use super::unix_socket as fixture;
-    crate::conformance_suite!(fixture);
-}
-
 mod cluster {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -15,11 +15,10 @@ use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::sentinel::{SentinelClient, SentinelServerType};
 use ::redis::{
-    AsyncConnectionConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, ProtocolVersion,
-    RedisError, RedisResult, RedisWrite, ToRedisArgs, Value,
+    AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisResult, RedisWrite,
+    ToRedisArgs, Value,
 };
 
-use super::direct::Direct;
 use super::protocol::{
     Arg, Command, Head, KeyName, Protocol, Reply, SendError, Sent, ServerError, Transport,
     opening_failed, session_store_on_protocol,
@@ -141,10 +140,8 @@ pub struct RedisStore {
     protocol: Arc<Protocol<Conn>>,
 }
 
-/// The connection: the store's own to a single node, or the `redis` crate's, one of three
-/// kinds.
+/// The connection: the `redis` crate's, one of three kinds.
 enum Conn {
-    Direct(Direct),
     Single(ConnectionManager),
     Cluster(ClusterConnection),
     Sentinel(Box<SentinelConn>),
@@ -239,37 +236,13 @@ impl RedisStoreBuilder {
     }
 
     /// Connects to a single Redis node at `url` (`redis://[[user]:password@]host[:port][/db]`,
-    /// or `redis+unix:///path`).
-    ///
-    /// A `redis://` URL is served by the store's own connections: RESP2 over TCP, each command
-    /// written and its reply read by the request that sends it, a new connection made when none
-    /// is idle (at most 128), so a request never waits behind another's reply and a restarted
-    /// Redis is picked up by the next request. They cost about a third of the instructions the
-    /// `redis` crate's multiplexed connection costs per command (no task of its own, no
-    /// channels; see the README's measurements). Other URLs (`redis+unix://`, `rediss://` with a
-    /// TLS feature of the `redis` crate, `?protocol=resp3`) go through the crate's
-    /// `ConnectionManager`, which reconnects by itself.
+    /// or `redis+unix:///path`), through a `ConnectionManager` that reconnects by itself.
     ///
     /// # Errors
     /// [`StoreError::unavailable`] if the server cannot be reached within the command timeout,
     /// [`StoreError::other`] for a URL that is not a Redis URL or refused credentials.
     pub async fn open(self, url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
-        let info = url.into_connection_info().map_err(open_error)?;
-        let settings = info.redis_settings();
-        if let (ConnectionAddr::Tcp(host, port), ProtocolVersion::RESP2) =
-            (info.addr(), settings.protocol())
-        {
-            let direct = Direct::new(
-                host.clone(),
-                *port,
-                settings.username(),
-                settings.password(),
-                settings.db(),
-                self.timeout,
-            );
-            return self.build(Conn::Direct(direct)).preloaded_boxed().await;
-        }
-        let client = ::redis::Client::open(info).map_err(open_error)?;
+        let client = ::redis::Client::open(url).map_err(open_error)?;
         let config = ConnectionManagerConfig::new()
             // Fail fast while Redis is down (one connection attempt per failed request), and
             // pick the connection up again on the first request after it is back.
@@ -683,9 +656,6 @@ impl Transport for Conn {
     const BINARY_SAFE: bool = true;
 
     async fn send(&self, cmd: &Command<'_>, then: Option<&Command<'_>>) -> Result<Sent, SendError> {
-        if let Conn::Direct(direct) = self {
-            return direct.send(cmd, then).await;
-        }
         let cmd = packed(cmd);
         let then = then.map(packed);
         let (value, then) = self.exec(&cmd, then.as_deref()).await.map_err(send_error)?;
@@ -777,7 +747,6 @@ impl Conn {
             Conn::Single(c) => c.clone().send_packed_command(cmd).await?,
             Conn::Cluster(c) => c.clone().req_packed_command(cmd).await?,
             Conn::Sentinel(c) => return c.send(cmd).await,
-            Conn::Direct(_) => unreachable_direct()?,
         };
         server_error(reply)
     }
@@ -791,7 +760,6 @@ impl Conn {
             Conn::Single(c) => c.clone().send_packed_commands(&pipe, 0, 2).await?,
             Conn::Cluster(c) => c.clone().req_packed_commands(&pipe, 0, 2).await?,
             Conn::Sentinel(c) => c.send_pipeline(&pipe).await?,
-            Conn::Direct(_) => unreachable_direct()?,
         };
         let mut replies = replies.into_iter();
         let (Some(reply), Some(then), None) = (replies.next(), replies.next(), replies.next())
@@ -806,14 +774,6 @@ impl Conn {
         // reported as not replicated (unavailable), not as an error of its own.
         Ok((server_error(reply)?, server_error(then).ok()))
     }
-}
-
-/// The store's own connections send their commands themselves (see [`Transport::send`]).
-fn unreachable_direct<T>() -> RedisResult<T> {
-    Err(RedisError::from((
-        ::redis::ErrorKind::Client,
-        "the store's own connections do not send the redis crate's commands",
-    )))
 }
 
 /// The connection to a Sentinel-managed master: the one in use, or none until the next request
@@ -910,7 +870,7 @@ impl fmt::Debug for RedisStore {
             .field(
                 "mode",
                 &match p.transport {
-                    Conn::Direct(_) | Conn::Single(_) => "single node",
+                    Conn::Single(_) => "single node",
                     Conn::Cluster(_) => "cluster",
                     Conn::Sentinel(_) => "sentinel",
                 },
