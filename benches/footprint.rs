@@ -9,7 +9,8 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use hyper_sessions::{Id, Key, MemoryStore, Record, SessionStore};
+use hyper_sessions::store::{Key, Record, SessionStore};
+use hyper_sessions::{Id, MemoryStore};
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The load benchmark of shared/bench/SPEC.md: bench_server (per store) against a bare hyper
-# server with the same endpoints, wrk with a pool of 1000 session cookies, server pinned to
-# CPU 0 and wrk to CPU 1, 2 s warm-up then DURATION per endpoint. The bare server runs before,
-# between and after the stores; ratios are to the median of its /untouched runs.
+# The load benchmark of the peer benchmark's contract (its SPEC.md, an external document this
+# repository does not carry; the driver scripts the contract names are copied in
+# benches/driver): bench_server (per store) against a bare hyper server with the same
+# endpoints, wrk with a pool of 1000 session cookies, server pinned to CPU 0 and wrk to CPU 1,
+# 2 s warm-up then DURATION per endpoint. The bare server runs before, between and after the
+# stores; ratios are to the median of its /untouched runs.
 #
 #   benches/load.sh [STORE ...]        # default: memory; also sqlite redis webdis, and axum
-#                                      # (examples/axum.rs on the memory store)
+#                                      # (bench_server --stack axum on the memory store)
 #   DURATION=8s WARMUP=2s benches/load.sh memory redis
 #
 # "redis cmds/req" counts every command Redis executed (INFO commandstats), those run inside
@@ -15,7 +17,7 @@
 # goes to 127.0.0.1 only; every wrk run is bounded by its duration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DRIVER=${DRIVER:-../shared/bench/driver}
+DRIVER=${DRIVER:-benches/driver}
 DURATION=${DURATION:-8s}
 WARMUP=${WARMUP:-2s}
 PORT=${PORT:-18080}
@@ -33,11 +35,9 @@ command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2
 have=$(sed -n '/^\[features\]/,/^\[/p' Cargo.toml | sed -n 's/^\([a-z-]*\) *=.*/\1/p' | tr '\n' ' ')
 feats=()
 for f in ${FEATURES//,/ }; do [[ " $have " == *" $f "* ]] && feats+=("$f"); done
+# `axum` is bench_server's other stack: hyper-sessions on axum, as the peers are.
+if [[ " ${STORES[*]} " == *" axum "* ]]; then feats+=(axum); fi
 cargo build --release --quiet --example bench_server --example bare_server --features "$(IFS=,; echo "${feats[*]}")"
-# The axum example serves the same four endpoints: hyper-sessions on axum, as the peers are.
-if [[ " ${STORES[*]} " == *" axum "* ]]; then
-  cargo build --release --quiet --example axum --features axum
-fi
 BIN=target/release/examples
 
 work=$(mktemp -d)
@@ -111,7 +111,7 @@ run bare - "$BIN/bare_server" --port "$PORT"
 for store in "${STORES[@]}"; do
   case $store in
     memory) run hyper-sessions memory "$BIN/bench_server" --port "$PORT" --store memory ;;
-    axum) run axum-example memory "$BIN/axum" --port "$PORT" ;;
+    axum) run hyper-sessions-axum memory "$BIN/bench_server" --port "$PORT" --store memory --stack axum ;;
     sqlite)
       rm -f "$work/bench.db" "$work/bench.db-wal" "$work/bench.db-shm"
       run hyper-sessions sqlite "$BIN/bench_server" --port "$PORT" --store sqlite --db "$work/bench.db"

@@ -18,10 +18,9 @@ use divan::{Bencher, black_box};
 use http::{HeaderMap, HeaderValue, Request, Response, header::COOKIE};
 use http_body_util::{Empty, Full};
 use hyper::service::Service;
-use hyper_sessions::{
-    Id, Key, MemoryStore, Record, Session, SessionLayer, SessionService, SessionStore,
-    find_session_id,
-};
+use hyper_sessions::__fuzz::find_session as find_session_id;
+use hyper_sessions::store::{Key, Record, SessionStore};
+use hyper_sessions::{Id, MemoryStore, Session, SessionLayer, SessionService};
 
 fn main() {
     divan::main();

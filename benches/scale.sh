@@ -8,7 +8,7 @@
 #   COUNTS="1000 100000" SIZES="100 4096" DURATION=5s benches/scale.sh memory redis
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DRIVER=${DRIVER:-../shared/bench/driver}
+DRIVER=${DRIVER:-benches/driver}
 DURATION=${DURATION:-8s}
 WARMUP=${WARMUP:-2s}
 PORT=${PORT:-18081}

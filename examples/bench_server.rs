@@ -6,7 +6,22 @@
 //! `--store webdis [--webdis URL]` (default `http://127.0.0.1:7379`), and with
 //! `--features sqlite` `--store sqlite --db PATH`.
 //!
-//! Stores other than those compiled in make it exit with status 2 at once.
+//! `--stack axum` (with `--features axum`) serves the same paths through an axum `Router` with
+//! the `Session` extractor instead of the layer around a hyper `service_fn` (`--stack hyper`, the
+//! default): hyper-sessions on axum, as the peers' servers are.
+//!
+//! Stores and stacks other than those compiled in make it exit with status 2 at once.
+//!
+//! Besides the contract's `/untouched`, `/read`, `/counter` and `/login` it answers the extras
+//! (all `GET`; keys and `v` values percent-decoded; bodies as in SPEC.md; also `/id` and
+//! `/remember/{secs}` for the tests, 404 for other paths):
+//! `/set/{key}?v={value}` (default `1`), `/get/{key}`, `/keys`, `/incr/{key}`,
+//! `/flash/{key}?v={value}`, `/cycle`, `/destroy`, `/remove/{key}` (remove `key`, `ok`),
+//! `/clear` (remove every key, `ok`), and `/sleep/{ms}/{path}`: load the session (one store
+//! read), wait `ms` milliseconds, then do and answer what `/{path}` does, for any path here
+//! (`/sleep/300/cycle`, `/sleep/300/remove/a`, `/sleep/300/set/k?v=x`, ...). The sleep holds a
+//! request open between its load and its commit while others on the same session finish, so
+//! that a race between any two operations can be driven over HTTP on every store.
 //!
 //! For the scaling runs of `benches/scale.sh`: `--prefill N` creates N sessions in the store
 //! before serving, each holding `count` and a string of `--value-bytes B` bytes (default 0),
@@ -22,12 +37,15 @@ use std::time::{Duration, SystemTime};
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_sessions::{Id, Key, MemoryStore, Record, SessionLayer, SessionStore};
+use hyper_sessions::store::{Key, Record, SessionStore};
+use hyper_sessions::{Id, MemoryStore, SessionLayer};
 use hyper_util::rt::TokioIo;
 
 struct Args {
     port: u16,
     store: String,
+    /// `hyper` (the layer around a `service_fn`) or `axum` (a `Router` with the extractor).
+    stack: String,
     prefill: usize,
     value_bytes: usize,
     pool_out: Option<String>,
@@ -44,6 +62,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut port = 3000;
     let mut store = "memory".to_owned();
+    let mut stack = "hyper".to_owned();
     let mut redis = "redis://127.0.0.1:6379".to_owned();
     let mut min_replicas_ack = 0;
     let (mut prefill, mut value_bytes, mut pool_out) = (0, 0, None);
@@ -55,6 +74,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--port" => port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
             "--store" => store = value()?,
+            "--stack" => stack = value()?,
             "--redis" => redis = value()?,
             "--min-replicas-ack" => {
                 min_replicas_ack = value()?
@@ -80,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
     Ok(Args {
         port,
         store,
+        stack,
         prefill,
         value_bytes,
         pool_out,
@@ -194,7 +215,7 @@ async fn run<S: SessionStore + Clone>(store: S, args: &Args) -> ExitCode {
         eprintln!("bench_server: {e}");
         return ExitCode::FAILURE;
     }
-    let service = SessionLayer::new(store).wrap(service_fn(app::handle));
+    let layer = SessionLayer::new(store);
     let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -203,6 +224,24 @@ async fn run<S: SessionStore + Clone>(store: S, args: &Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match args.stack.as_str() {
+        "hyper" => serve_hyper(listener, &layer).await,
+        #[cfg(feature = "axum")]
+        "axum" => {
+            let served = axum::serve(listener, app::axum_router(&layer)).await;
+            eprintln!("bench_server: axum::serve ended: {served:?}");
+            ExitCode::FAILURE
+        }
+        other => {
+            eprintln!("bench_server: stack {other:?} is not compiled in");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The layer around the app's `service_fn`, one hyper HTTP/1 connection per socket.
+async fn serve_hyper(listener: tokio::net::TcpListener, layer: &SessionLayer) -> ExitCode {
+    let service = layer.wrap(service_fn(app::handle));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -22,7 +22,7 @@ async fn counter(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
     let session = Session::from_request(&req).expect("the SessionLayer wraps this service");
     let page = async {
         let visits: u64 = session.get("pageCount").await?.unwrap_or(0);
-        let previous: Option<String> = session.get("message").await?;
+        let previous: Option<String> = session.take_flash("message").await?;
         session.insert("pageCount", &(visits + 1)).await?;
         session
             .flash("message", &format!("Hello from visit {}", visits + 1))

@@ -58,7 +58,10 @@ async fn app(session: &Session, req: &Request<Incoming>) -> Result<Response<Full
                 *resp.status_mut() = StatusCode::UNAUTHORIZED;
                 return Ok(resp);
             };
-            let notice = session.get::<String>("notice").await?.unwrap_or_default();
+            let notice = session
+                .take_flash::<String>("notice")
+                .await?
+                .unwrap_or_default();
             Ok(Response::new(Full::new(Bytes::from(format!(
                 "{notice}\nHello {user}, this page is protected.\n"
             )))))

@@ -24,10 +24,12 @@ fi
 step() { echo "==> $*"; "$@"; }
 
 step cargo fmt --all -- --check
+# rust-version in Cargo.toml against the newest one any locked dependency declares (every feature).
+step python3 scripts/check-rust-version.py
 step cargo clippy --all-features --all-targets -- -D warnings
 step cargo clippy --no-default-features --all-targets -- -D warnings
 # Each optional feature alone and with the defaults (cheap: lints only, no test runs).
-for features in tower axum redis webdis sqlite; do
+for features in tower axum redis webdis sqlite tracing; do
   step cargo clippy --no-default-features --features "$features" --all-targets -- -D warnings
   step cargo clippy --features "$features" --all-targets -- -D warnings
 done
@@ -37,6 +39,21 @@ step cargo bench --all-features --no-run
 # Doc examples use the memory store; the library and its own tests must work without it.
 step cargo test --no-default-features --lib --tests
 step cargo test --all-features
+
+# The package as published: `cargo package` (its verification builds the packaged library), then
+# in the unpacked package every test target built with every feature, and the default-feature
+# tests run (the all-feature run above already ran them on this checkout; the package's own run
+# catches a file the tests need that the package lacks). --allow-dirty: CI's clone is clean,
+# a working copy need not be. The checkout's target dir is reused.
+step cargo package --locked --allow-dirty
+read -r target_dir version < <(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; m = json.load(sys.stdin); print(m["target_directory"], m["packages"][0]["version"])')
+(
+  cd "$target_dir/package/hyper-sessions-$version"
+  export CARGO_TARGET_DIR="$target_dir"
+  step cargo test --locked --all-features --no-run
+  step cargo test --locked
+)
 
 # Every fuzz target for a short time box (fuzz/README.md); the fuzz crate is its own workspace.
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -11,7 +11,7 @@ use crate::id::{ID_LEN, Id};
 
 /// What the request's Cookie headers say about the session cookie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CookieLookup {
+pub(crate) enum CookieLookup {
     /// No cookie with the session cookie's name.
     Absent,
     /// Cookies with the name, none of which holds a valid id (malformed or forged).
@@ -25,7 +25,7 @@ pub enum CookieLookup {
 /// The first cookie named `name` whose value parses as an [`Id`] wins (browsers send the most
 /// specific cookie first); other cookies, and cookies with invalid values, are ignored. Header
 /// values that are not UTF-8 are scanned as bytes.
-pub fn find_session_id(headers: &HeaderMap, name: &str) -> CookieLookup {
+pub(crate) fn find_session_id(headers: &HeaderMap, name: &str) -> CookieLookup {
     let mut lookup = CookieLookup::Absent;
     for value in headers.get_all(COOKIE) {
         match find_in_header(value.as_bytes(), name.as_bytes()) {
@@ -38,7 +38,7 @@ pub fn find_session_id(headers: &HeaderMap, name: &str) -> CookieLookup {
 }
 
 /// [`find_session_id`] for the bytes of one Cookie header value.
-pub fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
+pub(crate) fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
     let mut lookup = CookieLookup::Absent;
     let mut rest = header;
     while !rest.is_empty() {

@@ -161,7 +161,7 @@ pub enum StoreErrorKind {
     Other,
 }
 
-/// An error from a [`SessionStore`](crate::SessionStore), with its cause.
+/// An error from a [`SessionStore`](crate::store::SessionStore), with its cause.
 ///
 /// Store implementations build one with [`StoreError::unavailable`], [`StoreError::corrupt`] or
 /// [`StoreError::other`], passing the underlying error so that it stays reachable through
@@ -169,7 +169,7 @@ pub enum StoreErrorKind {
 ///
 /// # Examples
 /// ```
-/// use hyper_sessions::{StoreError, StoreErrorKind};
+/// use hyper_sessions::store::{StoreError, StoreErrorKind};
 ///
 /// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
 /// let err = StoreError::unavailable(io);

@@ -7,6 +7,8 @@ use axum_core::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 
+use crate::config::default_error_handler;
+use crate::error::{Chain, Error};
 use crate::session::Session;
 
 /// Takes the request's [`Session`], put there by the [`SessionLayer`](crate::SessionLayer).
@@ -21,11 +23,10 @@ use crate::session::Session;
 /// use axum::routing::get;
 /// use hyper_sessions::{MemoryStore, Session, SessionLayer};
 ///
-/// async fn counter(session: Session) -> Result<String, axum::http::StatusCode> {
+/// async fn counter(session: Session) -> Result<String, hyper_sessions::Error> {
 ///     let n = session
 ///         .update("count", |n: Option<u64>| n.unwrap_or(0) + 1)
-///         .await
-///         .map_err(|_| axum::http::StatusCode::SERVICE_UNAVAILABLE)?;
+///         .await?;
 ///     Ok(format!("Visited {n} times"))
 /// }
 ///
@@ -77,7 +78,7 @@ impl std::error::Error for MissingSessionLayer {}
 
 impl IntoResponse for MissingSessionLayer {
     fn into_response(self) -> Response {
-        log::error!("hyper-sessions: {self}");
+        crate::trace::event!(error, "hyper-sessions: {self}");
         let mut resp = Response::new(Self::MESSAGE.into());
         *resp.status_mut() = self.status();
         resp.headers_mut().insert(
@@ -85,5 +86,30 @@ impl IntoResponse for MissingSessionLayer {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         resp
+    }
+}
+
+/// A session error as a handler's answer, so that handlers can use `?`: 503 when the store is
+/// unavailable, 500 otherwise, with an empty body (the same mapping as the layer's default
+/// [error handler](crate::SessionLayerBuilder::error_handler)). The error and its causes are
+/// logged at error level (they never hold a session id or session data); the response says
+/// nothing of them.
+///
+/// # Examples
+/// ```
+/// use hyper_sessions::{Error, Session};
+///
+/// async fn greet(session: Session) -> Result<String, Error> {
+///     let name: Option<String> = session.get("name").await?;
+///     Ok(format!("Hello, {}", name.as_deref().unwrap_or("stranger")))
+/// }
+/// # let _: axum::Router = axum::Router::new().route("/", axum::routing::get(greet));
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        crate::trace::event!(error, "hyper-sessions: a handler failed: {}", Chain(&self));
+        let (parts, ()) = default_error_handler(&self).into_parts();
+        Response::from_parts(parts, axum_core::body::Body::empty())
     }
 }

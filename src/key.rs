@@ -22,7 +22,7 @@ use crate::id::Id;
 ///
 /// # Examples
 /// ```
-/// use hyper_sessions::Key;
+/// use hyper_sessions::store::Key;
 /// use hyper_sessions::Id;
 ///
 /// let id = Id::random();

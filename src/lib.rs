@@ -3,7 +3,7 @@
 //! Wrap any `hyper::service::Service<Request<B>>` once with a [`SessionLayer`], and every request
 //! carries a [`Session`]: typed `get` / `insert` / `remove` / `contains`, flash values that live
 //! for one read, atomic `update`s, `clear`, `destroy`, and id cycling on login. Session data
-//! lives in a [`SessionStore`] chosen by a cargo feature.
+//! lives in a [`store`] chosen by a cargo feature.
 //!
 //! # Example
 //! ```no_run
@@ -101,11 +101,20 @@
 //!   `SQLite` via rusqlite, on a connection thread of the store's own: no system library needed,
 //!   nothing blocks the runtime).
 //!
-//! Without any store feature the crate still builds: bring your own [`SessionStore`].
+//! Without any store feature the crate still builds: bring your own
+//! [`SessionStore`](store::SessionStore).
+//!
+//! # Where things are
+//! What an application uses is at the crate root: the layer and its builder, [`Session`], the
+//! stores and their builders, [`Expiry`], [`SameSite`], [`Error`]. What a store author uses is
+//! in [`store`]: the [`SessionStore`](store::SessionStore) contract, [`Record`](store::Record),
+//! [`Key`](store::Key), the outcomes and [`StoreError`](store::StoreError). The layer's
+//! response future is in [`future`].
 //!
 //! # Stability
-//! The public API is the items re-exported here. [`Error`] is opaque (ask it `is_*`), and the
-//! public enums are `#[non_exhaustive]`, so both can grow without breaking you.
+//! The public API is the items re-exported here and in [`store`] and [`future`]. [`Error`] is
+//! opaque (ask it `is_*`), and the public enums are `#[non_exhaustive]`, so both can grow
+//! without breaking you.
 //!
 //! [hyper]: https://docs.rs/hyper
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -120,28 +129,33 @@ mod key;
 mod record;
 mod service;
 mod session;
-mod store;
+pub mod store;
+mod trace;
 
-/// Entry points for the fuzz targets and their seed replay test: **not part of the public
-/// API**, hidden from the docs and exempt from semver.
+/// Entry points for the fuzz targets and their seed replay test, built only with the hidden
+/// `__fuzz` feature (which `fuzz/` and the test run turn on): **not part of the public API**,
+/// hidden from the docs and exempt from semver.
+#[cfg(feature = "__fuzz")]
 #[doc(hidden)]
 #[path = "fuzz_entry.rs"]
 pub mod __fuzz;
 
+/// The future of a [`SessionService`] call.
+pub mod future {
+    pub use crate::service::ResponseFuture;
+}
+
 pub use crate::config::{ErrorHandler, Expiry, SameSite};
-pub use crate::cookie::{CookieLookup, find_in_header, find_session_id};
-pub use crate::error::{Error, StoreError, StoreErrorKind};
+pub use crate::error::Error;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use crate::extract::MissingSessionLayer;
 pub use crate::id::{Id, InvalidId};
-pub use crate::key::{Fingerprint, Key};
-pub use crate::record::{Record, from_unix_ms, unix_ms};
+pub use crate::key::Fingerprint;
 pub use crate::service::{
-    DEFAULT_MAX_RECORD_BYTES, ResponseFuture, SessionLayer, SessionLayerBuilder, SessionService,
+    DEFAULT_MAX_RECORD_BYTES, SessionLayer, SessionLayerBuilder, SessionService,
 };
 pub use crate::session::Session;
-pub use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use crate::config::Expiry;
 use crate::key::Key;
 
-/// One stored session, as a [`SessionStore`](crate::SessionStore) keeps it.
+/// One stored session, as a [`SessionStore`](crate::store::SessionStore) keeps it.
 ///
 /// The store treats `data` as opaque bytes (the middleware encodes and decodes it), and keeps
 /// `version` and the expiry beside it: `version` drives the compare-and-set of
-/// [`SessionStore::save`](crate::SessionStore::save), and the expiry is when the store must
+/// [`SessionStore::save`](crate::store::SessionStore::save), and the expiry is when the store must
 /// stop returning the record. Expiry instants have millisecond precision.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
@@ -24,15 +24,19 @@ pub struct Record {
 }
 
 impl Record {
-    /// A record with these parts. Stores call this (or [`Record::from_unix_ms`]) when they load
-    /// one.
+    /// A record with these parts. Stores call this when they load one.
     pub fn new(key: Key, data: Bytes, version: u64, expires_at: SystemTime) -> Self {
         Record::from_unix_ms(key, data, version, unix_ms(expires_at))
     }
 
-    /// A record whose expiry is given in milliseconds since the Unix epoch, the form most
-    /// stores keep (`PXAT` in Redis, an integer column in `SQLite`).
-    pub fn from_unix_ms(key: Key, data: Bytes, version: u64, expires_at_unix_ms: u64) -> Self {
+    /// A record whose expiry is given in milliseconds since the Unix epoch, the form the
+    /// crate's stores keep (`PXAT` in Redis, an integer column in `SQLite`).
+    pub(crate) fn from_unix_ms(
+        key: Key,
+        data: Bytes,
+        version: u64,
+        expires_at_unix_ms: u64,
+    ) -> Self {
         Record {
             key,
             data,
@@ -69,7 +73,7 @@ impl Record {
     }
 
     /// The expiry in whole milliseconds since the Unix epoch.
-    pub fn expires_at_unix_ms(&self) -> u64 {
+    pub(crate) fn expires_at_unix_ms(&self) -> u64 {
         self.expires_ms
     }
 
@@ -96,7 +100,7 @@ fn decimal_len(n: u64) -> usize {
 }
 
 /// Milliseconds since the Unix epoch, saturating at 0 and `u64::MAX`.
-pub fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     // Whole seconds and millis in u64 arithmetic (`as_millis` divides a u128).
     t.duration_since(UNIX_EPOCH).map_or(0, |d| {
         d.as_secs()
@@ -106,7 +110,7 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// The instant `ms` milliseconds after the Unix epoch.
-pub fn from_unix_ms(ms: u64) -> SystemTime {
+pub(crate) fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
@@ -148,9 +152,36 @@ fn text_bytes<'a>(src: &'a [u8], t: &'a Text) -> &'a [u8] {
 /// Why stored bytes are not a session payload.
 #[derive(Debug)]
 pub(crate) enum DecodeError {
-    TooLarge { len: usize, max: usize },
-    Syntax { at: usize, what: &'static str },
-    Json(serde_json::Error),
+    TooLarge {
+        len: usize,
+        max: usize,
+    },
+    Syntax {
+        at: usize,
+        what: &'static str,
+    },
+    /// `serde_json` refused a part. Its own error is not kept: its message quotes the stored
+    /// text ("invalid type: string \"...\""), which is session data and must not reach a log.
+    Json {
+        what: &'static str,
+        column: usize,
+    },
+}
+
+impl DecodeError {
+    /// What `serde_json` found wrong (its category) and where, without any of the stored text.
+    fn json(e: &serde_json::Error) -> DecodeError {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax => "malformed JSON",
+            serde_json::error::Category::Eof => "truncated JSON",
+            serde_json::error::Category::Data => "a value of the wrong type",
+            serde_json::error::Category::Io => "unreadable JSON",
+        };
+        DecodeError::Json {
+            what,
+            column: e.column(),
+        }
+    }
 }
 
 impl fmt::Display for DecodeError {
@@ -165,19 +196,15 @@ impl fmt::Display for DecodeError {
                     "record is not a valid session payload: {what} at byte {at}"
                 )
             }
-            DecodeError::Json(_) => f.write_str("record is not a valid session payload"),
+            DecodeError::Json { what, column } => write!(
+                f,
+                "record is not a valid session payload: {what} (column {column} of a part)"
+            ),
         }
     }
 }
 
-impl std::error::Error for DecodeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            DecodeError::Json(e) => Some(e),
-            DecodeError::TooLarge { .. } | DecodeError::Syntax { .. } => None,
-        }
-    }
-}
+impl std::error::Error for DecodeError {}
 
 impl SessionData {
     /// Decodes stored bytes, refusing anything over `max` bytes before parsing.
@@ -402,6 +429,7 @@ impl SessionData {
 
     /// Equal payloads: the same keys, the same raw values, the same bookkeeping. Used by the
     /// tests and by the `record_decode` fuzz invariants.
+    #[cfg(any(test, feature = "__fuzz"))]
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.flash == other.flash
             && self.expiry == other.expiry
@@ -524,7 +552,7 @@ mod parse {
                 let start = p.pos;
                 p.skip_value()?;
                 let raw = &s[start..p.pos];
-                let bad = |e: serde_json::Error| DecodeError::Json(e);
+                let bad = |e: serde_json::Error| DecodeError::json(&e);
                 match slot {
                     1 => data.flash = serde_json::from_slice(raw).map_err(bad)?,
                     2 => data.expiry = Some(serde_json::from_slice(raw).map_err(bad)?),
@@ -667,8 +695,8 @@ mod parse {
                 let at = self.pos;
                 let (start, end, escaped) = self.string()?;
                 let key = if escaped {
-                    let unescaped: String =
-                        serde_json::from_slice(&self.s[at..=end]).map_err(DecodeError::Json)?;
+                    let unescaped: String = serde_json::from_slice(&self.s[at..=end])
+                        .map_err(|e| DecodeError::json(&e))?;
                     Text::Own(unescaped.into())
                 } else {
                     Text::At(start, end)

@@ -319,7 +319,10 @@ impl<S> SessionService<S> {
 fn attach<B>(shared: &Arc<Shared>, req: &mut Request<B>) -> Session {
     let lookup = find_session_id(req.headers(), &shared.config.cookie_name);
     if lookup == CookieLookup::Invalid {
-        log::debug!("hyper-sessions: malformed or forged session cookie ignored");
+        crate::trace::event!(
+            debug,
+            "hyper-sessions: malformed or forged session cookie ignored"
+        );
     }
     let session = Session::new(Arc::clone(shared), lookup);
     req.extensions_mut().insert(session.clone());
@@ -427,7 +430,11 @@ fn complete<B: Default>(
     let mut response = match result {
         Ok(()) => response,
         Err(err) => {
-            log::error!("hyper-sessions: saving the session failed: {}", Chain(&err));
+            crate::trace::event!(
+                error,
+                "hyper-sessions: saving the session failed: {}",
+                Chain(&err)
+            );
             let (parts, ()) = (config.error_handler)(&err).into_parts();
             Response::from_parts(parts, B::default())
         }

@@ -1,5 +1,10 @@
 //! Replays every committed fuzz seed (`fuzz/corpus/<target>/seed-*`) through the same functions
 //! the cargo-fuzz targets call, so stable CI checks the targets' invariants without the fuzzer.
+//!
+//! In the published package these tests pass without checking anything, saying so on stderr:
+//! `fuzz/` is a cargo package of its own, and `cargo package` never includes a nested package,
+//! so the seeds and the targets are not there. A repository checkout always has them, and
+//! there a missing corpus or target still fails.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +29,22 @@ const FEATURE_TARGETS: &[(&str, bool)] = &[("webdis_reply", cfg!(feature = "webd
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+}
+
+/// Whether this is the unpacked published package without `fuzz/` (cargo writes
+/// `Cargo.toml.orig` into every package it makes, and a checkout has no such file). Prints why
+/// the test checks nothing; a checkout without `fuzz/` still fails.
+fn packaged_without_fuzz() -> bool {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let packaged = manifest_dir.join("Cargo.toml.orig").is_file() && !fuzz_dir().exists();
+    if packaged {
+        eprintln!(
+            "skipped: {} is a published package, which has no fuzz/ (a cargo package of its \
+             own, never packaged); the repository's tests replay the seeds",
+            manifest_dir.display()
+        );
+    }
+    packaged
 }
 
 /// The committed seeds of a target, sorted; panics if there are none, so a moved or emptied
@@ -51,6 +72,9 @@ fn seeds(target: &str) -> Vec<PathBuf> {
 }
 
 fn replay(target: &str) {
+    if packaged_without_fuzz() {
+        return;
+    }
     let Some(&(_, run)) = TARGETS.iter().find(|(name, _)| *name == target) else {
         panic!("{target} is not in TARGETS");
     };
@@ -88,6 +112,9 @@ fn webdis_reply_seeds() {
 /// Each target in `fuzz/fuzz_targets/` is replayed here, and each replayed target exists there.
 #[test]
 fn every_fuzz_target_is_replayed() {
+    if packaged_without_fuzz() {
+        return;
+    }
     let dir = fuzz_dir().join("fuzz_targets");
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{} unreadable: {e}", dir.display()))

@@ -8,9 +8,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::{Browser, Conn, new_key, serve};
 use hyper::StatusCode;
-use hyper_sessions::{
-    CreateOutcome, Key, MemoryStore, Record, SaveOutcome, SessionLayer, SessionStore,
-};
+use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore};
+use hyper_sessions::{MemoryStore, SessionLayer};
 
 #[allow(clippy::unused_async)] // the suite awaits every fixture
 async fn fixture() -> (MemoryStore, ()) {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{Browser, Conn, Observed, serve};
 use hyper::StatusCode;
-use hyper_sessions::{Expiry, Id, MemoryStore, SameSite, Session, SessionLayer, SessionStore};
+use hyper_sessions::store::SessionStore;
+use hyper_sessions::{Expiry, Id, MemoryStore, SameSite, Session, SessionLayer};
 
 fn observed() -> Observed<MemoryStore> {
     Observed::new(MemoryStore::default())
@@ -438,4 +439,82 @@ async fn endless_conflicts_give_up_with_an_error() {
     );
     store.always_conflict.store(false, Ordering::SeqCst);
     assert_eq!(b.get("/read").await.body, "1", "nothing was stored");
+}
+
+/// `get` never changes the session, a flash included; `take_flash` is the one read that
+/// consumes a flash, and it leaves plain values alone.
+#[tokio::test]
+async fn only_take_flash_consumes_a_flash() {
+    let server =
+        common::script::ScriptServer::start(&SessionLayer::new(MemoryStore::default())).await;
+    let mut b = Browser::new(server.addr).await;
+    assert_eq!(
+        b.get("/flash:m=hello/get:m/get:m").await.body,
+        "hello hello"
+    );
+    assert_eq!(
+        b.get("/get:m/take:m/take:m/get:m").await.body,
+        "hello hello - -"
+    );
+    assert_eq!(b.get("/set:p=1/take:p/get:p").await.body, "- 1");
+    assert_eq!(b.get("/get:p").await.body, "1");
+}
+
+/// `id` and `fingerprint` answer without a store round trip: the cookie's id before any load,
+/// the new id after `cycle_id`, nothing after `destroy`; the fingerprint is the start of the
+/// key's digest, never of the id.
+#[tokio::test]
+async fn the_id_and_fingerprint_need_no_store_round_trip() {
+    async fn handler(
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<hyper::Response<String>, std::convert::Infallible> {
+        let session = Session::from_request(&req).unwrap();
+        let before = session.id();
+        let fingerprint = session.fingerprint();
+        let body = match req.uri().path() {
+            "/new" => {
+                session.insert("a", &1).await.unwrap();
+                format!("{:?}", session.id().is_some())
+            }
+            "/cycle" => {
+                session.cycle_id().await.unwrap();
+                let after = session.id();
+                format!("{} {}", before != after, after.is_some())
+            }
+            "/destroy" => {
+                session.destroy().await.unwrap();
+                format!("{:?}", session.id())
+            }
+            _ => format!(
+                "{} {}",
+                before.map(|id| id.to_string()).unwrap_or_default(),
+                fingerprint.map(|f| f.to_string()).unwrap_or_default()
+            ),
+        };
+        Ok(hyper::Response::new(body))
+    }
+    let store = Observed::new(MemoryStore::default());
+    let layer = SessionLayer::new(store.clone());
+    let server = common::serve_service(layer.wrap(hyper::service::service_fn(handler))).await;
+    let mut b = Browser::new(server.addr).await;
+    assert_eq!(
+        b.get("/peek").await.body,
+        " ",
+        "no cookie, no session, no id"
+    );
+    assert_eq!(b.get("/new").await.body, "true");
+    let id = b.id().unwrap();
+    let loads = store.loads.load(Ordering::SeqCst);
+    let r = b.get("/peek").await;
+    assert_eq!(
+        store.loads.load(Ordering::SeqCst),
+        loads,
+        "id() loaded the session"
+    );
+    let fingerprint = hyper_sessions::store::Key::of(id).fingerprint().to_string();
+    assert_eq!(r.body, format!("{id} {fingerprint}"));
+    assert!(!id.to_string().replace('-', "").contains(&fingerprint));
+    assert_eq!(b.get("/cycle").await.body, "true true");
+    assert_ne!(b.id().unwrap(), id);
+    assert_eq!(b.get("/destroy").await.body, "None");
 }

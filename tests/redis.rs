@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::servers::{Monitor, RedisServer, ReplyDroppingProxy, client_commands};
 use common::{Browser, Conn, new_key, serve};
+use common::{ExpiresMs, record_at_ms, unix_ms};
 use hyper::StatusCode;
-use hyper_sessions::{Id, Key, Record, RedisStore, SaveOutcome, SessionLayer, SessionStore};
+use hyper_sessions::store::{Key, SaveOutcome, SessionStore};
+use hyper_sessions::{Id, RedisStore, SessionLayer};
 
 /// A fresh server per test (they start in a few milliseconds).
 async fn single_node() -> (RedisStore, RedisServer) {
@@ -431,7 +433,7 @@ async fn redis_crash_and_restart() {
 }
 
 fn now_ms() -> u64 {
-    hyper_sessions::unix_ms(std::time::SystemTime::now())
+    unix_ms(std::time::SystemTime::now())
 }
 
 /// The commands `store` sent among `seen`: those from its connection, found by sending a
@@ -473,7 +475,7 @@ async fn load_is_one_get_and_never_writes() {
     let created = now_ms() + 10_000;
     let data = bytes::Bytes::from_static(br#"{"d":{"n":1}}"#);
     store
-        .create(&Record::from_unix_ms(id, data.clone(), 3, created))
+        .create(&record_at_ms(id, data.clone(), 3, created))
         .await
         .unwrap();
     let mut monitor = Monitor::start(&server).await;
@@ -536,13 +538,13 @@ async fn conditional_touch_and_remove() {
     let created = now_ms() + 10_000;
     let data = bytes::Bytes::from_static(br#"{"d":{"n":1}}"#);
     store
-        .create(&Record::from_unix_ms(id, data.clone(), 3, created))
+        .create(&record_at_ms(id, data.clone(), 3, created))
         .await
         .unwrap();
     let value = server.cli(&["get", &key]).await;
     let mut monitor = Monitor::start(&server).await;
     let before = dirty(&server).await;
-    let at = |ms| hyper_sessions::from_unix_ms(ms);
+    let at = |ms| common::from_unix_ms(ms);
 
     // Touch, wrong versions: nothing moves, nothing is written.
     for wrong in [2, 4, 30, u64::MAX] {
@@ -629,12 +631,7 @@ async fn conditional_touch_and_remove() {
     // Expired: missing, not revived.
     let short = new_key();
     store
-        .create(&Record::from_unix_ms(
-            short,
-            data.clone(),
-            1,
-            now_ms() + 200,
-        ))
+        .create(&record_at_ms(short, data.clone(), 1, now_ms() + 200))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -678,7 +675,7 @@ async fn conditional_touch_and_remove() {
     // The scripts flushed from the cache (as after a restart): reloaded once, same answers.
     let id = new_key();
     store
-        .create(&Record::from_unix_ms(id, data.clone(), 1, created))
+        .create(&record_at_ms(id, data.clone(), 1, created))
         .await
         .unwrap();
     server.cli(&["script", "flush"]).await;
@@ -714,12 +711,12 @@ async fn conditional_touch_and_remove_on_a_cluster() {
         .open_cluster(cluster.urls())
         .await
         .unwrap();
-    let at = |ms| hyper_sessions::from_unix_ms(ms);
+    let at = |ms| common::from_unix_ms(ms);
     for _ in 0..20 {
         let id = new_key();
         let created = now_ms() + 10_000;
         store
-            .create(&Record::from_unix_ms(
+            .create(&record_at_ms(
                 id,
                 bytes::Bytes::from_static(b"{}"),
                 1,
@@ -769,14 +766,14 @@ async fn an_empty_script_cache_is_refilled_on_a_cluster() {
     };
     let id = new_key();
     let exp = now_ms() + 60_000;
-    let rec = |v: u64| Record::from_unix_ms(id, bytes::Bytes::from_static(b"{}"), v, exp);
+    let rec = |v: u64| record_at_ms(id, bytes::Bytes::from_static(b"{}"), v, exp);
     store.create(&rec(1)).await.unwrap();
     flush().await;
     assert_eq!(store.load(&id).await.unwrap().unwrap().version(), 1);
     flush().await;
     assert_eq!(store.save(&rec(2), 1).await.unwrap(), SaveOutcome::Saved);
     flush().await;
-    let later = hyper_sessions::from_unix_ms(exp + 1_000);
+    let later = common::from_unix_ms(exp + 1_000);
     assert_eq!(
         store.touch(&id, 2, later).await.unwrap(),
         SaveOutcome::Saved
@@ -888,7 +885,7 @@ async fn the_command_timeout_bounds_each_operation() {
         .await
         .unwrap();
     patient
-        .create(&Record::from_unix_ms(id, data, 1, now_ms() + 60_000))
+        .create(&record_at_ms(id, data, 1, now_ms() + 60_000))
         .await
         .unwrap();
     loads_are_bounded_by_the_command_timeout(&patient, &hasty, &id, server.port()).await;
@@ -1236,7 +1233,7 @@ async fn the_command_timeout_bounds_each_operation_on_a_cluster() {
         .await
         .unwrap();
     patient
-        .create(&Record::from_unix_ms(id, data, 1, now_ms() + 60_000))
+        .create(&record_at_ms(id, data, 1, now_ms() + 60_000))
         .await
         .unwrap();
     let node = cluster.master_of(0, &patient.key(&id)).await;
@@ -1270,15 +1267,10 @@ async fn min_replicas_ack_confirms_each_write_with_wait() {
     let data = bytes::Bytes::from_static(b"{}");
     let mut monitor = Monitor::start(&master).await;
     store
-        .create(&Record::from_unix_ms(
-            id,
-            data.clone(),
-            1,
-            now_ms() + 60_000,
-        ))
+        .create(&record_at_ms(id, data.clone(), 1, now_ms() + 60_000))
         .await
         .unwrap();
-    let rec = Record::from_unix_ms(id, data.clone(), 2, now_ms() + 60_000);
+    let rec = record_at_ms(id, data.clone(), 2, now_ms() + 60_000);
     assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Saved);
     assert!(store.load(&id).await.unwrap().is_some());
     let sent = client_commands(&monitor.take().await);
@@ -1291,7 +1283,7 @@ async fn min_replicas_ack_confirms_each_write_with_wait() {
     assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Conflict);
 
     replica.kill();
-    let rec = Record::from_unix_ms(id, data, 3, now_ms() + 60_000);
+    let rec = record_at_ms(id, data, 3, now_ms() + 60_000);
     let err = store.save(&rec, 2).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     let cause = std::error::Error::source(&err).map(ToString::to_string);

@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use common::{ExpiresMs, record_at_ms, unix_ms};
 use hyper::StatusCode;
-use hyper_sessions::{
-    CreateOutcome, Key, Record, SaveOutcome, SessionLayer, SessionStore, SqliteStore,
-    StoreErrorKind,
+use hyper_sessions::store::{
+    CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreErrorKind,
 };
+use hyper_sessions::{SessionLayer, SqliteStore};
 
 use common::{Browser, Conn, new_key, serve};
 
@@ -492,7 +493,7 @@ async fn corrupt_rows_are_reported_and_start_a_fresh_session() {
     let store = SqliteStore::open(dir.db()).await.unwrap();
     let server = serve(&SessionLayer::new(store.clone())).await;
     let c = raw(&dir.db());
-    let far = i64::try_from(hyper_sessions::unix_ms(in_ms(3_600_000))).unwrap();
+    let far = i64::try_from(unix_ms(in_ms(3_600_000))).unwrap();
     let cases: [(&str, &str); 4] = [
         (
             "version",
@@ -630,7 +631,7 @@ async fn saves_with_the_same_and_a_new_expiry() {
     let now = u64::try_from(now.as_millis()).unwrap();
     let (e1, e2) = (now + 60_000, now + 90_000);
     let id = new_key();
-    let at = |v, d: &str, e| Record::from_unix_ms(id, ms(d), v, e);
+    let at = |v, d: &str, e| record_at_ms(id, ms(d), v, e);
     assert_eq!(
         store.create(&at(1, "a", e1)).await.unwrap(),
         CreateOutcome::Created
@@ -689,7 +690,7 @@ async fn saves_with_the_same_and_a_new_expiry() {
         store.save(&at(5, "e", e1), 4).await.unwrap(),
         SaveOutcome::Missing
     );
-    let other = Record::from_unix_ms(new_key(), ms("z"), 2, e1);
+    let other = record_at_ms(new_key(), ms("z"), 2, e1);
     assert_eq!(store.save(&other, 1).await.unwrap(), SaveOutcome::Missing);
 }
 
@@ -706,7 +707,7 @@ fn stored_row(c: &rusqlite::Connection, key: Key) -> Option<(Vec<u8>, i64, i64)>
 }
 
 fn now_unix_ms() -> u64 {
-    hyper_sessions::unix_ms(SystemTime::now())
+    unix_ms(SystemTime::now())
 }
 
 /// `touch` and `remove` are compare-and-sets on the version: the right version changes the row
@@ -720,7 +721,7 @@ async fn conditional_touch_and_remove() {
     let now = now_unix_ms();
     let (e1, e2, e3) = (now + 60_000, now + 90_000, now + 30_000);
     let id = new_key();
-    let at = |v, d: &str, e| Record::from_unix_ms(id, Bytes::from(d.to_owned()), v, e);
+    let at = |v, d: &str, e| record_at_ms(id, Bytes::from(d.to_owned()), v, e);
     store.create(&at(1, "a", e1)).await.unwrap();
 
     // The right version: the expiry moves (later, then earlier), data and version stay.
@@ -801,7 +802,7 @@ async fn conditional_touch_and_remove() {
     // An expired row (not yet cleaned up) is missing, for the right version and any other: the
     // touch does not revive it, and the remove leaves it to the cleanup.
     let old = new_key();
-    let expired = Record::from_unix_ms(old, Bytes::from_static(b"x"), 3, now + 60_000);
+    let expired = record_at_ms(old, Bytes::from_static(b"x"), 3, now + 60_000);
     store.create(&expired).await.unwrap();
     c.execute(
         "UPDATE sessions SET expires_at = ?2 WHERE id = ?1",
@@ -837,7 +838,7 @@ async fn conditional_touch_and_remove_in_memory() {
     assert_eq!(store.remove(&id, 0).await.unwrap(), SaveOutcome::Conflict);
     let back = store.load(&id).await.unwrap().unwrap();
     assert_eq!(back.version(), 1);
-    assert!(back.expires_at_unix_ms() < hyper_sessions::unix_ms(later));
+    assert!(back.expires_at_unix_ms() < unix_ms(later));
     assert_eq!(
         store.touch(&id, 1, later).await.unwrap(),
         SaveOutcome::Saved
@@ -845,7 +846,7 @@ async fn conditional_touch_and_remove_in_memory() {
     let back = store.load(&id).await.unwrap().unwrap();
     assert_eq!(
         (back.version(), back.data(), back.expires_at_unix_ms()),
-        (1, &Bytes::from("a"), hyper_sessions::unix_ms(later))
+        (1, &Bytes::from("a"), unix_ms(later))
     );
     assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Saved);
     assert!(store.load(&id).await.unwrap().is_none());
@@ -871,12 +872,7 @@ async fn touch_and_remove_never_undo_a_newer_version() {
         let id = new_key();
         let data = |v: &str| Bytes::from(v.to_owned());
         store
-            .create(&Record::from_unix_ms(
-                id,
-                data("v1"),
-                1,
-                saved_expiry - 1000,
-            ))
+            .create(&record_at_ms(id, data("v1"), 1, saved_expiry - 1000))
             .await
             .unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -886,7 +882,7 @@ async fn touch_and_remove_never_undo_a_newer_version() {
         let blocker =
             tokio::spawn(async move { s0.create(&record(new_key(), "b", in_ms(60_000))).await });
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let next = Record::from_unix_ms(id, data("v2"), 2, saved_expiry);
+        let next = record_at_ms(id, data("v2"), 2, saved_expiry);
         let (s1, s2) = (store.clone(), store.clone());
         // Alternate which one is queued first.
         let (save, change) = if round % 2 == 0 {

@@ -270,6 +270,50 @@ async fn extractor_on_a_route_added_after_the_layer() {
     assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
 
+/// A handler can answer a session error with `?`: 503 for an unavailable store, 500 for the
+/// rest, an empty body either way, and the layer still never drops the cookie on an outage.
+#[tokio::test]
+async fn handlers_answer_session_errors_with_question_mark() {
+    async fn read(session: Session) -> Result<String, hyper_sessions::Error> {
+        Ok(session.get::<u64>("n").await?.unwrap_or(0).to_string())
+    }
+    async fn count(session: Session) -> Result<String, hyper_sessions::Error> {
+        let n = session
+            .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+            .await?;
+        Ok(n.to_string())
+    }
+    async fn big(session: Session) -> Result<String, hyper_sessions::Error> {
+        session
+            .update("big", |_: Option<String>| "x".repeat(10_000))
+            .await?;
+        Ok("stored".to_owned())
+    }
+    let store = Observed::new(MemoryStore::default());
+    let layer = SessionLayer::builder(store.clone())
+        .max_record_bytes(1_000)
+        .build()
+        .unwrap();
+    let router = axum::Router::new()
+        .route("/read", axum::routing::get(read))
+        .route("/count", axum::routing::get(count))
+        .route("/big", axum::routing::get(big))
+        .layer(layer);
+    let server = common::serve_axum(router).await;
+    let mut b = Browser::new(server.addr).await;
+    assert_eq!(b.get("/count").await.body, "1");
+    let r = b.get("/big").await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "too large");
+    assert!(r.body.is_empty());
+    store.down.store(true, Ordering::SeqCst);
+    let r = b.get("/read").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "store down");
+    assert!(r.body.is_empty());
+    assert!(r.set_cookies().is_empty(), "an outage dropped the cookie");
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(b.get("/read").await.body, "1");
+}
+
 // ---- readiness ----
 
 /// The inner service admits one request at a time (`ConcurrencyLimit`): `poll_ready` must wait

@@ -15,10 +15,10 @@ use common::servers::{
     client_commands,
 };
 use common::{Browser, Conn, new_key, serve};
+use common::{ExpiresMs, record_at_ms, unix_ms};
 use hyper::StatusCode;
-use hyper_sessions::{
-    CreateOutcome, Id, Key, Record, SaveOutcome, SessionLayer, SessionStore, WebdisStore,
-};
+use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore};
+use hyper_sessions::{Id, SessionLayer, WebdisStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Redis and the Webdis in front of it, stopped when dropped.
@@ -328,7 +328,7 @@ async fn values_cannot_inject_commands() {
         let next = Record::new(id, rec.data().clone(), 2, rec.expires_at());
         assert_eq!(
             store.save(&next, 1).await.unwrap(),
-            hyper_sessions::SaveOutcome::Saved
+            hyper_sessions::store::SaveOutcome::Saved
         );
         ids.push(id);
     }
@@ -699,7 +699,7 @@ async fn server_expiry(redis: &RedisServer, key: &str) -> u64 {
 }
 
 fn now_ms() -> u64 {
-    hyper_sessions::unix_ms(SystemTime::now())
+    unix_ms(SystemTime::now())
 }
 
 /// `touch` and `remove` through Webdis: one request each, the change only on the expected
@@ -708,13 +708,13 @@ fn now_ms() -> u64 {
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn conditional_touch_and_remove() {
     let (store, mut s) = plain_fixture().await;
-    let at = hyper_sessions::from_unix_ms;
+    let at = common::from_unix_ms;
     let id = new_key();
     let key = store.key(&id);
     let created = now_ms() + 10_000;
     let data = Bytes::from_static(br#"{"d":{"n":1}}"#);
     store
-        .create(&Record::from_unix_ms(id, data.clone(), 3, created))
+        .create(&record_at_ms(id, data.clone(), 3, created))
         .await
         .unwrap();
     let value = s.redis.cli(&["get", &key]).await;
@@ -787,12 +787,7 @@ async fn conditional_touch_and_remove() {
     // Expired: missing, not revived.
     let short = new_key();
     store
-        .create(&Record::from_unix_ms(
-            short,
-            data.clone(),
-            1,
-            now_ms() + 200,
-        ))
+        .create(&record_at_ms(short, data.clone(), 1, now_ms() + 200))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -818,7 +813,7 @@ async fn conditional_touch_and_remove() {
     // Redis's script cache emptied: one EVAL each, same answers.
     let id = new_key();
     store
-        .create(&Record::from_unix_ms(id, data.clone(), 1, created))
+        .create(&record_at_ms(id, data.clone(), 1, created))
         .await
         .unwrap();
     s.redis.cli(&["script", "flush"]).await;

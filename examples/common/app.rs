@@ -180,11 +180,27 @@ async fn spec_endpoint(session: &Session, spec: Spec) -> Result<Response<Body>, 
     }
 }
 
+/// `/sleep/{ms}/{path}` split into `ms` and `/{path}` (the rest still percent-encoded: the
+/// endpoint it names decodes its own key and value).
+fn sleep_then(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/sleep/")?;
+    let slash = rest.find('/')?;
+    Some(rest.split_at(slash))
+}
+
 async fn extras(
     session: &Session,
     path: &str,
     query: Option<&str>,
 ) -> Result<Response<Body>, Error> {
+    if let Some((ms, then)) = sleep_then(path) {
+        // Load first (one store read), so that the sleep holds a loaded session open while
+        // other requests on it commit; then serve `then` as its own request would be served.
+        session.contains("count").await?;
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        // Boxed: `respond` comes back here, and a recursive future needs a known size.
+        return Ok(Box::pin(respond(session, then, query)).await);
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     Ok(match segments.as_slice() {
         // `handle` answers it before taking the session; `respond` comes here.
@@ -195,10 +211,8 @@ async fn extras(
                 .await?;
             ok("ok")
         }
-        ["get", key] => match session
-            .get::<serde_json::Value>(&percent_decode(key))
-            .await?
-        {
+        // A flash is read once: taken when the key holds one.
+        ["get", key] => match take_or_get(session, &percent_decode(key)).await? {
             Some(serde_json::Value::String(s)) => ok(s),
             Some(v) => ok(v.to_string()),
             None => text(StatusCode::NOT_FOUND, Bytes::new()),
@@ -232,11 +246,11 @@ async fn extras(
             session.destroy().await?;
             ok("ok")
         }
-        ["id"] => ok(session
-            .id()
-            .await?
-            .map(|id| id.to_string())
-            .unwrap_or_default()),
+        ["id"] => {
+            // Loaded first, so that a cookie naming no live session answers no id.
+            session.contains("").await?;
+            ok(session.id().map(|id| id.to_string()).unwrap_or_default())
+        }
         ["remember", secs] => {
             let secs = secs.parse().unwrap_or(60);
             session
@@ -244,13 +258,27 @@ async fn extras(
                 .await?;
             ok("ok")
         }
-        ["sleep", ms, "set", key] => {
-            // Load first, so the sleep holds a loaded session open while others save.
-            session.contains("count").await?;
-            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-            session.insert(&percent_decode(key), "1").await?;
-            ok("ok")
-        }
         _ => text(StatusCode::NOT_FOUND, Bytes::new()),
     })
+}
+
+/// The app as an axum `Router` behind `layer`: `/untouched` takes no session (as the peers'
+/// servers do), every other path goes to [`respond`] through the `Session` extractor.
+#[cfg(feature = "axum")]
+pub fn axum_router(layer: &hyper_sessions::SessionLayer) -> axum::Router {
+    async fn handler(session: Session, uri: hyper::Uri) -> Response<Body> {
+        respond(&session, uri.path(), uri.query()).await
+    }
+    axum::Router::new()
+        .route("/untouched", axum::routing::get(|| async { "ok" }))
+        .fallback(handler)
+        .layer(layer.clone())
+}
+
+/// The flash under `key`, consumed, or else the plain value under it.
+async fn take_or_get(session: &Session, key: &str) -> Result<Option<serde_json::Value>, Error> {
+    match session.take_flash(key).await? {
+        Some(flash) => Ok(Some(flash)),
+        None => session.get(key).await,
+    }
 }

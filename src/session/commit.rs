@@ -7,6 +7,7 @@ use super::state::{Plan, Vanished};
 use crate::error::{Error, Kind};
 use crate::record::{from_unix_ms, unix_ms};
 use crate::store::{CreateOutcome, SaveOutcome};
+use crate::trace::{event, op};
 
 impl Session {
     /// Saves what changed, as the layer does after the response (and `update` at once).
@@ -21,31 +22,38 @@ impl Session {
         let store = self.store();
         let mut conflicts = 0;
         loop {
+            let attempt = conflicts + 1;
             let now = unix_ms(SystemTime::now());
             let plan = self.state().plan(config, now)?;
             let outcome = match &plan {
                 Plan::Nothing => return Ok(()),
-                Plan::Create { record, .. } => match store.create(record).await? {
-                    CreateOutcome::Created => SaveOutcome::Saved,
-                    CreateOutcome::IdTaken => {
-                        log::warn!("hyper-sessions: new session id collided; drawing another");
-                        self.state().id_taken();
-                        continue;
+                Plan::Create { record, .. } => {
+                    match op(store, "create", attempt, store.create(record)).await? {
+                        CreateOutcome::Created => SaveOutcome::Saved,
+                        CreateOutcome::IdTaken => {
+                            event!(
+                                warn,
+                                "hyper-sessions: new session id collided; drawing another"
+                            );
+                            self.state().id_taken();
+                            continue;
+                        }
                     }
-                },
+                }
                 Plan::Save {
                     record, expected, ..
-                } => store.save(record, *expected).await?,
+                } => op(store, "save", attempt, store.save(record, *expected)).await?,
                 Plan::Touch {
                     id,
                     expected,
                     expires_ms,
                 } => {
-                    store
-                        .touch(&id.key, *expected, from_unix_ms(*expires_ms))
-                        .await?
+                    let touch = store.touch(&id.key, *expected, from_unix_ms(*expires_ms));
+                    op(store, "touch", attempt, touch).await?
                 }
-                Plan::Remove { id, expected, .. } => store.remove(&id.key, *expected).await?,
+                Plan::Remove { id, expected, .. } => {
+                    op(store, "remove", attempt, store.remove(&id.key, *expected)).await?
+                }
             };
             match outcome {
                 SaveOutcome::Saved => self.state().done(&plan, config, now),
@@ -65,7 +73,8 @@ impl Session {
                     let Some(source) = self.state().conflict_source() else {
                         continue;
                     };
-                    let fresh = store.load(&source.key).await?;
+                    // The reload prepares the next attempt.
+                    let fresh = op(store, "load", conflicts + 1, store.load(&source.key)).await?;
                     let now = unix_ms(SystemTime::now());
                     let rebased = self.state().rebase(fresh, config, now)?;
                     if let Some(vanished) = rebased {
@@ -83,7 +92,8 @@ impl Session {
             Vanished::Gone => Err(Error::new(Kind::Gone)),
             Vanished::GoneAfterDeleting(id) => {
                 // The copy a cycle made of a session destroyed meanwhile must not outlive it.
-                self.store().delete(&id.key).await?;
+                let store = self.store();
+                op(store, "delete", 1, store.delete(&id.key)).await?;
                 Err(Error::new(Kind::Gone))
             }
         }

@@ -22,9 +22,10 @@ use crate::config::{Config, Expiry};
 use crate::cookie::{CookieAction, CookieLookup};
 use crate::error::{Chain, Error, Kind};
 use crate::id::Id;
-use crate::key::IdKey;
+use crate::key::{Fingerprint, IdKey};
 use crate::record::{Record, unix_ms};
-use crate::store::{Call, DynStore};
+use crate::store::DynStore;
+use crate::trace::{Op, event, op};
 
 /// What every request of one layer shares: the store and the configuration.
 pub(crate) struct Shared {
@@ -85,7 +86,7 @@ struct Load<'a> {
     session: &'a Session,
     /// What is loaded: the cookie's session (none without one).
     id: Option<IdKey>,
-    store: Option<Call<'a, Option<Record>>>,
+    store: Option<Op<'a, Option<Record>>>,
     now_ms: u64,
 }
 
@@ -107,7 +108,8 @@ impl Future for Load<'_> {
         let record = match answer {
             Ok(record) => record,
             Err(e) if e.is_corrupt() => {
-                log::error!(
+                event!(
+                    error,
                     "hyper-sessions: ignoring unreadable session record: {}; starting a fresh session",
                     Chain(&e)
                 );
@@ -208,19 +210,20 @@ impl Session {
         Load {
             session: self,
             id: id.copied(),
-            store: id.map(|id| self.store().load(&id.key)),
+            store: id.map(|id| {
+                let store = self.store();
+                op(store, "load", 1, store.load(&id.key))
+            }),
             now_ms,
         }
     }
 
-    /// The value under `key`, deserialized as `T`, or `None` if there is none.
-    ///
-    /// A value stored with [`flash`](Session::flash) is removed by this read: it is returned
-    /// once, then gone.
+    /// The value under `key`, deserialized as `T`, or `None` if there is none. It never changes
+    /// the session: a [`flash`](Session::flash) value is returned too, and stays (read it with
+    /// [`take_flash`](Session::take_flash) to consume it).
     ///
     /// # Errors
-    /// A store error while loading, or [`Error::is_serde`] when the value is not a `T` (a flash
-    /// value is then kept).
+    /// A store error while loading, or [`Error::is_serde`] when the value is not a `T`.
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     pub fn get<T: DeserializeOwned>(
         &self,
@@ -230,17 +233,38 @@ impl Session {
         // handlers keep this future (inside their own) across their awaits.
         async move {
             self.ready().await?;
-            let mut st = self.state();
+            let st = self.state();
             let Some(raw) = st.data.get_bytes(key) else {
                 return Ok(None);
             };
+            serde_json::from_slice(raw).map(Some).map_err(serde_error)
+        }
+    }
+
+    /// The [`flash`](Session::flash) value under `key`, removed by this read: a flash is read
+    /// once, here, then gone (the removal is saved with the request's other changes; a flash
+    /// stored again meanwhile by another request is kept). `None` if there is no flash under
+    /// `key`, also when the key holds a plain value (which is left alone).
+    ///
+    /// # Errors
+    /// A store error while loading, or [`Error::is_serde`] when the value is not a `T` (the
+    /// flash is then kept).
+    #[allow(clippy::manual_async_fn)] // as for `get`
+    pub fn take_flash<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<T>, Error>> + Send {
+        async move {
+            self.ready().await?;
+            let mut st = self.state();
+            let Some(raw) = st.data.get_bytes(key).filter(|_| st.data.is_flash(key)) else {
+                return Ok(None);
+            };
             let value = serde_json::from_slice(raw).map_err(serde_error)?;
-            if st.data.is_flash(key) {
-                // The flash read, as it was read: a replay removes this one only.
-                let read = String::from_utf8_lossy(raw).into();
-                st.data.remove(key);
-                st.push(Change::TakeFlash(key.into(), read));
-            }
+            // The flash read, as it was read: a replay removes this one only.
+            let read = String::from_utf8_lossy(raw).into();
+            st.data.remove(key);
+            st.push(Change::TakeFlash(key.into(), read));
             Ok(Some(value))
         }
     }
@@ -259,8 +283,8 @@ impl Session {
         self.write(key, to_json(value), false)
     }
 
-    /// Stores a flash value: the next [`get`](Session::get) of `key`, in this request or a
-    /// later one (after a redirect, say), returns it and removes it.
+    /// Stores a flash value: the next [`take_flash`](Session::take_flash) of `key`, in this
+    /// request or a later one (after a redirect, say), returns it and removes it.
     ///
     /// # Errors
     /// As for [`insert`](Session::insert).
@@ -320,7 +344,7 @@ impl Session {
         Ok(existed)
     }
 
-    /// Whether there is a value under `key` (a flash is not consumed by this).
+    /// Whether there is a value under `key`, a flash included (which stays).
     ///
     /// # Errors
     /// A store error while loading.
@@ -425,7 +449,8 @@ impl Session {
             }
         };
         for id in [targets.0, targets.1].into_iter().flatten() {
-            self.store().delete(&id.key).await?;
+            let store = self.store();
+            op(store, "delete", 1, store.delete(&id.key)).await?;
         }
         self.state().destroyed(self.client_sent_cookie());
         Ok(())
@@ -446,25 +471,45 @@ impl Session {
         Ok(())
     }
 
-    /// The session's id: the id it is stored under, or will be once saved (after
-    /// [`cycle_id`](Session::cycle_id), the new one). `None` for a new session that holds
-    /// nothing yet, and after [`destroy`](Session::destroy).
+    /// The session's id, as far as this request knows without asking the store: after a load,
+    /// the id the session is stored under, or will be once saved (after
+    /// [`cycle_id`](Session::cycle_id), the new one; for a new session that holds data, the id it
+    /// will be created under); before any load, the id the cookie names, which the store may
+    /// not hold (a later read can find the session gone and start a fresh one). `None` when
+    /// there is no session to name: no cookie and nothing stored yet, or after
+    /// [`destroy`](Session::destroy).
     ///
-    /// # Errors
-    /// A store error while loading.
-    pub async fn id(&self) -> Result<Option<Id>, Error> {
-        self.ready().await?;
+    /// The id is the cookie's bearer secret: never log it. Log the
+    /// [`fingerprint`](Session::fingerprint).
+    pub fn id(&self) -> Option<Id> {
+        self.current().map(|id| id.id)
+    }
+
+    /// A short, log-safe name of the session (see [`Key::fingerprint`](crate::store::Key::fingerprint)):
+    /// the first 8 hex digits of the digest of [`id`](Session::id), never part of the id
+    /// itself. Use it to correlate an application's logs with a session.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        self.current().map(|id| id.key.fingerprint())
+    }
+
+    /// The id and key behind [`id`](Session::id).
+    fn current(&self) -> Option<IdKey> {
         let mut st = self.state();
+        match st.phase {
+            Phase::Destroyed => return None,
+            Phase::Unloaded => return self.cookie_id().copied(),
+            Phase::Live | Phase::Failed => {}
+        }
         if let Some(id) = st.new_id {
-            return Ok(Some(id.id));
+            return Some(id);
         }
         if let Some(stored) = st.stored {
-            return Ok(Some(stored.id.id));
+            return Some(stored.id);
         }
         if st.data.is_empty() {
-            return Ok(None);
+            return None;
         }
-        Ok(Some(st.new_id.get_or_insert_with(IdKey::random).id))
+        Some(*st.new_id.get_or_insert_with(IdKey::random))
     }
 
     /// Sets this session's own expiry policy, kept with the session (for "remember me", say):

@@ -580,7 +580,8 @@ fn live_record(
     let data = match SessionData::decode(record.data(), config.max_record_bytes) {
         Ok(data) => data,
         Err(e) => {
-            log::error!(
+            crate::trace::event!(
+                error,
                 "hyper-sessions: ignoring unreadable session record (version {}): {}; \
                  starting a fresh session",
                 record.version(),

@@ -1,13 +1,17 @@
-//! The store contract ([`SessionStore`]) and the stores that ship with the crate.
+//! For store authors: the contract every store implements ([`SessionStore`]) and what it deals
+//! in ([`Record`], [`Key`], the outcomes, [`StoreError`]).
+//!
+//! The stores that ship with the crate are at its root ([`MemoryStore`](crate::MemoryStore)
+//! and, with their features, `RedisStore`, `WebdisStore` and `SqliteStore`).
 
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
-use crate::error::StoreError;
-use crate::key::Key;
-use crate::record::Record;
+pub use crate::error::{StoreError, StoreErrorKind};
+pub use crate::key::Key;
+pub use crate::record::Record;
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
@@ -93,7 +97,7 @@ pub enum SaveOutcome {
 /// use std::sync::{Arc, Mutex};
 /// use std::time::SystemTime;
 ///
-/// use hyper_sessions::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
+/// use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
 ///
 /// #[derive(Clone, Default)]
 /// struct MapStore(Arc<Mutex<HashMap<Key, Record>>>);
@@ -269,6 +273,9 @@ where
 
 /// The object-safe twin of [`SessionStore`], so that `Session` need not be generic.
 pub(crate) trait DynStore: Send + Sync + 'static {
+    /// The store's short type name, for spans.
+    #[cfg(feature = "tracing")]
+    fn name(&self) -> &'static str;
     fn load<'a>(&'a self, key: &'a Key) -> Call<'a, Option<Record>>;
     fn create<'a>(&'a self, record: &'a Record) -> Call<'a, CreateOutcome>;
     fn save<'a>(&'a self, record: &'a Record, expected: u64) -> Call<'a, SaveOutcome>;
@@ -283,6 +290,10 @@ pub(crate) trait DynStore: Send + Sync + 'static {
 }
 
 impl<S: SessionStore> DynStore for S {
+    #[cfg(feature = "tracing")]
+    fn name(&self) -> &'static str {
+        crate::trace::store_name(std::any::type_name::<S>())
+    }
     fn load<'a>(&'a self, key: &'a Key) -> Call<'a, Option<Record>> {
         call(S::NEVER_WAITS, SessionStore::load(self, key))
     }

@@ -94,7 +94,7 @@ const MAX_TABLE_NAME: usize = 64;
 /// ```no_run
 /// use hyper_sessions::{SessionLayer, SqliteStore};
 ///
-/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
 /// let store = SqliteStore::open("sessions.db").await?;
 /// let layer = SessionLayer::new(store);
 /// # let _ = layer;
@@ -288,7 +288,7 @@ enum Location {
 /// use std::time::Duration;
 /// use hyper_sessions::SqliteStore;
 ///
-/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
 /// let store = SqliteStore::builder("/var/lib/myapp/sessions.db")
 ///     .table("web_sessions")
 ///     .busy_timeout(Duration::from_secs(2))
@@ -445,14 +445,14 @@ impl SqliteStoreBuilder {
             }),
         };
         if let Some(interval) = self.cleanup_interval {
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn(clean_forever(Arc::downgrade(&store.inner), interval));
-                }
-                Err(_) => log::warn!(
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(clean_forever(Arc::downgrade(&store.inner), interval));
+            } else {
+                crate::trace::event!(
+                    warn,
                     "hyper-sessions: SqliteStore opened outside a tokio runtime; no cleanup task \
                      (call delete_expired yourself)"
-                ),
+                );
             }
         }
         Ok(store)
@@ -620,7 +620,8 @@ fn setup(
         let mode: String = c.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         wal = mode.eq_ignore_ascii_case("wal");
         if !wal {
-            log::warn!(
+            crate::trace::event!(
+                warn,
                 "hyper-sessions: SQLite kept journal_mode={mode} (WAL unavailable); loads run \
                  on the writer's connection"
             );
@@ -759,7 +760,7 @@ impl SqliteStore {
     /// # Examples
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), hyper_sessions::StoreError> {
+    /// # async fn main() -> Result<(), hyper_sessions::store::StoreError> {
     /// let store = hyper_sessions::SqliteStore::open_in_memory().await?;
     /// assert_eq!(store.delete_expired().await?, 0);
     /// # Ok(())
@@ -960,9 +961,12 @@ async fn clean_forever(store: Weak<Inner>, interval: Duration) {
         ticker.tick().await;
         let Some(inner) = store.upgrade() else { return };
         match delete_expired(&inner).await {
-            Ok(n) if n > 0 => log::debug!("hyper-sessions: deleted {n} expired SQLite sessions"),
+            Ok(n) if n > 0 => {
+                crate::trace::event!(debug, "hyper-sessions: deleted {n} expired SQLite sessions");
+            }
             Ok(_) => {}
-            Err(e) => log::warn!(
+            Err(e) => crate::trace::event!(
+                warn,
                 "hyper-sessions: cleaning expired sessions failed: {}",
                 crate::error::Chain(&e)
             ),
@@ -1090,10 +1094,10 @@ impl SessionStore for SqliteStore {
         let expected = i64::try_from(expected_version).ok();
         let expires = ms(expires_at);
         write(&self.inner, "touch", move |s| {
-            if let Some(expected) = expected {
-                if s.touch.execute(params![key, expires, expected])? > 0 {
-                    return Ok(SaveOutcome::Saved);
-                }
+            if let Some(expected) = expected
+                && s.touch.execute(params![key, expires, expected])? > 0
+            {
+                return Ok(SaveOutcome::Saved);
             }
             not_written(s, &key)
         })
@@ -1104,10 +1108,10 @@ impl SessionStore for SqliteStore {
         let key = key.to_bytes();
         let expected = i64::try_from(expected_version).ok();
         write(&self.inner, "remove", move |s| {
-            if let Some(expected) = expected {
-                if s.remove.execute(params![key, expected])? > 0 {
-                    return Ok(SaveOutcome::Saved);
-                }
+            if let Some(expected) = expected
+                && s.remove.execute(params![key, expected])? > 0
+            {
+                return Ok(SaveOutcome::Saved);
             }
             not_written(s, &key)
         })

@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use super::new_key;
+use super::{ExpiresMs, unix_ms};
 use bytes::Bytes;
 use hyper::StatusCode;
-use hyper_sessions::{
-    CreateOutcome, Expiry, Id, Key, Record, SaveOutcome, SessionLayer, SessionStore, unix_ms,
-};
+use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore};
+use hyper_sessions::{Expiry, Id, SessionLayer};
 
 // The suite's other half; unused by the test binaries that do not run the suite.
 #[allow(unused_imports)]

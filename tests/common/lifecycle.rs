@@ -4,8 +4,10 @@
 
 use std::time::{Duration, SystemTime};
 
+use super::{ExpiresMs, unix_ms};
 use hyper::StatusCode;
-use hyper_sessions::{Expiry, Key, SessionLayer, SessionStore, unix_ms};
+use hyper_sessions::store::{Key, SessionStore};
+use hyper_sessions::{Expiry, SessionLayer};
 
 use super::script::ScriptServer;
 use super::{Browser, Observed};
@@ -170,16 +172,16 @@ pub async fn replayed_flash_read_keeps_a_newer_flash<S: SessionStore + Clone>(st
     let mut browser = Browser::new(server.addr).await;
     browser.get("/flash:msg=old").await;
     let cookie = cookie(&browser);
-    let (a, b) = server.race(&cookie, "/get:msg", "/flash:msg=new").await;
+    let (a, b) = server.race(&cookie, "/take:msg", "/flash:msg=new").await;
     assert_eq!(b.status, StatusCode::OK);
     assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "old"));
     assert_eq!(
-        browser.get("/get:msg").await.body,
+        browser.get("/take:msg").await.body,
         "new",
         "a newer flash was eaten"
     );
     assert_eq!(
-        browser.get("/get:msg").await.body,
+        browser.get("/take:msg").await.body,
         "-",
         "a flash was read twice"
     );

@@ -21,9 +21,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{COOKIE, SET_COOKIE};
 use hyper::{Request, StatusCode};
-use hyper_sessions::{
-    CreateOutcome, Id, Key, Record, SaveOutcome, SessionLayer, SessionStore, StoreError,
-};
+use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
+use hyper_sessions::{Id, SessionLayer};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -93,20 +92,10 @@ pub async fn serve_on(stack: Stack, layer: &SessionLayer) -> TestServer {
     }
 }
 
-/// The example app as an axum `Router`: every path goes to a handler that takes the `Session`
-/// extractor, behind `layer`.
+/// The example app as an axum `Router` (`app::axum_router`), plus `/__stack` naming the stack.
 #[cfg(feature = "axum")]
 pub fn axum_router(layer: &SessionLayer) -> axum::Router {
-    async fn handler(
-        session: hyper_sessions::Session,
-        uri: hyper::Uri,
-    ) -> hyper::Response<app::Body> {
-        app::respond(&session, uri.path(), uri.query()).await
-    }
-    axum::Router::new()
-        .route("/__stack", axum::routing::get(|| async { "axum" }))
-        .fallback(handler)
-        .layer(layer.clone())
+    app::axum_router(layer).route("/__stack", axum::routing::get(|| async { "axum" }))
 }
 
 /// Serves an axum router with `axum::serve` on a free loopback port.
@@ -331,6 +320,33 @@ impl Browser {
     /// The store key of the session the cookie names.
     pub fn key(&self) -> Option<Key> {
         self.id().map(Key::of)
+    }
+}
+
+/// Milliseconds since the Unix epoch: the tests' clock arithmetic (stores keep expiries so).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap()
+}
+
+/// The instant `ms` milliseconds after the Unix epoch.
+pub fn from_unix_ms(ms: u64) -> SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+}
+
+/// A record whose expiry is given in milliseconds since the Unix epoch.
+pub fn record_at_ms(key: Key, data: Bytes, version: u64, expires_ms: u64) -> Record {
+    Record::new(key, data, version, from_unix_ms(expires_ms))
+}
+
+/// A record's expiry in milliseconds since the Unix epoch.
+pub trait ExpiresMs {
+    fn expires_at_unix_ms(&self) -> u64;
+}
+
+impl ExpiresMs for Record {
+    fn expires_at_unix_ms(&self) -> u64 {
+        unix_ms(self.expires_at())
     }
 }
 

@@ -17,9 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use hyper::StatusCode;
-use hyper_sessions::{
-    CreateOutcome, Expiry, Key, Record, SaveOutcome, SessionLayer, SessionStore, StoreError,
-};
+use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
+use hyper_sessions::{Expiry, SessionLayer};
 use serde_json::Value;
 
 use super::Conn;
@@ -387,7 +386,7 @@ fn random_step(rng: &mut Rng, unique: &mut u64) -> String {
         32..40 => format!("remove:k{k}"),
         40..58 => "incr:n".to_owned(),
         58..68 => format!("flash:f{f}=m{unique}"),
-        68..78 => format!("get:f{f}"),
+        68..78 => format!("take:f{f}"),
         78..82 => "clear".to_owned(),
         82..87 => format!("inactive:{}", 100_000 + rng.below(1000)),
         87..90 => "reset".to_owned(),

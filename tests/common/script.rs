@@ -2,7 +2,8 @@
 //! held between its load and its commit while others run, and released when the test says.
 //!
 //! A path is a list of steps, `/get:a/set:b=1/park:A/...`:
-//! `get:k` (answers the value or `-`), `set:k=v`, `flash:k=v`, `remove:k`, `clear`, `incr:k`
+//! `get:k` (answers the value or `-`), `take:k` (`take_flash`: the flash or `-`), `set:k=v`,
+//! `flash:k=v`, `remove:k`, `clear`, `incr:k`
 //! (an `update` adding one; answers the new value), `inactive:ms` / `browser:ms` (the
 //! session's own expiry: `OnInactivity` / `OnSessionEnd`), `reset` (`reset_expiry`), `cycle`,
 //! `destroy`, `keys` (answers them, comma-separated), `id` (answers the id or `-`), `sleep:ms`
@@ -173,8 +174,11 @@ async fn step_once(
     match verb {
         "get" => {
             let value = session.get::<String>(key).await?;
-            // Keys starting with `f` only ever hold flashes: a value read was consumed.
-            if let Some(v) = value.as_ref().filter(|_| key.starts_with('f')) {
+            Ok(Some(value.unwrap_or_else(|| "-".to_owned())))
+        }
+        "take" => {
+            let value = session.take_flash::<String>(key).await?;
+            if let Some(v) = &value {
                 log_change(Change::TakeFlash(key.to_owned(), v.clone()));
             }
             Ok(Some(value.unwrap_or_else(|| "-".to_owned())))
@@ -231,12 +235,15 @@ async fn step_once(
             Ok(None)
         }
         "keys" => Ok(Some(session.keys().await?.join(","))),
-        "id" => Ok(Some(
-            session
-                .id()
-                .await?
-                .map_or_else(|| "-".to_owned(), |id| id.to_string()),
-        )),
+        "id" => {
+            // Loaded first, as the other steps do.
+            session.contains("").await?;
+            Ok(Some(
+                session
+                    .id()
+                    .map_or_else(|| "-".to_owned(), |id| id.to_string()),
+            ))
+        }
         "sleep" => {
             tokio::time::sleep(ms(arg)).await;
             Ok(None)

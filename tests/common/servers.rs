@@ -2,7 +2,8 @@
 //! (killable and restartable on the same port), a 3-master Redis Cluster (with replicas if
 //! asked), Redis Sentinels watching a master, `webdis` in front of
 //! a Redis (killable and restartable too), `stunnel4` terminating TLS with a test CA made by
-//! `openssl`, a TCP proxy that counts connections, and one that loses one reply.
+//! `openssl`, the `bench_server` example (built with cargo), a TCP proxy that counts
+//! connections, and one that loses one reply.
 //!
 //! Servers are child processes in their own temporary directory; dropping the handle kills the
 //! process and removes the directory. A missing binary fails the test with the Debian package to
@@ -879,6 +880,133 @@ pub async fn http_answers(addr: SocketAddr) -> bool {
     matches!(
         tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut buf)).await,
         Ok(Ok(_)) if &buf == b"HTTP/1.1 "
+    )
+}
+
+/// `examples/bench_server.rs` as the benchmark runs it: a process of its own on a free
+/// loopback port, spoken to over plain HTTP. The example is built once per test binary (see
+/// [`bench_server_binary`]).
+pub struct BenchServer {
+    port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl BenchServer {
+    /// Starts `bench_server --port PORT` with these store arguments (`["--store", "memory"]`)
+    /// and waits until `GET /untouched` answers 200, as the benchmark's harness does.
+    pub async fn start(store_args: &[&str]) -> BenchServer {
+        let binary = tokio::task::spawn_blocking(bench_server_binary)
+            .await
+            .unwrap();
+        // Another process may grab the free port before the server binds it: try a few.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let mut server = BenchServer {
+                port: free_port(),
+                child: None,
+                dir: TempDir::new("bench-server"),
+            };
+            let log = server.dir.path().join("bench_server.log");
+            let child = Command::new(binary)
+                .arg("--port")
+                .arg(server.port.to_string())
+                .args(store_args)
+                .current_dir(server.dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("bench_server runs");
+            let addr = server.addr();
+            let ready = || answers_200(addr, "/untouched");
+            match wait_ready(child, "bench_server", &log, ready).await {
+                Ok(child) => {
+                    server.child = Some(child);
+                    return server;
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("bench_server {store_args:?} did not start: {last_error}");
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `bench_server` example, built by `cargo build --example bench_server` with this test
+/// binary's own features and profile (so that the library built for the tests is reused),
+/// plus `memory`, which the example requires. Built once per test binary; panics with cargo's
+/// output if the build fails.
+pub fn bench_server_binary() -> &'static Path {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        let mut features = vec!["memory"];
+        for (feature, on) in [
+            ("tower", cfg!(feature = "tower")),
+            ("axum", cfg!(feature = "axum")),
+            ("redis", cfg!(feature = "redis")),
+            ("webdis", cfg!(feature = "webdis")),
+            ("sqlite", cfg!(feature = "sqlite")),
+        ] {
+            if on {
+                features.push(feature);
+            }
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "--example", "bench_server", "--features"])
+            .arg(features.join(","))
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            // JSON on stdout names the executable; diagnostics still go to stderr as text.
+            .arg("--message-format=json-render-diagnostics");
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        let out = build.stdin(Stdio::null()).output().expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "cargo build --example bench_server failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|msg| msg["reason"] == "compiler-artifact")
+            .filter(|msg| msg["target"]["name"] == "bench_server")
+            .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported the bench_server executable")
+    })
+}
+
+/// Whether an HTTP server at `addr` answers `GET path` with 200.
+pub async fn answers_200(addr: SocketAddr, path: &str) -> bool {
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"HTTP/1.1 200"
     )
 }
 

@@ -8,9 +8,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::common::{ExpiresMs, record_at_ms, unix_ms};
 use bytes::Bytes;
 use hyper::StatusCode;
-use hyper_sessions::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
+use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore, StoreError};
 
 use crate::common::servers::ReplyDroppingProxy;
 use crate::common::{Browser, Conn, new_key};
@@ -24,11 +25,11 @@ pub struct Triggers {
 }
 
 fn now_ms() -> u64 {
-    hyper_sessions::unix_ms(std::time::SystemTime::now())
+    unix_ms(std::time::SystemTime::now())
 }
 
 fn counter(key: Key, n: u64, version: u64, expires_ms: u64) -> Record {
-    Record::from_unix_ms(
+    record_at_ms(
         key,
         Bytes::from(format!(r#"{{"d":{{"n":{n}}}}}"#)),
         version,
@@ -135,7 +136,7 @@ pub async fn store_level<S: SessionStore + Clone>(
     let out = lose_reply(
         proxy,
         t.touch,
-        async move { a2.touch(&id, 5, hyper_sessions::from_unix_ms(later)).await },
+        async move { a2.touch(&id, 5, crate::common::from_unix_ms(later)).await },
         async {},
     )
     .await;
@@ -149,7 +150,7 @@ pub async fn store_level<S: SessionStore + Clone>(
         proxy,
         t.touch,
         async move {
-            a2.touch(&id, 5, hyper_sessions::from_unix_ms(later + 1_000))
+            a2.touch(&id, 5, crate::common::from_unix_ms(later + 1_000))
                 .await
         },
         async {

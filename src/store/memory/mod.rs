@@ -48,7 +48,7 @@ use self::shard::{ENTRY_OVERHEAD, Limits, Shard};
 /// to 32 second chances, the one evicted), so a create at the bound costs about as much as one
 /// below it, whatever the size of the shard. An evicted session is gone like an expired one:
 /// its next request gets a fresh session, and a write the layer makes to it is answered
-/// [`Missing`](crate::SaveOutcome::Missing). [`evictions`](MemoryStore::evictions) counts
+/// [`Missing`](crate::store::SaveOutcome::Missing). [`evictions`](MemoryStore::evictions) counts
 /// them. So a flood of new sessions never refuses anyone, and a logged-in user who came back
 /// once after logging in stays logged in unless the sessions that came back fill the shard.
 /// A session just created (a login that cycles the id included) is on probation until its

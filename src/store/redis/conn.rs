@@ -114,7 +114,7 @@ use crate::key::Key;
 /// use std::time::Duration;
 /// use hyper_sessions::{RedisStore, SessionLayer};
 ///
-/// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+/// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
 /// // Password and database number go in the URL.
 /// let store = RedisStore::builder()
 ///     .key_prefix("myapp:session:")
@@ -423,9 +423,9 @@ impl RedisStore {
     ///
     /// # Examples
     /// ```no_run
-    /// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+    /// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
     /// let store = hyper_sessions::RedisStore::open("redis://127.0.0.1/").await?;
-    /// let key = hyper_sessions::Key::of(hyper_sessions::Id::random());
+    /// let key = hyper_sessions::store::Key::of(hyper_sessions::Id::random());
     /// assert_eq!(store.key(&key), format!("session:{}", key.to_hex()));
     /// # Ok(())
     /// # }
@@ -655,10 +655,27 @@ impl Transport for Conn {
     const VALUE_LAST: bool = false;
     const BINARY_SAFE: bool = true;
 
+    /// Sends a command once (on a cluster, until the cluster has run it: see [`Resend`]), with
+    /// `then` (a `WAIT`) after it if given, in one pipeline: one round trip, one connection, one
+    /// node (on a cluster, the pipeline goes to the node of its one key; `WAIT` alone would go
+    /// to every master).
     async fn send(&self, cmd: &Command<'_>, then: Option<&Command<'_>>) -> Result<Sent, SendError> {
         let cmd = packed(cmd);
         let then = then.map(packed);
-        let (value, then) = self.exec(&cmd, then.as_deref()).await.map_err(send_error)?;
+        let mut resend = Resend::new(self);
+        let (value, then) = loop {
+            let done = match &then {
+                None => self.send_one(&cmd).await.map(|v| (v, None)),
+                Some(then) => self.send_pipeline(&cmd, then).await,
+            };
+            match done {
+                Err(e) => match resend.again(&e) {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => return Err(send_error(e)),
+                },
+                Ok(done) => break done,
+            }
+        };
         Ok(Sent {
             reply: reply(value)?,
             then: then.and_then(|v| reply(v).ok()),
@@ -720,33 +737,14 @@ impl Resend {
 }
 
 impl Conn {
-    /// Sends a command once (on a cluster, until the cluster has run it: see [`Resend`]), with
-    /// `wait` (`WAIT n timeout`) after it if given, in one pipeline: one round trip, one
-    /// connection, one node (on a cluster, the pipeline goes to the node of its one key;
-    /// `WAIT` alone would go to every master). Answers the command's reply and `WAIT`'s count
-    /// of replicas.
-    async fn exec(&self, cmd: &Cmd, then: Option<&Cmd>) -> RedisResult<(Value, Option<Value>)> {
-        let mut resend = Resend::new(self);
-        loop {
-            let done = match then {
-                None => self.send(cmd).await.map(|v| (v, None)),
-                Some(then) => self.send_pipeline(cmd, then).await,
-            };
-            match done {
-                Err(e) => match resend.again(&e) {
-                    Some(pause) => tokio::time::sleep(pause).await,
-                    None => return Err(e),
-                },
-                done => return done,
-            }
-        }
-    }
-
-    async fn send(&self, cmd: &Cmd) -> RedisResult<Value> {
+    async fn send_one(&self, cmd: &Cmd) -> RedisResult<Value> {
         let reply = match self {
             Conn::Single(c) => c.clone().send_packed_command(cmd).await?,
             Conn::Cluster(c) => c.clone().req_packed_command(cmd).await?,
-            Conn::Sentinel(c) => return c.send(cmd).await,
+            // Boxed: the Sentinel path's futures (asking the Sentinels for the master) are deep
+            // enough to push the layout of callers' futures past the compiler's default
+            // recursion limit.
+            Conn::Sentinel(c) => return Box::pin(c.send(cmd)).await,
         };
         server_error(reply)
     }
@@ -759,7 +757,7 @@ impl Conn {
         let replies = match self {
             Conn::Single(c) => c.clone().send_packed_commands(&pipe, 0, 2).await?,
             Conn::Cluster(c) => c.clone().req_packed_commands(&pipe, 0, 2).await?,
-            Conn::Sentinel(c) => c.send_pipeline(&pipe).await?,
+            Conn::Sentinel(c) => Box::pin(c.send_pipeline(&pipe)).await?,
         };
         let mut replies = replies.into_iter();
         let (Some(reply), Some(then), None) = (replies.next(), replies.next(), replies.next())

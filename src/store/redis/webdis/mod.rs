@@ -331,9 +331,9 @@ impl WebdisStore {
     ///
     /// # Examples
     /// ```no_run
-    /// # async fn run() -> Result<(), hyper_sessions::StoreError> {
+    /// # async fn run() -> Result<(), hyper_sessions::store::StoreError> {
     /// let store = hyper_sessions::WebdisStore::open("http://127.0.0.1:7379").await?;
-    /// let key = hyper_sessions::Key::of(hyper_sessions::Id::random());
+    /// let key = hyper_sessions::store::Key::of(hyper_sessions::Id::random());
     /// assert_eq!(store.key(&key), format!("session:{}", key.to_hex()));
     /// # Ok(())
     /// # }
@@ -454,10 +454,10 @@ fn is_broken(e: &ExchangeError) -> bool {
     };
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
-                return true;
-            }
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        {
+            return true;
         }
         if s.downcast_ref::<std::io::Error>().is_some() {
             return true;
