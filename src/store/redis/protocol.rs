@@ -44,16 +44,17 @@ use crate::store::{CreateOutcome, SaveOutcome};
 pub(crate) const SAVE_LUA: &str = concat!(
     r"local h = redis.call('GETRANGE', KEYS[1], 0, 63)
 if h == '' then return 0 end
-local p = '",
-    lua_header_pattern!(),
-    r"'
-local v, t = string.match(h, p)
+local v = string.match(h, '^(%d+):')
 if v == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[2])
   return 2
 end
+local p = '",
+    lua_header_pattern!(),
+    r"'
+local sv, t = string.match(h, p)
 local nv, nt = string.match(ARGV[3], p)
-if v ~= nil and v == nv and t == nt then return 2 end
+if sv ~= nil and sv == nv and t == nt then return 2 end
 return 1
 "
 );
