@@ -119,6 +119,10 @@
 //! [hyper]: https://docs.rs/hyper
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// `hyper_sessions::` paths inside the crate too: `testing` uses only public paths, so that the
+// crate's own tests can include it as it is.
+extern crate self as hyper_sessions;
+
 mod config;
 mod cookie;
 mod error;
@@ -139,6 +143,10 @@ mod trace;
 #[doc(hidden)]
 #[path = "fuzz_entry.rs"]
 pub mod __fuzz;
+
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 /// The future of a [`SessionService`] call.
 pub mod future {

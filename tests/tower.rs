@@ -43,27 +43,14 @@ macro_rules! conformance_over {
 }
 
 macro_rules! conformance_over_both {
-    ($($name:ident),* $(,)?) => {
+    ([$($name:ident),* $(,)?]) => {
         conformance_over!(axum_router, super::Stack::Axum; $($name),*);
         conformance_over!(tower_stack, super::Stack::Tower; $($name),*);
     };
 }
 
-conformance_over_both!(
-    cookie_lifecycle,
-    counter_and_read,
-    flash_lives_for_one_read,
-    destroy_removes_everything,
-    cycle_id_moves_the_data,
-    unknown_and_corrupt_ids_start_fresh,
-    concurrent_updates_are_all_counted,
-    concurrent_writers_keep_distinct_keys,
-    write_racing_destroy_stays_destroyed,
-    emptied_session_is_deleted,
-    idle_expiry_slides_on_reads,
-    absolute_lifetime_caps_activity,
-    too_large_is_refused,
-);
+// Every check of the layer over HTTP, on both stacks.
+layer_checks!(conformance_over_both! {});
 
 const STACKS: [(Stack, &str); 2] = [(Stack::Axum, "axum"), (Stack::Tower, "tower")];
 

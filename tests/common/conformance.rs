@@ -7,11 +7,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use super::new_key;
-use super::{ExpiresMs, unix_ms};
+use super::ExpiresMs;
 use bytes::Bytes;
 use hyper::StatusCode;
-use hyper_sessions::store::{CreateOutcome, Key, Record, SaveOutcome, SessionStore};
+use hyper_sessions::store::{Key, Record, SessionStore};
 use hyper_sessions::{Expiry, Id, SessionLayer};
 
 // The suite's other half; unused by the test binaries that do not run the suite.
@@ -21,27 +20,64 @@ pub use super::lifecycle::*;
 pub use super::model::model_check;
 use super::{Browser, Conn, serve};
 
-/// Expands to one `#[tokio::test]` per conformance check. `$fixture` is an async fn returning
-/// `(store, guard)`: a fresh store, and whatever keeps its server alive.
+/// The store contract's checks (`src/testing.rs`, the `testing` feature's module), included as
+/// they are: the suite runs exactly what third-party store authors run.
+#[path = "../../src/testing.rs"]
+pub mod contract;
+
+/// Calls `$callback!{ $($args)* [checks] }` with the checks of the session layer over HTTP
+/// that every server stack runs: the one list of them.
 #[macro_export]
-macro_rules! conformance_suite {
-    ($fixture:path) => {
-        $crate::conformance_suite!(@tests $fixture;
-            round_trip, load_missing, expired_records_are_never_returned, delete,
-            create_never_overwrites, create_replaces_expired, compare_and_set,
-            save_never_recreates, touch_is_conditional, remove_is_conditional, concurrent_compare_and_set, large_and_awkward_records,
-            cookie_lifecycle, counter_and_read, flash_lives_for_one_read, destroy_removes_everything,
-            cycle_id_moves_the_data, unknown_and_corrupt_ids_start_fresh,
-            concurrent_updates_are_all_counted, concurrent_writers_keep_distinct_keys,
-            write_racing_destroy_stays_destroyed, emptied_session_is_deleted,
-            idle_expiry_slides_on_reads, absolute_lifetime_caps_activity, too_large_is_refused,
+macro_rules! layer_checks {
+    ($($callback:ident)::+! { $($args:tt)* }) => {
+        $($callback)::+! { $($args)* [
+            cookie_lifecycle, counter_and_read, flash_lives_for_one_read,
+            destroy_removes_everything, cycle_id_moves_the_data,
+            unknown_and_corrupt_ids_start_fresh, concurrent_updates_are_all_counted,
+            concurrent_writers_keep_distinct_keys, write_racing_destroy_stays_destroyed,
+            emptied_session_is_deleted, idle_expiry_slides_on_reads,
+            absolute_lifetime_caps_activity, too_large_is_refused,
+        ] }
+    };
+}
+
+/// Calls `$callback!{ $($args)* [checks] }` with the lifecycle races (`lifecycle.rs`) and the
+/// model check (`model.rs`): the one list of them.
+#[macro_export]
+macro_rules! lifecycle_checks {
+    ($($callback:ident)::+! { $($args:tt)* }) => {
+        $($callback)::+! { $($args)* [
             emptying_keeps_a_concurrent_write, cycle_racing_destroy_stays_destroyed,
             cycle_keeps_a_concurrent_write, own_shorter_expiry_survives_reads,
             sliding_reads_resend_the_cookie, replayed_flash_read_keeps_a_newer_flash,
             pre_login_cookie_never_logs_out, refresh_never_overwrites_a_concurrent_expiry,
-            absolute_lifetime_caps_older_sessions, reset_expiry_undoes_remember_me, model_check);
+            absolute_lifetime_caps_older_sessions, reset_expiry_undoes_remember_me, model_check,
+        ] }
     };
-    (@tests $fixture:path; $($name:ident),* $(,)?) => {
+}
+
+/// The whole suite on a store: the contract's checks (one test), and one `#[tokio::test]` per
+/// check of the layer over HTTP and per lifecycle race. `$fixture` is an async fn returning
+/// `(store, guard)`: a fresh store, and whatever keeps its server alive.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($fixture:path) => {
+        #[test]
+        fn every_check_is_listed() {
+            $crate::common::conformance::every_check_is_listed();
+        }
+        $crate::conformance_suite!(@contract $fixture);
+        $crate::layer_checks!($crate::conformance_suite! { @tests $fixture; });
+        $crate::lifecycle_checks!($crate::conformance_suite! { @tests $fixture; });
+    };
+    (@contract $fixture:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn store_contract() {
+            let (store, _guard) = $fixture().await;
+            $crate::common::conformance::contract::check_store(store).await;
+        }
+    };
+    (@tests $fixture:path; [$($name:ident),* $(,)?]) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
@@ -50,6 +86,33 @@ macro_rules! conformance_suite {
             }
         )*
     };
+}
+
+/// The names of the checks in a list of `layer_checks!` or `lifecycle_checks!`.
+macro_rules! check_names {
+    ([$($name:ident),* $(,)?]) => {
+        &[$(stringify!($name)),*]
+    };
+}
+
+/// Every check written in this file and in `lifecycle.rs` (a `pub async fn` taking a store) is
+/// in one of the two lists, so none is written and then never run.
+pub fn every_check_is_listed() {
+    let layer: &[&str] = layer_checks!(check_names! {});
+    let lifecycle: &[&str] = lifecycle_checks!(check_names! {});
+    for source in [include_str!("conformance.rs"), include_str!("lifecycle.rs")] {
+        for line in source.lines() {
+            let Some(rest) = line.strip_prefix("pub async fn ") else {
+                continue;
+            };
+            let name = rest.split(['<', '(']).next().unwrap_or_default();
+            assert!(
+                layer.contains(&name) || lifecycle.contains(&name),
+                "the check `{name}` is in no list: add it to layer_checks! or lifecycle_checks!"
+            );
+        }
+    }
+    assert!(lifecycle.contains(&"model_check"));
 }
 
 fn in_ms(ms: u64) -> SystemTime {
@@ -61,290 +124,6 @@ fn record(key: Key, data: &str, version: u64, expires_at: SystemTime) -> Record 
 }
 
 const DATA: &str = r#"{"d":{"count":1}}"#;
-
-// ---- the store contract, called directly ----
-
-pub async fn round_trip<S: SessionStore>(store: S) {
-    let key = new_key();
-    let expires = in_ms(60_000);
-    let rec = record(key, DATA, 1, expires);
-    assert_eq!(store.create(&rec).await.unwrap(), CreateOutcome::Created);
-    let back = store
-        .load(&key)
-        .await
-        .unwrap()
-        .expect("created record loads");
-    assert_eq!(back.key(), key);
-    assert_eq!(back.data(), rec.data());
-    assert_eq!(back.version(), 1);
-    // Stores may keep millisecond precision.
-    assert_eq!(back.expires_at_unix_ms(), rec.expires_at_unix_ms());
-}
-
-pub async fn load_missing<S: SessionStore>(store: S) {
-    assert!(store.load(&new_key()).await.unwrap().is_none());
-}
-
-pub async fn expired_records_are_never_returned<S: SessionStore>(store: S) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(300)))
-        .await
-        .unwrap();
-    assert!(store.load(&key).await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    assert!(
-        store.load(&key).await.unwrap().is_none(),
-        "expired record returned"
-    );
-    // Saving or touching an expired record must not revive it.
-    let next = record(key, DATA, 2, in_ms(60_000));
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Missing);
-    assert_eq!(
-        store.touch(&key, 1, in_ms(60_000)).await.unwrap(),
-        SaveOutcome::Missing
-    );
-    assert!(store.load(&key).await.unwrap().is_none());
-}
-
-pub async fn delete<S: SessionStore>(store: S) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let other = new_key();
-    store
-        .create(&record(other, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    store.delete(&key).await.unwrap();
-    assert!(store.load(&key).await.unwrap().is_none());
-    assert!(
-        store.load(&other).await.unwrap().is_some(),
-        "delete removed another record"
-    );
-    // Deleting what is not there succeeds.
-    store.delete(&key).await.unwrap();
-    store.delete(&new_key()).await.unwrap();
-}
-
-pub async fn create_never_overwrites<S: SessionStore>(store: S) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let intruder = record(key, r#"{"d":{"admin":true}}"#, 1, in_ms(60_000));
-    assert_eq!(
-        store.create(&intruder).await.unwrap(),
-        CreateOutcome::IdTaken
-    );
-    let back = store.load(&key).await.unwrap().unwrap();
-    assert_eq!(back.data(), &Bytes::from(DATA));
-}
-
-pub async fn create_replaces_expired<S: SessionStore>(store: S) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(200)))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let fresh = record(key, r#"{"d":{"new":1}}"#, 1, in_ms(60_000));
-    assert_eq!(store.create(&fresh).await.unwrap(), CreateOutcome::Created);
-    assert_eq!(
-        store.load(&key).await.unwrap().unwrap().data(),
-        fresh.data()
-    );
-}
-
-pub async fn compare_and_set<S: SessionStore>(store: S) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let stale = record(key, r#"{"d":{"count":9}}"#, 6, in_ms(60_000));
-    assert_eq!(store.save(&stale, 5).await.unwrap(), SaveOutcome::Conflict);
-    assert_eq!(
-        store.load(&key).await.unwrap().unwrap().data(),
-        &Bytes::from(DATA)
-    );
-    let next = record(key, r#"{"d":{"count":2}}"#, 2, in_ms(120_000));
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
-    let back = store.load(&key).await.unwrap().unwrap();
-    assert_eq!(back.version(), 2);
-    assert_eq!(back.data(), next.data());
-    assert_eq!(back.expires_at_unix_ms(), next.expires_at_unix_ms());
-    // The old version no longer matches.
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Conflict);
-}
-
-pub async fn save_never_recreates<S: SessionStore>(store: S) {
-    let key = new_key();
-    let rec = record(key, DATA, 2, in_ms(60_000));
-    assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Missing);
-    assert!(store.load(&key).await.unwrap().is_none());
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    store.delete(&key).await.unwrap();
-    assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Missing);
-    assert!(
-        store.load(&key).await.unwrap().is_none(),
-        "save brought a deleted record back"
-    );
-}
-
-pub async fn touch_is_conditional<S: SessionStore>(store: S) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(300)))
-        .await
-        .unwrap();
-    let later = in_ms(60_000);
-    // At another version: nothing moves.
-    assert_eq!(
-        store.touch(&key, 2, later).await.unwrap(),
-        SaveOutcome::Conflict
-    );
-    assert!(
-        store
-            .load(&key)
-            .await
-            .unwrap()
-            .unwrap()
-            .expires_at_unix_ms()
-            < unix_ms(later)
-    );
-    assert_eq!(
-        store.touch(&key, 1, later).await.unwrap(),
-        SaveOutcome::Saved
-    );
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    let back = store
-        .load(&key)
-        .await
-        .unwrap()
-        .expect("touch extended the record");
-    assert_eq!(back.version(), 1, "touch must not change the version");
-    assert_eq!(back.data(), &Bytes::from(DATA));
-    assert_eq!(back.expires_at_unix_ms(), unix_ms(later));
-    assert_eq!(
-        store.touch(&new_key(), 1, later).await.unwrap(),
-        SaveOutcome::Missing
-    );
-    // A save moves the version: a touch at the old one is refused and keeps the save's expiry.
-    let saved_expiry = in_ms(30_000);
-    let next = record(key, DATA, 2, saved_expiry);
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
-    assert_eq!(
-        store.touch(&key, 1, in_ms(90_000)).await.unwrap(),
-        SaveOutcome::Conflict
-    );
-    assert_eq!(
-        store
-            .load(&key)
-            .await
-            .unwrap()
-            .unwrap()
-            .expires_at_unix_ms(),
-        unix_ms(saved_expiry)
-    );
-    // An expired record is not revived.
-    let short = new_key();
-    store
-        .create(&record(short, DATA, 1, in_ms(100)))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(
-        store.touch(&short, 1, in_ms(60_000)).await.unwrap(),
-        SaveOutcome::Missing
-    );
-    assert!(store.load(&short).await.unwrap().is_none());
-}
-
-pub async fn remove_is_conditional<S: SessionStore>(store: S) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let next = record(key, r#"{"d":{"count":2}}"#, 2, in_ms(60_000));
-    assert_eq!(store.save(&next, 1).await.unwrap(), SaveOutcome::Saved);
-    // A removal at the version it saw never removes a newer one.
-    assert_eq!(store.remove(&key, 1).await.unwrap(), SaveOutcome::Conflict);
-    assert_eq!(store.load(&key).await.unwrap().unwrap().version(), 2);
-    assert_eq!(store.remove(&key, 2).await.unwrap(), SaveOutcome::Saved);
-    assert!(store.load(&key).await.unwrap().is_none());
-    assert_eq!(store.remove(&key, 2).await.unwrap(), SaveOutcome::Missing);
-    assert_eq!(
-        store.remove(&new_key(), 1).await.unwrap(),
-        SaveOutcome::Missing
-    );
-    // Nor does it create anything, or touch another record.
-    let other = new_key();
-    store
-        .create(&record(other, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    assert_eq!(store.remove(&key, 1).await.unwrap(), SaveOutcome::Missing);
-    assert!(store.load(&other).await.unwrap().is_some());
-    // An expired record is Missing, whatever its version.
-    let short = new_key();
-    store
-        .create(&record(short, DATA, 1, in_ms(100)))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(store.remove(&short, 1).await.unwrap(), SaveOutcome::Missing);
-}
-
-pub async fn concurrent_compare_and_set<S: SessionStore + Clone>(store: S) {
-    let key = new_key();
-    store
-        .create(&record(key, DATA, 1, in_ms(60_000)))
-        .await
-        .unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..32 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let rec = record(key, &format!(r#"{{"d":{{"w":{i}}}}}"#), 2, in_ms(60_000));
-            store.save(&rec, 1).await.unwrap()
-        }));
-    }
-    let mut saved = 0;
-    for t in tasks {
-        if t.await.unwrap() == SaveOutcome::Saved {
-            saved += 1;
-        }
-    }
-    assert_eq!(saved, 1, "exactly one compare-and-set may win");
-    assert_eq!(store.load(&key).await.unwrap().unwrap().version(), 2);
-}
-
-pub async fn large_and_awkward_records<S: SessionStore>(store: S) {
-    let awkward = serde_json::json!({"d": {
-        "path": "/a/b?c=d&e=%2F#frag",
-        "quotes": "\"'`",
-        "lines": "a\nb\r\nc\t",
-        "unicode": "zürich 東京 🦀 \u{0}",
-        "big": "x".repeat(1 << 20),
-    }})
-    .to_string();
-    let key = new_key();
-    let rec = record(key, &awkward, 1, in_ms(60_000));
-    store.create(&rec).await.unwrap();
-    let back = store.load(&key).await.unwrap().unwrap();
-    assert!(
-        back.data() == rec.data(),
-        "record did not round-trip byte for byte"
-    );
-}
 
 // ---- the session layer over HTTP, on this store ----
 
