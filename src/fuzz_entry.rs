@@ -274,8 +274,7 @@ fn redis_value(data: &[u8]) -> Option<Bytes> {
     let stored = match (head, decoded) {
         (Ok(head), Ok(stored)) => {
             assert_eq!(
-                (head.version, head.expires_ms, head.token),
-                (stored.version, stored.expires_ms, stored.token),
+                head, stored.head,
                 "the header parser and the decoder disagree"
             );
             stored
@@ -297,11 +296,12 @@ fn redis_value(data: &[u8]) -> Option<Bytes> {
         data.ends_with(&stored.payload),
         "the payload is not the value's tail"
     );
-    if (1..=MAX_EXPIRES_MS).contains(&stored.expires_ms) {
+    let head = stored.head;
+    if (1..=MAX_EXPIRES_MS).contains(&head.expires_ms) {
         let header = Header::new(
-            stored.version,
-            stored.expires_ms,
-            stored.token,
+            head.version,
+            head.expires_ms,
+            head.token,
             stored.payload.len(),
         );
         let mut again = header.as_bytes().to_vec();

@@ -470,14 +470,14 @@ impl<T: Transport> Protocol<T> {
             .map_err(|e| StoreError::corrupt(Problem::new(op, What::Malformed).caused_by(e)))?;
         // The expiry in the value, against this server's clock: Redis may not have dropped the
         // key yet (its clock, its lazy expiry), or may keep a key whose TTL someone removed.
-        if stored.expires_ms <= unix_ms(SystemTime::now()) {
+        if stored.head.expires_ms <= unix_ms(SystemTime::now()) {
             return Ok(None);
         }
         Ok(Some(Record::from_unix_ms(
             *key,
             stored.payload,
-            stored.version,
-            stored.expires_ms,
+            stored.head.version,
+            stored.head.expires_ms,
         )))
     }
 

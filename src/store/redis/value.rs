@@ -105,13 +105,10 @@ pub(crate) fn clamp_expiry(ms: u64) -> u64 {
     ms.clamp(1, MAX_EXPIRES_MS)
 }
 
-/// A stored value, decoded.
+/// A stored value, decoded: its header, and the payload, which shares the value's buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {
-    pub(crate) version: u64,
-    pub(crate) expires_ms: u64,
-    pub(crate) token: u64,
-    /// The payload; it shares the value's buffer.
+    pub(crate) head: Head,
     pub(crate) payload: Bytes,
 }
 
@@ -183,9 +180,7 @@ pub(crate) fn decode(mut value: Bytes) -> Result<Stored, Malformed> {
     // slice would need.
     value.advance(head.len);
     Ok(Stored {
-        version: head.version,
-        expires_ms: head.expires_ms,
-        token: head.token,
+        head,
         payload: value,
     })
 }
@@ -263,9 +258,13 @@ mod tests {
         assert_eq!(
             stored,
             Stored {
-                version: 42,
-                expires_ms: 1_764_590_400_000,
-                token: 0xdead_beef,
+                head: Head {
+                    version: 42,
+                    expires_ms: 1_764_590_400_000,
+                    token: 0xdead_beef,
+                    payload_len: 31,
+                    len: header.as_bytes().len(),
+                },
                 payload: Bytes::from_static(payload),
             }
         );
