@@ -378,7 +378,13 @@ impl Transport for Http {
                 e,
             )))
         })?;
-        match parse_reply(status, &body, name) {
+        let parsed = parse_reply(status, &body, name).map_err(|e| match cmd.key {
+            // An error page quoted for the operator never holds the whole key (the store's error
+            // names the session by its fingerprint).
+            Some(key) => e.redacted(&key.key.to_hex()),
+            None => e,
+        });
+        match parsed {
             Ok(reply) => Ok(Sent { reply, then: None }),
             Err(ReplyError::Redis(e)) => Err(e.into()),
             Err(e @ ReplyError::ServerError { .. }) => Err(SendError::Unavailable(Box::new(e))),
