@@ -103,10 +103,10 @@ async fn logout(session: Session) -> Result<Redirect, Error> {
 fn port() -> u16 {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        if arg == "--port" {
-            if let Some(port) = args.next().and_then(|p| p.parse().ok()) {
-                return port;
-            }
+        if arg == "--port"
+            && let Some(port) = args.next().and_then(|p| p.parse().ok())
+        {
+            return port;
         }
     }
     std::env::var("PORT")

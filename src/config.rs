@@ -175,12 +175,12 @@ impl CookieSettings {
                 self.path
             )));
         }
-        if let Some(domain) = &self.domain {
-            if domain.is_empty() || !is_attribute_value(domain) || domain.contains(' ') {
-                return Err(config_error(format!(
-                    "cookie domain {domain:?} is not a valid domain attribute"
-                )));
-            }
+        if let Some(domain) = &self.domain
+            && (domain.is_empty() || !is_attribute_value(domain) || domain.contains(' '))
+        {
+            return Err(config_error(format!(
+                "cookie domain {domain:?} is not a valid domain attribute"
+            )));
         }
         let lower = name.to_ascii_lowercase();
         if lower.starts_with("__host-") {

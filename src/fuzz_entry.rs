@@ -240,16 +240,79 @@ pub fn session_id(data: &[u8]) {
     }
 }
 
-/// Stored record bytes: `SessionData::decode` (crate-private) with the layer's default limit
-/// ([`DEFAULT_MAX_RECORD_BYTES`]) and with limits just below and at the input's length.
+/// Stored record bytes, through the decoders a load runs: with the Redis family compiled in
+/// (feature `redis` or `webdis`), the bytes as a Redis value (`GET`'s reply) through the
+/// family's value decoder, and then its payload, as the layer decodes it; and the bytes as a
+/// payload themselves (what the other stores keep), through `SessionData::decode` (crate-private)
+/// with the layer's default limit ([`DEFAULT_MAX_RECORD_BYTES`]) and with limits just below and
+/// at the input's length.
 ///
 /// # Panics
-/// When an invariant fails: input over the limit is not refused as too large (whatever it
+/// When an invariant fails. The Redis value: a decoded value whose expiry Redis accepts does
+/// not re-encode to exactly the input (the layout has one canonical form), its payload is not
+/// the input's tail, or a value the header parser accepts is refused for anything but its
+/// length. The payload: input over the limit is not refused as too large (whatever it
 /// holds, so before parsing), the result depends on the limit once the input fits, or a
 /// decoded record does not survive decode → encode → decode unchanged, encode is not stable,
 /// or the re-encoded record is longer than the bytes it was decoded from (a record that
 /// loaded within the limit must save within it).
 pub fn record_decode(data: &[u8]) {
+    #[cfg(any(feature = "redis", feature = "webdis"))]
+    if let Some(payload) = redis_value(data) {
+        payload_decode(&payload);
+    }
+    payload_decode(data);
+}
+
+/// The Redis family's value decoder on `data`; its payload if it decodes.
+#[cfg(any(feature = "redis", feature = "webdis"))]
+fn redis_value(data: &[u8]) -> Option<Bytes> {
+    use crate::store::redis::value::{self, Header, MAX_EXPIRES_MS, Malformed};
+
+    let head = value::parse_head(data);
+    let decoded = value::decode(Bytes::copy_from_slice(data));
+    let stored = match (head, decoded) {
+        (Ok(head), Ok(stored)) => {
+            assert_eq!(
+                head, stored.head,
+                "the header parser and the decoder disagree"
+            );
+            stored
+        }
+        (Ok(head), Err(e)) => {
+            assert!(
+                matches!(e, Malformed::Truncated { said, got } if said == head.payload_len && got == data.len() - head.len),
+                "a value whose header parses was refused for {e:?}"
+            );
+            return None;
+        }
+        (Err(a), Err(b)) => {
+            assert_eq!(a, b, "the header parser and the decoder disagree");
+            return None;
+        }
+        (Err(e), Ok(_)) => panic!("the decoder accepted a header the parser refused: {e:?}"),
+    };
+    assert!(
+        data.ends_with(&stored.payload),
+        "the payload is not the value's tail"
+    );
+    let head = stored.head;
+    if (1..=MAX_EXPIRES_MS).contains(&head.expires_ms) {
+        let header = Header::new(
+            head.version,
+            head.expires_ms,
+            head.token,
+            stored.payload.len(),
+        );
+        let mut again = header.as_bytes().to_vec();
+        again.extend_from_slice(&stored.payload);
+        assert_eq!(again, data, "decode → encode is not the identity");
+    }
+    Some(stored.payload)
+}
+
+/// The payload decoder's invariants (see [`record_decode`]).
+fn payload_decode(data: &[u8]) {
     let stored = Bytes::copy_from_slice(data);
     let decoded = SessionData::decode(&stored, DEFAULT_MAX_RECORD_BYTES);
     if data.len() > DEFAULT_MAX_RECORD_BYTES {
@@ -300,11 +363,11 @@ pub fn record_decode(data: &[u8]) {
 
 /// The Webdis reply parser, as the Webdis store calls it.
 #[cfg(feature = "webdis")]
-pub use crate::store::webdis::reply::{Reply, ReplyError, parse_reply};
+pub use crate::store::redis::webdis::reply::{Reply, ReplyError, parse_reply};
 
 /// The commands the Webdis store sends, one of which each fuzz input picks.
 #[cfg(feature = "webdis")]
-const WEBDIS_COMMANDS: [&str; 5] = ["EVALSHA", "EVAL", "DEL", "PEXPIREAT", "SCRIPT"];
+const WEBDIS_COMMANDS: [&str; 5] = ["GET", "EVALSHA", "EVAL", "DEL", "SCRIPT"];
 
 /// A Webdis HTTP reply: the first byte picks the status (mostly 200), the second the command,
 /// the rest is the body, through [`parse_reply`].

@@ -174,11 +174,11 @@ pub use crate::store::memory::{MemoryStore, MemoryStoreBuilder};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use crate::store::redis::{RedisStore, RedisStoreBuilder};
+pub use crate::store::redis::conn::{RedisStore, RedisStoreBuilder};
 
 #[cfg(feature = "webdis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "webdis")))]
-pub use crate::store::webdis::{WebdisStore, WebdisStoreBuilder};
+pub use crate::store::redis::webdis::{WebdisStore, WebdisStoreBuilder};
 
 /// The TLS library of the [`WebdisStore`] (the `native-tls` crate, as re-exported by
 /// hyper-tls), to build the connector passed to [`WebdisStoreBuilder::tls_connector`].

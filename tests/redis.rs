@@ -92,19 +92,12 @@ async fn commands_per_request_kind() {
         "untouched: nothing",
     )
     .await;
-    expect(
-        &mut b,
-        &mut monitor,
-        "/read",
-        &["EVALSHA"],
-        "read: one load script",
-    )
-    .await;
+    expect(&mut b, &mut monitor, "/read", &["GET"], "read: one GET").await;
     expect(
         &mut b,
         &mut monitor,
         "/counter",
-        &["EVALSHA", "EVALSHA"],
+        &["GET", "EVALSHA"],
         "write: load + compare-and-set",
     )
     .await;
@@ -112,7 +105,7 @@ async fn commands_per_request_kind() {
         &mut b,
         &mut monitor,
         "/incr/n",
-        &["EVALSHA", "EVALSHA"],
+        &["GET", "EVALSHA"],
         "update: load + compare-and-set",
     )
     .await;
@@ -120,15 +113,15 @@ async fn commands_per_request_kind() {
         &mut b,
         &mut monitor,
         "/read",
-        &["EVALSHA"],
-        "read again: one load script",
+        &["GET"],
+        "read again: one GET",
     )
     .await;
     expect(
         &mut b,
         &mut monitor,
         "/cycle",
-        &["EVALSHA", "SET", "EVALSHA"],
+        &["GET", "SET", "EVALSHA"],
         "cycle id: load + create + conditional remove of the old id",
     )
     .await;
@@ -142,7 +135,8 @@ async fn commands_per_request_kind() {
     )
     .await;
 
-    // The script cache emptied (as after a restart): one SCRIPT LOAD, then as before.
+    // The script cache emptied (as after a restart): a read needs no script; a write's script
+    // goes once more as EVAL (which caches it), then as before.
     b.get("/counter").await;
     monitor.take().await;
     server.cli(&["script", "flush"]).await;
@@ -151,22 +145,30 @@ async fn commands_per_request_kind() {
         &mut b,
         &mut monitor,
         "/read",
-        &["EVALSHA", "SCRIPT", "EVALSHA"],
-        "read, empty script cache: reload",
+        &["GET"],
+        "read, empty script cache",
     )
     .await;
     expect(
         &mut b,
         &mut monitor,
-        "/read",
-        &["EVALSHA"],
-        "read, cache warm again",
+        "/counter",
+        &["GET", "EVALSHA", "EVAL"],
+        "write, empty script cache: EVAL",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/counter",
+        &["GET", "EVALSHA"],
+        "write, cache warm again",
     )
     .await;
 }
 
 /// A read whose idle-expiry refresh is due: the load, then one conditional touch script that
-/// moves the key's expiry (and nothing else).
+/// moves the expiry, in the value and on the key (and nothing else).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_with_a_due_refresh_adds_one_touch() {
     let (store, server) = single_node().await;
@@ -192,7 +194,7 @@ async fn a_read_with_a_due_refresh_adds_one_touch() {
     let r = b.get("/read").await;
     assert_eq!(r.body, "1");
     let seen = monitor.take().await;
-    assert_eq!(client_commands(&seen), ["EVALSHA", "EVALSHA"], "{seen:#?}");
+    assert_eq!(client_commands(&seen), ["GET", "EVALSHA"], "{seen:#?}");
     let scripted: Vec<&str> = seen
         .iter()
         .filter(|s| s.source == "lua")
@@ -200,8 +202,8 @@ async fn a_read_with_a_due_refresh_adds_one_touch() {
         .collect();
     assert_eq!(
         scripted,
-        ["GET", "PEXPIRETIME", "GETRANGE", "PEXPIREAT"],
-        "load, then the touch: {seen:#?}"
+        ["GETRANGE", "SETRANGE", "PEXPIREAT"],
+        "the touch: {seen:#?}"
     );
     let after: u64 = server
         .cli(&["pexpiretime", &key])
@@ -217,10 +219,23 @@ async fn a_read_with_a_due_refresh_adds_one_touch() {
         "load reports the key's real expiry"
     );
     assert_eq!(rec.version(), 1);
+    assert_eq!(
+        value_expiry(&server, &key).await,
+        after,
+        "the value's expiry moved too"
+    );
     // Right after, no refresh is due: the load alone.
     monitor.take().await;
     b.get("/read").await;
-    assert_eq!(client_commands(&monitor.take().await), ["EVALSHA"]);
+    assert_eq!(client_commands(&monitor.take().await), ["GET"]);
+}
+
+/// The expiry field of the value at `key` (Unix ms).
+async fn value_expiry(server: &RedisServer, key: &str) -> u64 {
+    let value = server.cli(&["get", key]).await;
+    let fields: Vec<&str> = value.splitn(5, ':').collect();
+    assert_eq!(fields[1].len(), 15, "expiry field of {value:?}");
+    fields[1].parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,8 +253,26 @@ async fn the_server_keeps_the_expiry_and_the_value_layout() {
         "TTL {ttl} ms, expected a day"
     );
     let value = server.cli(&["get", &key]).await;
+    let value = value.trim_end_matches('\n');
+    // `<version>:<expiry, 15 digits>:<token, 16 hex digits>:<length>:<payload>`
+    let fields: Vec<&str> = value.splitn(5, ':').collect();
+    assert_eq!(fields[0], "1", "stored value {value:?}");
+    assert_eq!(fields[1].len(), 15, "stored value {value:?}");
+    assert_eq!(
+        value_expiry(&server, &key).await,
+        server_expiry(&server, &key).await
+    );
     assert!(
-        value.starts_with("1:") && value.contains(r#":{"d":{"count":1},"c":"#),
+        fields[2].len() == 16 && fields[2].bytes().all(|b| b.is_ascii_hexdigit()),
+        "stored value {value:?}"
+    );
+    assert_eq!(
+        fields[3],
+        fields[4].len().to_string(),
+        "stored value {value:?}"
+    );
+    assert!(
+        fields[4].starts_with(r#"{"d":{"count":1},"c":"#),
         "stored value {value:?}"
     );
     assert_eq!(server.cli(&["dbsize"]).await.trim(), "1");
@@ -358,6 +391,29 @@ async fn connection_problems_are_clear_errors() {
             .trim(),
         "1"
     );
+    // An ACL user: `AUTH user password` on every new connection.
+    let server =
+        RedisServer::start_with(&["--user", "app", "on", ">s3cret", "~*", "&*", "+@all"]).await;
+    let port = server.port();
+    for wrong in ["app:wrong", "nobody:s3cret"] {
+        let err = RedisStore::open(format!("redis://{wrong}@127.0.0.1:{port}"))
+            .await
+            .unwrap_err();
+        assert!(!err.is_unavailable(), "{wrong}: {err:?}");
+        let shown = format!("{err:?}");
+        assert!(shown.contains("authentication failed"), "{shown}");
+        assert!(
+            !shown.contains("wrong") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+    let store = RedisStore::open(format!("redis://app:s3cret@127.0.0.1:{port}/2"))
+        .await
+        .unwrap();
+    let app = serve(&SessionLayer::new(store)).await;
+    let mut b = Browser::new(app.addr).await;
+    b.get("/counter").await;
+    assert_eq!(b.get("/counter").await.body, "2");
 }
 
 /// Kills Redis while requests are in flight, then restarts it on the same port: requests that
@@ -380,12 +436,23 @@ fn now_ms() -> u64 {
     unix_ms(std::time::SystemTime::now())
 }
 
-/// The commands the store sent (those of [`dirty`] and of the test's `redis-cli` checks left
-/// out: the store sends none of them).
-fn store_commands(seen: &[common::servers::Seen]) -> Vec<String> {
-    let mut sent = client_commands(seen);
-    sent.retain(|c| !["INFO", "GET", "PEXPIRETIME", "EXISTS"].contains(&c.as_str()));
-    sent
+/// The commands `store` sent among `seen`: those from its connection, found by sending a
+/// command only it sends (the test's own `redis-cli` checks come from other connections).
+async fn store_commands(
+    store: &RedisStore,
+    monitor: &mut Monitor,
+    seen: &[common::servers::Seen],
+) -> Vec<String> {
+    monitor.take().await;
+    store.delete(&new_key()).await.unwrap();
+    let mark = monitor.take().await;
+    let [del] = mark.as_slice() else {
+        panic!("one DEL expected: {mark:#?}");
+    };
+    seen.iter()
+        .filter(|s| s.source == del.source)
+        .map(|s| s.command.clone())
+        .collect()
 }
 
 /// The number of writes since the server started (with saving off, as here).
@@ -399,11 +466,10 @@ async fn dirty(server: &RedisServer) -> u64 {
         .unwrap()
 }
 
-/// A load is one script (`GET` + `PEXPIRETIME`) that never writes, and reports the key's own
-/// expiry; missing keys are `None`; keys without an expiry or of another type are corrupt and
-/// left alone.
+/// A load is one `GET` that never writes, and reports the expiry in the value; missing keys are
+/// `None`; values in another layout and keys of another type are corrupt and left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_is_one_script_and_never_writes() {
+async fn load_is_one_get_and_never_writes() {
     let (store, server) = single_node().await;
     let id = new_key();
     let created = now_ms() + 10_000;
@@ -416,37 +482,52 @@ async fn load_is_one_script_and_never_writes() {
     let before = dirty(&server).await;
     let rec = store.load(&id).await.unwrap().unwrap();
     let seen = monitor.take().await;
-    assert_eq!(store_commands(&seen), ["EVALSHA"]);
-    let scripted: Vec<&str> = seen
-        .iter()
-        .filter(|s| s.source == "lua")
-        .map(|s| s.command.as_str())
-        .collect();
-    assert_eq!(scripted, ["GET", "PEXPIRETIME"]);
+    assert_eq!(store_commands(&store, &mut monitor, &seen).await, ["GET"]);
+    assert!(seen.iter().all(|s| s.source != "lua"), "{seen:#?}");
     assert_eq!(rec.expires_at_unix_ms(), created);
     assert_eq!((rec.version(), rec.data()), (3, &data));
     assert_eq!(dirty(&server).await, before, "a load wrote");
 
     assert!(store.load(&new_key()).await.unwrap().is_none());
-    // A key without an expiry (never written by this store) is corrupt, and keeps no expiry.
+    // The value's expiry has the last word: a key whose TTL someone removed is served until
+    // the expiry in its value, then never again, and left alone.
     let bare = new_key();
     let bare_key = store.key(&bare);
-    server
-        .cli(&["set", &bare_key, r#"1:0000000000000001:{"d":{}}"#])
-        .await;
-    let err = store.load(&bare).await.unwrap_err();
-    assert!(err.is_corrupt(), "{err:?}");
-    assert!(!format!("{err:?}").contains(&bare.to_hex()), "{err:?}");
+    let soon = now_ms() + 300;
+    let value = format!("1:{soon:015}:0000000000000001:8:{{\"d\":{{}}}}");
+    server.cli(&["set", &bare_key, &value]).await;
     assert_eq!(server.cli(&["pttl", &bare_key]).await.trim(), "-1");
+    assert_eq!(store.load(&bare).await.unwrap().unwrap().version(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.load(&bare).await.unwrap().is_none());
+    assert_eq!(server.cli(&["pttl", &bare_key]).await.trim(), "-1");
+    // A value in the layout before this one (`<version>:<token>:<payload>`) is corrupt, its
+    // error naming the session by its fingerprint only.
+    let old = new_key();
+    server
+        .cli(&[
+            "set",
+            &store.key(&old),
+            r#"1:0000000000000001:{"d":{}}"#,
+            "px",
+            "60000",
+        ])
+        .await;
+    let err = store.load(&old).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    let shown = format!("{err:?}");
+    assert!(!shown.contains(&old.to_hex()), "{shown}");
+    assert!(shown.contains(old.fingerprint().as_str()), "{shown}");
     // A key of another type is corrupt too.
     let hash = new_key();
     server.cli(&["hset", &store.key(&hash), "d", "x"]).await;
     let err = store.load(&hash).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
+    assert!(format!("{err:?}").contains("WRONGTYPE"), "{err:?}");
 }
 
 /// `touch` and `remove` change the key only on the expected version, each in one script call:
-/// right version, the effect and `Saved` (one write); another version, `Conflict` and nothing
+/// right version, the effect and `Saved`; another version, `Conflict` and nothing
 /// written; a missing or expired key, `Missing` and nothing revived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
@@ -483,22 +564,38 @@ async fn conditional_touch_and_remove() {
         );
         assert_eq!(server_expiry(&server, &key).await, to);
     }
-    assert_eq!(dirty(&server).await, before + 2);
-    assert_eq!(server.cli(&["get", &key]).await, value);
+    // Two changes each: the expiry in the value and the key's.
+    assert_eq!(dirty(&server).await, before + 4);
     let rec = store.load(&id).await.unwrap().unwrap();
-    assert_eq!((rec.version(), rec.data()), (3, &data));
+    assert_eq!(
+        (rec.version(), rec.data(), rec.expires_at_unix_ms()),
+        (3, &data, created + 5_000)
+    );
     let seen = monitor.take().await;
     assert_eq!(
-        store_commands(&seen),
-        ["EVALSHA"; 7],
+        store_commands(&store, &mut monitor, &seen).await,
+        [
+            "EVALSHA", "EVALSHA", "EVALSHA", "EVALSHA", "EVALSHA", "EVALSHA", "GET"
+        ],
         "one call each: {seen:#?}"
     );
+    // Only the expiry field changed in the value, to the key's new expiry.
+    let moved = server.cli(&["get", &key]).await;
+    assert_eq!(value_expiry(&server, &key).await, created + 5_000);
+    assert_eq!(moved.len(), value.len());
+    let unchanged = |v: &str| {
+        let f: Vec<String> = v.splitn(5, ':').map(str::to_owned).collect();
+        (f[0].clone(), f[2].clone(), f[3].clone(), f[4].clone())
+    };
+    assert_eq!(unchanged(&moved), unchanged(&value));
     // Past the latest expiry Redis accepts: clamped, as every write of this store is.
     assert_eq!(
         store.touch(&id, 3, at(u64::MAX)).await.unwrap(),
         SaveOutcome::Saved
     );
     assert_eq!(server_expiry(&server, &key).await, 253_402_300_799_999);
+    assert_eq!(value_expiry(&server, &key).await, 253_402_300_799_999);
+    let value = server.cli(&["get", &key]).await;
 
     // Missing: nothing revived.
     let gone = new_key();
@@ -524,8 +621,9 @@ async fn conditional_touch_and_remove() {
     assert_eq!(store.remove(&id, 3).await.unwrap(), SaveOutcome::Saved);
     assert_eq!(server.cli(&["exists", &key]).await.trim(), "0");
     assert_eq!(store.remove(&id, 3).await.unwrap(), SaveOutcome::Missing);
+    let seen = monitor.take().await;
     assert_eq!(
-        store_commands(&monitor.take().await),
+        store_commands(&store, &mut monitor, &seen).await,
         ["EVALSHA"; 4],
         "one call each"
     );
@@ -587,11 +685,10 @@ async fn conditional_touch_and_remove() {
         SaveOutcome::Saved
     );
     assert_eq!(store.remove(&id, 1).await.unwrap(), SaveOutcome::Saved);
+    let seen = monitor.take().await;
     assert_eq!(
-        store_commands(&monitor.take().await),
-        [
-            "EVALSHA", "SCRIPT", "EVALSHA", "EVALSHA", "SCRIPT", "EVALSHA"
-        ]
+        store_commands(&store, &mut monitor, &seen).await,
+        ["EVALSHA", "EVAL", "EVALSHA", "EVAL"]
     );
 }
 
@@ -691,11 +788,11 @@ fn has(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The writes as RESP on the wire: only a save's `EVALSHA` has 9 elements (sha, key count, key
-/// and five arguments), a touch's 6, a remove's 5 (a load's 4); a create is `SET`.
+/// The writes as RESP on the wire: a save's `EVALSHA` has 7 elements (sha, key count, key and
+/// three arguments), a touch's 6, a remove's 5; a create is `SET` (a load is `GET`).
 const TRIGGERS: lost_reply::Triggers = lost_reply::Triggers {
     create: |b| has(b, b"*7\r\n$3\r\nSET\r\n"),
-    save: |b| has(b, b"*9\r\n$7\r\nEVALSHA\r\n"),
+    save: |b| has(b, b"*7\r\n$7\r\nEVALSHA\r\n"),
     touch: |b| has(b, b"*6\r\n$7\r\nEVALSHA\r\n"),
     remove: |b| has(b, b"*5\r\n$7\r\nEVALSHA\r\n"),
 };
@@ -821,6 +918,10 @@ async fn loads_are_bounded_by_the_command_timeout(
             assert!(took < Duration::from_millis(800), "{took:?}");
         }
         sleeper.await.unwrap();
+        // The reply the timed-out load never read is not taken for the next one's.
+        let other = new_key();
+        assert!(store.load(&other).await.unwrap().is_none());
+        assert_eq!(store.load(key).await.unwrap().unwrap().version(), 1);
     }
 }
 
@@ -1175,7 +1276,7 @@ async fn min_replicas_ack_confirms_each_write_with_wait() {
     let sent = client_commands(&monitor.take().await);
     assert_eq!(
         sent,
-        ["SET", "WAIT", "EVALSHA", "WAIT", "EVALSHA"],
+        ["SET", "WAIT", "EVALSHA", "WAIT", "GET"],
         "each write with its WAIT, the load alone"
     );
     // A conflict writes nothing: reported as such.

@@ -19,14 +19,10 @@ pub(crate) use self::record::{from_unix_ms, unix_ms};
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
-#[cfg(feature = "redis")]
-pub(crate) mod redis;
 #[cfg(any(feature = "redis", feature = "webdis"))]
-pub(crate) mod redis_common;
+pub(crate) mod redis;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
-#[cfg(feature = "webdis")]
-pub(crate) mod webdis;
 
 /// What [`SessionStore::create`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -520,10 +520,10 @@ impl SessionStore for SqliteStore {
         let expected = i64::try_from(expected_version).ok();
         let expires = ms(expires_at);
         write(&self.inner, "touch", move |s| {
-            if let Some(expected) = expected {
-                if s.touch.execute(params![key, expires, expected])? > 0 {
-                    return Ok(SaveOutcome::Saved);
-                }
+            if let Some(expected) = expected
+                && s.touch.execute(params![key, expires, expected])? > 0
+            {
+                return Ok(SaveOutcome::Saved);
             }
             not_written(s, &key)
         })
@@ -534,10 +534,10 @@ impl SessionStore for SqliteStore {
         let key = key.to_bytes();
         let expected = i64::try_from(expected_version).ok();
         write(&self.inner, "remove", move |s| {
-            if let Some(expected) = expected {
-                if s.remove.execute(params![key, expected])? > 0 {
-                    return Ok(SaveOutcome::Saved);
-                }
+            if let Some(expected) = expected
+                && s.remove.execute(params![key, expected])? > 0
+            {
+                return Ok(SaveOutcome::Saved);
             }
             not_written(s, &key)
         })

@@ -1,14 +1,13 @@
-//! [`RedisStore`]: sessions in Redis, on one node or a Redis Cluster, with the `redis` crate.
+//! [`RedisStore`]: sessions in Redis, on one node, a Redis Cluster or under Sentinel, with the
+//! `redis` crate: the family's [protocol](super::protocol) over the crate's connections.
 
 use std::cell::RefCell;
 use std::fmt;
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::io::Write;
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use ::redis::aio::ConnectionLike;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -17,25 +16,26 @@ use ::redis::cluster_async::ClusterConnection;
 use ::redis::sentinel::{SentinelClient, SentinelServerType};
 use ::redis::{
     AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisResult, RedisWrite,
-    Script, ToRedisArgs, Value,
+    ToRedisArgs, Value,
 };
 
-use crate::error::StoreError;
-use crate::key::{KEY_HEX_LEN, Key};
-use crate::record::{Record, from_unix_ms};
-use crate::store::redis_common::{
-    Header, LOAD_PACKED_LUA, MAX_HEADER_LEN, REMOVE_LUA, SAVE_LUA, TOUCH_LUA, decode_vec_from,
-    expiry_ms, script_outcome, settle, settle_create, split_packed,
+use super::protocol::{
+    Arg, Command, Head, KeyName, Protocol, Reply, SendError, Sent, ServerError, Transport,
+    opening_failed, session_store_on_protocol,
 };
-use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
+use super::value::{Header, MAX_HEADER_LEN};
+use crate::error::StoreError;
+use crate::key::Key;
 
 /// Sessions in Redis (7.0 or newer, or Valkey), on a single node, a Redis Cluster, or a master
 /// managed by Redis Sentinel.
 ///
-/// One key per session, `<prefix><id>` (prefix `session:` by default), so no command ever spans
-/// two cluster slots. Redis keeps the expiry: every key carries a TTL at the session's
-/// `expires_at` (`PXAT`), so expired sessions disappear without any sweeping, and `load` reads
-/// the expiry back from the key (`PEXPIRETIME`).
+/// One key per session, `<prefix><key>` (prefix `session:` by default; the session's
+/// [`Key`], a digest of its id, in hex), so no command ever spans two cluster slots. The key
+/// holds one string: a short header (version, expiry, write token, length) and the session
+/// payload, so that a load is one plain `GET`; Redis keeps the expiry too (every key carries a
+/// TTL at the session's `expires_at`, `PXAT`), so expired sessions disappear without any
+/// sweeping.
 ///
 /// # Round trips
 /// Every operation is one round trip (one command), so one round trip per store call the
@@ -44,29 +44,29 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// | request | commands |
 /// |---|---|
 /// | does not touch the session | none |
-/// | reads | `EVALSHA` (load script: `GET` + `PEXPIRETIME`) |
-/// | reads, with an idle expiry due to slide | the load + `EVALSHA` (conditional touch script) |
-/// | writes | the load + `EVALSHA` (compare-and-set script) |
+/// | reads | `GET` |
+/// | reads, with an idle expiry due to slide | `GET` + `EVALSHA` (conditional touch script) |
+/// | writes | `GET` + `EVALSHA` (compare-and-set script) |
 /// | new session | `SET key value NX PXAT ms GET` |
-/// | empties the session | the load + `EVALSHA` (conditional remove script) |
+/// | empties the session | `GET` + `EVALSHA` (conditional remove script) |
 /// | destroy | `DEL` |
 ///
 /// `save`, `touch` and `remove` are Lua scripts that check the version in the stored value's
-/// header and change the key only when it is the expected one. A load never writes.
+/// header and change the key only when it is the expected one; `touch` rewrites the expiry in
+/// the value and the key's TTL in the same atomic step. A load never writes, and never returns
+/// a record whose expiry (in the value, checked against this server's clock) has passed.
 ///
-/// A script missing from the server's cache (after a restart or `SCRIPT FLUSH`) costs one
-/// `SCRIPT LOAD` and a second `EVALSHA`, once; on a cluster, one `EVAL` with the script instead
-/// (on the key's node, which a `SCRIPT LOAD` to the masters the client knows of may miss just
-/// after a failover).
+/// A script missing from the server's cache (after a restart or `SCRIPT FLUSH`, or on a cluster
+/// node that never saw it) costs one `EVAL` with the script, once, which caches it again.
 ///
 /// # Stored value
-/// A Redis string: a short header `<version>:<token>:` (the version in decimal, a 16-hex-digit
-/// write token), then the session payload byte for byte. The token lets a retried write
-/// recognise itself, so a write whose reply was lost and that is retried is not applied twice.
-/// A value without this header is reported as corrupt, which the layer answers
-/// with a fresh session (leaving the value alone). The
-/// `WebdisStore` (feature `webdis`) uses the same keys, values and
-/// scripts, so both serve the same sessions from one Redis.
+/// A Redis string `<version>:<expiry>:<token>:<length>:<payload>`: the version in decimal, the
+/// expiry in Unix milliseconds as 15 digits, a 16-hex-digit write token, the payload's length,
+/// then the session payload byte for byte. The token lets a retried write recognise itself, so
+/// a write whose reply was lost and that is retried is not applied twice. A value in another
+/// layout (or a key of another type) is reported as corrupt, which the layer answers with a
+/// fresh session (leaving the value alone). The `WebdisStore` (feature `webdis`) runs the same
+/// protocol on the same keys and values, so both serve the same sessions from one Redis.
 ///
 /// # Failures
 /// Connection errors, timeouts, a loading, read-only or out-of-memory server are
@@ -137,40 +137,14 @@ use crate::store::{CreateOutcome, SaveOutcome, SessionStore};
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: Conn,
-    inner: Arc<Inner>,
+    protocol: Arc<Protocol<Conn>>,
 }
 
-struct Inner {
-    prefix: String,
-    timeout: Duration,
-    /// The SHA1 of [`LOAD_PACKED_LUA`], for `EVALSHA`.
-    load_sha: String,
-    /// The SHA1 of [`SAVE_LUA`].
-    save_sha: String,
-    /// The SHA1 of [`TOUCH_LUA`].
-    touch_sha: String,
-    /// The SHA1 of [`REMOVE_LUA`].
-    remove_sha: String,
-    /// Write tokens: a random start, then one more per write.
-    tokens: AtomicU64,
-    /// The replicas every write must reach before it is acknowledged, if any.
-    acks: Option<Acks>,
-}
-
-/// What [`RedisStoreBuilder::min_replicas_ack`] asks for.
-struct Acks {
-    replicas: i64,
-    timeout: Duration,
-    /// `WAIT replicas timeout-ms`, sent after every write in the same round trip.
-    wait: Cmd,
-}
-
-#[derive(Clone)]
+/// The connection: the `redis` crate's, one of three kinds.
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
-    Sentinel(Arc<SentinelConn>),
+    Sentinel(Box<SentinelConn>),
 }
 
 /// Configures a [`RedisStore`]: key prefix, command timeout and replica acknowledgements, then
@@ -257,7 +231,7 @@ impl RedisStoreBuilder {
     /// # let _ = builder;
     /// ```
     pub fn min_replicas_ack(mut self, replicas: usize, timeout: Duration) -> Self {
-        self.acks = (replicas > 0).then(|| (replicas, timeout.max(Duration::from_millis(1))));
+        self.acks = (replicas > 0).then_some((replicas, timeout));
         self
     }
 
@@ -268,7 +242,7 @@ impl RedisStoreBuilder {
     /// [`StoreError::unavailable`] if the server cannot be reached within the command timeout,
     /// [`StoreError::other`] for a URL that is not a Redis URL or refused credentials.
     pub async fn open(self, url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
-        let client = ::redis::Client::open(url).map_err(store_error)?;
+        let client = ::redis::Client::open(url).map_err(open_error)?;
         let config = ConnectionManagerConfig::new()
             // Fail fast while Redis is down (one connection attempt per failed request), and
             // pick the connection up again on the first request after it is back.
@@ -279,13 +253,7 @@ impl RedisStoreBuilder {
             // and cut the command timeout short.
             .set_response_timeout(None);
         let connect = ConnectionManager::new_with_config(client, config);
-        let manager = tokio::time::timeout(self.timeout, connect)
-            .await
-            .map_err(|_| timed_out(self.timeout))?
-            .map_err(store_error)?;
-        self.with_connection_manager(manager)
-            .preloaded_boxed()
-            .await
+        self.connected(connect, Conn::Single).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (the others are discovered).
@@ -314,14 +282,23 @@ impl RedisStoreBuilder {
             .overall_response_timeout(None)
             .retries(0)
             .build()
-            .map_err(store_error)?;
-        let connection = tokio::time::timeout(self.timeout, client.get_async_connection())
+            .map_err(open_error)?;
+        self.connected(client.get_async_connection(), Conn::Cluster)
             .await
-            .map_err(|_| timed_out(self.timeout))?
-            .map_err(store_error)?;
-        self.with_cluster_connection(connection)
-            .preloaded_boxed()
+    }
+
+    /// The store on the connection `connect` makes within the command timeout, its scripts
+    /// loaded.
+    async fn connected<C>(
+        self,
+        connect: impl Future<Output = RedisResult<C>>,
+        conn: impl FnOnce(C) -> Conn,
+    ) -> Result<RedisStore, StoreError> {
+        let connection = tokio::time::timeout(self.timeout, connect)
             .await
+            .map_err(|_| connect_timed_out(self.timeout))?
+            .map_err(open_error)?;
+        self.build(conn(connection)).preloaded_boxed().await
     }
 
     /// Connects to the master that Redis Sentinel knows as `master_name`, asking the Sentinels
@@ -353,7 +330,7 @@ impl RedisStoreBuilder {
             None,
             SentinelServerType::Master,
         )
-        .map_err(store_error)?;
+        .map_err(open_error)?;
         self.with_sentinel_client(client).preloaded_boxed().await
     }
 
@@ -366,7 +343,7 @@ impl RedisStoreBuilder {
             .set_connection_timeout(Some(self.timeout))
             // As for a single node: the command timeout is the only bound.
             .set_response_timeout(None);
-        self.build(Conn::Sentinel(Arc::new(SentinelConn {
+        self.build(Conn::Sentinel(Box::new(SentinelConn {
             client: tokio::sync::Mutex::new(client),
             current: Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -394,31 +371,8 @@ impl RedisStoreBuilder {
     }
 
     fn build(self, conn: Conn) -> RedisStore {
-        let (start, _) = uuid::Uuid::new_v4().as_u64_pair();
         RedisStore {
-            conn,
-            inner: Arc::new(Inner {
-                prefix: self.prefix,
-                timeout: self.timeout,
-                load_sha: Script::new(LOAD_PACKED_LUA).get_hash().to_owned(),
-                save_sha: Script::new(SAVE_LUA).get_hash().to_owned(),
-                touch_sha: Script::new(TOUCH_LUA).get_hash().to_owned(),
-                remove_sha: Script::new(REMOVE_LUA).get_hash().to_owned(),
-                tokens: AtomicU64::new(start),
-                acks: self.acks.map(|(replicas, timeout)| {
-                    let mut wait = ::redis::cmd("WAIT");
-                    wait.arg(replicas).arg(
-                        u64::try_from(timeout.as_millis())
-                            .unwrap_or(u64::MAX)
-                            .max(1),
-                    );
-                    Acks {
-                        replicas: i64::try_from(replicas).unwrap_or(i64::MAX),
-                        timeout,
-                        wait,
-                    }
-                }),
-            }),
+            protocol: Arc::new(Protocol::new(conn, self.prefix, self.timeout, self.acks)),
         }
     }
 }
@@ -462,7 +416,7 @@ impl RedisStore {
 
     /// The key prefix.
     pub fn key_prefix(&self) -> &str {
-        &self.inner.prefix
+        &self.protocol.prefix
     }
 
     /// The Redis key of a session: the prefix, then the session's [`Key`] in hex (never the id).
@@ -477,7 +431,7 @@ impl RedisStore {
     /// # }
     /// ```
     pub fn key(&self, key: &Key) -> String {
-        key.prefixed(&self.inner.prefix)
+        self.protocol.key_string(key)
     }
 
     /// [`preloaded`](Self::preloaded), boxed: opening happens once, and the request path's
@@ -492,152 +446,12 @@ impl RedisStore {
 
     /// Loads the scripts into the server's cache, so that the first requests need no reload.
     async fn preloaded(self) -> Result<RedisStore, StoreError> {
-        for source in [LOAD_PACKED_LUA, SAVE_LUA, TOUCH_LUA, REMOVE_LUA] {
-            let mut cmd = ::redis::cmd("SCRIPT");
-            cmd.arg("LOAD").arg(source);
-            self.run(Req::Cmd(&cmd)).await?;
-        }
+        self.protocol.load_scripts().await?;
         Ok(self)
     }
-
-    fn next_token(&self) -> u64 {
-        self.inner.tokens.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// A command `name key`, with room for `more` further arguments of `bytes` bytes in all;
-    /// its buffers are reused (see [`PooledCmd`]).
-    fn keyed(&self, name: &str, key: &Key, more: usize, bytes: usize) -> PooledCmd {
-        let mut cmd = PooledCmd::with_capacity(
-            2 + more,
-            name.len() + self.inner.prefix.len() + KEY_HEX_LEN + bytes,
-        );
-        cmd.arg(name).arg(self.key_arg(key));
-        cmd
-    }
-
-    /// `EVALSHA sha 1 key`, with room for `more` further arguments of `bytes` bytes in all;
-    /// its buffers are reused (see [`PooledCmd`]).
-    fn evalsha(&self, sha: &str, key: &Key, more: usize, bytes: usize) -> PooledCmd {
-        let mut cmd = PooledCmd::with_capacity(
-            4 + more,
-            7 + sha.len() + 1 + self.inner.prefix.len() + KEY_HEX_LEN + bytes,
-        );
-        cmd.arg("EVALSHA").arg(sha).arg("1").arg(self.key_arg(key));
-        cmd
-    }
-
-    fn key_arg<'a>(&'a self, key: &Key) -> KeyArg<'a> {
-        KeyArg {
-            prefix: &self.inner.prefix,
-            key: *key,
-        }
-    }
-
-    /// Runs one request, retried once on a broken connection, all within the command
-    /// timeout (on a cluster, each attempt is also sent again while the cluster answers that it
-    /// did not run it: see [`Resend`]). Answers the reply and whether it is the retry's (the
-    /// first attempt may then have been applied: see [`settle`]).
-    async fn run(&self, req: Req<'_>) -> Result<(Value, bool), StoreError> {
-        // Pinned where it is built: `tokio::time::timeout` would move the whole attempt (its
-        // size is mostly the redis crate's request future, over a kilobyte) into its own future.
-        let mut attempt = pin!(async {
-            // Not matched on directly: a scrutinee's temporaries (the first attempt's future)
-            // would stay alive, and in this future's size, through the second attempt.
-            let first = self.conn.exec(&req).await;
-            match first {
-                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
-                    (self.conn.exec(&req).await, true)
-                }
-                other => (other, false),
-            }
-        });
-        self.bounded(attempt.as_mut()).await
-    }
-
-    /// Runs a write as [`run`](Self::run) does: when replicas must acknowledge it, with
-    /// `WAIT` in the same round trip, and answers how many replicas `WAIT` reported (`None`
-    /// without [`min_replicas_ack`](RedisStoreBuilder::min_replicas_ack)).
-    async fn run_write(&self, req: Req<'_>) -> Result<(Value, bool, Option<i64>), StoreError> {
-        let Some(acks) = &self.inner.acks else {
-            return self.run(req).await.map(|(v, retried)| (v, retried, None));
-        };
-        // Boxed: this path's futures stay out of the size of the default path's.
-        let mut attempt = Box::pin(async {
-            let first = self.conn.exec_waiting(&req, &acks.wait).await;
-            match first {
-                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
-                    (self.conn.exec_waiting(&req, &acks.wait).await, true)
-                }
-                other => (other, false),
-            }
-        });
-        let ((value, acked), retried) = self.bounded(attempt.as_mut()).await?;
-        Ok((value, retried, Some(acked)))
-    }
-
-    /// An attempt bounded by the command timeout (as in [`run`](Self::run)).
-    async fn bounded<T>(
-        &self,
-        mut attempt: std::pin::Pin<&mut impl Future<Output = (RedisResult<T>, bool)>>,
-    ) -> Result<(T, bool), StoreError> {
-        let mut deadline = pin!(tokio::time::sleep(self.inner.timeout));
-        poll_fn(|cx| {
-            if let Poll::Ready((done, retried)) = attempt.as_mut().poll(cx) {
-                return Poll::Ready(done.map(|v| (v, retried)).map_err(store_error));
-            }
-            deadline
-                .as_mut()
-                .poll(cx)
-                .map(|()| Err(timed_out(self.inner.timeout)))
-        })
-        .await
-    }
-
-    /// Runs a conditional script (`save`, `touch`, `remove`) and sorts its answer.
-    async fn conditional(
-        &self,
-        cmd: &Cmd,
-        source: &'static str,
-        op: &'static str,
-    ) -> Result<SaveOutcome, StoreError> {
-        match self.run_write(Req::Script(cmd, source)).await? {
-            (Value::Int(n), retried, acked) => match script_outcome(n) {
-                Some(outcome) => {
-                    let outcome = settle(outcome, retried, op)?;
-                    if outcome == SaveOutcome::Saved {
-                        self.confirmed(acked, retried, op)?;
-                    }
-                    Ok(outcome)
-                }
-                None => Err(unexpected(op, &Value::Int(n))),
-            },
-            (other, ..) => Err(unexpected(op, &other)),
-        }
-    }
-
-    /// Whether a write that changed the record may be acknowledged: always without
-    /// [`min_replicas_ack`](RedisStoreBuilder::min_replicas_ack); with it, only if `WAIT`
-    /// reported enough replicas on the write's own attempt.
-    fn confirmed(
-        &self,
-        acked: Option<i64>,
-        retried: bool,
-        op: &'static str,
-    ) -> Result<(), StoreError> {
-        let Some(acks) = &self.inner.acks else {
-            return Ok(());
-        };
-        match acked {
-            Some(n) if !retried && n >= acks.replicas => Ok(()),
-            _ => Err(StoreError::unavailable(NotReplicated {
-                op,
-                acked: if retried { None } else { acked },
-                wanted: acks.replicas,
-                timeout: acks.timeout,
-            })),
-        }
-    }
 }
+
+session_store_on_protocol!(RedisStore);
 
 /// A command whose buffers go back to a small per-thread list when it is dropped, so that the
 /// next commands need no allocation (two per command otherwise, and as many frees). Commands
@@ -705,21 +519,13 @@ impl Drop for PooledCmd {
     }
 }
 
-/// A session's key as a command argument: the prefix and the id written straight into the
-/// command's buffer (no `String` per command).
-struct KeyArg<'a> {
-    prefix: &'a str,
-    key: Key,
-}
+/// A session's key as a command argument, written straight into the command's buffer (no
+/// `String` per command).
+struct KeyArg<'a>(KeyName<'a>);
 
 impl ToRedisArgs for KeyArg<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        let mut key = [0u8; KEY_HEX_LEN];
-        self.key.encode(&mut key);
-        let mut arg = out.writer_for_next_arg();
-        // Writes into a command's buffer cannot fail.
-        let _ = arg.write_all(self.prefix.as_bytes());
-        let _ = arg.write_all(&key);
+        self.0.write(&mut out.writer_for_next_arg());
     }
 }
 
@@ -739,11 +545,142 @@ impl ToRedisArgs for ValueArg<'_> {
     }
 }
 
-/// A request: one command, or a script call (`EVALSHA`, with a `SCRIPT LOAD` of the source and
-/// a second `EVALSHA` when the server does not have it cached).
-enum Req<'a> {
-    Cmd(&'a Cmd),
-    Script(&'a Cmd, &'static str),
+/// A protocol command as the `redis` crate's, its buffers reused (see [`PooledCmd`]).
+fn packed(cmd: &Command<'_>) -> PooledCmd {
+    let mut bytes = cmd.head.name().len() + cmd.key.map_or(0, |k| k.len());
+    for arg in cmd.args {
+        bytes += match arg {
+            Arg::Word(w) => w.len(),
+            Arg::Int(_) => 20,
+            Arg::Value(_, data) => MAX_HEADER_LEN + data.len(),
+            Arg::Source(source) => source.len(),
+        };
+    }
+    let mut out = match cmd.head {
+        Head::Name(name) => {
+            let mut out = PooledCmd::with_capacity(1 + cmd.args.len() + 1, bytes);
+            out.arg(name);
+            out
+        }
+        Head::EvalSha(script) | Head::Eval(script) => {
+            let body = match cmd.head {
+                Head::Eval(_) => script.source,
+                _ => script.sha.as_str(),
+            };
+            let mut out = PooledCmd::with_capacity(4 + cmd.args.len(), bytes + body.len() + 1);
+            out.arg(cmd.head.name()).arg(body).arg(1);
+            out
+        }
+    };
+    if let Some(key) = cmd.key {
+        out.arg(KeyArg(key));
+    }
+    for arg in cmd.args {
+        match *arg {
+            Arg::Word(word) => out.arg(word),
+            Arg::Int(n) => out.arg(n),
+            Arg::Value(header, data) => out.arg(ValueArg { header, data }),
+            Arg::Source(source) => out.arg(source),
+        };
+    }
+    out
+}
+
+/// A reply in the protocol's model; the bulk string keeps the crate's buffer. An error reply,
+/// or a type the family's commands never get, is an error.
+fn reply(value: Value) -> Result<Reply, SendError> {
+    Ok(match value {
+        Value::Nil => Reply::Nil,
+        Value::Int(n) => Reply::Int(n),
+        Value::BulkString(b) => Reply::Bulk(b.into()),
+        Value::Okay | Value::SimpleString(_) => Reply::Status,
+        Value::Array(items) => {
+            Reply::Array(items.into_iter().map(reply).collect::<Result<_, _>>()?)
+        }
+        Value::ServerError(e) => return Err(ServerError::from_code(e.code()).into()),
+        _ => {
+            return Err(SendError::Other(Box::new(RedisError::from((
+                ::redis::ErrorKind::UnexpectedReturnType,
+                "a reply of a type the store never asks for",
+            )))));
+        }
+    })
+}
+
+/// A `redis` crate error in the protocol's model. An error reply keeps its code only (its text
+/// may echo arguments).
+fn send_error(e: RedisError) -> SendError {
+    use ::redis::ErrorKind;
+    if e.is_connection_refusal() {
+        return SendError::NotSent(Box::new(e));
+    }
+    if e.is_io_error() || e.is_connection_dropped() {
+        return SendError::Broken(Box::new(e));
+    }
+    if let Some(code) = e.code() {
+        return ServerError::from_code(code).into();
+    }
+    let unavailable = e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::MasterNameNotFoundBySentinel
+                | ErrorKind::NoValidReplicasFoundBySentinel
+        );
+    if unavailable {
+        SendError::Unavailable(Box::new(e))
+    } else {
+        SendError::Other(Box::new(e))
+    }
+}
+
+/// An error while connecting, sorted as the protocol sorts a failed command.
+fn open_error(e: RedisError) -> StoreError {
+    opening_failed(Conn::NAME, send_error(e))
+}
+
+/// No connection within the command timeout.
+fn connect_timed_out(after: Duration) -> StoreError {
+    opening_failed(
+        Conn::NAME,
+        SendError::Unavailable(Box::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("redis did not answer within {after:?}"),
+        ))),
+    )
+}
+
+impl Transport for Conn {
+    const NAME: &'static str = "redis";
+    const VALUE_LAST: bool = false;
+    const BINARY_SAFE: bool = true;
+
+    /// Sends a command once (on a cluster, until the cluster has run it: see [`Resend`]), with
+    /// `then` (a `WAIT`) after it if given, in one pipeline: one round trip, one connection, one
+    /// node (on a cluster, the pipeline goes to the node of its one key; `WAIT` alone would go
+    /// to every master).
+    async fn send(&self, cmd: &Command<'_>, then: Option<&Command<'_>>) -> Result<Sent, SendError> {
+        let cmd = packed(cmd);
+        let then = then.map(packed);
+        let mut resend = Resend::new(self);
+        let (value, then) = loop {
+            let done = match &then {
+                None => self.send_one(&cmd).await.map(|v| (v, None)),
+                Some(then) => self.send_pipeline(&cmd, then).await,
+            };
+            match done {
+                Err(e) => match resend.again(&e) {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => return Err(send_error(e)),
+                },
+                Ok(done) => break done,
+            }
+        };
+        Ok(Sent {
+            reply: reply(value)?,
+            then: then.and_then(|v| reply(v).ok()),
+        })
+    }
 }
 
 /// The shortest and longest pause before a cluster command is sent again after the cluster
@@ -770,27 +707,11 @@ fn not_run(e: &RedisError) -> bool {
     )
 }
 
-/// `EVAL source …` for `EVALSHA sha …`: on a cluster, what a script call the node did not have
-/// cached (`NOSCRIPT`) is sent again as. `SCRIPT LOAD` goes to the masters the cluster client
-/// knows of, which just after a failover may not include the one that serves the key (reached
-/// through another route); the script itself, with its key, reaches that node and is cached
-/// there.
-fn eval_of(evalsha: &Cmd, source: &str) -> Cmd {
-    let mut eval = ::redis::cmd("EVAL");
-    eval.arg(source);
-    for arg in evalsha.args_iter().skip(2) {
-        if let ::redis::Arg::Simple(arg) = arg {
-            eval.arg(arg);
-        }
-    }
-    eval
-}
-
 /// The pauses between the attempts of a cluster command the cluster did not run
 /// ([`not_run`]): none before the first resend (after a `MOVED` the cluster client sets about
 /// refreshing its slot map at once), then growing up to [`CLUSTER_PAUSE_MAX`]. The cluster client
 /// itself is built without retries (see [`RedisStoreBuilder::open_cluster`]). There is no limit
-/// on the attempts: the caller bounds them by the command timeout.
+/// on the attempts: the protocol bounds them by the command timeout.
 struct Resend {
     cluster: bool,
     pause: Duration,
@@ -816,127 +737,40 @@ impl Resend {
 }
 
 impl Conn {
-    /// Runs a request once (on a cluster, until the cluster has run it: see [`Resend`]).
-    async fn exec(&self, req: &Req<'_>) -> RedisResult<Value> {
-        let mut resend = Resend::new(self);
-        loop {
-            let done = self.exec_once(req).await;
-            match done {
-                Err(e) => match resend.again(&e) {
-                    Some(pause) => tokio::time::sleep(pause).await,
-                    None => return Err(e),
-                },
-                done => return done,
-            }
-        }
-    }
-
-    async fn exec_once(&self, req: &Req<'_>) -> RedisResult<Value> {
-        match *req {
-            Req::Cmd(cmd) => self.send(cmd).await,
-            Req::Script(cmd, source) => {
-                let first = self.send(cmd).await;
-                match first {
-                    Err(e)
-                        if e.kind()
-                            == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
-                    {
-                        if let Conn::Cluster(_) = self {
-                            return self.send(&eval_of(cmd, source)).await;
-                        }
-                        let mut load = ::redis::cmd("SCRIPT");
-                        load.arg("LOAD").arg(source);
-                        self.send(&load).await?;
-                        self.send(cmd).await
-                    }
-                    other => other,
-                }
-            }
-        }
-    }
-
-    async fn send(&self, cmd: &Cmd) -> RedisResult<Value> {
+    async fn send_one(&self, cmd: &Cmd) -> RedisResult<Value> {
         let reply = match self {
             Conn::Single(c) => c.clone().send_packed_command(cmd).await?,
             Conn::Cluster(c) => c.clone().req_packed_command(cmd).await?,
-            Conn::Sentinel(c) => return c.send(cmd).await,
+            // Boxed: the Sentinel path's futures (asking the Sentinels for the master) are deep
+            // enough to push the layout of callers' futures past the compiler's default
+            // recursion limit.
+            Conn::Sentinel(c) => return Box::pin(c.send(cmd)).await,
         };
         server_error(reply)
     }
 
-    /// As [`exec`](Self::exec), each command sent with `wait` (`WAIT n timeout`) after it in
-    /// one pipeline: one round trip, one connection, one node (on a cluster, the pipeline goes
-    /// to the node of its one key; `WAIT` alone would go to every master). Answers the
-    /// command's reply and `WAIT`'s count of replicas.
-    async fn exec_waiting(&self, req: &Req<'_>, wait: &Cmd) -> RedisResult<(Value, i64)> {
-        let mut resend = Resend::new(self);
-        loop {
-            let done = self.exec_waiting_once(req, wait).await;
-            match done {
-                Err(e) => match resend.again(&e) {
-                    Some(pause) => tokio::time::sleep(pause).await,
-                    None => return Err(e),
-                },
-                done => return done,
-            }
-        }
-    }
-
-    async fn exec_waiting_once(&self, req: &Req<'_>, wait: &Cmd) -> RedisResult<(Value, i64)> {
-        let (cmd, source) = match *req {
-            Req::Cmd(cmd) => (cmd, None),
-            Req::Script(cmd, source) => (cmd, Some(source)),
-        };
+    /// Sends a command and then another in one pipeline; the first's server error, if any, is
+    /// the error, and the second's is no reply.
+    async fn send_pipeline(&self, cmd: &Cmd, then: &Cmd) -> RedisResult<(Value, Option<Value>)> {
         let mut pipe = Pipeline::with_capacity(2);
-        pipe.add_command(cmd.clone()).add_command(wait.clone());
-        let first = self.send_pipeline(&pipe).await;
-        match (first, source) {
-            (Err(e), Some(source))
-                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
-            {
-                if let Conn::Cluster(_) = self {
-                    let mut pipe = Pipeline::with_capacity(2);
-                    pipe.add_command(eval_of(cmd, source))
-                        .add_command(wait.clone());
-                    return self.send_pipeline(&pipe).await;
-                }
-                let mut load = ::redis::cmd("SCRIPT");
-                load.arg("LOAD").arg(source);
-                self.send(&load).await?;
-                self.send_pipeline(&pipe).await
-            }
-            (other, _) => other,
-        }
-    }
-
-    /// Sends a command and its `WAIT`; the command's server error, if any, is the error.
-    async fn send_pipeline(&self, pipe: &Pipeline) -> RedisResult<(Value, i64)> {
+        pipe.add_command(cmd.clone()).add_command(then.clone());
         let replies = match self {
-            Conn::Single(c) => c.clone().send_packed_commands(pipe, 0, 2).await?,
-            Conn::Cluster(c) => c.clone().req_packed_commands(pipe, 0, 2).await?,
-            Conn::Sentinel(c) => c.send_pipeline(pipe).await?,
+            Conn::Single(c) => c.clone().send_packed_commands(&pipe, 0, 2).await?,
+            Conn::Cluster(c) => c.clone().req_packed_commands(&pipe, 0, 2).await?,
+            Conn::Sentinel(c) => Box::pin(c.send_pipeline(&pipe)).await?,
         };
         let mut replies = replies.into_iter();
-        let (Some(reply), Some(acked), None) = (replies.next(), replies.next(), replies.next())
+        let (Some(reply), Some(then), None) = (replies.next(), replies.next(), replies.next())
         else {
             return Err(RedisError::from((
                 ::redis::ErrorKind::UnexpectedReturnType,
-                "not two replies to a command and its WAIT",
+                "not two replies to two commands",
             )));
         };
-        let reply = server_error(reply)?;
-        match acked {
-            Value::Int(n) => Ok((reply, n)),
-            // The command ran (its reply is above), and `WAIT` refused to count its replicas
-            // (seen from a node that answered as a replica, during a cluster failover): no
-            // replica confirmed the write, which is then reported as not replicated (unavailable),
-            // not as an error of its own.
-            Value::ServerError(_) => Ok((reply, 0)),
-            _ => Err(RedisError::from((
-                ::redis::ErrorKind::UnexpectedReturnType,
-                "WAIT did not answer an integer",
-            ))),
-        }
+        // After a write, `WAIT` may refuse to count its replicas (seen from a node that answered
+        // as a replica, during a cluster failover): no replica confirmed the write, which is then
+        // reported as not replicated (unavailable), not as an error of its own.
+        Ok((server_error(reply)?, server_error(then).ok()))
     }
 }
 
@@ -1027,227 +861,22 @@ fn server_error(reply: Value) -> RedisResult<Value> {
     }
 }
 
-/// A write `WAIT` did not confirm on enough replicas: applied on the master, maybe not beyond.
-#[derive(Debug)]
-struct NotReplicated {
-    op: &'static str,
-    /// The replicas `WAIT` reported; `None` for a retried write (its `WAIT` covered only the
-    /// retry's connection).
-    acked: Option<i64>,
-    wanted: i64,
-    timeout: Duration,
-}
-
-impl fmt::Display for NotReplicated {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Self {
-            op,
-            wanted,
-            timeout,
-            ..
-        } = self;
-        match self.acked {
-            Some(acked) => write!(
-                f,
-                "durability unknown: a {op} reached {acked} of the {wanted} replicas asked for \
-                 within {timeout:?}; it may be applied, and may be lost on a failover"
-            ),
-            None => write!(
-                f,
-                "durability unknown: a {op} was retried after a broken connection, so WAIT \
-                 cannot confirm it on {wanted} replicas; it may be applied, and may be lost on \
-                 a failover"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for NotReplicated {}
-
-fn timed_out(after: Duration) -> StoreError {
-    StoreError::unavailable(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("redis did not answer within {after:?}"),
-    ))
-}
-
-/// An unexpected reply, described by its shape only (a reply may hold session data).
-fn unexpected(op: &str, reply: &Value) -> StoreError {
-    let shape = match reply {
-        Value::Nil => "nil".to_owned(),
-        Value::Int(n) => format!("the integer {n}"),
-        Value::Okay => "OK".to_owned(),
-        Value::BulkString(b) => format!("a bulk string of {} bytes", b.len()),
-        Value::SimpleString(s) => format!("a simple string of {} bytes", s.len()),
-        Value::Array(a) => format!("an array of {} replies", a.len()),
-        _ => "a reply of another type".to_owned(),
-    };
-    StoreError::other(format!("unexpected redis reply to {op}: {shape}"))
-}
-
-/// Sorts a redis error into the store's kinds, keeping it as the cause.
-fn store_error(e: RedisError) -> StoreError {
-    use ::redis::{ErrorKind, ServerErrorKind};
-    let unavailable = e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ReadOnly
-            ) | ErrorKind::ClusterConnectionNotFound
-                | ErrorKind::MasterNameNotFoundBySentinel
-                | ErrorKind::NoValidReplicasFoundBySentinel
-        )
-        || matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS" | "MISCONF"));
-    if unavailable {
-        StoreError::unavailable(e)
-    } else if e.code() == Some("WRONGTYPE") {
-        StoreError::corrupt(e)
-    } else {
-        StoreError::other(e)
-    }
-}
-
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.protocol;
         f.debug_struct("RedisStore")
             .field(
                 "mode",
-                &match self.conn {
+                &match p.transport {
                     Conn::Single(_) => "single node",
                     Conn::Cluster(_) => "cluster",
                     Conn::Sentinel(_) => "sentinel",
                 },
             )
-            .field("key_prefix", &self.inner.prefix)
-            .field("command_timeout", &self.inner.timeout)
-            .field(
-                "min_replicas_ack",
-                &self.inner.acks.as_ref().map(|a| (a.replicas, a.timeout)),
-            )
+            .field("key_prefix", &p.prefix)
+            .field("command_timeout", &p.timeout)
+            .field("min_replicas_ack", &p.acks.map(|a| (a.replicas, a.timeout)))
             .finish_non_exhaustive()
-    }
-}
-
-impl SessionStore for RedisStore {
-    async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
-        let cmd = self.evalsha(&self.inner.load_sha, key, 0, 0);
-        let (reply, start, expires_ms) = match self.run(Req::Script(&cmd, LOAD_PACKED_LUA)).await?.0
-        {
-            Value::Nil => return Ok(None),
-            Value::BulkString(reply) => match split_packed(&reply) {
-                Some((e, start)) => (reply, start, e),
-                None => return Err(unexpected("load", &Value::BulkString(reply))),
-            },
-            other => return Err(unexpected("load", &other)),
-        };
-        let Ok(expires_ms) = u64::try_from(expires_ms) else {
-            return Err(StoreError::corrupt(
-                "a session key in redis has no expiry; this store always sets one",
-            ));
-        };
-        let (version, data) = decode_vec_from(reply, start)
-            .map_err(|e| StoreError::corrupt(format!("a session key in redis: {e}")))?;
-        let expires_at = from_unix_ms(expires_ms);
-        // Redis's clock decided the key was live; ours has the last word.
-        if expires_at <= SystemTime::now() {
-            return Ok(None);
-        }
-        Ok(Some(Record::new(*key, data, version, expires_at)))
-    }
-
-    async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
-        let token = self.next_token();
-        let header = Header::new(record.version(), token);
-        let data = record.data();
-        let mut cmd = self.keyed("SET", &record.key(), 5, MAX_HEADER_LEN + data.len() + 32);
-        cmd.arg(ValueArg {
-            header: &header,
-            data,
-        })
-        .arg("NX")
-        .arg("PXAT")
-        .arg(expiry_ms(record.expires_at()))
-        .arg("GET");
-        let (outcome, retried, acked) = match self.run_write(Req::Cmd(&cmd)).await {
-            Ok((Value::Nil | Value::Okay, retried, acked)) => {
-                (CreateOutcome::Created, retried, acked)
-            }
-            // Our own write, applied by a first attempt whose reply was lost?
-            Ok((Value::BulkString(old), retried, acked)) if old.starts_with(header.as_bytes()) => {
-                (CreateOutcome::Created, retried, acked)
-            }
-            Ok((Value::BulkString(_), retried, acked)) => (CreateOutcome::IdTaken, retried, acked),
-            Ok((other, ..)) => return Err(unexpected("SET NX", &other)),
-            // A key of another type holds the id: taken all the same (a first attempt could
-            // not have written it).
-            Err(e) if e.is_corrupt() => (CreateOutcome::IdTaken, false, None),
-            Err(e) => return Err(e),
-        };
-        let outcome = settle_create(outcome, retried)?;
-        if outcome == CreateOutcome::Created {
-            self.confirmed(acked, retried, "create")?;
-        }
-        Ok(outcome)
-    }
-
-    async fn save(
-        &self,
-        record: &Record,
-        expected_version: u64,
-    ) -> Result<SaveOutcome, StoreError> {
-        let token = self.next_token();
-        let header = Header::new(record.version(), token);
-        let data = record.data();
-        let mut cmd = self.evalsha(
-            &self.inner.save_sha,
-            &record.key(),
-            5,
-            3 * 20 + 16 + MAX_HEADER_LEN + data.len(),
-        );
-        cmd.arg(expected_version)
-            .arg(record.version())
-            .arg(expiry_ms(record.expires_at()))
-            .arg(header.token_hex())
-            .arg(ValueArg {
-                header: &header,
-                data,
-            });
-        // After a conflict, the layer spreads out its retries.
-        self.conditional(&cmd, SAVE_LUA, "save").await
-    }
-
-    async fn touch(
-        &self,
-        key: &Key,
-        expected_version: u64,
-        expires_at: SystemTime,
-    ) -> Result<SaveOutcome, StoreError> {
-        let mut cmd = self.evalsha(&self.inner.touch_sha, key, 2, 40);
-        cmd.arg(expected_version).arg(expiry_ms(expires_at));
-        self.conditional(&cmd, TOUCH_LUA, "touch").await
-    }
-
-    async fn remove(&self, key: &Key, expected_version: u64) -> Result<SaveOutcome, StoreError> {
-        let mut cmd = self.evalsha(&self.inner.remove_sha, key, 1, 20);
-        cmd.arg(expected_version);
-        self.conditional(&cmd, REMOVE_LUA, "remove").await
-    }
-
-    async fn delete(&self, key: &Key) -> Result<(), StoreError> {
-        let cmd = self.keyed("DEL", key, 0, 0);
-        match self.run_write(Req::Cmd(&cmd)).await? {
-            // Nothing was there (and no first attempt may have deleted it): nothing to confirm.
-            (Value::Int(0), false, _) => Ok(()),
-            (Value::Int(_), retried, acked) => self.confirmed(acked, retried, "delete"),
-            (other, ..) => Err(unexpected("DEL", &other)),
-        }
     }
 }
 

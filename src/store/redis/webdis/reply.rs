@@ -1,6 +1,6 @@
 //! Webdis replies, parsed strictly: the one pure function [`parse_reply`] that turns an HTTP
-//! status and body into a Redis reply or an error saying what was wrong. It never panics, on
-//! any input; the fuzz target `webdis_reply` holds it to that.
+//! status and body into a Redis reply (the family's [`Reply`]) or an error saying what was
+//! wrong. It never panics, on any input; the fuzz target `webdis_reply` holds it to that.
 //!
 //! Webdis answers a command `CMD` with `200 OK` and a JSON object whose only key is `CMD`:
 //! `{"GET":"value"}`, `{"GET":null}`, `{"DEL":1}`, `{"SET":[true,"OK"]}` (a status),
@@ -12,23 +12,10 @@
 use std::error::Error as StdError;
 use std::fmt;
 
+use bytes::Bytes;
 use serde_json::Value;
 
-/// A Redis reply as Webdis encodes it in JSON.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Reply {
-    /// `null`: a nil bulk string or nil array.
-    Nil,
-    /// An integer.
-    Int(i64),
-    /// A bulk string (Webdis's JSON carries only valid UTF-8).
-    Bulk(String),
-    /// A status reply, `[true, "OK"]` in Webdis's JSON.
-    Status(String),
-    /// An array of replies.
-    Array(Vec<Reply>),
-}
+pub use crate::store::redis::protocol::{Reply, ServerError};
 
 /// Why a Webdis reply was refused, with what the caller needs to sort it.
 #[derive(Debug)]
@@ -70,42 +57,33 @@ pub enum ReplyError {
     },
     /// `{}`: Webdis could not encode the reply as JSON (a bulk string that is not UTF-8).
     Unencodable,
-    /// Redis answered with an error (`[false, "ERR ..."]`).
-    Redis {
-        /// Redis's message, starting with its error code (`ERR`, `WRONGTYPE`, `NOSCRIPT`, ...).
-        message: String,
-    },
+    /// Redis answered with an error (`[false, "ERR ..."]`), kept by its code only (`ERR`,
+    /// `WRONGTYPE`, `NOSCRIPT`, ...): the rest of its message may echo the command's arguments.
+    Redis(ServerError),
 }
 
 impl ReplyError {
-    /// The Redis error code (`NOSCRIPT`, `WRONGTYPE`, ...) of a [`ReplyError::Redis`].
-    pub fn redis_code(&self) -> Option<&str> {
+    /// The same error with `secret` replaced by `…` wherever a quoted body holds it (an error
+    /// page may echo the request's path, which names the session's key).
+    #[must_use]
+    pub fn redacted(self, secret: &str) -> ReplyError {
+        let redact = |snippet: String| {
+            if secret.is_empty() {
+                snippet
+            } else {
+                snippet.replace(secret, "…")
+            }
+        };
         match self {
-            ReplyError::Redis { message } => message.split_ascii_whitespace().next(),
-            _ => None,
-        }
-    }
-
-    /// Whether this says the service is down or overloaded rather than broken: a 5xx, or a
-    /// Redis that is loading, busy, read-only, out of memory or without its master.
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            ReplyError::ServerError { .. } => true,
-            ReplyError::Redis { .. } => matches!(
-                self.redis_code(),
-                Some(
-                    "LOADING"
-                        | "BUSY"
-                        | "TRYAGAIN"
-                        | "CLUSTERDOWN"
-                        | "MASTERDOWN"
-                        | "READONLY"
-                        | "OOM"
-                        | "NOREPLICAS"
-                        | "MISCONF"
-                )
-            ),
-            _ => false,
+            ReplyError::ServerError { status, snippet } => ReplyError::ServerError {
+                status,
+                snippet: redact(snippet),
+            },
+            ReplyError::UnexpectedStatus { status, snippet } => ReplyError::UnexpectedStatus {
+                status,
+                snippet: redact(snippet),
+            },
+            other => other,
         }
     }
 }
@@ -133,7 +111,7 @@ impl fmt::Display for ReplyError {
             ReplyError::Unencodable => f.write_str(
                 "webdis could not encode the reply as JSON (a stored value that is not UTF-8)",
             ),
-            ReplyError::Redis { message } => write!(f, "redis error: {message}"),
+            ReplyError::Redis(e) => write!(f, "redis answered {e}"),
         }
     }
 }
@@ -206,12 +184,9 @@ pub fn parse_reply(status: u16, body: &[u8], command: &str) -> Result<Reply, Rep
         });
     }
     let Some(reply) = object.remove(command) else {
-        let key = object.keys().next().map(String::as_str).unwrap_or_default();
+        // The other key is not quoted: a `200`'s body may carry a stored session.
         return Err(ReplyError::Shape {
-            detail: format!(
-                "expected the key {command:?}, got {:?}",
-                snippet(key.as_bytes())
-            ),
+            detail: format!("expected the key {command:?}, got another key"),
         });
     };
     convert(reply)
@@ -233,12 +208,17 @@ fn convert(value: Value) -> Result<Reply, ReplyError> {
     match value {
         Value::Null => Ok(Reply::Nil),
         Value::Number(n) => n.as_i64().map(Reply::Int).ok_or_else(|| ReplyError::Shape {
-            detail: format!("a number that is not a 64-bit integer: {n}"),
+            detail: format!(
+                "a number that is not a 64-bit integer ({} characters)",
+                n.to_string().len()
+            ),
         }),
-        Value::String(s) => Ok(Reply::Bulk(s)),
+        Value::String(s) => Ok(Reply::Bulk(Bytes::from(s))),
         Value::Array(items) => match <[Value; 2]>::try_from(items) {
-            Ok([Value::Bool(true), Value::String(s)]) => Ok(Reply::Status(s)),
-            Ok([Value::Bool(false), Value::String(message)]) => Err(ReplyError::Redis { message }),
+            Ok([Value::Bool(true), Value::String(_)]) => Ok(Reply::Status),
+            Ok([Value::Bool(false), Value::String(message)]) => Err(ReplyError::Redis(
+                ServerError::from_code(message.split_ascii_whitespace().next().unwrap_or_default()),
+            )),
             Ok(pair) => pair
                 .into_iter()
                 .map(convert)
@@ -276,10 +256,7 @@ mod tests {
         );
         assert_eq!(ok(r#"{"GET":null}"#, "GET"), Reply::Nil);
         assert_eq!(ok(r#"{"DEL":1}"#, "DEL"), Reply::Int(1));
-        assert_eq!(
-            ok(r#"{"SET":[true,"OK"]}"#, "SET"),
-            Reply::Status("OK".into())
-        );
+        assert_eq!(ok(r#"{"SET":[true,"OK"]}"#, "SET"), Reply::Status);
         assert_eq!(
             ok(r#"{"EVALSHA":["1:00:{}",1700000000000,7]}"#, "EVALSHA"),
             Reply::Array(vec![
@@ -302,23 +279,34 @@ mod tests {
         );
     }
 
+    fn code(e: &ReplyError) -> Option<&str> {
+        match e {
+            ReplyError::Redis(e) => Some(e.code()),
+            _ => None,
+        }
+    }
+
     #[test]
-    fn redis_errors() {
+    fn redis_errors_keep_their_code_only() {
         let e = err(
             200,
             br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#,
             "EVALSHA",
         );
-        assert_eq!(e.redis_code(), Some("NOSCRIPT"));
-        assert!(!e.is_unavailable());
-        assert!(e.to_string().contains("NOSCRIPT No matching"), "{e}");
+        assert_eq!(code(&e), Some("NOSCRIPT"));
+        assert_eq!(e.to_string(), "redis answered an error reply NOSCRIPT");
         let e = err(200, br#"{"GET":[false,"LOADING Redis is loading"]}"#, "GET");
-        assert!(e.is_unavailable());
-        let e = err(200, br#"{"GET":[false,"WRONGTYPE Operation"]}"#, "GET");
-        assert_eq!(e.redis_code(), Some("WRONGTYPE"));
+        assert_eq!(code(&e), Some("LOADING"));
+        let e = err(
+            200,
+            br#"{"EVALSHA":[false,"ERR user_script:1: {\"d\":{\"secret\":1}}"]}"#,
+            "EVALSHA",
+        );
+        assert_eq!(code(&e), Some("ERR"));
+        assert!(!format!("{e} {e:?}").contains("secret"), "{e:?}");
         // An error nested in an array is an error all the same.
         let e = err(200, br#"{"X":[1,[false,"ERR inner"]]}"#, "X");
-        assert_eq!(e.redis_code(), Some("ERR"));
+        assert_eq!(code(&e), Some("ERR"));
     }
 
     #[test]
@@ -326,18 +314,16 @@ mod tests {
         for status in [401, 403] {
             let e = err(status, b"", "EVALSHA");
             assert!(matches!(e, ReplyError::Forbidden { .. }), "{e:?}");
-            assert!(!e.is_unavailable());
             assert!(e.to_string().contains("EVALSHA"), "{e}");
         }
         for status in [500, 502, 503, 504] {
             let e = err(status, b"<html>Bad Gateway</html>", "GET");
-            assert!(e.is_unavailable(), "{e:?}");
+            assert!(matches!(e, ReplyError::ServerError { .. }), "{e:?}");
             assert!(e.to_string().contains(&status.to_string()), "{e}");
         }
         for status in [0, 100, 204, 301, 404, 405, 413, 999, u16::MAX] {
             let e = err(status, br#"{"GET":"v"}"#, "GET");
             assert!(matches!(e, ReplyError::UnexpectedStatus { .. }), "{e:?}");
-            assert!(!e.is_unavailable());
         }
     }
 
@@ -393,6 +379,24 @@ mod tests {
             err(200, deep.as_bytes(), "X"),
             ReplyError::NotJson { .. }
         ));
+    }
+
+    #[test]
+    fn quoted_bodies_never_name_the_key() {
+        let key = "3f2a9c0e1b7d4e58a1b2c3d4e5f60718";
+        for status in [404, 502] {
+            let body = format!("<h1>Cannot GET /GET/session:{key}</h1>");
+            let e = err(status, body.as_bytes(), "GET").redacted(key);
+            let shown = format!("{e} {e:?}");
+            assert!(
+                !shown.contains(key) && shown.contains("session:…"),
+                "{shown}"
+            );
+        }
+        let e = err(200, br#"{"session:secret":"v"}"#, "GET");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = err(200, br#"{"GET":12345678901234567890123}"#, "GET");
+        assert!(!e.to_string().contains("1234"), "{e}");
     }
 
     #[test]

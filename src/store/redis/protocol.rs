@@ -1,0 +1,1147 @@
+//! The Redis family's one protocol: the commands and scripts each store operation sends, the
+//! replies they expect, how failures are sorted, and the lost-reply rules. A [`Transport`]
+//! carries a command to Redis and brings its reply back: the `redis` crate's connections
+//! ([`RedisStore`](crate::RedisStore)) or Webdis's HTTP interface
+//! ([`WebdisStore`](crate::WebdisStore)). Both stores run this protocol on the same keys and
+//! [values](super::value), so one Redis serves the same sessions to both.
+//!
+//! | operation | command |
+//! |---|---|
+//! | load | `GET key` |
+//! | create | `SET key value NX PXAT ms GET` (Webdis: the [create script](CREATE_LUA), which sends the same) |
+//! | save | the [save script](SAVE_LUA) (compare-and-set on the version) |
+//! | touch | the [touch script](TOUCH_LUA) |
+//! | remove | the [remove script](REMOVE_LUA) |
+//! | delete | `DEL key` |
+//!
+//! Scripts go by `EVALSHA`; a server that lacks one (after a restart or `SCRIPT FLUSH`, or a
+//! cluster node that never saw it) answers `NOSCRIPT`, and the command goes again once as
+//! `EVAL` with the source, which also caches it there.
+
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::value::{self, Header, clamp_expiry, lua_header_pattern};
+use crate::error::StoreError;
+use crate::key::{KEY_HEX_LEN, Key};
+use crate::record::{Record, unix_ms};
+use crate::store::{CreateOutcome, SaveOutcome};
+
+/// Compare-and-set on the version in the stored value's header.
+///
+/// `KEYS[1]` the key; `ARGV[1]` the expected version; `ARGV[2]` the new value's expiry (Unix
+/// ms); `ARGV[3]` the new value (last, so that Webdis can send it as the request body).
+/// Answers 0 (missing), 1 (conflict) or 2 (saved). A stored value that already carries the new
+/// value's version *and write token* is this very write, applied by an earlier attempt whose
+/// reply was lost: it answers 2 again instead of a false conflict. (If another writer saved on
+/// top of it since, the retry answers 1, which [`settle`] turns into an unknown outcome.)
+pub(crate) const SAVE_LUA: &str = concat!(
+    r"local h = redis.call('GETRANGE', KEYS[1], 0, 63)
+if h == '' then return 0 end
+local v = string.match(h, '^(%d+):')
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[2])
+  return 2
+end
+local p = '",
+    lua_header_pattern!(),
+    r"'
+local sv, t = string.match(h, p)
+local nv, nt = string.match(ARGV[3], p)
+if sv ~= nil and sv == nv and t == nt then return 2 end
+return 1
+"
+);
+
+/// The start of the touch and remove scripts: answers 0 when the key is missing, 1 when its
+/// value's version is not `ARGV[1]` (or the value is not in the layout); what follows runs
+/// only on the expected version, with the version's digits in `v`.
+macro_rules! if_version {
+    () => {
+        concat!(
+            r"local h = redis.call('GETRANGE', KEYS[1], 0, 63)
+if h == '' then return 0 end
+local v = string.match(h, '",
+            lua_header_pattern!(),
+            r"')
+if v ~= ARGV[1] then return 1 end
+"
+        )
+    };
+}
+
+/// Moves a record's expiry if its version is the expected one: the expiry in the value
+/// (rewritten in place, 15 digits) and the key's TTL, in one atomic step; the version, token
+/// and payload stay.
+///
+/// `KEYS[1]` the key; `ARGV[1]` the expected version; `ARGV[2]` the new expiry (Unix ms,
+/// [clamped](clamp_expiry), so at most 15 digits). Answers 0 (missing), 1 (conflict) or 2
+/// (moved). Applied twice (a retry after a lost reply), it answers 2 again: the version is
+/// unchanged by the first.
+pub(crate) const TOUCH_LUA: &str = concat!(
+    if_version!(),
+    r"redis.call('SETRANGE', KEYS[1], #v + 1, string.rep('0', 15 - #ARGV[2]) .. ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 2
+"
+);
+
+/// Deletes a record if its version is the expected one.
+///
+/// `KEYS[1]` the key; `ARGV[1]` the expected version. Answers 0 (missing), 1 (conflict) or 2
+/// (deleted). Applied twice (a retry after a lost reply), the second answers 0: a retried
+/// remove that does not answer 2 has an unknown outcome (see [`settle`]).
+pub(crate) const REMOVE_LUA: &str =
+    concat!(if_version!(), "redis.call('DEL', KEYS[1])\nreturn 2\n");
+
+/// `SET key value NX PXAT ms GET` with the value last, for a transport that sends the value as
+/// the last argument (Webdis, as the request body): `KEYS[1]` the key; `ARGV[1]` the expiry
+/// (Unix ms); `ARGV[2]` the value. Answers what `SET` answers (the old value, or nil), so that
+/// one rule ([`create_outcome`]) reads both transports' replies.
+pub(crate) const CREATE_LUA: &str =
+    "return redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PXAT', ARGV[1], 'GET')\n";
+
+/// A script, by its source and by the SHA1 `EVALSHA` names it by.
+#[derive(Debug)]
+pub(crate) struct Script {
+    pub(crate) source: &'static str,
+    pub(crate) sha: String,
+}
+
+impl Script {
+    fn new(source: &'static str) -> Script {
+        Script {
+            source,
+            sha: sha1_smol::Sha1::from(source).digest().to_string(),
+        }
+    }
+}
+
+/// The scripts, their SHA1s computed once per store.
+#[derive(Debug)]
+struct Scripts {
+    save: Script,
+    touch: Script,
+    remove: Script,
+    create: Script,
+}
+
+/// A reply from Redis, in the shapes the family's commands get (and a few they never should).
+/// Error replies are not replies here: a transport answers them as errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reply {
+    /// A nil bulk string or nil array.
+    Nil,
+    /// An integer.
+    Int(i64),
+    /// A bulk string.
+    Bulk(Bytes),
+    /// A status reply (`OK`).
+    Status,
+    /// An array of replies.
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    /// The reply's kind, for messages: never its contents (a reply may hold session data).
+    fn kind(&self) -> String {
+        match self {
+            Reply::Nil => "nil".to_owned(),
+            Reply::Int(_) => "an integer".to_owned(),
+            Reply::Bulk(b) => format!("a bulk string of {} bytes", b.len()),
+            Reply::Status => "a status".to_owned(),
+            Reply::Array(a) => format!("an array of {}", a.len()),
+        }
+    }
+}
+
+/// An error reply from Redis, kept by its code word only (`WRONGTYPE`, `NOSCRIPT`, ...): the
+/// free text after it may echo a command's arguments (Lua errors do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    code: String,
+}
+
+impl ServerError {
+    /// The error reply with this code.
+    pub fn from_code(code: &str) -> ServerError {
+        // A code is one short word of capitals; anything else is not quoted.
+        let word =
+            (1..=32).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_alphanumeric());
+        let code = if word { code } else { "(unnamed)" };
+        ServerError {
+            code: code.to_owned(),
+        }
+    }
+
+    /// The error code.
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    /// A server that is loading, busy, read-only, out of memory, without a master or without
+    /// enough replicas: down for now, not broken.
+    fn is_unavailable(&self) -> bool {
+        matches!(
+            self.code(),
+            "LOADING"
+                | "BUSY"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "MASTERDOWN"
+                | "READONLY"
+                | "OOM"
+                | "NOREPLICAS"
+                | "MISCONF"
+        )
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an error reply {}", self.code)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a transport brought no reply back.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The connection broke after the command may have been sent: sent once more, after which
+    /// a write's outcome may be unknown.
+    Broken(Cause),
+    /// The command was never sent (the connection was refused): sent once more, as a first
+    /// attempt.
+    NotSent(Cause),
+    /// Redis answered with an error reply.
+    Server(ServerError),
+    /// The answer shows a key this store cannot have written: one of another type
+    /// (`WRONGTYPE`), or a value the transport cannot carry (Webdis: not UTF-8).
+    Corrupt(Cause),
+    /// The transport finds Redis down or out of reach (a timeout, a Webdis `503`, no master).
+    Unavailable(Cause),
+    /// Anything else.
+    Other(Cause),
+}
+
+impl From<ServerError> for SendError {
+    fn from(e: ServerError) -> SendError {
+        if e.code() == "WRONGTYPE" {
+            SendError::Corrupt(Box::new(e))
+        } else {
+            SendError::Server(e)
+        }
+    }
+}
+
+/// What a transport brought back.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    pub(crate) reply: Reply,
+    /// The reply to the command sent after it in the same round trip, if any.
+    pub(crate) then: Option<Reply>,
+}
+
+/// Carries one command to Redis and its reply back.
+pub(crate) trait Transport: Send + Sync + 'static {
+    /// What messages call this way to Redis: `redis`, `webdis`.
+    const NAME: &'static str;
+    /// Whether a stored value must be a command's last argument (Webdis sends it as the request
+    /// body).
+    const VALUE_LAST: bool;
+    /// Whether a stored value may hold any bytes (Webdis's JSON replies carry UTF-8 text
+    /// without NUL bytes only).
+    const BINARY_SAFE: bool;
+
+    /// Sends `cmd` once, and `then` after it in the same round trip, on the same connection (a
+    /// `WAIT`, which needs the connection that made the write; asked for only by a store
+    /// configured to wait for replicas). An error reply to `then` is no error: its reply is
+    /// then `None`.
+    fn send(
+        &self,
+        cmd: &Command<'_>,
+        then: Option<&Command<'_>>,
+    ) -> impl std::future::Future<Output = Result<Sent, SendError>> + Send;
+}
+
+/// A command as the protocol builds it; the transport writes it on its wire.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Command<'a> {
+    pub(crate) head: Head<'a>,
+    /// The session's key (after the script's key count, for a script).
+    pub(crate) key: Option<KeyName<'a>>,
+    /// The arguments after the key; a [`Arg::Value`] or [`Arg::Source`] comes last.
+    pub(crate) args: &'a [Arg<'a>],
+}
+
+/// What a command starts with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Head<'a> {
+    /// A command by name (`GET`, `SET`, `DEL`, `SCRIPT`).
+    Name(&'static str),
+    /// `EVALSHA sha 1`: a script by its SHA1, with one key.
+    EvalSha(&'a Script),
+    /// `EVAL source 1`: a script by its source, with one key.
+    Eval(&'a Script),
+}
+
+impl Head<'_> {
+    /// The command's name.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Head::Name(name) => name,
+            Head::EvalSha(_) => "EVALSHA",
+            Head::Eval(_) => "EVAL",
+        }
+    }
+}
+
+/// A session's key in Redis: the prefix, then the key's 32 hex digits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyName<'a> {
+    pub(crate) prefix: &'a str,
+    pub(crate) key: Key,
+}
+
+impl KeyName<'_> {
+    /// The key name's bytes, written into `out` (no allocation).
+    pub(crate) fn write(&self, out: &mut impl std::io::Write) {
+        let mut hex = [0; KEY_HEX_LEN];
+        self.key.encode(&mut hex);
+        // Writes into a buffer cannot fail.
+        let _ = out.write_all(self.prefix.as_bytes());
+        let _ = out.write_all(&hex);
+    }
+
+    /// The key name's length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.prefix.len() + KEY_HEX_LEN
+    }
+}
+
+/// One argument of a command.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    /// A word (`NX`, `PXAT`, `LOAD`).
+    Word(&'static str),
+    /// A number, in decimal.
+    Int(u64),
+    /// A stored value: its header, then the payload.
+    Value(&'a Header, &'a [u8]),
+    /// A script's source (`SCRIPT LOAD`).
+    Source(&'static str),
+}
+
+/// The replicas a write must reach (`WAIT`) before it counts as stored.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Acks {
+    pub(crate) replicas: u64,
+    pub(crate) timeout: Duration,
+}
+
+/// The family's operations over one transport, and what they share: the key prefix, the
+/// timeout, the scripts, the write tokens, the replicas a write must reach.
+pub(crate) struct Protocol<T> {
+    pub(crate) transport: T,
+    pub(crate) prefix: String,
+    pub(crate) timeout: Duration,
+    pub(crate) acks: Option<Acks>,
+    scripts: Scripts,
+    /// Write tokens: a random start, then one more per write.
+    tokens: AtomicU64,
+}
+
+/// A reply, whether it answered a second attempt (the first may have been applied: see
+/// [`settle`]), and the replicas `WAIT` counted.
+struct Answer {
+    reply: Reply,
+    retried: bool,
+    acked: Option<i64>,
+}
+
+/// An operation and its session, for messages.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    name: &'static str,
+    /// The session's key, named in messages by its fingerprint (made only for a message).
+    session: Option<Key>,
+}
+
+impl Op {
+    fn on(name: &'static str, key: &Key) -> Op {
+        Op {
+            name,
+            session: Some(*key),
+        }
+    }
+}
+
+impl<T: Transport> Protocol<T> {
+    /// The protocol over `transport`, with keys under `prefix`, each operation bounded by
+    /// `timeout`, and each write acknowledged once `min_replicas_ack.0` replicas have it (waiting
+    /// at most `min_replicas_ack.1`; 0 replicas, or `None`, wait for none).
+    pub(crate) fn new(
+        transport: T,
+        prefix: String,
+        timeout: Duration,
+        min_replicas_ack: Option<(usize, Duration)>,
+    ) -> Protocol<T> {
+        let acks =
+            min_replicas_ack
+                .filter(|&(replicas, _)| replicas > 0)
+                .map(|(replicas, timeout)| Acks {
+                    replicas: u64::try_from(replicas).unwrap_or(u64::MAX),
+                    timeout: timeout.max(Duration::from_millis(1)),
+                });
+        Protocol {
+            transport,
+            prefix,
+            timeout,
+            acks,
+            scripts: Scripts {
+                save: Script::new(SAVE_LUA),
+                touch: Script::new(TOUCH_LUA),
+                remove: Script::new(REMOVE_LUA),
+                create: Script::new(CREATE_LUA),
+            },
+            tokens: AtomicU64::new(uuid::Uuid::new_v4().as_u64_pair().0),
+        }
+    }
+
+    /// The Redis key of a session, as text.
+    pub(crate) fn key_string(&self, key: &Key) -> String {
+        key.prefixed(&self.prefix)
+    }
+
+    fn key_name(&self, key: &Key) -> KeyName<'_> {
+        KeyName {
+            prefix: &self.prefix,
+            key: *key,
+        }
+    }
+
+    /// Loads the scripts this transport uses into the server's cache (`SCRIPT LOAD`), which
+    /// also checks that Redis answers; each must come back under the SHA1 computed here.
+    pub(crate) async fn load_scripts(&self) -> Result<(), StoreError> {
+        let op = Op {
+            name: "SCRIPT LOAD",
+            session: None,
+        };
+        let s = &self.scripts;
+        let create = T::VALUE_LAST.then_some(&s.create);
+        for script in [&s.save, &s.touch, &s.remove].into_iter().chain(create) {
+            let args = [Arg::Word("LOAD"), Arg::Source(script.source)];
+            let cmd = Command {
+                head: Head::Name("SCRIPT"),
+                key: None,
+                args: &args,
+            };
+            match self.run(op, &cmd, false).await?.reply {
+                Reply::Bulk(sha) if sha == script.sha.as_bytes() => {}
+                other => return Err(Self::unexpected(op, &other)),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        let op = Op::on("load", key);
+        let cmd = Command {
+            head: Head::Name("GET"),
+            key: Some(self.key_name(key)),
+            args: &[],
+        };
+        let value = match self.run(op, &cmd, false).await?.reply {
+            Reply::Nil => return Ok(None),
+            Reply::Bulk(value) => value,
+            other => return Err(Self::unexpected(op, &other)),
+        };
+        let stored = value::decode(value)
+            .map_err(|e| StoreError::corrupt(Problem::new(op, What::Malformed).caused_by(e)))?;
+        // The expiry in the value, against this server's clock: Redis may not have dropped the
+        // key yet (its clock, its lazy expiry), or may keep a key whose TTL someone removed.
+        if stored.head.expires_ms <= unix_ms(SystemTime::now()) {
+            return Ok(None);
+        }
+        Ok(Some(Record::from_unix_ms(
+            *key,
+            stored.payload,
+            stored.head.version,
+            stored.head.expires_ms,
+        )))
+    }
+
+    pub(crate) async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
+        let op = Op::on("create", &record.key());
+        Self::check_payload(op, record)?;
+        let token = self.next_token();
+        let expires_ms = clamp_expiry(record.expires_at_unix_ms());
+        let data = record.data();
+        let header = Header::new(record.version(), expires_ms, token, data.len());
+        let value = Arg::Value(&header, data);
+        let key = Some(self.key_name(&record.key()));
+        let answer = if T::VALUE_LAST {
+            let args = [Arg::Int(expires_ms), value];
+            let cmd = Command {
+                head: Head::EvalSha(&self.scripts.create),
+                key,
+                args: &args,
+            };
+            self.run(op, &cmd, true).await
+        } else {
+            let args = [
+                value,
+                Arg::Word("NX"),
+                Arg::Word("PXAT"),
+                Arg::Int(expires_ms),
+                Arg::Word("GET"),
+            ];
+            let cmd = Command {
+                head: Head::Name("SET"),
+                key,
+                args: &args,
+            };
+            self.run(op, &cmd, true).await
+        };
+        let (outcome, retried, acked) = match answer {
+            Ok(a) => match create_outcome(&a.reply, record.version(), token) {
+                Some(outcome) => (outcome, a.retried, a.acked),
+                None => return Err(Self::unexpected(op, &a.reply)),
+            },
+            // A key of another type, or a value the transport cannot carry, holds the id: taken
+            // all the same (a first attempt could not have written it).
+            Err(e) if e.is_corrupt() => (CreateOutcome::IdTaken, false, None),
+            Err(e) => return Err(e),
+        };
+        let outcome = settle_create(op, outcome, retried)?;
+        if outcome == CreateOutcome::Created {
+            self.confirmed(op, acked, retried)?;
+        }
+        Ok(outcome)
+    }
+
+    pub(crate) async fn save(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<SaveOutcome, StoreError> {
+        let op = Op::on("save", &record.key());
+        Self::check_payload(op, record)?;
+        let expires_ms = clamp_expiry(record.expires_at_unix_ms());
+        let data = record.data();
+        let header = Header::new(record.version(), expires_ms, self.next_token(), data.len());
+        let args = [
+            Arg::Int(expected_version),
+            Arg::Int(expires_ms),
+            Arg::Value(&header, data),
+        ];
+        // After a conflict, the layer spreads out its retries.
+        self.conditional(op, &self.scripts.save, &record.key(), &args)
+            .await
+    }
+
+    pub(crate) async fn touch(
+        &self,
+        key: &Key,
+        expected_version: u64,
+        expires_at: SystemTime,
+    ) -> Result<SaveOutcome, StoreError> {
+        let args = [
+            Arg::Int(expected_version),
+            Arg::Int(clamp_expiry(unix_ms(expires_at))),
+        ];
+        self.conditional(Op::on("touch", key), &self.scripts.touch, key, &args)
+            .await
+    }
+
+    pub(crate) async fn remove(
+        &self,
+        key: &Key,
+        expected_version: u64,
+    ) -> Result<SaveOutcome, StoreError> {
+        let args = [Arg::Int(expected_version)];
+        self.conditional(Op::on("remove", key), &self.scripts.remove, key, &args)
+            .await
+    }
+
+    pub(crate) async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        let op = Op::on("delete", key);
+        let cmd = Command {
+            head: Head::Name("DEL"),
+            key: Some(self.key_name(key)),
+            args: &[],
+        };
+        match self.run(op, &cmd, true).await? {
+            // Nothing was there (and no first attempt may have deleted it): nothing to confirm.
+            Answer {
+                reply: Reply::Int(0),
+                retried: false,
+                ..
+            } => Ok(()),
+            Answer {
+                reply: Reply::Int(_),
+                retried,
+                acked,
+            } => self.confirmed(op, acked, retried),
+            Answer { reply, .. } => Err(Self::unexpected(op, &reply)),
+        }
+    }
+
+    /// Runs a conditional script (`save`, `touch`, `remove`) and sorts its answer.
+    async fn conditional(
+        &self,
+        op: Op,
+        script: &Script,
+        key: &Key,
+        args: &[Arg<'_>],
+    ) -> Result<SaveOutcome, StoreError> {
+        let cmd = Command {
+            head: Head::EvalSha(script),
+            key: Some(self.key_name(key)),
+            args,
+        };
+        let answer = self.run(op, &cmd, true).await?;
+        let outcome = match answer.reply {
+            Reply::Int(0) => SaveOutcome::Missing,
+            Reply::Int(1) => SaveOutcome::Conflict,
+            Reply::Int(2) => SaveOutcome::Saved,
+            other => return Err(Self::unexpected(op, &other)),
+        };
+        let outcome = settle(op, outcome, answer.retried)?;
+        if outcome == SaveOutcome::Saved {
+            self.confirmed(op, answer.acked, answer.retried)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Sends `cmd` and waits for its reply: once more after a broken or refused connection,
+    /// all within the timeout. A write is followed by `WAIT` when replicas must acknowledge it.
+    async fn run(&self, op: Op, cmd: &Command<'_>, write: bool) -> Result<Answer, StoreError> {
+        let wait_args;
+        let wait = match self.acks {
+            Some(acks) if write => {
+                let ms = u64::try_from(acks.timeout.as_millis()).unwrap_or(u64::MAX);
+                wait_args = [Arg::Int(acks.replicas), Arg::Int(ms)];
+                Some(Command {
+                    head: Head::Name("WAIT"),
+                    key: None,
+                    args: &wait_args,
+                })
+            }
+            _ => None,
+        };
+        let wait = wait.as_ref();
+        // Pinned where it is built: a timeout future would move the whole attempt (mostly the
+        // transport's request future) into itself.
+        let mut attempt = pin!(async {
+            // Not matched on directly: a scrutinee's temporaries (the first attempt's future)
+            // would stay alive, and in this future's size, through the second attempt.
+            let first = self.attempt(cmd, wait).await;
+            match first {
+                Err(SendError::Broken(_)) => (self.attempt(cmd, wait).await, true),
+                Err(SendError::NotSent(_)) => (self.attempt(cmd, wait).await, false),
+                other => (other, false),
+            }
+        });
+        let mut deadline = pin!(tokio::time::sleep(self.timeout));
+        let done = poll_fn(|cx| {
+            if let Poll::Ready(done) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(Some(done));
+            }
+            deadline.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        let Some((sent, retried)) = done else {
+            return Err(StoreError::unavailable(Problem::new(
+                op,
+                What::TimedOut(T::NAME, self.timeout),
+            )));
+        };
+        let sent = sent.map_err(|e| Self::failed(op, e))?;
+        let acked = match sent.then {
+            None => wait.map(|_| 0),
+            Some(Reply::Int(n)) => Some(n),
+            Some(other) => return Err(Self::unexpected(Op { name: "WAIT", ..op }, &other)),
+        };
+        Ok(Answer {
+            reply: sent.reply,
+            retried,
+            acked,
+        })
+    }
+
+    /// Sends `cmd` once; a script the server lacks, once more by its source.
+    async fn attempt(
+        &self,
+        cmd: &Command<'_>,
+        wait: Option<&Command<'_>>,
+    ) -> Result<Sent, SendError> {
+        let first = self.transport.send(cmd, wait).await;
+        match (first, cmd.head) {
+            (Err(SendError::Server(e)), Head::EvalSha(script)) if e.code() == "NOSCRIPT" => {
+                let eval = Command {
+                    head: Head::Eval(script),
+                    ..*cmd
+                };
+                self.transport.send(&eval, wait).await
+            }
+            (other, _) => other,
+        }
+    }
+
+    fn failed(op: Op, e: SendError) -> StoreError {
+        failed(T::NAME, op, e)
+    }
+
+    fn unexpected(op: Op, reply: &Reply) -> StoreError {
+        StoreError::other(Problem::new(op, What::Unexpected(T::NAME, reply.kind())))
+    }
+
+    /// Refuses a record this transport could not read back whole.
+    fn check_payload(op: Op, record: &Record) -> Result<(), StoreError> {
+        let data = record.data();
+        if !T::BINARY_SAFE && (std::str::from_utf8(data).is_err() || data.contains(&0)) {
+            return Err(StoreError::other(Problem::new(op, What::TextOnly(T::NAME))));
+        }
+        Ok(())
+    }
+
+    fn next_token(&self) -> u64 {
+        self.tokens.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether a write that changed the record may be acknowledged: always without
+    /// [`Acks`]; with them, only if `WAIT` counted enough replicas on the write's own attempt.
+    fn confirmed(&self, op: Op, acked: Option<i64>, retried: bool) -> Result<(), StoreError> {
+        let Some(acks) = self.acks else {
+            return Ok(());
+        };
+        match acked {
+            Some(n) if !retried && u64::try_from(n).is_ok_and(|n| n >= acks.replicas) => Ok(()),
+            _ => Err(StoreError::unavailable(Problem::new(
+                op,
+                What::NotReplicated {
+                    acked: if retried { None } else { acked },
+                    wanted: acks.replicas,
+                    timeout: acks.timeout,
+                },
+            ))),
+        }
+    }
+}
+
+/// Sorts a transport's failure into the store's kinds.
+fn failed(transport: &'static str, op: Op, e: SendError) -> StoreError {
+    let failed = |cause| Problem::new(op, What::Failed(transport)).caused_by(cause);
+    match e {
+        SendError::Broken(cause) | SendError::NotSent(cause) | SendError::Unavailable(cause) => {
+            StoreError::unavailable(failed(cause))
+        }
+        SendError::Corrupt(cause) => StoreError::corrupt(failed(cause)),
+        SendError::Other(cause) => StoreError::other(failed(cause)),
+        SendError::Server(e) if e.is_unavailable() => {
+            StoreError::unavailable(Problem::new(op, What::Server(e)))
+        }
+        SendError::Server(e) => StoreError::other(Problem::new(op, What::Server(e))),
+    }
+}
+
+const OPEN: Op = Op {
+    name: "connection",
+    session: None,
+};
+
+/// A store that cannot be set up through `transport` (a bad URL, no connection), sorted as a
+/// failed command is.
+pub(crate) fn opening_failed(transport: &'static str, e: SendError) -> StoreError {
+    failed(transport, OPEN, e)
+}
+
+/// What a create's reply (`SET ... NX GET`'s) says: nil, created; an old value, taken, unless
+/// it is this very write's (its version and token), applied by an earlier attempt whose reply
+/// was lost. `None` for a reply `SET` does not send.
+fn create_outcome(reply: &Reply, version: u64, token: u64) -> Option<CreateOutcome> {
+    match reply {
+        Reply::Nil | Reply::Status => Some(CreateOutcome::Created),
+        Reply::Bulk(old) => Some(match value::parse_head(old) {
+            Ok(head) if head.version == version && head.token == token => CreateOutcome::Created,
+            _ => CreateOutcome::IdTaken,
+        }),
+        Reply::Int(_) | Reply::Array(_) => None,
+    }
+}
+
+/// What a conditional write may report. After a retry (the first attempt's reply was lost: the
+/// connection broke after the command was sent), `Conflict` or `Missing` may be the first
+/// attempt's own effect seen from outside (another writer saved on top of it, or it deleted
+/// the record): the outcome is unknown, which is [`StoreError::unavailable`], so that the layer
+/// neither replays the request's changes nor reports a false conflict. `Saved` is certain
+/// either way.
+fn settle(op: Op, outcome: SaveOutcome, retried: bool) -> Result<SaveOutcome, StoreError> {
+    if retried && outcome != SaveOutcome::Saved {
+        return Err(StoreError::unavailable(Problem::new(
+            op,
+            What::OutcomeUnknown,
+        )));
+    }
+    Ok(outcome)
+}
+
+/// What a create may report: as [`settle`], `IdTaken` after a retry may be the first attempt's
+/// own record, changed since by another writer.
+fn settle_create(
+    op: Op,
+    outcome: CreateOutcome,
+    retried: bool,
+) -> Result<CreateOutcome, StoreError> {
+    if retried && outcome != CreateOutcome::Created {
+        return Err(StoreError::unavailable(Problem::new(
+            op,
+            What::OutcomeUnknown,
+        )));
+    }
+    Ok(outcome)
+}
+
+/// A failed operation of the family, as a [`StoreError`]'s cause: the operation, the session's
+/// key [fingerprint](Key::fingerprint) at most, and what happened; never a reply's contents or
+/// an error reply's free text.
+pub(crate) struct Problem {
+    op: Op,
+    what: What,
+    cause: Option<Cause>,
+}
+
+#[derive(Debug)]
+enum What {
+    /// A write's reply was lost, and its retry cannot tell whether the first attempt applied.
+    OutcomeUnknown,
+    /// `WAIT` did not confirm the write on enough replicas (`acked` is `None` for a retry).
+    NotReplicated {
+        acked: Option<i64>,
+        wanted: u64,
+        timeout: Duration,
+    },
+    /// No answer within the timeout.
+    TimedOut(&'static str, Duration),
+    /// Redis answered with an error.
+    Server(ServerError),
+    /// A reply of a kind the command does not send.
+    Unexpected(&'static str, String),
+    /// The stored value is not in the layout (the cause says where).
+    Malformed,
+    /// The transport failed (the cause says how).
+    Failed(&'static str),
+    /// A payload the transport could not read back.
+    TextOnly(&'static str),
+}
+
+impl Problem {
+    fn new(op: Op, what: What) -> Problem {
+        Problem {
+            op,
+            what,
+            cause: None,
+        }
+    }
+
+    fn caused_by(mut self, cause: impl Into<Cause>) -> Problem {
+        self.cause = Some(cause.into());
+        self
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = self.op.name;
+        match &self.what {
+            What::OutcomeUnknown => write!(
+                f,
+                "outcome unknown: the connection broke after a {op} was sent, and its retry \
+                 found the record changed; the first attempt may have been applied"
+            ),
+            What::NotReplicated {
+                acked: Some(acked),
+                wanted,
+                timeout,
+            } => write!(
+                f,
+                "durability unknown: a {op} reached {acked} of the {wanted} replicas asked for \
+                 within {timeout:?}; it may be applied, and may be lost on a failover"
+            ),
+            What::NotReplicated {
+                acked: None,
+                wanted,
+                ..
+            } => write!(
+                f,
+                "durability unknown: a {op} was retried after a broken connection, so WAIT \
+                 cannot confirm it on {wanted} replicas; it may be applied, and may be lost on \
+                 a failover"
+            ),
+            What::TimedOut(transport, after) => {
+                write!(f, "{transport} did not answer a {op} within {after:?}")
+            }
+            What::Server(e) => write!(f, "redis answered a {op} with {e}"),
+            What::Unexpected(transport, kind) => {
+                write!(f, "unexpected {transport} reply to a {op}: {kind}")
+            }
+            What::Malformed => write!(f, "a {op} found a value that is not a session record"),
+            What::Failed(transport) => write!(f, "{transport} {op} failed"),
+            What::TextOnly(transport) => write!(
+                f,
+                "the {transport} store keeps UTF-8 text without NUL bytes only (its replies \
+                 cannot carry other bytes); the {op} was not sent"
+            ),
+        }?;
+        match self.op.session {
+            Some(key) => write!(f, " (session {})", key.fingerprint()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // What happened in words, as `Display` says it (a `Debug` of the parts would hide it).
+        f.debug_struct("Problem")
+            .field("message", &self.to_string())
+            .field("cause", &self.cause)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::error::Error for Problem {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_ref()
+            .map(|c| &**c as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Implements [`SessionStore`](crate::SessionStore) for a store of the family by handing each
+/// operation to the [`Protocol`] in its field `protocol` (its futures as they are: one `async`
+/// layer less keeps callers' futures within the compiler's default recursion limit).
+macro_rules! session_store_on_protocol {
+    ($store:ty) => {
+        impl $crate::store::SessionStore for $store {
+            fn load(
+                &self,
+                key: &$crate::key::Key,
+            ) -> impl std::future::Future<
+                Output = Result<Option<$crate::record::Record>, $crate::error::StoreError>,
+            > + Send {
+                self.protocol.load(key)
+            }
+
+            fn create(
+                &self,
+                record: &$crate::record::Record,
+            ) -> impl std::future::Future<
+                Output = Result<$crate::store::CreateOutcome, $crate::error::StoreError>,
+            > + Send {
+                self.protocol.create(record)
+            }
+
+            fn save(
+                &self,
+                record: &$crate::record::Record,
+                expected_version: u64,
+            ) -> impl std::future::Future<
+                Output = Result<$crate::store::SaveOutcome, $crate::error::StoreError>,
+            > + Send {
+                self.protocol.save(record, expected_version)
+            }
+
+            fn touch(
+                &self,
+                key: &$crate::key::Key,
+                expected_version: u64,
+                expires_at: std::time::SystemTime,
+            ) -> impl std::future::Future<
+                Output = Result<$crate::store::SaveOutcome, $crate::error::StoreError>,
+            > + Send {
+                self.protocol.touch(key, expected_version, expires_at)
+            }
+
+            fn remove(
+                &self,
+                key: &$crate::key::Key,
+                expected_version: u64,
+            ) -> impl std::future::Future<
+                Output = Result<$crate::store::SaveOutcome, $crate::error::StoreError>,
+            > + Send {
+                self.protocol.remove(key, expected_version)
+            }
+
+            fn delete(
+                &self,
+                key: &$crate::key::Key,
+            ) -> impl std::future::Future<Output = Result<(), $crate::error::StoreError>> + Send
+            {
+                self.protocol.delete(key)
+            }
+        }
+    };
+}
+pub(crate) use session_store_on_protocol;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op() -> Op {
+        Op::on("save", &Key::random())
+    }
+
+    #[test]
+    fn scripts_are_named_by_their_sha1() {
+        // SHA1 of the empty string, as `redis-cli script load ""` answers.
+        assert_eq!(
+            Script::new("").sha,
+            "da39a3ee5e6b4b0d3255bfef95601890afd80709"
+        );
+        let s = Script::new(SAVE_LUA);
+        assert_eq!(s.sha.len(), 40);
+        assert_ne!(s.sha, Script::new(TOUCH_LUA).sha);
+    }
+
+    #[test]
+    fn the_scripts_read_the_values_header() {
+        for script in [SAVE_LUA, TOUCH_LUA, REMOVE_LUA] {
+            assert!(script.contains(lua_header_pattern!()), "{script}");
+        }
+        // The pattern's counted digits are the layout's.
+        let pattern = lua_header_pattern!();
+        assert_eq!(pattern.matches("%d").count(), 1 + value::EXPIRY_DIGITS);
+        assert_eq!(pattern.matches("%x").count(), 16);
+    }
+
+    #[test]
+    fn create_recognises_its_own_write() {
+        let header = Header::new(1, 1_764_590_400_000, 0xabc, 2);
+        let mut mine = header.as_bytes().to_vec();
+        mine.extend_from_slice(b"{}");
+        let mine = Reply::Bulk(Bytes::from(mine));
+        assert_eq!(
+            create_outcome(&Reply::Nil, 1, 0xabc),
+            Some(CreateOutcome::Created)
+        );
+        assert_eq!(
+            create_outcome(&mine, 1, 0xabc),
+            Some(CreateOutcome::Created)
+        );
+        // Another write's token or version, a moved expiry notwithstanding.
+        assert_eq!(
+            create_outcome(&mine, 1, 0xabd),
+            Some(CreateOutcome::IdTaken)
+        );
+        assert_eq!(
+            create_outcome(&mine, 2, 0xabc),
+            Some(CreateOutcome::IdTaken)
+        );
+        let touched = Header::new(1, 1_764_590_999_999, 0xabc, 2);
+        assert_eq!(
+            create_outcome(
+                &Reply::Bulk(Bytes::copy_from_slice(touched.as_bytes())),
+                1,
+                0xabc
+            ),
+            Some(CreateOutcome::Created)
+        );
+        for foreign in [
+            Reply::Bulk(Bytes::from_static(b"{\"d\":{}}")),
+            Reply::Bulk(Bytes::new()),
+        ] {
+            assert_eq!(
+                create_outcome(&foreign, 1, 0xabc),
+                Some(CreateOutcome::IdTaken)
+            );
+        }
+        assert_eq!(create_outcome(&Reply::Int(1), 1, 0xabc), None);
+    }
+
+    #[test]
+    fn a_retried_write_that_does_not_find_itself_is_unknown() {
+        assert_eq!(
+            settle(op(), SaveOutcome::Conflict, false).unwrap(),
+            SaveOutcome::Conflict
+        );
+        assert_eq!(
+            settle(op(), SaveOutcome::Saved, true).unwrap(),
+            SaveOutcome::Saved
+        );
+        for outcome in [SaveOutcome::Conflict, SaveOutcome::Missing] {
+            let e = settle(op(), outcome, true).unwrap_err();
+            assert!(e.is_unavailable());
+            let cause = std::error::Error::source(&e).unwrap().to_string();
+            assert!(cause.starts_with("outcome unknown"), "{cause}");
+        }
+        assert!(settle_create(op(), CreateOutcome::IdTaken, true).is_err());
+        assert_eq!(
+            settle_create(op(), CreateOutcome::IdTaken, false).unwrap(),
+            CreateOutcome::IdTaken
+        );
+    }
+
+    #[test]
+    fn error_replies_are_quoted_by_their_code_only() {
+        let e = ServerError::from_code("ERR");
+        assert_eq!(e.to_string(), "an error reply ERR");
+        assert_eq!(ServerError::from_code("").code(), "(unnamed)");
+        assert_eq!(ServerError::from_code("{\"d\":1}").code(), "(unnamed)");
+        for (code, unavailable) in [
+            ("OOM", true),
+            ("LOADING", true),
+            ("READONLY", true),
+            ("WRONGTYPE", false),
+            ("NOSCRIPT", false),
+            ("ERR", false),
+        ] {
+            assert_eq!(
+                ServerError::from_code(code).is_unavailable(),
+                unavailable,
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            SendError::from(ServerError::from_code("WRONGTYPE")),
+            SendError::Corrupt(_)
+        ));
+        assert!(matches!(
+            SendError::from(ServerError::from_code("NOSCRIPT")),
+            SendError::Server(_)
+        ));
+    }
+
+    #[test]
+    fn messages_name_the_session_by_its_fingerprint_only() {
+        let key = Key::random();
+        let p = Problem::new(
+            Op::on("load", &key),
+            What::Unexpected("redis", Reply::Bulk(Bytes::from_static(b"secret")).kind()),
+        );
+        let text = p.to_string();
+        assert!(text.contains(key.fingerprint().as_str()), "{text}");
+        assert!(!text.contains(&key.to_hex()), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            text.ends_with(&format!(
+                "a bulk string of 6 bytes (session {})",
+                key.fingerprint()
+            )),
+            "{text}"
+        );
+        assert_eq!(Reply::Array(vec![Reply::Nil; 3]).kind(), "an array of 3");
+    }
+}
