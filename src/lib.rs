@@ -135,10 +135,6 @@ mod session;
 pub mod store;
 mod trace;
 
-// `crate::record`, where the store's `Record` was until it moved beside the store contract:
-// the Redis and Webdis stores and the session handle still import it from there.
-use crate::store::record;
-
 /// Entry points for the fuzz targets and their seed replay test, built only with the hidden
 /// `__fuzz` feature (which `fuzz/` and the test run turn on): **not part of the public API**,
 /// hidden from the docs and exempt from semver.

@@ -22,8 +22,8 @@ use crate::cookie::{CookieAction, CookieLookup};
 use crate::error::{Chain, Error, Kind};
 use crate::id::Id;
 use crate::key::{Fingerprint, IdKey};
-use crate::record::{Record, unix_ms};
 use crate::store::DynStore;
+use crate::store::record::{Record, unix_ms};
 use crate::trace::{Op, event, op};
 
 /// What every request of one layer shares: the store and the configuration.

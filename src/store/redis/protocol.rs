@@ -30,7 +30,7 @@ use bytes::Bytes;
 use super::value::{self, Header, clamp_expiry, lua_header_pattern};
 use crate::error::StoreError;
 use crate::key::{KEY_HEX_LEN, Key};
-use crate::record::{Record, unix_ms};
+use crate::store::record::{Record, unix_ms};
 use crate::store::{CreateOutcome, SaveOutcome};
 
 /// Compare-and-set on the version in the stored value's header.
@@ -939,14 +939,14 @@ macro_rules! session_store_on_protocol {
                 &self,
                 key: &$crate::key::Key,
             ) -> impl std::future::Future<
-                Output = Result<Option<$crate::record::Record>, $crate::error::StoreError>,
+                Output = Result<Option<$crate::store::Record>, $crate::error::StoreError>,
             > + Send {
                 self.protocol.load(key)
             }
 
             fn create(
                 &self,
-                record: &$crate::record::Record,
+                record: &$crate::store::Record,
             ) -> impl std::future::Future<
                 Output = Result<$crate::store::CreateOutcome, $crate::error::StoreError>,
             > + Send {
@@ -955,7 +955,7 @@ macro_rules! session_store_on_protocol {
 
             fn save(
                 &self,
-                record: &$crate::record::Record,
+                record: &$crate::store::Record,
                 expected_version: u64,
             ) -> impl std::future::Future<
                 Output = Result<$crate::store::SaveOutcome, $crate::error::StoreError>,
