@@ -29,7 +29,7 @@ step python3 scripts/check-rust-version.py
 step cargo clippy --all-features --all-targets -- -D warnings
 step cargo clippy --no-default-features --all-targets -- -D warnings
 # Each optional feature alone and with the defaults (cheap: lints only, no test runs).
-for features in tower axum redis webdis sqlite tracing; do
+for features in tower axum redis webdis sqlite tracing testing; do
   step cargo clippy --no-default-features --features "$features" --all-targets -- -D warnings
   step cargo clippy --features "$features" --all-targets -- -D warnings
 done
