@@ -49,9 +49,10 @@ impl Key {
         Key(key)
     }
 
-    /// The key with these bytes, as [`to_bytes`](Key::to_bytes) gave them (for a store that
-    /// reads keys back, to list or sweep them).
-    pub fn from_bytes(bytes: [u8; 16]) -> Key {
+    /// The key with these bytes, as [`to_bytes`](Key::to_bytes) gave them. Crate-private until a
+    /// store needs to read keys back (the owner listing of the user-sessions issue).
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: [u8; 16]) -> Key {
         Key(bytes)
     }
 

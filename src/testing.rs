@@ -24,8 +24,9 @@
 //! # }
 //! ```
 //! [`check_store`] runs every check of [`CHECKS`] in turn and panics naming the first that
-//! fails. Each check is also a function of this module, to run on its own. They take about two
-//! seconds (some wait for records to expire) and need a multi-threaded tokio runtime.
+//! fails. The checks themselves are private, so that they can change without breaking anyone.
+//! They take about two seconds (some wait for records to expire) and need a multi-threaded tokio
+//! runtime.
 //!
 //! The checks cover what [`SessionStore`] promises: expired records never returned, creates
 //! that never overwrite, every change conditional on the version (`Conflict` and `Missing`
@@ -101,10 +102,7 @@ macro_rules! checks {
 
         $(
             #[doc = $doc]
-            ///
-            /// # Panics
-            /// When the store breaks the contract (or fails an operation).
-            pub async fn $name<S: SessionStore + Clone>($store: S) $body
+            async fn $name<S: SessionStore + Clone>($store: S) $body
         )*
     };
 }
