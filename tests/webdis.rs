@@ -112,8 +112,14 @@ async fn https_needs_the_ca_and_keeps_connections() {
     for i in 1..=100 {
         assert_eq!(b.get("/counter").await.body, i.to_string());
     }
+    // Reuse, not one handshake per request. Not exactly one connection: hyper-util's pool takes
+    // an HTTP/1 connection back from a task it spawns once the connection is ready again, which
+    // can run after the body is read; a request made before that finds no idle connection, and
+    // the pool starts one (then keeps both). Under a loaded 2-core CI run this made 3 connections
+    // once in a day of runs; each further one needs every pooled connection caught in that
+    // window at once.
     assert!(
-        proxy.accepted() <= 2,
+        proxy.accepted() <= 4,
         "{} TLS connections for 200 sequential requests",
         proxy.accepted()
     );
