@@ -100,6 +100,11 @@
 //! - `sqlite`: [`SqliteStore`], sessions in one `SQLite` file that survive a restart (bundled
 //!   `SQLite` via rusqlite, on a connection thread of the store's own: no system library needed,
 //!   nothing blocks the runtime).
+//! - `postgres`: [`PostgresStore`], sessions in one PostgreSQL table shared by every app server,
+//!   with tokio-postgres and a deadpool-postgres pool (plain TCP or a Unix socket); one statement
+//!   per operation, prepared once per connection. Adds `tokio-postgres` and `deadpool-postgres`.
+//! - `postgres-tls` (implies `postgres`): TLS for the PostgreSQL connections
+//!   (`PostgresStoreBuilder::tls`) with `postgres-native-tls`, on the system's TLS library.
 //!
 //! Without any store feature the crate still builds: bring your own
 //! [`SessionStore`](store::SessionStore).
@@ -176,12 +181,29 @@ pub use crate::store::redis::conn::{RedisStore, RedisStoreBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "webdis")))]
 pub use crate::store::redis::webdis::{WebdisStore, WebdisStoreBuilder};
 
-/// The TLS library of the [`WebdisStore`] (the `native-tls` crate, as re-exported by
-/// hyper-tls), to build the connector passed to [`WebdisStoreBuilder::tls_connector`].
+/// The TLS library of the [`WebdisStore`] and of the `PostgresStore` with `postgres-tls` (the
+/// `native-tls` crate, the one hyper-tls uses), to build the connector passed to
+/// `WebdisStoreBuilder::tls_connector` or `PostgresStoreBuilder::tls`.
 #[cfg(feature = "webdis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "webdis")))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "webdis", feature = "postgres-tls"))))]
 pub use hyper_tls::native_tls;
+/// The TLS library of the `PostgresStore` with `postgres-tls` (the `native-tls` crate), to build
+/// the connector passed to `PostgresStoreBuilder::tls`; the same crate as with `webdis`.
+#[cfg(all(feature = "postgres-tls", not(feature = "webdis")))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "webdis", feature = "postgres-tls"))))]
+pub use native_tls;
 
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::store::sqlite::{SqliteStore, SqliteStoreBuilder};
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use crate::store::postgres::{PostgresStore, PostgresStoreBuilder};
+
+/// The connection pool of the [`PostgresStore`] (the `deadpool-postgres` crate, which re-exports
+/// `tokio_postgres`), to build a pool of the same version for
+/// [`PostgresStore::with_pool`].
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;

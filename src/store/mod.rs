@@ -2,7 +2,7 @@
 //! in ([`Record`], [`Key`], the outcomes, [`StoreError`]).
 //!
 //! The stores that ship with the crate are at its root ([`MemoryStore`](crate::MemoryStore)
-//! and, with their features, `RedisStore`, `WebdisStore` and `SqliteStore`).
+//! and, with their features, `RedisStore`, `WebdisStore`, `SqliteStore` and `PostgresStore`).
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -19,6 +19,8 @@ pub(crate) use self::record::{from_unix_ms, unix_ms};
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 #[cfg(any(feature = "redis", feature = "webdis"))]
 pub(crate) mod redis;
 #[cfg(feature = "sqlite")]

@@ -44,6 +44,18 @@ impl Crashable for super::servers::WebdisServer {
     }
 }
 
+impl Crashable for super::servers::PostgresServer {
+    fn name(&self) -> &'static str {
+        "PostgreSQL"
+    }
+    fn kill(&mut self) {
+        Self::kill(self);
+    }
+    fn restart(&mut self) -> impl Future<Output = ()> {
+        Self::restart(self)
+    }
+}
+
 /// Kills `server` while requests are in flight through `layer`, then restarts it on the same
 /// port: requests that need the store get an empty 503 meanwhile (never a 200 for a write that
 /// was not stored), promptly and without touching the cookie; requests that do not touch the

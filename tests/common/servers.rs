@@ -2,8 +2,9 @@
 //! (killable and restartable on the same port), a 3-master Redis Cluster (with replicas if
 //! asked), Redis Sentinels watching a master, `webdis` in front of
 //! a Redis (killable and restartable too), `stunnel4` terminating TLS with a test CA made by
-//! `openssl`, the `bench_server` example (built with cargo), a TCP proxy that counts
-//! connections, and one that loses one reply.
+//! `openssl`, PostgreSQL (`initdb` and `postgres`, as an unprivileged user when run as root),
+//! the `bench_server` example (built with cargo), a TCP proxy that counts connections, and one
+//! that loses one reply.
 //!
 //! Servers are child processes in their own temporary directory; dropping the handle kills the
 //! process and removes the directory. A missing binary fails the test with the Debian package to
@@ -959,6 +960,7 @@ pub fn bench_server_binary() -> &'static Path {
             ("redis", cfg!(feature = "redis")),
             ("webdis", cfg!(feature = "webdis")),
             ("sqlite", cfg!(feature = "sqlite")),
+            ("postgres", cfg!(feature = "postgres")),
         ] {
             if on {
                 features.push(feature);
@@ -1365,4 +1367,276 @@ async fn drop_one_reply(
             }
         }
     }
+}
+
+/// A PostgreSQL server from the Debian package `postgresql`: `initdb` into a temporary
+/// directory, then `postgres` on a free loopback port and a socket in that directory, without
+/// fsync (a killed server keeps every commit, the OS has it; a power cut is not tested). As root
+/// (CI), which PostgreSQL refuses to run as, the directory is given to the `postgres` user (the
+/// package creates it) and both run as that user through `setpriv`. Killable (an immediate
+/// shutdown, as a crash: no checkpoint, crash recovery on the next start) and restartable on the
+/// same port with the same data.
+pub struct PostgresServer {
+    port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+    /// The user the server runs as, when this process is root.
+    run_as: Option<&'static str>,
+}
+
+/// The Debian package that provides PostgreSQL's server binaries.
+pub const POSTGRES_PACKAGE: &str = "postgresql";
+
+/// The path of a PostgreSQL server binary (`initdb`, `postgres`): under the newest
+/// `/usr/lib/postgresql/<version>/bin` (where Debian puts them, off `PATH`), else on `PATH`;
+/// panics naming the Debian package that provides it.
+pub fn postgres_binary(name: &str) -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let path = e.path().join("bin").join(name);
+            path.is_file().then_some((version, path))
+        })
+        .collect();
+    versions.sort();
+    match versions.pop() {
+        Some((_, path)) => path,
+        None => require_binary(name, POSTGRES_PACKAGE),
+    }
+}
+
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+impl PostgresServer {
+    /// Initialises a cluster and starts the server on a free port; waits until it accepts a
+    /// connection.
+    pub async fn start() -> PostgresServer {
+        let run_as = is_root().then_some("postgres");
+        let dir = TempDir::new("postgres");
+        std::fs::create_dir_all(dir.path().join("sock")).unwrap();
+        if let Some(user) = run_as {
+            let status = Command::new("chown")
+                .arg("-R")
+                .arg(format!("{user}:"))
+                .arg(dir.path())
+                .status()
+                .expect("chown runs");
+            assert!(
+                status.success(),
+                "cannot give {} to the `{user}` user (it is created by the Debian package \
+                 `{POSTGRES_PACKAGE}`: `apt-get install {POSTGRES_PACKAGE}`)",
+                dir.path().display()
+            );
+        }
+        let mut initdb = PostgresServer::command(run_as, &postgres_binary("initdb"));
+        let out = initdb
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+                "--no-instructions",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut last_error = String::new();
+        let mut server = PostgresServer {
+            port: 0,
+            child: None,
+            dir,
+            run_as,
+        };
+        // Another process may grab the free port before the server binds it: try a few.
+        for _ in 0..5 {
+            server.port = free_port();
+            match server.spawn_and_wait().await {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("postgres did not start: {last_error}");
+    }
+
+    /// A server shared by the tests of this process that run at the same time (each test uses
+    /// its own table): started by the first that asks, stopped when the last holder drops it.
+    pub async fn shared() -> Arc<PostgresServer> {
+        static SHARED: Mutex<Weak<PostgresServer>> = Mutex::new(Weak::new());
+        static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _starting = STARTING.lock().await;
+        if let Some(server) = SHARED.lock().unwrap().upgrade() {
+            return server;
+        }
+        let server = Arc::new(PostgresServer::start().await);
+        *SHARED.lock().unwrap() = Arc::downgrade(&server);
+        server
+    }
+
+    fn command(run_as: Option<&str>, binary: &Path) -> Command {
+        match run_as {
+            Some(user) => {
+                let mut c = Command::new(require_binary("setpriv", "util-linux"));
+                c.arg(format!("--reuid={user}"))
+                    .arg(format!("--regid={user}"))
+                    .arg("--clear-groups")
+                    .arg("--")
+                    .arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        self.url_for("postgres")
+    }
+
+    /// The URL of database `db` on this server.
+    pub fn url_for(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A `key=value` connection string over the server's Unix socket.
+    pub fn socket_url(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.path().join("sock").display(),
+            self.port
+        )
+    }
+
+    /// A plain tokio-postgres client on database `db`, for the tests' own SQL.
+    #[cfg(feature = "postgres")]
+    pub async fn client(&self, db: &str) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.url_for(db), tokio_postgres::NoTls)
+                .await
+                .expect("a test connection to PostgreSQL");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Stops the server at once (an immediate shutdown, `SIGQUIT` to the postmaster: every
+    /// backend ends without a checkpoint, as in a crash), and waits until it has.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("sh")
+                .args(["-c", &format!("kill -QUIT {}", child.id())])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same data (after [`kill`](Self::kill),
+    /// it recovers from its WAL first).
+    pub async fn restart(&mut self) {
+        self.kill();
+        let mut last_error = String::new();
+        for _ in 0..20 {
+            match self.spawn_and_wait().await {
+                Ok(()) => return,
+                Err(e) => last_error = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "postgres did not restart on port {}: {last_error}",
+            self.port
+        );
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let log_path = self.dir.path().join("postgres.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let child = PostgresServer::command(self.run_as, &postgres_binary("postgres"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path().join("sock"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=32MB",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot run postgres: {e}"))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        self.child = Some(wait_ready(child, "postgres", &log_path, || postgres_ready(addr)).await?);
+        Ok(())
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a PostgreSQL server at `addr` answers a startup as user `postgres` with an
+/// authentication request or `AuthenticationOk` (not with an error such as "the database
+/// system is starting up").
+pub async fn postgres_ready(addr: SocketAddr) -> bool {
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    // StartupMessage: length, protocol 3.0, user=postgres, database=postgres.
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&u32::try_from(8 + params.len()).unwrap().to_be_bytes());
+    msg.extend_from_slice(&0x0003_0000_u32.to_be_bytes());
+    msg.extend_from_slice(params);
+    if s.write_all(&msg).await.is_err() {
+        return false;
+    }
+    let mut tag = [0u8; 1];
+    // `R`: authentication (ok or a request); `E`: an error (starting up, shutting down).
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut tag)).await,
+        Ok(Ok(_)) if tag[0] == b'R'
+    )
 }

@@ -1,0 +1,902 @@
+//! The PostgreSQL store: the conformance suite on a real server (started here from the Debian
+//! package `postgresql`), plus what is particular to it (the schema and its checks, hostile
+//! names, corrupt rows, locks, timeouts, an exhausted pool, a read-only server, cleanup, a
+//! Unix socket, an app restart, and a server crash under load).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use common::servers::PostgresServer;
+use common::{Browser, Conn, new_key, serve};
+use hyper::StatusCode;
+use hyper_sessions::store::{Key, Record, SaveOutcome, SessionStore, StoreError, StoreErrorKind};
+use hyper_sessions::{PostgresStore, PostgresStoreBuilder, SessionLayer};
+
+/// A table name no other test of this process uses.
+fn fresh_table() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("sessions_{}", NEXT.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A builder for a fresh table, without the cleanup task.
+fn builder(table: &str) -> PostgresStoreBuilder {
+    PostgresStore::builder().table(table).cleanup_interval(None)
+}
+
+async fn fixture() -> (PostgresStore, Arc<PostgresServer>) {
+    let server = PostgresServer::shared().await;
+    let store = builder(&fresh_table()).open(&server.url()).await.unwrap();
+    (store, server)
+}
+
+conformance_suite!(fixture);
+
+fn in_ms(ms: u64) -> SystemTime {
+    SystemTime::now() + Duration::from_millis(ms)
+}
+
+fn record(key: Key, data: &str, expires_at: SystemTime) -> Record {
+    Record::new(key, Bytes::from(data.to_owned()), 1, expires_at)
+}
+
+/// An error with its whole chain of causes.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+fn check_named_by_fingerprint_only(text: &str, key: Key) {
+    let full = key.to_hex();
+    assert!(text.contains(&full[..8]), "the row is named: {text}");
+    assert!(
+        !text.contains(&full[..9]),
+        "more than the key's fingerprint leaked: {text}"
+    );
+}
+
+/// The table and its index are created once, the schema version recorded, and the columns
+/// have the types the statements need; opening again finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_is_created_once_and_versioned() {
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let store = builder(&table).open(&server.url()).await.unwrap();
+    let c = server.client("postgres").await;
+    let version: i32 = c
+        .query_one(
+            "SELECT version FROM public.hyper_sessions_schema WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 1);
+    let columns: Vec<(String, String)> = c
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected = [
+        ("key", "bytea"),
+        ("data", "bytea"),
+        ("version", "bigint"),
+        ("expires_at", "timestamp with time zone"),
+    ];
+    assert_eq!(
+        columns,
+        expected.map(|(n, t)| (n.to_owned(), t.to_owned())).to_vec()
+    );
+    let index: String = c
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = $1 AND indexname = $2",
+            &[&table, &format!("{table}_expires_at")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(index.contains("(expires_at)"), "{index}");
+    // A second store on the same table (another app server, a restart) finds it as it is, and
+    // both see the same sessions.
+    let key = new_key();
+    store
+        .create(&record(key, "x", in_ms(60_000)))
+        .await
+        .unwrap();
+    let again = builder(&table).open(&server.url()).await.unwrap();
+    assert_eq!(
+        again.load(&key).await.unwrap().unwrap().data(),
+        &Bytes::from("x")
+    );
+    // Opening many at once (app servers starting together) creates the table once.
+    let table = fresh_table();
+    let mut opens = Vec::new();
+    for _ in 0..6 {
+        let (url, table) = (server.url(), table.clone());
+        opens.push(tokio::spawn(async move {
+            builder(&table).open(&url).await.map(drop)
+        }));
+    }
+    for open in opens {
+        open.await.unwrap().unwrap();
+    }
+}
+
+/// A table of a newer schema version, a table the store did not create, a table whose columns
+/// have other types, a missing table when creating is off and a missing schema: each a clear
+/// error at open, naming the table and what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_tables_are_clear_errors_at_open() {
+    let server = PostgresServer::shared().await;
+    let c = server.client("postgres").await;
+    let open = |table: String| {
+        let url = server.url();
+        async move { builder(&table).open(&url).await.unwrap_err() }
+    };
+
+    let newer = fresh_table();
+    builder(&newer).open(&server.url()).await.unwrap();
+    c.execute(
+        "UPDATE public.hyper_sessions_schema SET version = 2 WHERE table_name = $1",
+        &[&newer],
+    )
+    .await
+    .unwrap();
+    let err = open(newer.clone()).await;
+    assert_eq!(err.kind(), StoreErrorKind::Other);
+    let text = chain(&err);
+    assert!(text.contains("schema version 2"), "{text}");
+    assert!(text.contains(&newer), "{text}");
+
+    let foreign = fresh_table();
+    c.batch_execute(&format!("CREATE TABLE {foreign} (id int)"))
+        .await
+        .unwrap();
+    let text = chain(&open(foreign.clone()).await);
+    assert!(text.contains("did not create"), "{text}");
+
+    let altered = fresh_table();
+    builder(&altered).open(&server.url()).await.unwrap();
+    c.batch_execute(&format!(
+        "ALTER TABLE {altered} ALTER COLUMN version TYPE text, DROP COLUMN data"
+    ))
+    .await
+    .unwrap();
+    let text = chain(&open(altered).await);
+    assert!(
+        text.contains("version is text, expected bigint")
+            && text.contains("data (bytea) is missing"),
+        "{text}"
+    );
+
+    let missing = fresh_table();
+    let err = builder(&missing)
+        .create_table(false)
+        .open(&server.url())
+        .await
+        .unwrap_err();
+    let text = chain(&err);
+    assert!(
+        text.contains("does not exist") && text.contains(&missing),
+        "{text}"
+    );
+    let exists: bool = c
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&missing])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "create_table(false) created the table");
+
+    let err = builder(&fresh_table())
+        .schema("no_such_schema")
+        .open(&server.url())
+        .await
+        .unwrap_err();
+    let text = chain(&err);
+    assert!(
+        text.contains("schema \"no_such_schema\" does not exist"),
+        "{text}"
+    );
+
+    // Another schema, and a table name in mixed case: used exactly as given.
+    c.batch_execute("CREATE SCHEMA IF NOT EXISTS app")
+        .await
+        .unwrap();
+    let store = PostgresStore::builder()
+        .schema("app")
+        .table("Web_Sessions")
+        .cleanup_interval(None)
+        .open(&server.url())
+        .await
+        .unwrap();
+    let key = new_key();
+    store
+        .create(&record(key, "x", in_ms(60_000)))
+        .await
+        .unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM app.\"Web_Sessions\"", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let debug = format!("{store:?}");
+    assert!(
+        debug.contains("app") && debug.contains("Web_Sessions"),
+        "{debug}"
+    );
+}
+
+/// Table and schema names that are not plain identifiers never reach SQL: `open` refuses them
+/// before connecting, and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_are_refused() {
+    let server = PostgresServer::shared().await;
+    let c = server.client("postgres").await;
+    let tables = || async {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM pg_tables", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    let before = tables().await;
+    for name in [
+        "",
+        "1abc",
+        "a b",
+        "public.sessions",
+        "sessions\"; DROP TABLE x; --",
+        "s'; DROP TABLE x; --",
+        "pg_sessions",
+        "hyper_sessions_schema",
+        "täble",
+        "a\0b",
+        &"a".repeat(49),
+    ] {
+        let err = PostgresStore::builder()
+            .table(name)
+            .open(&server.url())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
+        assert!(
+            chain(&err).contains("invalid PostgreSQL table name"),
+            "{name:?}: {}",
+            chain(&err)
+        );
+        let name = if name.len() == 49 {
+            &"a".repeat(64)
+        } else {
+            name
+        };
+        let err = PostgresStore::builder()
+            .schema(name)
+            .open(&server.url())
+            .await
+            .unwrap_err();
+        assert!(
+            chain(&err).contains("invalid PostgreSQL schema name"),
+            "{name:?}: {}",
+            chain(&err)
+        );
+    }
+    assert_eq!(tables().await, before, "a hostile name created a table");
+}
+
+/// Connection strings: a Unix socket works like TCP; an invalid string and a server that is not
+/// there are clear errors (the latter unavailable, promptly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_sockets_and_unreachable_servers() {
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let store = builder(&table).open(&server.socket_url()).await.unwrap();
+    let key = new_key();
+    store
+        .create(&record(key, "over the socket", in_ms(60_000)))
+        .await
+        .unwrap();
+    let tcp = builder(&table).open(&server.url()).await.unwrap();
+    assert_eq!(
+        tcp.load(&key).await.unwrap().unwrap().data(),
+        &Bytes::from("over the socket")
+    );
+
+    let err = PostgresStore::open("postgres://u@h:notaport/db")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Other);
+    assert!(
+        chain(&err).contains("invalid PostgreSQL connection string"),
+        "{}",
+        chain(&err)
+    );
+
+    let port = common::servers::free_port();
+    let t = Instant::now();
+    let err = PostgresStore::open(&format!("postgres://postgres:hunter2@127.0.0.1:{port}/db"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{}", chain(&err));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let text = format!("{} {err:?}", chain(&err));
+    assert!(text.contains(&format!("127.0.0.1:{port}/db")), "{text}");
+    assert!(!text.contains("hunter2"), "the password leaked: {text}");
+}
+
+/// Rows the store cannot read back (a column's value or type changed by hand): `load` says
+/// corrupt, naming the column and the row by its key's fingerprint only; over HTTP the request
+/// gets a fresh session and the row is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_rows_are_reported_and_start_a_fresh_session() {
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let store = builder(&table).open(&server.url()).await.unwrap();
+    let app = serve(&SessionLayer::new(store.clone())).await;
+    let c = server.client("postgres").await;
+    c.batch_execute(&format!(
+        "ALTER TABLE {table} ALTER COLUMN version DROP NOT NULL, \
+         ALTER COLUMN data DROP NOT NULL, ALTER COLUMN expires_at DROP NOT NULL"
+    ))
+    .await
+    .unwrap();
+    let cases = [
+        ("version", "version = NULL"),
+        ("version", "version = -3"),
+        ("data", "data = NULL"),
+    ];
+    for (column, garbage) in cases {
+        let mut b = Browser::new(app.addr).await;
+        assert_eq!(b.get("/counter").await.body, "1");
+        let key = b.key().unwrap();
+        let cookie = b.cookie.clone().unwrap();
+        c.execute(
+            &format!("UPDATE {table} SET {garbage} WHERE key = $1"),
+            &[&&key.to_bytes()[..]],
+        )
+        .await
+        .unwrap();
+        let err = store.load(&key).await.unwrap_err();
+        let text = chain(&err);
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{text}");
+        assert!(text.contains(&format!("column {column}")), "{text}");
+        check_named_by_fingerprint_only(&text, key);
+        let mut conn = Conn::http1(app.addr).await;
+        let r = conn.get("/counter", Some(&cookie)).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"));
+        assert_ne!(r.cookie_pair().unwrap(), cookie);
+        assert!(
+            store.load(&key).await.is_err(),
+            "the corrupt row was replaced"
+        );
+    }
+
+    // A column whose type is changed after the store opened (its statements are prepared on
+    // every pooled connection): prepared again, and the rows it cannot read are corrupt.
+    let mut b = Browser::new(app.addr).await;
+    assert_eq!(b.get("/counter").await.body, "1");
+    let key = b.key().unwrap();
+    c.batch_execute(&format!(
+        "ALTER TABLE {table} ALTER COLUMN version TYPE numeric"
+    ))
+    .await
+    .unwrap();
+    let err = store.load(&key).await.unwrap_err();
+    let text = chain(&err);
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{text}");
+    assert!(text.contains("column version"), "{text}");
+    check_named_by_fingerprint_only(&text, key);
+    let r = b.get("/read").await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "0"));
+    let still: i64 = c
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE key = $1"),
+            &[&&key.to_bytes()[..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 1, "the unreadable row was removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_expired_and_the_cleanup_task() {
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let store = builder(&table).open(&server.url()).await.unwrap();
+    let c = server.client("postgres").await;
+    let live = new_key();
+    store
+        .create(&record(live, "live", in_ms(60_000)))
+        .await
+        .unwrap();
+    c.execute(
+        &format!(
+            "INSERT INTO {table} (key, data, version, expires_at) \
+             SELECT substr(sha256(i::text::bytea), 1, 16), 'old', 1, now() - interval '1 second' \
+             FROM generate_series(1, 2500) AS i"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    let rows = || async {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    assert_eq!(rows().await, 2501);
+    assert_eq!(store.delete_expired().await.unwrap(), 2500);
+    assert_eq!(rows().await, 1);
+    assert!(store.load(&live).await.unwrap().is_some());
+    assert_eq!(store.delete_expired().await.unwrap(), 0);
+
+    // The task: runs on its interval, and stops with the store.
+    let store = builder(&table)
+        .cleanup_interval(Some(Duration::from_millis(100)))
+        .open(&server.url())
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        store
+            .create(&record(new_key(), "old", in_ms(20)))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(rows().await, 1, "the cleanup task did not run");
+    drop(store);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    c.execute(
+        &format!(
+            "INSERT INTO {table} (key, data, version, expires_at) \
+             VALUES ('\\x00112233445566778899aabbccddeeff', 'x', 1, now())"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(rows().await, 2, "a cleanup task outlived its store");
+}
+
+/// Another connection holds a session's row lock (a long transaction): writes to that row
+/// answer 503 after the statement timeout (and the server cancels them too), reads of it are
+/// answered at once (MVCC readers take no row lock), other sessions are untouched, and once the
+/// lock is released the same layer writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_row_times_out_writes_but_not_reads() {
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let store = builder(&table)
+        .statement_timeout(Duration::from_millis(300))
+        .open(&server.url())
+        .await
+        .unwrap();
+    let app = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(app.addr).await;
+    assert_eq!(b.get("/counter").await.body, "1");
+    let key = b.key().unwrap();
+    let mut locker = server.client("postgres").await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE"),
+        &[&&key.to_bytes()[..]],
+    )
+    .await
+    .unwrap();
+
+    let t = Instant::now();
+    let r = b.get("/counter").await;
+    let took = t.elapsed();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.is_empty() && r.set_cookies().is_empty());
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    let t = Instant::now();
+    assert_eq!(b.get("/read").await.body, "1");
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "a read waited for a row lock"
+    );
+    let mut other = Browser::new(app.addr).await;
+    assert_eq!(other.get("/counter").await.body, "1");
+    assert_eq!(other.get("/counter").await.body, "2");
+    // The timed-out statement was cancelled on the server too (statement_timeout), so it does
+    // not wait on behind the client's back.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting: i64 = server
+        .client("postgres")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(waiting, 0, "a timed-out statement still waits for its lock");
+    let err = store
+        .save(&Record::new(key, Bytes::from("{}"), 2, in_ms(60_000)), 1)
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{}", chain(&err));
+    assert!(chain(&err).contains("statement timeout"), "{}", chain(&err));
+    check_no_whole_key(&chain(&err), key);
+
+    tx.rollback().await.unwrap();
+    assert_eq!(b.get("/counter").await.body, "2");
+}
+
+fn check_no_whole_key(text: &str, key: Key) {
+    assert!(!text.contains(&key.to_hex()[..9]), "{text}");
+}
+
+/// Every pooled connection busy past the statement timeout (an application's own pool, shared
+/// with the store through `with_pool`, its only connection held by the application): store
+/// operations answer 503 promptly, saying so, and serve again once a connection is free. A
+/// statement stuck behind a row lock past the timeout gives its connection up (closed, not
+/// handed on to the next operation, which would queue behind it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_is_unavailable() {
+    use hyper_sessions::deadpool_postgres::{Manager, Pool, tokio_postgres};
+
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let manager = Manager::new(server.url().parse().unwrap(), tokio_postgres::NoTls);
+    let pool = Pool::builder(manager).max_size(1).build().unwrap();
+    let store = builder(&table)
+        .statement_timeout(Duration::from_millis(300))
+        .open_with_pool(pool.clone())
+        .await
+        .unwrap();
+    let key = new_key();
+    store
+        .create(&record(key, "x", in_ms(60_000)))
+        .await
+        .unwrap();
+
+    let held = pool.get().await.unwrap();
+    let t = Instant::now();
+    let err = store.load(&key).await.unwrap_err();
+    let took = t.elapsed();
+    assert!(err.is_unavailable(), "{}", chain(&err));
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1000),
+        "{took:?}"
+    );
+    assert!(chain(&err).contains("pool exhausted"), "{}", chain(&err));
+    drop(held);
+    assert_eq!(store.load(&key).await.unwrap().unwrap().version(), 1);
+
+    let mut locker = server.client("postgres").await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE"),
+        &[&&key.to_bytes()[..]],
+    )
+    .await
+    .unwrap();
+    let err = store.touch(&key, 1, in_ms(120_000)).await.unwrap_err();
+    assert!(err.is_unavailable(), "{}", chain(&err));
+    // The connection that waited for the lock was closed: the next operation has a fresh one
+    // and is answered at once, while the lock is still held.
+    let t = Instant::now();
+    assert_eq!(store.load(&key).await.unwrap().unwrap().version(), 1);
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        store.touch(&key, 1, in_ms(120_000)).await.unwrap(),
+        SaveOutcome::Saved
+    );
+}
+
+/// The server's connections are ended by an administrator (SQLSTATE 57P01), then the database
+/// turns read-only (25006, what a standby answers): requests that need a write answer 503, reads
+/// go on, and the same store writes again once the database is writable; no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_or_restarted_server_is_unavailable_not_fatal() {
+    let server = PostgresServer::shared().await;
+    let admin = server.client("postgres").await;
+    let db = format!("ro_{}", std::process::id());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let store = builder("sessions")
+        .open(&server.url_for(&db))
+        .await
+        .unwrap();
+    let app = serve(&SessionLayer::new(store.clone())).await;
+    let mut b = Browser::new(app.addr).await;
+    assert_eq!(b.get("/counter").await.body, "1");
+
+    let terminate = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+    );
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET default_transaction_read_only = on; {terminate}"
+        ))
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(b.get("/counter").await.status);
+    }
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::SERVICE_UNAVAILABLE),
+        "{statuses:?}"
+    );
+    let err = store
+        .create(&record(new_key(), "x", in_ms(60_000)))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{}", chain(&err));
+    assert!(chain(&err).contains("25006"), "{}", chain(&err));
+    assert_eq!(b.get("/read").await.body, "1", "reads go on");
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET default_transaction_read_only = off; {terminate}"
+        ))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let r = b.get("/counter").await;
+        if r.status == StatusCode::OK {
+            assert_eq!(r.body, "2");
+            break;
+        }
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(t.elapsed() < Duration::from_secs(5), "no recovery");
+    }
+    drop((app, store));
+    let _ = admin
+        .batch_execute(&format!("{terminate}; DROP DATABASE IF EXISTS {db}"))
+        .await;
+}
+
+/// PostgreSQL stops (an immediate shutdown, as a crash) while requests run, then starts again:
+/// prompt 503s meanwhile, nothing acknowledged lost, and the same layer serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_and_restart() {
+    let mut server = PostgresServer::start().await;
+    let store = builder("sessions")
+        .statement_timeout(Duration::from_millis(500))
+        .open(&server.url())
+        .await
+        .unwrap();
+    common::faults::crash_and_restart(&SessionLayer::new(store), &mut server).await;
+}
+
+/// Unit-level check of the round trips the issue promises, counted on the server: a read is
+/// one statement, a write two, a new session one, an untouched request none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_per_request() {
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let store = builder(&table).open(&server.url()).await.unwrap();
+    let counting = Counting::new(store);
+    let app = serve(&SessionLayer::new(counting.clone())).await;
+    let mut b = Browser::new(app.addr).await;
+    for (path, expected) in [
+        ("/untouched", 0),
+        ("/counter", 1), // a new session: create
+        ("/read", 1),
+        ("/counter", 2),
+        ("/untouched", 0),
+        ("/destroy", 1),
+    ] {
+        let before = counting.calls();
+        assert_eq!(b.get(path).await.status, StatusCode::OK, "{path}");
+        assert_eq!(counting.calls() - before, expected, "{path}");
+    }
+}
+
+/// A store that counts the calls made to the PostgreSQL store: each is one statement.
+#[derive(Clone)]
+struct Counting {
+    inner: PostgresStore,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Counting {
+    fn new(inner: PostgresStore) -> Counting {
+        Counting {
+            inner,
+            calls: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl SessionStore for Counting {
+    async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        self.count();
+        self.inner.load(key).await
+    }
+    async fn create(
+        &self,
+        record: &Record,
+    ) -> Result<hyper_sessions::store::CreateOutcome, StoreError> {
+        self.count();
+        self.inner.create(record).await
+    }
+    async fn save(&self, record: &Record, expected: u64) -> Result<SaveOutcome, StoreError> {
+        self.count();
+        self.inner.save(record, expected).await
+    }
+    async fn touch(
+        &self,
+        key: &Key,
+        expected: u64,
+        expires_at: SystemTime,
+    ) -> Result<SaveOutcome, StoreError> {
+        self.count();
+        self.inner.touch(key, expected, expires_at).await
+    }
+    async fn remove(&self, key: &Key, expected: u64) -> Result<SaveOutcome, StoreError> {
+        self.count();
+        self.inner.remove(key, expected).await
+    }
+    async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        self.count();
+        self.inner.delete(key).await
+    }
+}
+
+// ---- a real restart: the app process is killed and started again on the same table ----
+
+const SERVE_ENV: &str = "HYPER_SESSIONS_POSTGRES_SERVE";
+
+/// Not a test of its own: when the restart test runs this binary again with `SERVE_ENV` set to
+/// `URL TABLE`, this serves the example app on that table and prints its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_server_entry() {
+    let Ok(spec) = std::env::var(SERVE_ENV) else {
+        return;
+    };
+    let (url, table) = spec.split_once(' ').unwrap();
+    let store = builder(table).open(url).await.unwrap();
+    let server = serve(&SessionLayer::new(store)).await;
+    println!("LISTENING {}", server.addr.port());
+    std::future::pending::<()>().await;
+}
+
+struct AppProcess {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl AppProcess {
+    fn start(url: &str, table: &str) -> AppProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "restart_server_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SERVE_ENV, format!("{url} {table}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut port = None;
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some((_, p)) = line.split_once("LISTENING ") {
+                port = Some(p.trim().parse::<u16>().unwrap());
+                break;
+            }
+        }
+        let port = port.expect("the app process did not start");
+        std::thread::spawn(move || for _ in lines {});
+        AppProcess {
+            child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for AppProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The app is killed (SIGKILL) and started again: its sessions are all there, a destroyed one
+/// stays destroyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_an_app_restart() {
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let app = AppProcess::start(&server.url(), &table);
+    let mut alice = Browser::new(app.addr).await;
+    for n in 1..=3 {
+        assert_eq!(alice.get("/counter").await.body, n.to_string());
+    }
+    alice.get("/set/name?v=alice%20liddell").await;
+    let mut others = Vec::new();
+    for i in 0..20 {
+        let mut b = Browser::new(app.addr).await;
+        b.get(&format!("/set/n?v={i}")).await;
+        others.push(b.cookie.clone().unwrap());
+    }
+    let mut bob = Browser::new(app.addr).await;
+    bob.get("/counter").await;
+    let bob_old = bob.cookie.clone().unwrap();
+    assert!(bob.get("/destroy").await.removes_cookie());
+    app.kill();
+
+    let app = AppProcess::start(&server.url(), &table);
+    let mut c = Conn::http1(app.addr).await;
+    let cookie = alice.cookie.clone().unwrap();
+    assert_eq!(c.get("/read", Some(&cookie)).await.body, "3");
+    assert_eq!(
+        c.get("/get/name", Some(&cookie)).await.body,
+        "alice liddell"
+    );
+    let r = c.get("/counter", Some(&cookie)).await;
+    assert_eq!(r.body, "4");
+    assert!(
+        r.cookie_pair().is_none_or(|c| c == cookie),
+        "the id changed"
+    );
+    for (i, cookie) in others.iter().enumerate() {
+        assert_eq!(c.get("/get/n", Some(cookie)).await.body, i.to_string());
+    }
+    assert_eq!(c.get("/read", Some(&bob_old)).await.body, "0");
+    app.kill();
+}
