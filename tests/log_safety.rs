@@ -70,10 +70,18 @@ impl Secrets {
         // The whole key; its fingerprint (the first 8 digits) may be named.
         self.words.push(Key::of(id).to_hex()[..12].to_owned());
         self.words.push(Key::of(id).to_hex());
+        // The key's bytes as `Debug` prints a byte slice (`[18, 250, ...]`), as a database
+        // client logging its statement parameters would: any 6 of them in a row.
+        let bytes = Key::of(id).to_bytes();
+        for window in bytes.windows(6) {
+            self.words.push(byte_list(window));
+        }
     }
 
     fn value(&mut self, value: &str) {
         self.words.push(value.to_owned());
+        // Its bytes as a `Debug` byte list, as in a database client's parameter log.
+        self.words.push(byte_list(value.as_bytes()));
     }
 
     fn check(&self, what: &str, text: &str) {
@@ -84,6 +92,12 @@ impl Secrets {
             );
         }
     }
+}
+
+/// `bytes` as `Debug` prints them inside a byte slice: `18, 250, 3`.
+fn byte_list(bytes: &[u8]) -> String {
+    let list = format!("{bytes:?}");
+    list[1..list.len() - 1].to_owned()
 }
 
 /// A value nobody else writes: the test searches for it.
@@ -588,6 +602,164 @@ mod webdis {
                 })
             },
             nothing,
+        )
+        .await;
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::sync::Arc;
+
+    use common::servers::PostgresServer;
+    use hyper_sessions::PostgresStore;
+    use hyper_sessions::deadpool_postgres::tokio_postgres::types::{
+        IsNull, ToSql, Type, to_sql_checked,
+    };
+
+    use super::*;
+
+    /// A parameter of the test's own SQL that tokio-postgres's debug log shows as `<hidden>`
+    /// (it logs every parameter): the secrets it carries are the test's doing, not the store's.
+    struct Hidden<T>(T);
+
+    impl<T> std::fmt::Debug for Hidden<T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("<hidden>")
+        }
+    }
+
+    impl<T: ToSql> ToSql for Hidden<T> {
+        fn to_sql(
+            &self,
+            ty: &Type,
+            out: &mut bytes::BytesMut,
+        ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            self.0.to_sql(ty, out)
+        }
+
+        fn accepts(ty: &Type) -> bool {
+            T::accepts(ty)
+        }
+
+        to_sql_checked!();
+    }
+
+    /// A store on a fresh table of `server`.
+    async fn store(server: &PostgresServer) -> (PostgresStore, String) {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let table = format!(
+            "log_safety_{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let store = PostgresStore::builder()
+            .table(&table)
+            .statement_timeout(Duration::from_millis(300))
+            .cleanup_interval(None)
+            .open(&server.url())
+            .await
+            .unwrap();
+        (store, table)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_records() {
+        let server = PostgresServer::shared().await;
+        corrupt_payloads("postgres", store(&server).await.0).await;
+    }
+
+    /// A column whose type was changed by hand, holding a secret where a version should be.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_of_the_wrong_types() {
+        let server = PostgresServer::shared().await;
+        let (store, table) = store(&server).await;
+        let target = Arc::clone(&server);
+        no_secret_leaks(
+            "postgres, wrong types",
+            store,
+            move |key| {
+                Box::pin(async move {
+                    let c = target.client("postgres").await;
+                    let value = secret_value();
+                    LEAKED_VALUES.lock().unwrap().push(value.clone());
+                    c.batch_execute(&format!(
+                        "ALTER TABLE {table} ALTER COLUMN version TYPE text"
+                    ))
+                    .await
+                    .unwrap();
+                    c.execute(
+                        &format!("UPDATE {table} SET version = $2 WHERE key = $1"),
+                        &[&Hidden(&key.to_bytes()[..]), &Hidden(value)],
+                    )
+                    .await
+                    .unwrap();
+                    Vec::new()
+                })
+            },
+            nothing,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_is_down() {
+        let server = PostgresServer::start().await;
+        let (store, _) = store(&server).await;
+        let server = Arc::new(Mutex::new(server));
+        no_secret_leaks(
+            "postgres, down",
+            store,
+            move |_| {
+                Box::pin(async move {
+                    server.lock().unwrap().kill();
+                    Vec::new()
+                })
+            },
+            nothing,
+        )
+        .await;
+    }
+
+    /// The session's row locked by another transaction: writes wait for it until the statement
+    /// timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_locked_row() {
+        let server = PostgresServer::shared().await;
+        let (store, table) = store(&server).await;
+        let lock = Arc::clone(&server);
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let release_tx = Mutex::new(Some(release_tx));
+        no_secret_leaks(
+            "postgres, locked",
+            store,
+            move |key| {
+                Box::pin(async move {
+                    let mut c = lock.client("postgres").await;
+                    let (locked_tx, locked) = tokio::sync::oneshot::channel();
+                    tokio::spawn(async move {
+                        let tx = c.transaction().await.unwrap();
+                        tx.execute(
+                            &format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE"),
+                            &[&Hidden(&key.to_bytes()[..])],
+                        )
+                        .await
+                        .unwrap();
+                        let _ = locked_tx.send(());
+                        let _ = release_rx.await;
+                        tx.rollback().await.unwrap();
+                    });
+                    locked.await.unwrap();
+                    Vec::new()
+                })
+            },
+            move |_| {
+                Box::pin(async move {
+                    if let Some(tx) = release_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                    Vec::new()
+                })
+            },
         )
         .await;
     }
