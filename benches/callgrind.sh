@@ -9,14 +9,16 @@
 #   benches/callgrind.sh [STORE ...]     # default: memory
 #   N1=1000 N2=3000 benches/callgrind.sh memory sqlite
 #
-# Needs valgrind (Debian package valgrind); the Redis store needs redis-server.
+# Needs valgrind (Debian package valgrind); the Redis store needs redis-server, the PostgreSQL
+# store postgresql (benches/postgres.sh starts it on the other CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N1=${N1:-1000}
 N2=${N2:-3000}
 PORT=${PORT:-18090}
 REDIS_PORT=${REDIS_PORT:-16390}
-FEATURES=${FEATURES:-memory,sqlite,redis,webdis}
+PG_PORT=${PG_PORT:-15490}
+FEATURES=${FEATURES:-memory,sqlite,redis,webdis,postgres}
 STORES=("$@")
 [ ${#STORES[@]} -gt 0 ] || STORES=(memory)
 
@@ -37,6 +39,8 @@ cleanup() {
   [ -n "${KEEP:-}" ] && echo "profiles kept in $work" || rm -rf "$work"
 }
 trap cleanup EXIT
+# shellcheck source=benches/postgres.sh
+. benches/postgres.sh
 
 # measure NAME ARGS...: run the server under callgrind and print per-endpoint figures.
 measure() {
@@ -109,6 +113,10 @@ for store in "${STORES[@]}"; do
       pids+=("$!")
       sleep 0.5
       measure redis "$BIN/bench_server" --store redis --redis "redis://127.0.0.1:$REDIS_PORT" | tee -a "$out" ;;
+    postgres)
+      start_postgres "$work/pg" "$PG_PORT" 1
+      pids+=("$postgres_pid")
+      measure postgres "$BIN/bench_server" --store postgres --postgres "postgres://postgres@127.0.0.1:$PG_PORT/postgres" | tee -a "$out" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
 done

@@ -6,14 +6,15 @@
 # 2 s warm-up then DURATION per endpoint. The bare server runs before, between and after the
 # stores; ratios are to the median of its /untouched runs.
 #
-#   benches/load.sh [STORE ...]        # default: memory; also sqlite redis webdis, and axum
+#   benches/load.sh [STORE ...]        # default: memory; also sqlite redis webdis postgres, and axum
 #                                      # (bench_server --stack axum on the memory store)
 #   DURATION=8s WARMUP=2s benches/load.sh memory redis
 #
 # "redis cmds/req" counts every command Redis executed (INFO commandstats), those run inside
 # the stores' Lua scripts included; the round trips per request are counted by the tests.
 #
-# Needs wrk (Debian package wrk) and, per store, its server (redis-server, webdis). Traffic
+# Needs wrk (Debian package wrk) and, per store, its server (redis-server, webdis, postgresql;
+# PostgreSQL runs on the server's CPU with its stock settings, see benches/postgres.sh). Traffic
 # goes to 127.0.0.1 only; every wrk run is bounded by its duration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,8 @@ WARMUP=${WARMUP:-2s}
 PORT=${PORT:-18080}
 REDIS_PORT=${REDIS_PORT:-16379}
 WEBDIS_PORT=${WEBDIS_PORT:-17379}
-FEATURES=${FEATURES:-memory,sqlite,redis,webdis}
+PG_PORT=${PG_PORT:-15432}
+FEATURES=${FEATURES:-memory,sqlite,redis,webdis,postgres}
 STORES=("$@")
 [ ${#STORES[@]} -gt 0 ] || STORES=(memory)
 ENDPOINTS=(untouched read counter login)
@@ -41,12 +43,14 @@ cargo build --release --quiet --example bench_server --example bare_server --fea
 BIN=target/release/examples
 
 work=$(mktemp -d)
-server_pid="" redis_pid="" webdis_pid=""
+server_pid="" redis_pid="" webdis_pid="" postgres_pid=""
 cleanup() {
-  for p in $server_pid $redis_pid $webdis_pid; do kill "$p" 2>/dev/null || true; done
+  for p in $server_pid $redis_pid $webdis_pid $postgres_pid; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
+# shellcheck source=benches/postgres.sh
+. benches/postgres.sh
 trap cleanup EXIT
 
 wait_ready() {
@@ -132,6 +136,10 @@ JSON
       sleep 0.5
       run hyper-sessions webdis "$BIN/bench_server" --port "$PORT" --store webdis --webdis "http://127.0.0.1:$WEBDIS_PORT"
       kill "$webdis_pid" "$redis_pid"; wait 2>/dev/null || true; webdis_pid="" redis_pid="" ;;
+    postgres)
+      start_postgres "$work/pg" "$PG_PORT" 0
+      run hyper-sessions postgres "$BIN/bench_server" --port "$PORT" --store postgres --postgres "postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+      kill -INT "$postgres_pid"; wait "$postgres_pid" 2>/dev/null || true; postgres_pid="" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
   run bare - "$BIN/bare_server" --port "$PORT"

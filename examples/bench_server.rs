@@ -4,7 +4,9 @@
 //! (default URL `redis://127.0.0.1:6379`; `--min-replicas-ack N` confirms each write on N
 //! replicas with `WAIT N 100`), and with `--features webdis`
 //! `--store webdis [--webdis URL]` (default `http://127.0.0.1:7379`), and with
-//! `--features sqlite` `--store sqlite --db PATH`.
+//! `--features sqlite` `--store sqlite --db PATH`, and with `--features postgres`
+//! `--store postgres [--postgres URL]` (default `postgres://postgres@127.0.0.1:5432/postgres`;
+//! table `bench_sessions`, emptied at start).
 //!
 //! `--stack axum` (with `--features axum`) serves the same paths through an axum `Router` with
 //! the `Session` extractor instead of the layer around a hyper `service_fn` (`--stack hyper`, the
@@ -57,6 +59,8 @@ struct Args {
     webdis: String,
     #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     db: String,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    postgres: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -68,6 +72,7 @@ fn parse_args() -> Result<Args, String> {
     let (mut prefill, mut value_bytes, mut pool_out) = (0, 0, None);
     let mut webdis = "http://127.0.0.1:7379".to_owned();
     let mut db = "bench_sessions.db".to_owned();
+    let mut postgres = "postgres://postgres@127.0.0.1:5432/postgres".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -90,6 +95,7 @@ fn parse_args() -> Result<Args, String> {
             "--pool-out" => pool_out = Some(value()?),
             "--webdis" => webdis = value()?,
             "--db" => db = value()?,
+            "--postgres" => postgres = value()?,
             // Flags of stores this build does not have are accepted and ignored.
             _ if flag.starts_with("--") => {
                 let _ = value();
@@ -108,6 +114,7 @@ fn parse_args() -> Result<Args, String> {
         min_replicas_ack,
         webdis,
         db,
+        postgres,
     })
 }
 
@@ -169,11 +176,49 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        #[cfg(feature = "postgres")]
+        "postgres" => match open_postgres(&args.postgres).await {
+            Ok(store) => run(store, &args).await,
+            Err(e) => {
+                let mut msg = e.to_string();
+                let mut next = std::error::Error::source(&e);
+                while let Some(cause) = next {
+                    msg = format!("{msg}: {cause}");
+                    next = cause.source();
+                }
+                eprintln!("bench_server: {msg}");
+                ExitCode::FAILURE
+            }
+        },
         other => {
             eprintln!("bench_server: store {other:?} is not supported by this build");
             ExitCode::from(2)
         }
     }
+}
+
+/// The PostgreSQL store on table `bench_sessions`, emptied first (each run starts from no
+/// sessions, as the other stores' runs do).
+#[cfg(feature = "postgres")]
+async fn open_postgres(
+    url: &str,
+) -> Result<hyper_sessions::PostgresStore, hyper_sessions::store::StoreError> {
+    let store = hyper_sessions::PostgresStore::builder()
+        .table("bench_sessions")
+        .open(url)
+        .await?;
+    let (client, connection) = hyper_sessions::deadpool_postgres::tokio_postgres::connect(
+        url,
+        hyper_sessions::deadpool_postgres::tokio_postgres::NoTls,
+    )
+    .await
+    .map_err(hyper_sessions::store::StoreError::unavailable)?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("TRUNCATE bench_sessions")
+        .await
+        .map_err(hyper_sessions::store::StoreError::unavailable)?;
+    Ok(store)
 }
 
 /// Creates `args.prefill` sessions straight through the store, 64 at a time, and writes the

@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests start for themselves (each store's issue adds its servers).
 # The webdis feature builds hyper-tls on OpenSSL (libssl-dev, pkg-config); its tests run webdis,
-# stunnel4 as a TLS terminator and openssl to make a test CA.
-APT_PACKAGES=(redis-server webdis stunnel4 openssl libssl-dev pkg-config)
+# stunnel4 as a TLS terminator and openssl to make a test CA. The postgres tests run initdb and
+# postgres from postgresql (as its `postgres` user when run as root; setpriv is util-linux's).
+APT_PACKAGES=(redis-server webdis stunnel4 openssl libssl-dev pkg-config postgresql)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -35,7 +36,7 @@ step python3 scripts/check-rust-version.py
 step cargo clippy --all-features --all-targets -- -D warnings
 step cargo clippy --no-default-features --all-targets -- -D warnings
 # Each optional feature alone and with the defaults (cheap: lints only, no test runs).
-for features in tower axum redis webdis sqlite tracing testing; do
+for features in tower axum redis webdis sqlite postgres postgres-tls tracing testing; do
   step cargo clippy --no-default-features --features "$features" --all-targets -- -D warnings
   step cargo clippy --features "$features" --all-targets -- -D warnings
 done

@@ -1,7 +1,8 @@
 //! `examples/bench_server.rs` as the benchmark runs it, a process of its own spoken to over
 //! plain HTTP: lifecycle races driven with `/sleep/{ms}/{path}`, which parks a request between
 //! its load and its commit while another request on the same session runs to completion. On
-//! the memory store, and with the `redis` feature on a real `redis-server` started here.
+//! the memory store, and with the `redis` feature on a real `redis-server` started here (with
+//! `postgres`, on a PostgreSQL started here).
 
 mod common;
 
@@ -151,6 +152,45 @@ mod redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn remove_racing_a_set_keeps_the_set() {
         let (bench, _redis) = servers().await;
+        super::remove_racing_a_set_keeps_the_set(bench.addr()).await;
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use crate::common::servers::PostgresServer;
+
+    use super::BenchServer;
+
+    /// A fresh PostgreSQL, and `bench_server --store postgres` on it.
+    async fn servers() -> (BenchServer, PostgresServer) {
+        let postgres = PostgresServer::start().await;
+        let bench =
+            BenchServer::start(&["--store", "postgres", "--postgres", &postgres.url()]).await;
+        (bench, postgres)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cycle_racing_destroy_stays_destroyed() {
+        let (bench, postgres) = servers().await;
+        super::cycle_racing_destroy_stays_destroyed(bench.addr()).await;
+        // Nor under an id nobody was told: the record the cycle created was deleted too.
+        let rows: i64 = postgres
+            .client("postgres")
+            .await
+            .query_one("SELECT count(*) FROM bench_sessions", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            rows, 0,
+            "a record of the destroyed session is left in PostgreSQL"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remove_racing_a_set_keeps_the_set() {
+        let (bench, _postgres) = servers().await;
         super::remove_racing_a_set_keeps_the_set(bench.addr()).await;
     }
 }

@@ -585,7 +585,7 @@ async fn an_exhausted_pool_is_unavailable() {
     let took = t.elapsed();
     assert!(err.is_unavailable(), "{}", chain(&err));
     assert!(
-        took >= Duration::from_millis(250) && took < Duration::from_millis(1000),
+        took >= Duration::from_millis(250) && took < Duration::from_secs(1),
         "{took:?}"
     );
     assert!(chain(&err).contains("pool exhausted"), "{}", chain(&err));

@@ -10,7 +10,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::Row;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
@@ -532,24 +532,34 @@ impl Inner {
     ) -> Result<Option<Row>, Fail> {
         let mut lent = Lent(Some(self.pool.get().await?));
         waiting.store(false, Ordering::Relaxed);
-        let Some(client) = lent.0.as_ref() else {
-            return Err(Fail::Setup("no connection".to_owned()));
+        let answer = match lent.0.as_deref() {
+            Some(client) => run(client, sql, params).await,
+            None => return Err(Fail::Setup("no pooled connection".to_owned())),
         };
-        let stmt = client.prepare_cached(sql).await?;
-        let row = match client.query_opt(&stmt, params).await {
-            // The table changed under the prepared statement (its columns' types, say), or the
-            // statement is gone: prepare it again, once. The statement failed, so it changed
-            // nothing and running it again is safe.
-            Err(e) if is_stale_statement(&e) => {
-                client.statement_cache.remove(sql, &[]);
-                let stmt = client.prepare_cached(sql).await?;
-                client.query_opt(&stmt, params).await
-            }
-            answer => answer,
-        };
-        // Answered (rows or an error): the connection goes back to the pool.
+        // Answered (a row, none, or an error): the connection goes back to the pool, which
+        // drops it when it is closed.
         drop(lent.0.take());
-        Ok(row?)
+        Ok(answer?)
+    }
+}
+
+/// Prepares (once per connection) and runs one statement.
+async fn run(
+    client: &ClientWrapper,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let stmt = client.prepare_cached(sql).await?;
+    match client.query_opt(&stmt, params).await {
+        // The table changed under the prepared statement (its columns' types, say), or the
+        // statement is gone: prepare it again, once. The statement failed, so it changed
+        // nothing and running it again is safe.
+        Err(e) if is_stale_statement(&e) => {
+            client.statement_cache.remove(sql, &[]);
+            let stmt = client.prepare_cached(sql).await?;
+            client.query_opt(&stmt, params).await
+        }
+        answer => answer,
     }
 }
 
