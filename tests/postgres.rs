@@ -900,3 +900,50 @@ async fn sessions_survive_an_app_restart() {
     assert_eq!(c.get("/read", Some(&bob_old)).await.body, "0");
     app.kill();
 }
+
+/// With `postgres-tls`: a connector trusting the test CA and `sslmode=require` connect over TLS
+/// (the server says so in `pg_stat_ssl`); the system's default trust, which lacks the test CA,
+/// is refused at open.
+#[cfg(feature = "postgres-tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections() {
+    use hyper_sessions::native_tls::{Certificate, TlsConnector};
+
+    let ca = common::servers::TestCa::generate();
+    let server = PostgresServer::start_with_tls(&ca).await;
+    let url = format!("{}?sslmode=require&application_name=tls_test", server.url());
+    let connector = TlsConnector::builder()
+        .add_root_certificate(Certificate::from_pem(&ca.ca_pem()).unwrap())
+        .build()
+        .unwrap();
+    let store = builder("sessions").tls(connector).open(&url).await.unwrap();
+    let key = new_key();
+    store
+        .create(&record(key, "over TLS", in_ms(60_000)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load(&key).await.unwrap().unwrap().data(),
+        &Bytes::from("over TLS")
+    );
+    let tls: i64 = server
+        .client("postgres")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'tls_test'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(tls >= 1, "the store's connections are not encrypted");
+
+    let untrusted = TlsConnector::new().unwrap();
+    let err = builder("sessions")
+        .tls(untrusted)
+        .open(&url)
+        .await
+        .unwrap_err();
+    assert!(chain(&err).contains("cannot connect"), "{}", chain(&err));
+}

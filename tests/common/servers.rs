@@ -1382,6 +1382,8 @@ pub struct PostgresServer {
     dir: TempDir,
     /// The user the server runs as, when this process is root.
     run_as: Option<&'static str>,
+    /// More `postgres` arguments (TLS).
+    extra_args: Vec<String>,
 }
 
 /// The Debian package that provides PostgreSQL's server binaries.
@@ -1418,6 +1420,16 @@ impl PostgresServer {
     /// Initialises a cluster and starts the server on a free port; waits until it accepts a
     /// connection.
     pub async fn start() -> PostgresServer {
+        PostgresServer::start_with(None).await
+    }
+
+    /// As [`start`](Self::start), with TLS on (`ssl=on`) under `ca`'s server certificate (for
+    /// `localhost` and `127.0.0.1`); plain connections are still accepted.
+    pub async fn start_with_tls(ca: &TestCa) -> PostgresServer {
+        PostgresServer::start_with(Some(ca)).await
+    }
+
+    async fn start_with(tls: Option<&TestCa>) -> PostgresServer {
         let run_as = is_root().then_some("postgres");
         let dir = TempDir::new("postgres");
         std::fs::create_dir_all(dir.path().join("sock")).unwrap();
@@ -1459,12 +1471,38 @@ impl PostgresServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut extra_args = Vec::new();
+        if let Some(ca) = tls {
+            // PostgreSQL wants its key readable by its own user only.
+            let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::copy(ca.server_cert(), &cert).unwrap();
+            std::fs::copy(ca.server_key(), &key).unwrap();
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if let Some(user) = run_as {
+                let status = Command::new("chown")
+                    .arg(format!("{user}:"))
+                    .args([&cert, &key])
+                    .status()
+                    .expect("chown runs");
+                assert!(status.success());
+            }
+            extra_args = vec![
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", key.display()),
+            ];
+        }
         let mut last_error = String::new();
         let mut server = PostgresServer {
             port: 0,
             child: None,
             dir,
             run_as,
+            extra_args,
         };
         // Another process may grab the free port before the server binds it: try a few.
         for _ in 0..5 {
@@ -1598,6 +1636,7 @@ impl PostgresServer {
                 "-c",
                 "shared_buffers=32MB",
             ])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
