@@ -348,6 +348,68 @@ async fn two_app_servers_share_sessions() {
     assert_eq!(a.get("/read").await.body, "2");
 }
 
+/// Many requests at once on the store's one connection to a node, a third of them giving up
+/// at random moments (before their command is written, between write and reply, after it):
+/// every reply still reaches the request it answers. Each session holds its own number and a
+/// third of the loads ask for a session that does not exist, so a reply handed to the wrong
+/// request shows as the wrong number, or as a record where there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_reach_their_own_requests_when_some_give_up() {
+    const SESSIONS: usize = 32;
+    let (store, _server) = single_node().await;
+    let mut keys = Vec::new();
+    for i in 0..SESSIONS {
+        let rec = record_at_ms(new_key(), i.to_string().into(), 1, now_ms() + 3_600_000);
+        store.create(&rec).await.unwrap();
+        keys.push(rec.key());
+    }
+    let keys = std::sync::Arc::new(keys);
+    let tasks: Vec<_> = (0..SESSIONS)
+        .map(|t| {
+            let (store, keys) = (store.clone(), keys.clone());
+            tokio::spawn(async move {
+                let (mut answered, mut gave_up) = (0, 0);
+                for n in 0..300_usize {
+                    let i = (t * 7 + n * 13) % SESSIONS;
+                    let (key, want) = if n % 3 == 1 {
+                        (new_key(), None)
+                    } else {
+                        (keys[i], Some(i.to_string()))
+                    };
+                    let load = store.load(&key);
+                    let loaded = if n % 3 == 0 {
+                        let patience = Duration::from_micros(u64::try_from(n * 37 % 300).unwrap());
+                        match tokio::time::timeout(patience, load).await {
+                            Ok(loaded) => loaded,
+                            Err(_) => {
+                                gave_up += 1;
+                                continue;
+                            }
+                        }
+                    } else {
+                        load.await
+                    };
+                    let got = loaded
+                        .unwrap()
+                        .map(|rec| String::from_utf8(rec.data().to_vec()).unwrap());
+                    assert_eq!(got, want, "task {t}, load {n}: another request's reply");
+                    answered += 1;
+                }
+                (answered, gave_up)
+            })
+        })
+        .collect();
+    let (mut answered, mut gave_up) = (0, 0);
+    for task in tasks {
+        let (a, g) = task.await.unwrap();
+        answered += a;
+        gave_up += g;
+    }
+    println!("{answered} loads answered, {gave_up} given up");
+    assert!(gave_up > 100, "too few requests gave up to test it: {gave_up}");
+    assert!(answered > 6_000, "{answered}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_problems_are_clear_errors() {
     // Nothing listens on this port.

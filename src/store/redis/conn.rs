@@ -15,10 +15,11 @@ use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::sentinel::{SentinelClient, SentinelServerType};
 use ::redis::{
-    AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisResult, RedisWrite,
-    ToRedisArgs, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, ProtocolVersion,
+    RedisError, RedisResult, RedisWrite, ToRedisArgs, Value,
 };
 
+use super::pipe::Pipe;
 use super::protocol::{
     Arg, Command, Head, KeyName, Protocol, Reply, SendError, Sent, ServerError, Transport,
     opening_failed, session_store_on_protocol,
@@ -140,8 +141,10 @@ pub struct RedisStore {
     protocol: Arc<Protocol<Conn>>,
 }
 
-/// The connection: the `redis` crate's, one of three kinds.
+/// The connection: the store's own to a single node, or the `redis` crate's, one of three
+/// kinds.
 enum Conn {
+    Pipe(Pipe),
     Single(ConnectionManager),
     Cluster(ClusterConnection),
     Sentinel(Box<SentinelConn>),
@@ -236,13 +239,37 @@ impl RedisStoreBuilder {
     }
 
     /// Connects to a single Redis node at `url` (`redis://[[user]:password@]host[:port][/db]`,
-    /// or `redis+unix:///path`), through a `ConnectionManager` that reconnects by itself.
+    /// or `redis+unix:///path`).
+    ///
+    /// A `redis://` URL is served by the store's own connections: RESP2 over TCP, each command
+    /// written and its reply read by the request that sends it, a new connection made when none
+    /// is idle (at most 128), so a request never waits behind another's reply and a restarted
+    /// Redis is picked up by the next request. They cost about a third of the instructions the
+    /// `redis` crate's multiplexed connection costs per command (no task of its own, no
+    /// channels; see the README's measurements). Other URLs (`redis+unix://`, `rediss://` with a
+    /// TLS feature of the `redis` crate, `?protocol=resp3`) go through the crate's
+    /// `ConnectionManager`, which reconnects by itself.
     ///
     /// # Errors
     /// [`StoreError::unavailable`] if the server cannot be reached within the command timeout,
     /// [`StoreError::other`] for a URL that is not a Redis URL or refused credentials.
     pub async fn open(self, url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
-        let client = ::redis::Client::open(url).map_err(open_error)?;
+        let info = url.into_connection_info().map_err(open_error)?;
+        let settings = info.redis_settings();
+        if let (ConnectionAddr::Tcp(host, port), ProtocolVersion::RESP2) =
+            (info.addr(), settings.protocol())
+        {
+            let pipe = Pipe::new(
+                host.clone(),
+                *port,
+                settings.username(),
+                settings.password(),
+                settings.db(),
+                self.timeout,
+            );
+            return self.build(Conn::Pipe(pipe)).preloaded_boxed().await;
+        }
+        let client = ::redis::Client::open(info).map_err(open_error)?;
         let config = ConnectionManagerConfig::new()
             // Fail fast while Redis is down (one connection attempt per failed request), and
             // pick the connection up again on the first request after it is back.
@@ -660,6 +687,9 @@ impl Transport for Conn {
     /// node (on a cluster, the pipeline goes to the node of its one key; `WAIT` alone would go
     /// to every master).
     async fn send(&self, cmd: &Command<'_>, then: Option<&Command<'_>>) -> Result<Sent, SendError> {
+        if let Conn::Pipe(pipe) = self {
+            return pipe.send(cmd, then).await;
+        }
         let cmd = packed(cmd);
         let then = then.map(packed);
         let mut resend = Resend::new(self);
@@ -745,6 +775,7 @@ impl Conn {
             // enough to push the layout of callers' futures past the compiler's default
             // recursion limit.
             Conn::Sentinel(c) => return Box::pin(c.send(cmd)).await,
+            Conn::Pipe(_) => unreachable_pipe()?,
         };
         server_error(reply)
     }
@@ -758,6 +789,7 @@ impl Conn {
             Conn::Single(c) => c.clone().send_packed_commands(&pipe, 0, 2).await?,
             Conn::Cluster(c) => c.clone().req_packed_commands(&pipe, 0, 2).await?,
             Conn::Sentinel(c) => Box::pin(c.send_pipeline(&pipe)).await?,
+            Conn::Pipe(_) => unreachable_pipe()?,
         };
         let mut replies = replies.into_iter();
         let (Some(reply), Some(then), None) = (replies.next(), replies.next(), replies.next())
@@ -772,6 +804,14 @@ impl Conn {
         // reported as not replicated (unavailable), not as an error of its own.
         Ok((server_error(reply)?, server_error(then).ok()))
     }
+}
+
+/// The store's own connections send their commands themselves (see [`Transport::send`]).
+fn unreachable_pipe<T>() -> RedisResult<T> {
+    Err(RedisError::from((
+        ::redis::ErrorKind::Client,
+        "the store's own connections do not send the redis crate's commands",
+    )))
 }
 
 /// The connection to a Sentinel-managed master: the one in use, or none until the next request
@@ -868,7 +908,7 @@ impl fmt::Debug for RedisStore {
             .field(
                 "mode",
                 &match p.transport {
-                    Conn::Single(_) => "single node",
+                    Conn::Pipe(_) | Conn::Single(_) => "single node",
                     Conn::Cluster(_) => "cluster",
                     Conn::Sentinel(_) => "sentinel",
                 },
