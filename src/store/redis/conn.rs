@@ -81,9 +81,9 @@ use crate::key::Key;
 /// id taken) may be hiding the first attempt's effect behind another writer's: its outcome is
 /// unknown, and it fails with [`StoreError::unavailable`] rather than report a conflict that
 /// would make the layer apply the request's changes a second time. The connection itself is
-/// re-established automatically (`ConnectionManager` on a single node, the cluster client's
-/// own reconnection on a cluster, a new master asked of the Sentinels under Sentinel), so the
-/// same store serves again once Redis is back or a replica has taken over.
+/// re-established automatically (on a single node the next command opens a new one, on a
+/// cluster the cluster client reconnects, under Sentinel a new master is asked of the
+/// Sentinels), so the same store serves again once Redis is back or a replica has taken over.
 ///
 /// On a cluster opened with [`open_cluster`](RedisStoreBuilder::open_cluster), the cluster
 /// client's own retries are off: it would send a command again by itself after a broken
@@ -241,14 +241,15 @@ impl RedisStoreBuilder {
     /// Connects to a single Redis node at `url` (`redis://[[user]:password@]host[:port][/db]`,
     /// or `redis+unix:///path`).
     ///
-    /// A `redis://` URL is served by the store's own connections: RESP2 over TCP, each command
-    /// written and its reply read by the request that sends it, a new connection made when none
-    /// is idle (at most 128), so a request never waits behind another's reply and a restarted
-    /// Redis is picked up by the next request. They cost about a third of the instructions the
-    /// `redis` crate's multiplexed connection costs per command (no task of its own, no
-    /// channels; see the README's measurements). Other URLs (`redis+unix://`, `rediss://` with a
-    /// TLS feature of the `redis` crate, `?protocol=resp3`) go through the crate's
-    /// `ConnectionManager`, which reconnects by itself.
+    /// A `redis://` URL is served by the store's own connection: one RESP2 connection over TCP
+    /// that all requests share, their commands pipelined (the commands of requests made at the
+    /// same moment go out in one write, and their replies come back in one read), with no task
+    /// of its own: the waiting requests write and read it. A broken connection fails the
+    /// commands in flight on it (each is retried once, as described under
+    /// [`RedisStore`]'s failures), and the next command opens a new one, so a restarted Redis
+    /// is picked up without a restart of the application. Other URLs (`redis+unix://`,
+    /// `rediss://` with a TLS feature of the `redis` crate, `?protocol=resp3`) go through the
+    /// crate's `ConnectionManager`, which reconnects by itself.
     ///
     /// # Errors
     /// [`StoreError::unavailable`] if the server cannot be reached within the command timeout,

@@ -202,8 +202,7 @@ impl Pipe {
             tokio::task::yield_now().await;
             waiting.flush_now();
         }
-        let replied = poll_fn(|cx| waiting.poll_replies(cx)).await;
-        let (reply, then_reply) = match replied {
+        let (reply, then_reply) = match poll_fn(|cx| waiting.poll_replies(cx)).await {
             Ok(replies) => replies,
             Err(e) => {
                 self.retire(&line);
@@ -223,14 +222,12 @@ impl Pipe {
         }
         let line = Arc::new(self.connect().await?);
         let mut current = lock(&self.current);
-        match current.as_ref().filter(|l| l.is_open()) {
+        if let Some(theirs) = current.as_ref().filter(|l| l.is_open()) {
             // Another request connected meanwhile: share its connection, drop this one.
-            Some(theirs) => Ok(Arc::clone(theirs)),
-            None => {
-                *current = Some(Arc::clone(&line));
-                Ok(line)
-            }
+            return Ok(Arc::clone(theirs));
         }
+        *current = Some(Arc::clone(&line));
+        Ok(line)
     }
 
     fn in_use(&self) -> Option<Arc<Line>> {
@@ -306,7 +303,11 @@ impl Line {
     }
 
     /// Appends `cmd` (and `then`) to the commands to write, with a slot for each reply.
-    fn queue<'a>(self: &'a Arc<Self>, cmd: &Command<'_>, then: Option<&Command<'_>>) -> Waiting<'a> {
+    fn queue<'a>(
+        self: &'a Arc<Self>,
+        cmd: &Command<'_>,
+        then: Option<&Command<'_>>,
+    ) -> Waiting<'a> {
         let mut state = lock(&self.state);
         let start = state.sent_total + (state.out.len() - state.written) as u64;
         encode(&mut state.out, cmd);
@@ -369,10 +370,15 @@ impl Waiting<'_> {
             if let Some(replies) = state.take(self.seq, self.count) {
                 self.finished = true;
                 state.leave(self.seq);
+                if state.broken.is_some() {
+                    // Its replies came before the connection broke; no new command goes on it.
+                    line.retired.store(true, Ordering::Relaxed);
+                }
                 return Poll::Ready(Ok(replies));
             }
             if let Some(broken) = state.broken {
                 self.finished = true;
+                line.retired.store(true, Ordering::Relaxed);
                 state.forget(self.seq, self.count);
                 state.leave(self.seq);
                 let cause = Box::new(broken);
@@ -444,23 +450,30 @@ impl Drop for Waiting<'_> {
 }
 
 impl State {
-    /// The replies numbered `seq..seq + count`, once all have arrived (their slots then done).
+    /// The replies numbered `seq..seq + count` (one or two), once all have arrived (their
+    /// slots are then done).
     fn take(&mut self, seq: u64, count: usize) -> Option<Replies> {
+        fn arrived(slot: &mut Slot) -> Option<Result<Reply, ServerError>> {
+            match std::mem::replace(slot, Slot::Done) {
+                Slot::Arrived(reply) => Some(reply),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        }
         let at = usize::try_from(seq.checked_sub(self.first)?).ok()?;
-        let mut slots = self.slots.range_mut(at..at + count);
-        if !slots.all(|s| matches!(s, Slot::Arrived(_))) {
+        let mut mine = self.slots.iter().skip(at).take(count);
+        if mine.len() < count || !mine.all(|s| matches!(s, Slot::Arrived(_))) {
             return None;
         }
-        let mut taken = self.slots.range_mut(at..at + count).map(|slot| {
-            match std::mem::replace(slot, Slot::Done) {
-                Slot::Arrived(reply) => reply,
-                // All arrived (checked above).
-                Slot::Due(_) | Slot::Abandoned | Slot::Done => Err(ServerError::from_code("")),
-            }
-        });
-        let replies = (taken.next()?, taken.next());
+        let reply = arrived(self.slots.get_mut(at)?)?;
+        let then = match count {
+            2 => Some(arrived(self.slots.get_mut(at + 1)?)?),
+            _ => None,
+        };
         self.pop_done();
-        Some(replies)
+        Some((reply, then))
     }
 
     /// Gives up the slots `seq..seq + count`: a reply that arrived is dropped, one still due
