@@ -415,8 +415,9 @@ async fn replies_reach_their_own_requests_when_some_give_up() {
 
 /// Replies that are not what Redis sends (bytes that are not RESP2, a reply nobody asked for)
 /// retire the store's connection: the request retries once on a new one, and no later request
-/// is ever handed the stray reply. Bytes that never make sense fail the request as unavailable,
-/// without a panic, and the store serves again once the replies are right.
+/// is ever handed the stray reply; the requests that find the connection retired share one new
+/// connection. Bytes that never make sense fail the request as unavailable, without a panic,
+/// and the store serves again once the replies are right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_out_of_step_retire_the_connection() {
     let server = RedisServer::start().await;
@@ -456,6 +457,19 @@ async fn replies_out_of_step_retire_the_connection() {
         proxy.accepted(),
         before + 2,
         "the connection with a stray reply was kept"
+    );
+
+    // Many requests at once after a connection is retired: one new connection, shared.
+    proxy.garble(Some(Garble::AppendToNext(b":1\r\n".to_vec())));
+    assert_eq!(loaded(rec.key()).await.unwrap().unwrap(), "7");
+    let loads: Vec<_> = (0..32).map(|_| tokio::spawn(loaded(rec.key()))).collect();
+    for load in loads {
+        assert_eq!(load.await.unwrap().unwrap().unwrap(), "7");
+    }
+    assert_eq!(
+        proxy.accepted(),
+        before + 3,
+        "one connection per request after a retirement"
     );
 
     // Nothing but garbage: a clear failure, then service again.

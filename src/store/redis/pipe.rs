@@ -39,6 +39,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
 
 use super::protocol::{Arg, Command, Head, Reply, SendError, Sent, ServerError};
 use super::resp::{self, Parsed};
@@ -57,7 +58,10 @@ pub(crate) struct Pipe {
     setup: Vec<u8>,
     setup_replies: usize,
     connect_timeout: Duration,
-    current: Mutex<Option<Arc<Line>>>,
+    /// The connection in use, once made: one request connects, those arriving meanwhile wait
+    /// for it (no storm of connections after a restart); a retired one is replaced by an empty
+    /// cell.
+    current: Mutex<Arc<OnceCell<Arc<Line>>>>,
 }
 
 /// One connection and the commands in flight on it.
@@ -183,7 +187,7 @@ impl Pipe {
             setup,
             setup_replies,
             connect_timeout,
-            current: Mutex::new(None),
+            current: Mutex::default(),
         }
     }
 
@@ -217,32 +221,27 @@ impl Pipe {
 
     /// The connection in use, or a new one.
     async fn line(&self) -> Result<Arc<Line>, SendError> {
-        if let Some(line) = self.in_use() {
-            return Ok(line);
+        loop {
+            let cell = Arc::clone(&lock(&self.current));
+            match cell.get() {
+                Some(line) if line.is_open() => return Ok(Arc::clone(line)),
+                Some(line) => self.retire(line),
+                None => {
+                    let line = cell
+                        .get_or_try_init(|| async { self.connect().await.map(Arc::new) })
+                        .await?;
+                    return Ok(Arc::clone(line));
+                }
+            }
         }
-        let line = Arc::new(self.connect().await?);
-        let mut current = lock(&self.current);
-        if let Some(theirs) = current.as_ref().filter(|l| l.is_open()) {
-            // Another request connected meanwhile: share its connection, drop this one.
-            return Ok(Arc::clone(theirs));
-        }
-        *current = Some(Arc::clone(&line));
-        Ok(line)
     }
 
-    fn in_use(&self) -> Option<Arc<Line>> {
-        lock(&self.current)
-            .as_ref()
-            .filter(|l| l.is_open())
-            .map(Arc::clone)
-    }
-
-    /// Stops giving out `line`, which broke.
+    /// Stops giving out `line`, which broke: the next command connects again.
     fn retire(&self, line: &Arc<Line>) {
         line.retired.store(true, Ordering::Relaxed);
         let mut current = lock(&self.current);
-        if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, line)) {
-            *current = None;
+        if current.get().is_some_and(|l| Arc::ptr_eq(l, line)) {
+            *current = Arc::default();
         }
     }
 
