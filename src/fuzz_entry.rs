@@ -404,3 +404,60 @@ pub fn webdis_reply(data: &[u8]) {
         }
     }
 }
+
+/// RESP2 bytes from a Redis connection through the Redis store's reply parser
+/// ([`resp::parse`](crate::store::redis::resp::parse)), as its own connections read them.
+///
+/// # Panics
+/// When an invariant fails: a reply is longer than its input, depends on the bytes after it,
+/// holds a bulk string outside itself, or is seen in a strict prefix of itself (the reader
+/// would act on half a reply); an incomplete input has a prefix that is not incomplete; an
+/// error becomes a reply when more bytes arrive.
+#[cfg(feature = "redis")]
+pub fn resp_reply(data: &[u8]) {
+    use crate::store::redis::resp::{Parsed, parse};
+
+    fn within(parsed: &Parsed, len: usize) -> bool {
+        match parsed {
+            Parsed::Bulk(range) => range.start <= range.end && range.end <= len,
+            Parsed::Array(items) => items.iter().all(|item| within(item, len)),
+            _ => true,
+        }
+    }
+
+    match parse(data) {
+        Ok(Some((parsed, len))) => {
+            assert!(len <= data.len(), "a reply longer than its input");
+            assert!(within(&parsed, len), "a bulk string outside its reply");
+            assert_eq!(
+                parse(&data[..len]),
+                Ok(Some((parsed, len))),
+                "the reply depends on the bytes after it"
+            );
+            for cut in (0..len).rev().take(512) {
+                assert_eq!(
+                    parse(&data[..cut]),
+                    Ok(None),
+                    "a reply in a prefix of {cut} bytes"
+                );
+            }
+        }
+        Ok(None) => {
+            if let Some(shorter) = data.len().checked_sub(1) {
+                assert_eq!(
+                    parse(&data[..shorter]),
+                    Ok(None),
+                    "a prefix is not incomplete"
+                );
+            }
+        }
+        Err(_) => {
+            let mut more = data.to_vec();
+            more.extend_from_slice(b"\r\n:1\r\n");
+            assert!(
+                parse(&more).is_err(),
+                "more bytes turned an error into a reply"
+            );
+        }
+    }
+}

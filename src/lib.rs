@@ -90,8 +90,9 @@
 //!   with [`MissingSessionLayer`] (a 500) when the layer is missing. Adds only `axum-core` 0.5
 //!   (axum 0.8).
 //! - `redis`: [`RedisStore`], sessions shared by every app server through Redis (7.0 or newer,
-//!   or Valkey), on a single node or a Redis Cluster, with the `redis` crate; the server keeps
-//!   the expiry, and a read costs one command.
+//!   or Valkey), on a single node (over one pipelined connection of its own) or a Redis Cluster
+//!   or under Sentinel (with the `redis` crate); the server keeps the expiry, and a read costs
+//!   one command.
 //! - `webdis`: [`WebdisStore`], the same sessions in Redis reached over HTTP or HTTPS through a
 //!   [Webdis](https://webdis.io/) server (Basic auth for its ACLs, a private CA through
 //!   [`native_tls`]), with hyper-util's pooled keep-alive client and hyper-tls; keys and values

@@ -21,11 +21,16 @@ const TARGETS: &[Target] = &[
     ("record_decode", __fuzz::record_decode),
     #[cfg(feature = "webdis")]
     ("webdis_reply", __fuzz::webdis_reply),
+    #[cfg(feature = "redis")]
+    ("resp_reply", __fuzz::resp_reply),
 ];
 
 /// Targets that need a cargo feature this build may not have: their files exist whatever the
 /// features, so the file/`TARGETS` comparison skips them when they are compiled out.
-const FEATURE_TARGETS: &[(&str, bool)] = &[("webdis_reply", cfg!(feature = "webdis"))];
+const FEATURE_TARGETS: &[(&str, bool)] = &[
+    ("webdis_reply", cfg!(feature = "webdis")),
+    ("resp_reply", cfg!(feature = "redis")),
+];
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
@@ -107,6 +112,12 @@ fn record_decode_seeds() {
 #[test]
 fn webdis_reply_seeds() {
     replay("webdis_reply");
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn resp_reply_seeds() {
+    replay("resp_reply");
 }
 
 /// Each target in `fuzz/fuzz_targets/` is replayed here, and each replayed target exists there.

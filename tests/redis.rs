@@ -8,7 +8,9 @@ mod lost_reply;
 
 use std::time::{Duration, Instant};
 
-use common::servers::{Monitor, RedisServer, ReplyDroppingProxy, client_commands};
+use common::servers::{
+    Garble, GarblingProxy, Monitor, RedisServer, ReplyDroppingProxy, client_commands,
+};
 use common::{Browser, Conn, new_key, serve};
 use common::{ExpiresMs, record_at_ms, unix_ms};
 use hyper::StatusCode;
@@ -346,6 +348,136 @@ async fn two_app_servers_share_sessions() {
     let mut c = Conn::http1(two.addr).await;
     assert_eq!(c.get("/counter", Some(&cookie)).await.body, "2");
     assert_eq!(a.get("/read").await.body, "2");
+}
+
+/// Many requests at once on the store's one connection to a node, a third of them giving up
+/// at random moments (before their command is written, between write and reply, after it):
+/// every reply still reaches the request it answers. Each session holds its own number and a
+/// third of the loads ask for a session that does not exist, so a reply handed to the wrong
+/// request shows as the wrong number, or as a record where there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_reach_their_own_requests_when_some_give_up() {
+    const SESSIONS: usize = 32;
+    let (store, _server) = single_node().await;
+    let mut keys = Vec::new();
+    for i in 0..SESSIONS {
+        let rec = record_at_ms(new_key(), i.to_string().into(), 1, now_ms() + 3_600_000);
+        store.create(&rec).await.unwrap();
+        keys.push(rec.key());
+    }
+    let keys = std::sync::Arc::new(keys);
+    let tasks: Vec<_> = (0..SESSIONS)
+        .map(|t| {
+            let (store, keys) = (store.clone(), keys.clone());
+            tokio::spawn(async move {
+                let (mut answered, mut gave_up) = (0, 0);
+                for n in 0..300_usize {
+                    let i = (t * 7 + n * 13) % SESSIONS;
+                    let (key, want) = if n % 3 == 1 {
+                        (new_key(), None)
+                    } else {
+                        (keys[i], Some(i.to_string()))
+                    };
+                    let load = store.load(&key);
+                    let loaded = if n % 3 == 0 {
+                        let patience = Duration::from_micros(u64::try_from(n * 37 % 300).unwrap());
+                        let Ok(loaded) = tokio::time::timeout(patience, load).await else {
+                            gave_up += 1;
+                            continue;
+                        };
+                        loaded
+                    } else {
+                        load.await
+                    };
+                    let got = loaded
+                        .unwrap()
+                        .map(|rec| String::from_utf8(rec.data().to_vec()).unwrap());
+                    assert_eq!(got, want, "task {t}, load {n}: another request's reply");
+                    answered += 1;
+                }
+                (answered, gave_up)
+            })
+        })
+        .collect();
+    let (mut answered, mut gave_up) = (0, 0);
+    for task in tasks {
+        let (a, g) = task.await.unwrap();
+        answered += a;
+        gave_up += g;
+    }
+    println!("{answered} loads answered, {gave_up} given up");
+    assert!(
+        gave_up > 100,
+        "too few requests gave up to test it: {gave_up}"
+    );
+    assert!(answered > 6_000, "{answered}");
+}
+
+/// Replies that are not what Redis sends (bytes that are not RESP2, a reply nobody asked for)
+/// retire the store's connection: the request retries once on a new one, and no later request
+/// is ever handed the stray reply; the requests that find the connection retired share one new
+/// connection. Bytes that never make sense fail the request as unavailable, without a panic,
+/// and the store serves again once the replies are right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_out_of_step_retire_the_connection() {
+    let server = RedisServer::start().await;
+    let proxy = GarblingProxy::start(server.addr()).await;
+    let store = RedisStore::open(format!("redis://{}", proxy.addr))
+        .await
+        .unwrap();
+    let rec = record_at_ms(new_key(), "7".into(), 1, now_ms() + 3_600_000);
+    store.create(&rec).await.unwrap();
+    let loaded = |key| {
+        let store = store.clone();
+        async move { store.load(&key).await.map(|r| r.map(|r| r.data().clone())) }
+    };
+    let before = proxy.accepted();
+
+    // One reply that is not RESP2: retried on a new connection, and answered.
+    proxy.garble(Some(Garble::ReplaceNext(b"?what\r\n".to_vec())));
+    assert_eq!(loaded(rec.key()).await.unwrap().unwrap(), "7");
+    assert_eq!(
+        proxy.accepted(),
+        before + 1,
+        "the garbled connection was kept"
+    );
+
+    // A reply nobody asked for after a good one: the good one is used, the connection retired,
+    // and the next request (a session that does not exist) gets its own reply, not the stray.
+    proxy.garble(Some(Garble::AppendToNext(b"$1\r\n7\r\n".to_vec())));
+    assert_eq!(loaded(rec.key()).await.unwrap().unwrap(), "7");
+    for _ in 0..3 {
+        assert_eq!(
+            loaded(new_key()).await.unwrap(),
+            None,
+            "a stray reply was handed on"
+        );
+    }
+    assert_eq!(
+        proxy.accepted(),
+        before + 2,
+        "the connection with a stray reply was kept"
+    );
+
+    // Many requests at once after a connection is retired: one new connection, shared.
+    proxy.garble(Some(Garble::AppendToNext(b":1\r\n".to_vec())));
+    assert_eq!(loaded(rec.key()).await.unwrap().unwrap(), "7");
+    let loads: Vec<_> = (0..32).map(|_| tokio::spawn(loaded(rec.key()))).collect();
+    for load in loads {
+        assert_eq!(load.await.unwrap().unwrap().unwrap(), "7");
+    }
+    assert_eq!(
+        proxy.accepted(),
+        before + 3,
+        "one connection per request after a retirement"
+    );
+
+    // Nothing but garbage: a clear failure, then service again.
+    proxy.garble(Some(Garble::ReplaceAll(b"$x\r\n".to_vec())));
+    let err = loaded(rec.key()).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    proxy.garble(None);
+    assert_eq!(loaded(rec.key()).await.unwrap().unwrap(), "7");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

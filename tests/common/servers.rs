@@ -3,8 +3,8 @@
 //! asked), Redis Sentinels watching a master, `webdis` in front of
 //! a Redis (killable and restartable too), `stunnel4` terminating TLS with a test CA made by
 //! `openssl`, PostgreSQL (`initdb` and `postgres`, as an unprivileged user when run as root),
-//! the `bench_server` example (built with cargo), a TCP proxy that counts connections, and one
-//! that loses one reply.
+//! the `bench_server` example (built with cargo), a TCP proxy that counts connections, one that
+//! loses one reply, and one that garbles replies.
 //!
 //! Servers are child processes in their own temporary directory; dropping the handle kills the
 //! process and removes the directory. A missing binary fails the test with the Debian package to
@@ -1678,4 +1678,102 @@ pub async fn postgres_ready(addr: SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut tag)).await,
         Ok(Ok(_)) if tag[0] == b'R'
     )
+}
+
+/// What a [`GarblingProxy`] does to the server's next bytes.
+#[derive(Debug, Clone)]
+pub enum Garble {
+    /// Sends these instead of the server's next bytes (once).
+    ReplaceNext(Vec<u8>),
+    /// Sends these after the server's next bytes (once): a reply nobody asked for.
+    AppendToNext(Vec<u8>),
+    /// Sends these instead of everything the server sends from now on.
+    ReplaceAll(Vec<u8>),
+}
+
+/// A TCP proxy on a free loopback port in front of `target` that relays every connection
+/// unchanged, but changes what the server sends as told ([`Garble`]), and counts connections.
+pub struct GarblingProxy {
+    pub addr: SocketAddr,
+    garble: Arc<Mutex<Option<Garble>>>,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GarblingProxy {
+    pub async fn start(target: SocketAddr) -> GarblingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let garble: Arc<Mutex<Option<Garble>>> = Arc::default();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (shared, count) = (garble.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let garble = shared.clone();
+                conns.spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = inbound.into_split();
+                    let (mut server_read, mut server_write) = outbound.into_split();
+                    let upstream = tokio::io::copy(&mut client_read, &mut server_write);
+                    let downstream = async {
+                        let mut buf = vec![0; 64 << 10];
+                        loop {
+                            let n = match server_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let what = {
+                                let mut g = garble.lock().unwrap();
+                                match g.clone() {
+                                    Some(Garble::ReplaceAll(_)) => g.clone(),
+                                    _ => g.take(),
+                                }
+                            };
+                            let out = match what {
+                                None => buf[..n].to_vec(),
+                                Some(Garble::ReplaceNext(b) | Garble::ReplaceAll(b)) => b,
+                                Some(Garble::AppendToNext(b)) => [&buf[..n], &b[..]].concat(),
+                            };
+                            if client_write.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = upstream => {}
+                        () = downstream => {}
+                    }
+                });
+            }
+        });
+        GarblingProxy {
+            addr,
+            garble,
+            accepted,
+            task,
+        }
+    }
+
+    /// Changes the server's next bytes (or all of them) on whichever connection sends next.
+    pub fn garble(&self, garble: Option<Garble>) {
+        *self.garble.lock().unwrap() = garble;
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for GarblingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -15,10 +15,11 @@ use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::sentinel::{SentinelClient, SentinelServerType};
 use ::redis::{
-    AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisResult, RedisWrite,
-    ToRedisArgs, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, ProtocolVersion,
+    RedisError, RedisResult, RedisWrite, ToRedisArgs, Value,
 };
 
+use super::pipe::Pipe;
 use super::protocol::{
     Arg, Command, Head, KeyName, Protocol, Reply, SendError, Sent, ServerError, Transport,
     opening_failed, session_store_on_protocol,
@@ -80,9 +81,9 @@ use crate::key::Key;
 /// id taken) may be hiding the first attempt's effect behind another writer's: its outcome is
 /// unknown, and it fails with [`StoreError::unavailable`] rather than report a conflict that
 /// would make the layer apply the request's changes a second time. The connection itself is
-/// re-established automatically (`ConnectionManager` on a single node, the cluster client's
-/// own reconnection on a cluster, a new master asked of the Sentinels under Sentinel), so the
-/// same store serves again once Redis is back or a replica has taken over.
+/// re-established automatically (on a single node the next command opens a new one, on a
+/// cluster the cluster client reconnects, under Sentinel a new master is asked of the
+/// Sentinels), so the same store serves again once Redis is back or a replica has taken over.
 ///
 /// On a cluster opened with [`open_cluster`](RedisStoreBuilder::open_cluster), the cluster
 /// client's own retries are off: it would send a command again by itself after a broken
@@ -140,8 +141,10 @@ pub struct RedisStore {
     protocol: Arc<Protocol<Conn>>,
 }
 
-/// The connection: the `redis` crate's, one of three kinds.
+/// The connection: the store's own to a single node, or the `redis` crate's, one of three
+/// kinds.
 enum Conn {
+    Pipe(Pipe),
     Single(ConnectionManager),
     Cluster(ClusterConnection),
     Sentinel(Box<SentinelConn>),
@@ -236,13 +239,38 @@ impl RedisStoreBuilder {
     }
 
     /// Connects to a single Redis node at `url` (`redis://[[user]:password@]host[:port][/db]`,
-    /// or `redis+unix:///path`), through a `ConnectionManager` that reconnects by itself.
+    /// or `redis+unix:///path`).
+    ///
+    /// A `redis://` URL is served by the store's own connection: one RESP2 connection over TCP
+    /// that all requests share, their commands pipelined (the commands of requests made at the
+    /// same moment go out in one write, and their replies come back in one read), with no task
+    /// of its own: the waiting requests write and read it. A broken connection fails the
+    /// commands in flight on it (each is retried once, as described under
+    /// [`RedisStore`]'s failures), and the next command opens a new one, so a restarted Redis
+    /// is picked up without a restart of the application. Other URLs (`redis+unix://`,
+    /// `rediss://` with a TLS feature of the `redis` crate, `?protocol=resp3`) go through the
+    /// crate's `ConnectionManager`, which reconnects by itself.
     ///
     /// # Errors
     /// [`StoreError::unavailable`] if the server cannot be reached within the command timeout,
     /// [`StoreError::other`] for a URL that is not a Redis URL or refused credentials.
     pub async fn open(self, url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
-        let client = ::redis::Client::open(url).map_err(open_error)?;
+        let info = url.into_connection_info().map_err(open_error)?;
+        let settings = info.redis_settings();
+        if let (ConnectionAddr::Tcp(host, port), ProtocolVersion::RESP2) =
+            (info.addr(), settings.protocol())
+        {
+            let pipe = Pipe::new(
+                host.clone(),
+                *port,
+                settings.username(),
+                settings.password(),
+                settings.db(),
+                self.timeout,
+            );
+            return self.build(Conn::Pipe(pipe)).preloaded_boxed().await;
+        }
+        let client = ::redis::Client::open(info).map_err(open_error)?;
         let config = ConnectionManagerConfig::new()
             // Fail fast while Redis is down (one connection attempt per failed request), and
             // pick the connection up again on the first request after it is back.
@@ -660,6 +688,9 @@ impl Transport for Conn {
     /// node (on a cluster, the pipeline goes to the node of its one key; `WAIT` alone would go
     /// to every master).
     async fn send(&self, cmd: &Command<'_>, then: Option<&Command<'_>>) -> Result<Sent, SendError> {
+        if let Conn::Pipe(pipe) = self {
+            return pipe.send(cmd, then).await;
+        }
         let cmd = packed(cmd);
         let then = then.map(packed);
         let mut resend = Resend::new(self);
@@ -745,6 +776,7 @@ impl Conn {
             // enough to push the layout of callers' futures past the compiler's default
             // recursion limit.
             Conn::Sentinel(c) => return Box::pin(c.send(cmd)).await,
+            Conn::Pipe(_) => unreachable_pipe()?,
         };
         server_error(reply)
     }
@@ -758,6 +790,7 @@ impl Conn {
             Conn::Single(c) => c.clone().send_packed_commands(&pipe, 0, 2).await?,
             Conn::Cluster(c) => c.clone().req_packed_commands(&pipe, 0, 2).await?,
             Conn::Sentinel(c) => Box::pin(c.send_pipeline(&pipe)).await?,
+            Conn::Pipe(_) => unreachable_pipe()?,
         };
         let mut replies = replies.into_iter();
         let (Some(reply), Some(then), None) = (replies.next(), replies.next(), replies.next())
@@ -772,6 +805,14 @@ impl Conn {
         // reported as not replicated (unavailable), not as an error of its own.
         Ok((server_error(reply)?, server_error(then).ok()))
     }
+}
+
+/// The store's own connections send their commands themselves (see [`Transport::send`]).
+fn unreachable_pipe<T>() -> RedisResult<T> {
+    Err(RedisError::from((
+        ::redis::ErrorKind::Client,
+        "the store's own connections do not send the redis crate's commands",
+    )))
 }
 
 /// The connection to a Sentinel-managed master: the one in use, or none until the next request
@@ -868,7 +909,7 @@ impl fmt::Debug for RedisStore {
             .field(
                 "mode",
                 &match p.transport {
-                    Conn::Single(_) => "single node",
+                    Conn::Pipe(_) | Conn::Single(_) => "single node",
                     Conn::Cluster(_) => "cluster",
                     Conn::Sentinel(_) => "sentinel",
                 },
