@@ -687,8 +687,50 @@ async fn a_read_only_or_restarted_server_is_unavailable_not_fatal() {
         assert!(t.elapsed() < Duration::from_secs(5), "no recovery");
     }
     drop((app, store));
+    let _ = admin.batch_execute(&terminate).await;
     let _ = admin
-        .batch_execute(&format!("{terminate}; DROP DATABASE IF EXISTS {db}"))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+        .await;
+}
+
+/// With `SERIALIZABLE` as the database's default isolation, two writes of one session conflict
+/// with a serialization failure (40001) instead of one waiting for the other's row lock: the
+/// store runs such a statement again, so concurrent updates are all counted (the conformance
+/// check), not answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_isolation_keeps_concurrent_updates() {
+    let server = PostgresServer::shared().await;
+    let admin = server.client("postgres").await;
+    let db = format!("ser_{}", std::process::id());
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db}"),
+        format!("CREATE DATABASE {db}"),
+        format!("ALTER DATABASE {db} SET default_transaction_isolation = 'serializable'"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let isolation: String = server
+        .client(&db)
+        .await
+        .query_one("SHOW transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(isolation, "serializable");
+    let store = builder("sessions")
+        .open(&server.url_for(&db))
+        .await
+        .unwrap();
+    common::conformance::concurrent_updates_are_all_counted(store.clone()).await;
+    common::conformance::concurrent_writers_keep_distinct_keys(store.clone()).await;
+    drop(store);
+    let _ = admin
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+        ))
+        .await;
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
         .await;
 }
 

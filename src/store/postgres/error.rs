@@ -172,6 +172,15 @@ pub(super) fn is_stale_statement(e: &tokio_postgres::Error) -> bool {
     })
 }
 
+/// Whether a server error says the statement's transaction was rolled back for a conflict with
+/// a concurrent one (a serialization failure under `REPEATABLE READ` or `SERIALIZABLE`
+/// isolation, or a deadlock): it changed nothing, and running it again may succeed.
+pub(super) fn is_transient_conflict(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    })
+}
+
 pub(super) fn fail_error(op: &str, label: &str, fail: Fail) -> StoreError {
     let (class, reason, source): (Class, String, Option<Box<dyn StdError + Send + Sync>>) =
         match fail {

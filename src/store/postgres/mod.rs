@@ -14,7 +14,7 @@ use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, Rec
 use tokio_postgres::Row;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
-use self::error::{Fail, fail_error, is_stale_statement, name_row};
+use self::error::{Fail, fail_error, is_stale_statement, is_transient_conflict, name_row};
 use self::schema::{Sql, setup, validate_name};
 use crate::error::StoreError;
 use crate::key::Key;
@@ -75,9 +75,11 @@ const CLEANUP_BATCH: i64 = 1000;
 /// by the [`statement_timeout`](PostgresStoreBuilder::statement_timeout) (2 s by default, also set
 /// as the server's `statement_timeout` on the store's own connections). A refused or broken
 /// connection, an exhausted pool, a timeout, a read-only server (a standby, SQLSTATE 25006), a
-/// serialization failure or deadlock (40001, 40P01), a server shutting down or out of resources
-/// (57P01, 53xxx) are [`StoreError::unavailable`] (the layer answers 503); the pool opens new
-/// connections when the server is back, without a restart. A row that cannot be read back (a
+/// serialization failure or deadlock (40001, 40P01) that persists over 8 attempts of the
+/// statement (each changed nothing; under `SERIALIZABLE` as the database's default isolation,
+/// concurrent saves of one session conflict that way), a server shutting down or out of
+/// resources (57P01, 53xxx) are [`StoreError::unavailable`] (the layer answers 503); the pool
+/// opens new connections when the server is back, without a restart. A row that cannot be read back (a
 /// `NULL` or negative version, columns whose types were changed after the store opened) is
 /// [`StoreError::corrupt`] (the layer starts a fresh session and leaves the row alone). The rest
 /// (permissions, a table dropped under the store) is [`StoreError::other`].
@@ -543,23 +545,37 @@ impl Inner {
     }
 }
 
+/// Attempts of a statement whose transaction was rolled back for a conflict with a concurrent
+/// one (serialization failure, deadlock) before the failure is reported (as unavailable).
+const CONFLICT_ATTEMPTS: usize = 8;
+
 /// Prepares (once per connection) and runs one statement.
+///
+/// A statement that failed changed nothing, so two failures are retried here, within the
+/// caller's timeout: a stale prepared statement (the table changed under it, or the statement
+/// is gone) is prepared again, once; a statement rolled back for a conflict with a concurrent
+/// transaction (under `REPEATABLE READ` or `SERIALIZABLE` as the database's default isolation,
+/// two saves of one session conflict that way instead of one waiting for the other's row lock)
+/// runs again, up to [`CONFLICT_ATTEMPTS`] times in all, and then sees the other's result (a
+/// conditional write answers a conflict, which the layer replays).
 async fn run(
     client: &ClientWrapper,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Option<Row>, tokio_postgres::Error> {
-    let stmt = client.prepare_cached(sql).await?;
-    match client.query_opt(&stmt, params).await {
-        // The table changed under the prepared statement (its columns' types, say), or the
-        // statement is gone: prepare it again, once. The statement failed, so it changed
-        // nothing and running it again is safe.
-        Err(e) if is_stale_statement(&e) => {
-            client.statement_cache.remove(sql, &[]);
-            let stmt = client.prepare_cached(sql).await?;
-            client.query_opt(&stmt, params).await
+    let mut stmt = client.prepare_cached(sql).await?;
+    let mut prepared_again = false;
+    let mut attempt = 1;
+    loop {
+        match client.query_opt(&stmt, params).await {
+            Err(e) if is_stale_statement(&e) && !prepared_again => {
+                prepared_again = true;
+                client.statement_cache.remove(sql, &[]);
+                stmt = client.prepare_cached(sql).await?;
+            }
+            Err(e) if is_transient_conflict(&e) && attempt < CONFLICT_ATTEMPTS => attempt += 1,
+            answer => return answer,
         }
-        answer => answer,
     }
 }
 
