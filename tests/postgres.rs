@@ -747,10 +747,11 @@ async fn postgres_crash_and_restart() {
     common::faults::crash_and_restart(&SessionLayer::new(store), &mut server).await;
 }
 
-/// Unit-level check of the round trips the issue promises, counted on the server: a read is
-/// one statement, a write two, a new session one, an untouched request none.
+/// The round trips the issue promises, counted as calls into the store (each call is one
+/// prepared statement, one round trip, on a connection that has prepared it): an untouched
+/// request none, a new session one, a read one, a write two, a destroy one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statements_per_request() {
+async fn store_calls_per_request() {
     let server = PostgresServer::shared().await;
     let table = fresh_table();
     let store = builder(&table).open(&server.url()).await.unwrap();
@@ -771,7 +772,7 @@ async fn statements_per_request() {
     }
 }
 
-/// A store that counts the calls made to the PostgreSQL store: each is one statement.
+/// A store that counts the calls made to the PostgreSQL store.
 #[derive(Clone)]
 struct Counting {
     inner: PostgresStore,
