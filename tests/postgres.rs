@@ -772,6 +772,119 @@ async fn store_calls_per_request() {
     }
 }
 
+/// The same, counted on the wire: a proxy between the store and PostgreSQL counts the client's
+/// `Sync` and `Query` messages, each of which ends a round trip (the client waits for the
+/// server's `ReadyForQuery`). With one pooled connection whose statements are all prepared, an
+/// untouched request makes none, a new session one, a read one, a write two, a destroy one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_request_on_the_wire() {
+    let server = PostgresServer::shared().await;
+    let proxy = RoundTripCounter::start(server.port()).await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        proxy.port
+    );
+    let store = builder(&fresh_table())
+        .pool_size(1)
+        .open(&url)
+        .await
+        .unwrap();
+    let app = serve(&SessionLayer::new(store)).await;
+    // Every statement prepared once on the connection.
+    let mut warm = Browser::new(app.addr).await;
+    for path in ["/counter", "/read", "/counter", "/destroy"] {
+        assert_eq!(warm.get(path).await.status, StatusCode::OK);
+    }
+    let mut b = Browser::new(app.addr).await;
+    for (path, expected) in [
+        ("/untouched", 0),
+        ("/counter", 1),
+        ("/read", 1),
+        ("/counter", 2),
+        ("/read", 1),
+        ("/destroy", 1),
+    ] {
+        let before = proxy.round_trips();
+        assert_eq!(b.get(path).await.status, StatusCode::OK, "{path}");
+        assert_eq!(proxy.round_trips() - before, expected, "{path}");
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL that counts the round trips clients make: their `Sync`
+/// (extended protocol) and `Query` (simple protocol) messages.
+struct RoundTripCounter {
+    port: u16,
+    count: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RoundTripCounter {
+    async fn start(target: u16) -> RoundTripCounter {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&count);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", target))
+                    .await
+                    .unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let (mut buf, mut pending) = ([0u8; 8192], Vec::new());
+                    let mut started = false;
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        pending.extend_from_slice(&buf[..n]);
+                        // Whole messages: the startup message has no type byte, the others do.
+                        loop {
+                            let header = usize::from(started);
+                            if pending.len() < header + 4 {
+                                break;
+                            }
+                            let len =
+                                u32::from_be_bytes(pending[header..header + 4].try_into().unwrap())
+                                    as usize;
+                            if pending.len() < header + len {
+                                break;
+                            }
+                            if started && matches!(pending[0], b'S' | b'Q') {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                            }
+                            pending.drain(..header + len);
+                            started = true;
+                        }
+                    }
+                });
+            }
+        });
+        RoundTripCounter { port, count, task }
+    }
+
+    fn round_trips(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RoundTripCounter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A store that counts the calls made to the PostgreSQL store.
 #[derive(Clone)]
 struct Counting {
