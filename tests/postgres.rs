@@ -525,20 +525,10 @@ async fn a_locked_row_times_out_writes_but_not_reads() {
     let mut other = Browser::new(app.addr).await;
     assert_eq!(other.get("/counter").await.body, "1");
     assert_eq!(other.get("/counter").await.body, "2");
-    // The timed-out statement was cancelled on the server too (statement_timeout), so it does
-    // not wait on behind the client's back.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let waiting: i64 = server
-        .client("postgres")
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(waiting, 0, "a timed-out statement still waits for its lock");
+    // The timed-out statement is cancelled on the server too (its statement_timeout, which
+    // started a little after the client's clock when the connection had to be opened first),
+    // so it does not wait on behind the client's back.
+    lock_waiters_end(&server, &table).await;
     let err = store
         .save(&Record::new(key, Bytes::from("{}"), 2, in_ms(60_000)), 1)
         .await
@@ -546,9 +536,36 @@ async fn a_locked_row_times_out_writes_but_not_reads() {
     assert!(err.is_unavailable(), "{}", chain(&err));
     assert!(chain(&err).contains("statement timeout"), "{}", chain(&err));
     check_no_whole_key(&chain(&err), key);
+    lock_waiters_end(&server, &table).await;
 
     tx.rollback().await.unwrap();
     assert_eq!(b.get("/counter").await.body, "2");
+}
+
+/// Waits until no statement on `table` waits for a lock any more (the server's statement timeout
+/// cancels the ones the store gave up on); fails after 2 s.
+async fn lock_waiters_end(server: &PostgresServer, table: &str) {
+    let c = server.client("postgres").await;
+    let t = Instant::now();
+    loop {
+        let waiting: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND strpos(query, $1) > 0",
+                &[&format!("\"{table}\"")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 0 {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "a statement the store gave up on still waits for its lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn check_no_whole_key(text: &str, key: Key) {
