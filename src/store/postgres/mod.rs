@@ -113,6 +113,8 @@ struct Inner {
     timeout: Duration,
     /// `table "public"."sessions" on 127.0.0.1:5432/app`, for error messages.
     label: Arc<str>,
+    /// The TLS connector of the store's own connections, for cancel requests.
+    tls: Option<CancelTls>,
 }
 
 /// Configures and opens a [`PostgresStore`].
@@ -211,10 +213,13 @@ impl PostgresStoreBuilder {
     /// The longest an operation may take, from waiting for a pooled connection to the
     /// statement's answer, before it fails as [`StoreError::unavailable`] (default 2 s).
     ///
-    /// On the store's own connections ([`open`](Self::open)) it is also the server's
-    /// `statement_timeout` (unless the connection string sets one) and the connect timeout, so
-    /// that a statement waiting for a row lock is cancelled on the server too. A connection whose
-    /// statement did not answer in time is closed, not handed to another request.
+    /// A statement that did not answer in time is cancelled on the server (a cancel request, as
+    /// `psql`'s Ctrl-C sends), so that one waiting for a row lock does not go on, and perhaps
+    /// write, after the caller was told it failed; its connection is closed, not handed to
+    /// another request. On the store's own connections ([`open`](Self::open)) the timeout is
+    /// also the server's `statement_timeout` (unless the connection string sets one) and the
+    /// connect timeout. A write that timed out may still have been made (its answer was not
+    /// waited for): the layer answers 503 and replays nothing, as the store contract says.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -318,9 +323,11 @@ impl PostgresStoreBuilder {
     /// Uses `pool`, an application's own [`deadpool_postgres::Pool`], instead of opening one:
     /// creates or checks the table and starts the cleanup task.
     ///
-    /// [`pool_size`](Self::pool_size) and TLS are the pool's own business then, and the
+    /// [`pool_size`](Self::pool_size) and TLS are the pool's own business then (a `tls`
+    /// connector given here is used only for cancel requests), and the
     /// [`statement_timeout`](Self::statement_timeout) bounds each operation on the client side
-    /// only (set the server's `statement_timeout` in the pool's configuration if you want it).
+    /// (a statement that did not answer in time is cancelled and its connection closed; set
+    /// the server's `statement_timeout` in the pool's configuration too if you want it).
     /// Give the pool a recycling method that checks connections
     /// ([`RecyclingMethod::Fast`] at least, deadpool's default), so that it drops broken ones.
     ///
@@ -387,6 +394,13 @@ impl PostgresStoreBuilder {
                 sql: Sql::new(&schema, &self.table),
                 timeout: self.statement_timeout,
                 label: label.into(),
+                #[cfg(feature = "postgres-tls")]
+                tls: self
+                    .tls
+                    .clone()
+                    .map(postgres_native_tls::MakeTlsConnector::new),
+                #[cfg(not(feature = "postgres-tls"))]
+                tls: None,
             }),
         };
         if let Some(interval) = self.cleanup_interval {
@@ -492,15 +506,43 @@ impl ToSql for Secret<'_> {
 }
 
 /// A pooled connection lent to one statement. Dropped before the statement answered (the
-/// timeout fired, or the caller gave up), it closes the connection rather than return it to
-/// the pool, where the next statement would queue behind the unanswered one.
-struct Lent(Option<Object>);
+/// timeout fired, or the caller gave up), it asks the server to cancel the statement (which may
+/// be waiting for a row lock, and would otherwise go on, and perhaps write, behind the caller's
+/// back) and closes the connection rather than return it to the pool, where the next statement
+/// would queue behind the unanswered one.
+struct Lent<'a> {
+    client: Option<Object>,
+    /// The store's TLS connector, for the cancel request.
+    tls: &'a Option<CancelTls>,
+}
 
-impl Drop for Lent {
+/// The TLS connector a cancel request uses: the store's, when it has one.
+#[cfg(feature = "postgres-tls")]
+type CancelTls = postgres_native_tls::MakeTlsConnector;
+#[cfg(not(feature = "postgres-tls"))]
+type CancelTls = tokio_postgres::NoTls;
+
+impl Drop for Lent<'_> {
     fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            drop(Object::take(client));
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let token = client.cancel_token();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // A cancel request is a connection of its own (bounded by the connect timeout);
+            // whether it arrives in time is racy, as cancellation is.
+            // `NoTls` (without `postgres-tls`) is `Copy`, the TLS connector only `Clone`.
+            #[allow(clippy::clone_on_copy)]
+            match self.tls.clone() {
+                Some(tls) => runtime.spawn(async move {
+                    let _ = token.cancel_query(tls).await;
+                }),
+                None => runtime.spawn(async move {
+                    let _ = token.cancel_query(tokio_postgres::NoTls).await;
+                }),
+            };
         }
+        drop(Object::take(client));
     }
 }
 
@@ -532,15 +574,18 @@ impl Inner {
         params: &[&(dyn ToSql + Sync)],
         waiting: &AtomicBool,
     ) -> Result<Option<Row>, Fail> {
-        let mut lent = Lent(Some(self.pool.get().await?));
+        let mut lent = Lent {
+            client: Some(self.pool.get().await?),
+            tls: &self.tls,
+        };
         waiting.store(false, Ordering::Relaxed);
-        let answer = match lent.0.as_deref() {
+        let answer = match lent.client.as_deref() {
             Some(client) => run(client, sql, params).await,
             None => return Err(Fail::Setup("no pooled connection".to_owned())),
         };
         // Answered (a row, none, or an error): the connection goes back to the pool, which
         // drops it when it is closed.
-        drop(lent.0.take());
+        drop(lent.client.take());
         Ok(answer?)
     }
 }
