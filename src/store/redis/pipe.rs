@@ -92,6 +92,9 @@ struct State {
     writer: Option<u64>,
     /// A request will write the buffered commands once it has yielded.
     flush_due: bool,
+    /// The last read handed out several replies: their requests are about to send more, so
+    /// the next command waits for theirs even if none is in flight.
+    busy: bool,
     /// Why the connection is no longer used, once it is not.
     broken: Option<Broken>,
 }
@@ -320,8 +323,11 @@ impl Line {
         for _ in 0..count {
             state.slots.push_back(Slot::Due(None));
         }
-        let flusher = in_flight && !state.flush_due;
-        state.flush_due |= flusher;
+        let flusher = (in_flight || state.busy) && !state.flush_due;
+        if flusher {
+            state.flush_due = true;
+            state.busy = false;
+        }
         Waiting {
             line: self,
             seq,
@@ -556,10 +562,14 @@ impl State {
 
     /// Hands every whole reply read to its slot, waking its request.
     fn deliver(&mut self) {
+        let mut delivered = 0;
         loop {
             let (parsed, len) = match resp::parse(&self.input) {
                 Ok(Some(whole)) => whole,
-                Ok(None) => return,
+                Ok(None) => {
+                    self.busy |= delivered > 1;
+                    return;
+                }
                 Err(_) => return self.fail(Broken::OutOfStep("not a RESP2 reply")),
             };
             let frame = self.input.split_to(len).freeze();
@@ -577,6 +587,7 @@ impl State {
                 _ => return self.fail(Broken::OutOfStep("a reply to no command")),
             }
             self.next += 1;
+            delivered += 1;
             self.pop_done();
         }
     }
