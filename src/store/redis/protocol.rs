@@ -234,7 +234,10 @@ pub(crate) enum SendError {
     /// [keeps the deadline](Transport::keeps_deadline) itself).
     #[cfg_attr(
         not(feature = "redis"),
-        expect(dead_code, reason = "only the Redis store's own connection keeps its deadline")
+        expect(
+            dead_code,
+            reason = "only the Redis store's own connection keeps its deadline"
+        )
     )]
     TimedOut,
     /// Anything else.
