@@ -413,6 +413,79 @@ async fn replies_reach_their_own_requests_when_some_give_up() {
     assert!(answered > 6_000, "{answered}");
 }
 
+/// The store's own deadline (one timer per connection, not one per command) under load: while
+/// Redis pauses now and then (`DEBUG SLEEP`), requests queued behind the pause fail as
+/// unavailable once their 20 ms are up, the others are answered, and every answer is the
+/// answering request's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_expire_requests_without_crossing_replies() {
+    const SESSIONS: usize = 16;
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]).await;
+    let store = RedisStore::builder()
+        .command_timeout(Duration::from_millis(20))
+        .open(server.url())
+        .await
+        .unwrap();
+    let mut keys = Vec::new();
+    for i in 0..SESSIONS {
+        let rec = record_at_ms(new_key(), i.to_string().into(), 1, now_ms() + 3_600_000);
+        store.create(&rec).await.unwrap();
+        keys.push(rec.key());
+    }
+    let keys = std::sync::Arc::new(keys);
+    let port = server.port();
+    let pauses = tokio::spawn(async move {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            common::servers::redis_cli(port, &["debug", "sleep", "0.05"]).await;
+        }
+    });
+    let tasks: Vec<_> = (0..SESSIONS)
+        .map(|t| {
+            let (store, keys) = (store.clone(), keys.clone());
+            tokio::spawn(async move {
+                let (mut answered, mut expired) = (0, 0);
+                let started = Instant::now();
+                let mut n = 0_usize;
+                while started.elapsed() < Duration::from_millis(500) {
+                    n += 1;
+                    let i = (t + n * 5) % SESSIONS;
+                    let (key, want) = if n.is_multiple_of(2) {
+                        (new_key(), None)
+                    } else {
+                        (keys[i], Some(i.to_string()))
+                    };
+                    match store.load(&key).await {
+                        Ok(loaded) => {
+                            let got = loaded.map(|r| String::from_utf8(r.data().to_vec()).unwrap());
+                            assert_eq!(got, want, "task {t}, load {n}: another request's reply");
+                            answered += 1;
+                        }
+                        Err(e) => {
+                            assert!(e.is_unavailable(), "{e:?}");
+                            expired += 1;
+                        }
+                    }
+                }
+                (answered, expired)
+            })
+        })
+        .collect();
+    let (mut answered, mut expired) = (0, 0);
+    for task in tasks {
+        let (a, e) = task.await.unwrap();
+        answered += a;
+        expired += e;
+    }
+    pauses.await.unwrap();
+    println!("{answered} loads answered, {expired} past their deadline");
+    assert!(
+        expired >= SESSIONS,
+        "the pauses expired too few requests: {expired}"
+    );
+    assert!(answered > expired, "{answered} answered, {expired} expired");
+}
+
 /// Replies that are not what Redis sends (bytes that are not RESP2, a reply nobody asked for)
 /// retire the store's connection: the request retries once on a new one, and no later request
 /// is ever handed the stray reply; the requests that find the connection retired share one new

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::ConnectionLike;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -683,13 +683,25 @@ impl Transport for Conn {
     const VALUE_LAST: bool = false;
     const BINARY_SAFE: bool = true;
 
+    fn keeps_deadline(&self) -> bool {
+        matches!(self, Conn::Pipe(_))
+    }
+
     /// Sends a command once (on a cluster, until the cluster has run it: see [`Resend`]), with
     /// `then` (a `WAIT`) after it if given, in one pipeline: one round trip, one connection, one
     /// node (on a cluster, the pipeline goes to the node of its one key; `WAIT` alone would go
     /// to every master).
-    async fn send(&self, cmd: &Command<'_>, then: Option<&Command<'_>>) -> Result<Sent, SendError> {
+    ///
+    /// The store's own connection keeps `deadline` itself; the `redis` crate's connections
+    /// leave it to the protocol's timer.
+    async fn send(
+        &self,
+        cmd: &Command<'_>,
+        then: Option<&Command<'_>>,
+        deadline: Instant,
+    ) -> Result<Sent, SendError> {
         if let Conn::Pipe(pipe) = self {
-            return pipe.send(cmd, then).await;
+            return pipe.send(cmd, then, deadline).await;
         }
         let cmd = packed(cmd);
         let then = then.map(packed);

@@ -29,17 +29,19 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
+use tokio::time::Sleep;
 
 use super::protocol::{Arg, Command, Head, Reply, SendError, Sent, ServerError};
 use super::resp::{self, Parsed};
@@ -92,15 +94,25 @@ struct State {
     writer: Option<u64>,
     /// A request will write the buffered commands once it has yielded.
     flush_due: bool,
+    /// The last read handed out several replies: their requests are about to send more, so
+    /// the next command waits for theirs even if none is in flight.
+    busy: bool,
     /// Why the connection is no longer used, once it is not.
     broken: Option<Broken>,
+    /// One timer for every deadline on the connection, set for the earliest it knows of: when
+    /// it fires, the requests past theirs fail and it is set for the next (no timer per
+    /// command).
+    watchdog: Option<(Pin<Box<Sleep>>, Instant)>,
 }
 
 /// A reply's place in the order.
 enum Slot {
     /// Not arrived; on a request's last slot, the waker of the request (replies arrive in
-    /// order, so the last one completes it).
-    Due(Option<Waker>),
+    /// order, so the last one completes it) and its deadline.
+    Due(Option<Waker>, Option<Instant>),
+    /// Its request's deadline passed before it arrived (the request fails when it looks);
+    /// whether it has arrived since (it is dropped).
+    Expired { arrived: bool },
     /// Not arrived, and its request is gone: dropped when it arrives.
     Abandoned,
     /// Arrived, not taken yet.
@@ -197,9 +209,10 @@ impl Pipe {
         &self,
         cmd: &Command<'_>,
         then: Option<&Command<'_>>,
+        deadline: Instant,
     ) -> Result<Sent, SendError> {
-        let line = self.line().await?;
-        let mut waiting = line.queue(cmd, then);
+        let line = self.line(deadline).await?;
+        let mut waiting = line.queue(cmd, then, deadline);
         if waiting.flusher {
             // Others' commands are in flight: let the requests the runtime polls next queue
             // theirs, then write them all at once.
@@ -219,17 +232,19 @@ impl Pipe {
         })
     }
 
-    /// The connection in use, or a new one.
-    async fn line(&self) -> Result<Arc<Line>, SendError> {
+    /// The connection in use, or a new one (by `deadline`).
+    async fn line(&self, deadline: Instant) -> Result<Arc<Line>, SendError> {
         loop {
             let cell = Arc::clone(&lock(&self.current));
             match cell.get() {
                 Some(line) if line.is_open() => return Ok(Arc::clone(line)),
                 Some(line) => self.retire(line),
                 None => {
-                    let line = cell
-                        .get_or_try_init(|| async { self.connect().await.map(Arc::new) })
-                        .await?;
+                    let connected =
+                        cell.get_or_try_init(|| async { self.connect().await.map(Arc::new) });
+                    let line = tokio::time::timeout_at(deadline.into(), connected)
+                        .await
+                        .map_err(|_| SendError::TimedOut)??;
                     return Ok(Arc::clone(line));
                 }
             }
@@ -306,6 +321,7 @@ impl Line {
         self: &'a Arc<Self>,
         cmd: &Command<'_>,
         then: Option<&Command<'_>>,
+        deadline: Instant,
     ) -> Waiting<'a> {
         let mut state = lock(&self.state);
         let start = state.sent_total + (state.out.len() - state.written) as u64;
@@ -317,15 +333,20 @@ impl Line {
         }
         let in_flight = !state.slots.is_empty();
         let seq = state.first + state.slots.len() as u64;
-        for _ in 0..count {
-            state.slots.push_back(Slot::Due(None));
+        if count == 2 {
+            state.slots.push_back(Slot::Due(None, None));
         }
-        let flusher = in_flight && !state.flush_due;
-        state.flush_due |= flusher;
+        state.slots.push_back(Slot::Due(None, Some(deadline)));
+        let flusher = (in_flight || state.busy) && !state.flush_due;
+        if flusher {
+            state.flush_due = true;
+            state.busy = false;
+        }
         Waiting {
             line: self,
             seq,
             count,
+            deadline,
             start,
             flusher,
             finished: false,
@@ -339,6 +360,7 @@ struct Waiting<'a> {
     /// Its first reply's number, and how many (1, or 2 with a following command).
     seq: u64,
     count: usize,
+    deadline: Instant,
     /// Where its command starts among the bytes written on the connection.
     start: u64,
     /// It holds back the buffered commands until it has yielded.
@@ -374,6 +396,12 @@ impl Waiting<'_> {
                     line.retired.store(true, Ordering::Relaxed);
                 }
                 return Poll::Ready(Ok(replies));
+            }
+            if state.expired(self.seq + self.count as u64 - 1) {
+                self.finished = true;
+                state.forget(self.seq, self.count);
+                state.leave(self.seq);
+                return Poll::Ready(Err(SendError::TimedOut));
             }
             if let Some(broken) = state.broken {
                 self.finished = true;
@@ -420,6 +448,9 @@ impl Waiting<'_> {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => state.fail(Broken::Io(e.kind())),
                         Poll::Pending => {
+                            if state.watch(self.deadline, cx) {
+                                continue;
+                            }
                             state.reader = Some(self.seq);
                             state.wait_in(self.seq + self.count as u64 - 1, cx.waker());
                             return Poll::Pending;
@@ -486,8 +517,10 @@ impl State {
         };
         for slot in self.slots.iter_mut().skip(at).take(count) {
             *slot = match slot {
-                Slot::Due(_) | Slot::Abandoned => Slot::Abandoned,
-                Slot::Arrived(_) | Slot::Done => Slot::Done,
+                Slot::Due(..) | Slot::Abandoned | Slot::Expired { arrived: false } => {
+                    Slot::Abandoned
+                }
+                Slot::Arrived(_) | Slot::Done | Slot::Expired { arrived: true } => Slot::Done,
             };
         }
         self.pop_done();
@@ -508,7 +541,7 @@ impl State {
         else {
             return;
         };
-        if let Some(Slot::Due(slot)) = self.slots.get_mut(at) {
+        if let Some(Slot::Due(slot, _)) = self.slots.get_mut(at) {
             match slot {
                 Some(w) if w.will_wake(waker) => {}
                 _ => *slot = Some(waker.clone()),
@@ -534,11 +567,69 @@ impl State {
     /// Wakes a waiting request.
     fn hand_over(&mut self) {
         let next = self.slots.iter_mut().find_map(|s| match s {
-            Slot::Due(Some(w)) => Some(w),
+            Slot::Due(Some(w), _) => Some(w),
             _ => None,
         });
         if let Some(waker) = next {
             waker.wake_by_ref();
+        }
+    }
+
+    /// Whether the reply numbered `seq` expired.
+    fn expired(&self, seq: u64) -> bool {
+        seq.checked_sub(self.first)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| self.slots.get(at))
+            .is_some_and(|slot| matches!(slot, Slot::Expired { .. }))
+    }
+
+    /// Makes sure the watchdog fires by `deadline`, and polls it: `true` when it fired (the
+    /// requests past their deadlines are then expired and woken, and it is set again).
+    fn watch(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        match &mut self.watchdog {
+            Some((timer, at)) if deadline < *at => {
+                timer.as_mut().reset(deadline.into());
+                *at = deadline;
+            }
+            Some(_) => {}
+            None => {
+                self.watchdog = Some((
+                    Box::pin(tokio::time::sleep_until(deadline.into())),
+                    deadline,
+                ));
+            }
+        }
+        let Some((timer, _)) = &mut self.watchdog else {
+            return false;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.expire(Instant::now());
+        true
+    }
+
+    /// Fails the requests whose deadline has passed, and sets the watchdog for the next one.
+    fn expire(&mut self, now: Instant) {
+        let mut next: Option<Instant> = None;
+        for slot in &mut self.slots {
+            if let Slot::Due(waker, Some(deadline)) = slot {
+                if *deadline <= now {
+                    if let Some(waker) = waker.take() {
+                        waker.wake();
+                    }
+                    *slot = Slot::Expired { arrived: false };
+                } else {
+                    next = Some(next.map_or(*deadline, |n| n.min(*deadline)));
+                }
+            }
+        }
+        match (next, &mut self.watchdog) {
+            (Some(at), Some((timer, armed))) => {
+                timer.as_mut().reset(at.into());
+                *armed = at;
+            }
+            _ => self.watchdog = None,
         }
     }
 
@@ -556,10 +647,14 @@ impl State {
 
     /// Hands every whole reply read to its slot, waking its request.
     fn deliver(&mut self) {
+        let mut delivered = 0;
         loop {
             let (parsed, len) = match resp::parse(&self.input) {
                 Ok(Some(whole)) => whole,
-                Ok(None) => return,
+                Ok(None) => {
+                    self.busy |= delivered > 1;
+                    return;
+                }
                 Err(_) => return self.fail(Broken::OutOfStep("not a RESP2 reply")),
             };
             let frame = self.input.split_to(len).freeze();
@@ -568,15 +663,18 @@ impl State {
                 .and_then(|at| self.slots.get_mut(at));
             match slot {
                 Some(slot @ Slot::Abandoned) => *slot = Slot::Done,
-                Some(slot @ Slot::Due(_)) => {
+                Some(Slot::Expired { arrived }) => *arrived = true,
+                Some(slot @ Slot::Due(..)) => {
                     let reply = reply(parsed, &frame);
-                    if let Slot::Due(Some(waker)) = std::mem::replace(slot, Slot::Arrived(reply)) {
+                    if let Slot::Due(Some(waker), _) = std::mem::replace(slot, Slot::Arrived(reply))
+                    {
                         waker.wake();
                     }
                 }
                 _ => return self.fail(Broken::OutOfStep("a reply to no command")),
             }
             self.next += 1;
+            delivered += 1;
             self.pop_done();
         }
     }
@@ -587,7 +685,7 @@ impl State {
             self.broken = Some(why);
         }
         for slot in &mut self.slots {
-            if let Slot::Due(Some(waker)) = slot {
+            if let Slot::Due(Some(waker), _) = slot {
                 waker.wake_by_ref();
             }
         }

@@ -23,7 +23,7 @@ use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -230,6 +230,16 @@ pub(crate) enum SendError {
     Corrupt(Cause),
     /// The transport finds Redis down or out of reach (a timeout, a Webdis `503`, no master).
     Unavailable(Cause),
+    /// The deadline passed before the reply came (from a transport that
+    /// [keeps the deadline](Transport::keeps_deadline) itself).
+    #[cfg_attr(
+        not(feature = "redis"),
+        expect(
+            dead_code,
+            reason = "only the Redis store's own connection keeps its deadline"
+        )
+    )]
+    TimedOut,
     /// Anything else.
     Other(Cause),
 }
@@ -271,7 +281,14 @@ pub(crate) trait Transport: Send + Sync + 'static {
         &self,
         cmd: &Command<'_>,
         then: Option<&Command<'_>>,
+        deadline: Instant,
     ) -> impl std::future::Future<Output = Result<Sent, SendError>> + Send;
+
+    /// Whether `send` itself fails with [`SendError::TimedOut`] once its deadline passes; for
+    /// a transport that does not, the protocol races each operation against a timer of its own.
+    fn keeps_deadline(&self) -> bool {
+        false
+    }
 }
 
 /// A command as the protocol builds it; the transport writes it on its wire.
@@ -643,31 +660,36 @@ impl<T: Transport> Protocol<T> {
         let wait = wait.as_ref();
         // Pinned where it is built: a timeout future would move the whole attempt (mostly the
         // transport's request future) into itself.
+        let deadline = Instant::now() + self.timeout;
         let mut attempt = pin!(async {
             // Not matched on directly: a scrutinee's temporaries (the first attempt's future)
             // would stay alive, and in this future's size, through the second attempt.
-            let first = self.attempt(cmd, wait).await;
+            let first = self.attempt(cmd, wait, deadline).await;
             match first {
-                Err(SendError::Broken(_)) => (self.attempt(cmd, wait).await, true),
-                Err(SendError::NotSent(_)) => (self.attempt(cmd, wait).await, false),
+                Err(SendError::Broken(_)) => (self.attempt(cmd, wait, deadline).await, true),
+                Err(SendError::NotSent(_)) => (self.attempt(cmd, wait, deadline).await, false),
                 other => (other, false),
             }
         });
-        let mut deadline = pin!(tokio::time::sleep(self.timeout));
-        let done = poll_fn(|cx| {
-            if let Poll::Ready(done) = attempt.as_mut().poll(cx) {
-                return Poll::Ready(Some(done));
-            }
-            deadline.as_mut().poll(cx).map(|()| None)
-        })
-        .await;
-        let Some((sent, retried)) = done else {
-            return Err(StoreError::unavailable(Problem::new(
-                op,
-                What::TimedOut(T::NAME, self.timeout),
-            )));
+        let timed_out =
+            || StoreError::unavailable(Problem::new(op, What::TimedOut(T::NAME, self.timeout)));
+        let (sent, retried) = if self.transport.keeps_deadline() {
+            attempt.await
+        } else {
+            let mut timer = pin!(tokio::time::sleep_until(deadline.into()));
+            let done = poll_fn(|cx| {
+                if let Poll::Ready(done) = attempt.as_mut().poll(cx) {
+                    return Poll::Ready(Some(done));
+                }
+                timer.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
+            done.ok_or_else(timed_out)?
         };
-        let sent = sent.map_err(|e| Self::failed(op, e))?;
+        let sent = match sent {
+            Err(SendError::TimedOut) => return Err(timed_out()),
+            sent => sent.map_err(|e| Self::failed(op, e))?,
+        };
         let acked = match sent.then {
             None => wait.map(|_| 0),
             Some(Reply::Int(n)) => Some(n),
@@ -685,15 +707,16 @@ impl<T: Transport> Protocol<T> {
         &self,
         cmd: &Command<'_>,
         wait: Option<&Command<'_>>,
+        deadline: Instant,
     ) -> Result<Sent, SendError> {
-        let first = self.transport.send(cmd, wait).await;
+        let first = self.transport.send(cmd, wait, deadline).await;
         match (first, cmd.head) {
             (Err(SendError::Server(e)), Head::EvalSha(script)) if e.code() == "NOSCRIPT" => {
                 let eval = Command {
                     head: Head::Eval(script),
                     ..*cmd
                 };
-                self.transport.send(&eval, wait).await
+                self.transport.send(&eval, wait, deadline).await
             }
             (other, _) => other,
         }
@@ -747,6 +770,9 @@ fn failed(transport: &'static str, op: Op, e: SendError) -> StoreError {
         SendError::Broken(cause) | SendError::NotSent(cause) | SendError::Unavailable(cause) => {
             StoreError::unavailable(failed(cause))
         }
+        SendError::TimedOut => StoreError::unavailable(failed(Box::new(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        )))),
         SendError::Corrupt(cause) => StoreError::corrupt(failed(cause)),
         SendError::Other(cause) => StoreError::other(failed(cause)),
         SendError::Server(e) if e.is_unavailable() => {

@@ -7,7 +7,7 @@ mod url;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
@@ -350,7 +350,13 @@ impl Transport for Http {
     const VALUE_LAST: bool = true;
     const BINARY_SAFE: bool = false;
 
-    async fn send(&self, cmd: &Command<'_>, then: Option<&Command<'_>>) -> Result<Sent, SendError> {
+    /// The deadline is the protocol's to keep (its timer), as `keeps_deadline` says.
+    async fn send(
+        &self,
+        cmd: &Command<'_>,
+        then: Option<&Command<'_>>,
+        _deadline: Instant,
+    ) -> Result<Sent, SendError> {
         if then.is_some() {
             return Err(other(WebdisError::msg(
                 "webdis sends one command per request: it cannot wait for replicas",
