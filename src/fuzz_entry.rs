@@ -406,7 +406,7 @@ pub fn webdis_reply(data: &[u8]) {
 }
 
 /// RESP2 bytes from a Redis connection through the Redis store's reply parser
-/// ([`resp::parse`](crate::store::redis::resp::parse)), as its own connections read them.
+/// (`resp::parse`), as its own connection reads them.
 ///
 /// # Panics
 /// When an invariant fails: a reply is longer than its input, depends on the bytes after it,
