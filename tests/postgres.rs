@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use common::servers::PostgresServer;
+use common::servers::{AppProcess, PostgresServer};
 use common::{Browser, Conn, new_key, serve};
 use hyper::StatusCode;
 use hyper_sessions::store::{Key, Record, SaveOutcome, SessionStore, StoreError, StoreErrorKind};
@@ -982,63 +980,17 @@ async fn restart_server_entry() {
     std::future::pending::<()>().await;
 }
 
-struct AppProcess {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl AppProcess {
-    fn start(url: &str, table: &str) -> AppProcess {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "restart_server_entry",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(SERVE_ENV, format!("{url} {table}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut port = None;
-        let mut lines = BufReader::new(stdout).lines();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if let Some((_, p)) = line.split_once("LISTENING ") {
-                port = Some(p.trim().parse::<u16>().unwrap());
-                break;
-            }
-        }
-        let port = port.expect("the app process did not start");
-        std::thread::spawn(move || for _ in lines {});
-        AppProcess {
-            child,
-            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for AppProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The app is killed (SIGKILL) and started again: its sessions are all there, a destroyed one
 /// stays destroyed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_an_app_restart() {
     let server = PostgresServer::shared().await;
     let table = fresh_table();
-    let app = AppProcess::start(&server.url(), &table);
+    let app = AppProcess::start(
+        "restart_server_entry",
+        SERVE_ENV,
+        format!("{} {table}", server.url()),
+    );
     let mut alice = Browser::new(app.addr).await;
     for n in 1..=3 {
         assert_eq!(alice.get("/counter").await.body, n.to_string());
@@ -1056,7 +1008,11 @@ async fn sessions_survive_an_app_restart() {
     assert!(bob.get("/destroy").await.removes_cookie());
     app.kill();
 
-    let app = AppProcess::start(&server.url(), &table);
+    let app = AppProcess::start(
+        "restart_server_entry",
+        SERVE_ENV,
+        format!("{} {table}", server.url()),
+    );
     let mut c = Conn::http1(app.addr).await;
     let cookie = alice.cookie.clone().unwrap();
     assert_eq!(c.get("/read", Some(&cookie)).await.body, "3");

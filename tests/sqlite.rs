@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -17,6 +15,7 @@ use hyper_sessions::store::{
 };
 use hyper_sessions::{SessionLayer, SqliteStore};
 
+use common::servers::AppProcess;
 use common::{Browser, Conn, new_key, serve};
 
 /// A fresh directory under the system temp dir, removed (with the database in it) when dropped.
@@ -1020,62 +1019,10 @@ async fn restart_server_entry() {
     std::future::pending::<()>().await;
 }
 
-struct ServerProcess {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl ServerProcess {
-    fn start(db: &Path) -> ServerProcess {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "restart_server_entry",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(SERVE_ENV, db)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut port = None;
-        let mut lines = BufReader::new(stdout).lines();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            // libtest may have printed `test restart_server_entry ... ` on the same line.
-            if let Some((_, p)) = line.split_once("LISTENING ") {
-                port = Some(p.trim().parse::<u16>().unwrap());
-                break;
-            }
-        }
-        let port = port.expect("the server process did not start");
-        // Drain the rest of its output so that it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        ServerProcess {
-            child,
-            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_a_server_restart() {
     let dir = TempDir::new();
-    let server = ServerProcess::start(&dir.db());
+    let server = AppProcess::start("restart_server_entry", SERVE_ENV, dir.db());
     let mut alice = Browser::new(server.addr).await;
     for n in 1..=3 {
         assert_eq!(alice.get("/counter").await.body, n.to_string());
@@ -1094,7 +1041,7 @@ async fn sessions_survive_a_server_restart() {
     // Killed, not shut down: what a crash or a deploy's SIGKILL does.
     server.kill();
 
-    let server = ServerProcess::start(&dir.db());
+    let server = AppProcess::start("restart_server_entry", SERVE_ENV, dir.db());
     let mut alice2 = Conn::http1(server.addr).await;
     let cookie = alice.cookie.clone().unwrap();
     assert_eq!(alice2.get("/read", Some(&cookie)).await.body, "3");

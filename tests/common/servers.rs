@@ -1777,3 +1777,56 @@ impl Drop for GarblingProxy {
         self.task.abort();
     }
 }
+
+/// This test binary run again as an app server of its own: the test named `entry` in it is run
+/// with the environment variable `env` set to `value` (saying what to serve), and prints
+/// `LISTENING <port>` once it serves. Used to kill an app process (SIGKILL) and start it again
+/// on the same data. Dropping the handle kills the process.
+pub struct AppProcess {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl AppProcess {
+    pub fn start(entry: &str, env: &str, value: impl AsRef<std::ffi::OsStr>) -> AppProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", entry, "--nocapture", "--test-threads=1"])
+            .env(env, value)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut port = None;
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            // libtest may have printed `test <entry> ... ` on the same line.
+            if let Some((_, p)) = line.split_once("LISTENING ") {
+                port = Some(p.trim().parse::<u16>().unwrap());
+                break;
+            }
+        }
+        let port = port.expect("the app process did not start");
+        // Drain the rest of its output so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        AppProcess {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for AppProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
