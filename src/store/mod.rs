@@ -17,6 +17,8 @@ pub(crate) mod record;
 pub use self::record::Record;
 pub(crate) use self::record::{from_unix_ms, unix_ms};
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) mod cleanup;
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
 #[cfg(feature = "postgres")]

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -18,6 +18,7 @@ use self::error::{Fail, fail_error, is_stale_statement, is_transient_conflict, n
 use self::schema::{Sql, setup, validate_name};
 use crate::error::StoreError;
 use crate::key::Key;
+use crate::store::cleanup;
 use crate::store::{CreateOutcome, Record, SaveOutcome, SessionStore, from_unix_ms, unix_ms};
 
 mod error;
@@ -405,7 +406,12 @@ impl PostgresStoreBuilder {
         };
         if let Some(interval) = self.cleanup_interval {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(clean_forever(Arc::downgrade(&store.inner), interval));
+                handle.spawn(cleanup::every(
+                    Arc::downgrade(&store.inner),
+                    interval,
+                    "PostgreSQL",
+                    |inner| async move { delete_expired(&inner).await },
+                ));
             } else {
                 crate::trace::event!(
                     warn,
@@ -800,29 +806,5 @@ async fn delete_expired(inner: &Inner) -> Result<u64, StoreError> {
             return Ok(total);
         }
         tokio::task::yield_now().await;
-    }
-}
-
-async fn clean_forever(store: Weak<Inner>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        let Some(inner) = store.upgrade() else { return };
-        match delete_expired(&inner).await {
-            Ok(n) if n > 0 => {
-                crate::trace::event!(
-                    debug,
-                    "hyper-sessions: deleted {n} expired PostgreSQL sessions"
-                );
-            }
-            Ok(_) => {}
-            Err(e) => crate::trace::event!(
-                warn,
-                "hyper-sessions: cleaning expired sessions failed: {}",
-                crate::error::Chain(&e)
-            ),
-        }
     }
 }

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::params;
@@ -18,6 +18,7 @@ use self::schema::validate_table_name;
 use self::thread::{Job, Load, Msg, Stmts, Stored, deadline_after, serve, serve_reads, spawn};
 use crate::error::StoreError;
 use crate::key::Key;
+use crate::store::cleanup;
 use crate::store::{CreateOutcome, Record, SaveOutcome, SessionStore, unix_ms};
 
 mod error;
@@ -292,7 +293,12 @@ impl SqliteStoreBuilder {
         };
         if let Some(interval) = self.cleanup_interval {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(clean_forever(Arc::downgrade(&store.inner), interval));
+                handle.spawn(cleanup::every(
+                    Arc::downgrade(&store.inner),
+                    interval,
+                    "SQLite",
+                    |inner| async move { delete_expired(&inner).await },
+                ));
             } else {
                 crate::trace::event!(
                     warn,
@@ -423,27 +429,6 @@ async fn delete_expired(inner: &Inner) -> Result<u64, StoreError> {
             return Ok(total);
         }
         tokio::task::yield_now().await;
-    }
-}
-
-async fn clean_forever(store: Weak<Inner>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        let Some(inner) = store.upgrade() else { return };
-        match delete_expired(&inner).await {
-            Ok(n) if n > 0 => {
-                crate::trace::event!(debug, "hyper-sessions: deleted {n} expired SQLite sessions");
-            }
-            Ok(_) => {}
-            Err(e) => crate::trace::event!(
-                warn,
-                "hyper-sessions: cleaning expired sessions failed: {}",
-                crate::error::Chain(&e)
-            ),
-        }
     }
 }
 
