@@ -985,52 +985,11 @@ async fn restart_server_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_an_app_restart() {
     let server = PostgresServer::shared().await;
-    let table = fresh_table();
-    let app = AppProcess::start(
-        "restart_server_entry",
-        SERVE_ENV,
-        format!("{} {table}", server.url()),
-    );
-    let mut alice = Browser::new(app.addr).await;
-    for n in 1..=3 {
-        assert_eq!(alice.get("/counter").await.body, n.to_string());
-    }
-    alice.get("/set/name?v=alice%20liddell").await;
-    let mut others = Vec::new();
-    for i in 0..20 {
-        let mut b = Browser::new(app.addr).await;
-        b.get(&format!("/set/n?v={i}")).await;
-        others.push(b.cookie.clone().unwrap());
-    }
-    let mut bob = Browser::new(app.addr).await;
-    bob.get("/counter").await;
-    let bob_old = bob.cookie.clone().unwrap();
-    assert!(bob.get("/destroy").await.removes_cookie());
-    app.kill();
-
-    let app = AppProcess::start(
-        "restart_server_entry",
-        SERVE_ENV,
-        format!("{} {table}", server.url()),
-    );
-    let mut c = Conn::http1(app.addr).await;
-    let cookie = alice.cookie.clone().unwrap();
-    assert_eq!(c.get("/read", Some(&cookie)).await.body, "3");
-    assert_eq!(
-        c.get("/get/name", Some(&cookie)).await.body,
-        "alice liddell"
-    );
-    let r = c.get("/counter", Some(&cookie)).await;
-    assert_eq!(r.body, "4");
-    assert!(
-        r.cookie_pair().is_none_or(|c| c == cookie),
-        "the id changed"
-    );
-    for (i, cookie) in others.iter().enumerate() {
-        assert_eq!(c.get("/get/n", Some(cookie)).await.body, i.to_string());
-    }
-    assert_eq!(c.get("/read", Some(&bob_old)).await.body, "0");
-    app.kill();
+    let spec = format!("{} {}", server.url(), fresh_table());
+    common::servers::sessions_survive_an_app_restart(|| {
+        AppProcess::start("restart_server_entry", SERVE_ENV, &spec)
+    })
+    .await;
 }
 
 /// With `postgres-tls`: a connector trusting the test CA and `sslmode=require` connect over TLS

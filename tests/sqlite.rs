@@ -1022,44 +1022,10 @@ async fn restart_server_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_a_server_restart() {
     let dir = TempDir::new();
-    let server = AppProcess::start("restart_server_entry", SERVE_ENV, dir.db());
-    let mut alice = Browser::new(server.addr).await;
-    for n in 1..=3 {
-        assert_eq!(alice.get("/counter").await.body, n.to_string());
-    }
-    alice.get("/set/name?v=alice%20liddell").await;
-    let mut others = Vec::new();
-    for i in 0..20 {
-        let mut b = Browser::new(server.addr).await;
-        b.get(&format!("/set/n?v={i}")).await;
-        others.push(b.cookie.clone().unwrap());
-    }
-    let mut bob = Browser::new(server.addr).await;
-    bob.get("/counter").await;
-    let bob_old = bob.cookie.clone().unwrap();
-    assert!(bob.get("/destroy").await.removes_cookie());
-    // Killed, not shut down: what a crash or a deploy's SIGKILL does.
-    server.kill();
-
-    let server = AppProcess::start("restart_server_entry", SERVE_ENV, dir.db());
-    let mut alice2 = Conn::http1(server.addr).await;
-    let cookie = alice.cookie.clone().unwrap();
-    assert_eq!(alice2.get("/read", Some(&cookie)).await.body, "3");
-    assert_eq!(
-        alice2.get("/get/name", Some(&cookie)).await.body,
-        "alice liddell"
-    );
-    let r = alice2.get("/counter", Some(&cookie)).await;
-    assert_eq!(r.body, "4");
-    assert!(
-        r.cookie_pair().is_none_or(|c| c == cookie),
-        "the id changed"
-    );
-    for (i, cookie) in others.iter().enumerate() {
-        assert_eq!(alice2.get("/get/n", Some(cookie)).await.body, i.to_string());
-    }
-    assert_eq!(alice2.get("/read", Some(&bob_old)).await.body, "0");
-    server.kill();
+    common::servers::sessions_survive_an_app_restart(|| {
+        AppProcess::start("restart_server_entry", SERVE_ENV, dir.db())
+    })
+    .await;
 }
 
 /// What holds on `SQLite` today within the layer's 16 save attempts: concurrent `update`s of one
