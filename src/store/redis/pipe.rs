@@ -464,17 +464,20 @@ impl Waiting<'_> {
 }
 
 impl Drop for Waiting<'_> {
-    /// A request that stops waiting leaves its slots to be skipped, writes nobody's commands
-    /// late, and passes the socket on to another waiting request.
+    /// A request that stops waiting leaves its slots to be skipped (its command, if not
+    /// written yet, still goes out with the others) and passes the socket on to another
+    /// waiting request if it held it; one that was to write the buffered commands wakes
+    /// another to write them.
     fn drop(&mut self) {
         if self.finished {
             return;
         }
         let mut state = lock(&self.line.state);
+        state.forget(self.seq, self.count);
         if self.flusher {
             state.flush_due = false;
+            state.hand_over();
         }
-        state.forget(self.seq, self.count);
         state.leave(self.seq);
     }
 }
@@ -782,6 +785,90 @@ mod tests {
     use crate::key::Key;
     use crate::store::redis::protocol::KeyName;
     use crate::store::redis::value::Header;
+
+    /// A real `redis-server` on a free loopback port, killed when dropped.
+    struct Redis(std::process::Child, u16);
+
+    impl Redis {
+        async fn start() -> Redis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (Debian package redis-server) is needed");
+            let redis = Redis(child, port);
+            for _ in 0..100 {
+                if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    return redis;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("redis-server did not start");
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A request that was to write the commands queued behind it (it yields first) and is
+    /// dropped while it yields leaves them to another waiting request, which writes them: the
+    /// one queued behind it is answered, not left waiting until its deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_writer_passes_the_write_on() {
+        let redis = Redis::start().await;
+        let pipe = Arc::new(Pipe::new(
+            "127.0.0.1".to_owned(),
+            redis.1,
+            None,
+            None,
+            0,
+            Duration::from_secs(1),
+        ));
+        let deadline = || Instant::now() + Duration::from_secs(5);
+        let get = |key| Command {
+            head: Head::Name("GET"),
+            key: Some(KeyName { prefix: "t:", key }),
+            args: &[],
+        };
+        let line = pipe.line(deadline()).await.unwrap();
+        // A read just handed out several replies: the next command holds the write back.
+        lock(&line.state).busy = true;
+        let first = get(Key::random());
+        let mut writer = Box::pin(pipe.send(&first, None, deadline()));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(writer.as_mut().poll(&mut cx).is_pending());
+        assert!(
+            lock(&line.state).flush_due,
+            "the first command did not hold the write"
+        );
+        let behind = tokio::spawn({
+            let pipe = Arc::clone(&pipe);
+            async move { pipe.send(&get(Key::random()), None, deadline()).await }
+        });
+        // Let it queue behind the held write and wait for its reply.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !behind.is_finished(),
+            "it was written although the write was held"
+        );
+        drop(writer);
+        let sent = tokio::time::timeout(Duration::from_secs(2), behind)
+            .await
+            .expect("the command queued behind a dropped writer was never written")
+            .unwrap()
+            .unwrap();
+        assert_eq!(sent.reply, Reply::Nil);
+    }
 
     #[test]
     fn commands_are_arrays_of_bulk_strings() {
