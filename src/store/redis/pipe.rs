@@ -5,7 +5,7 @@
 //! cluster, Sentinel, TLS, Unix sockets and RESP3): it hands every command to a task of its own
 //! through a channel and each reply back through another, and parses with a general combinator
 //! parser; callgrind puts that at about 9,000 instructions per command on the application's
-//! core. And why not one connection per request (tried, see the README's measurements): with
+//! core. And why not one connection per request (tried, see `BENCHMARKS.md`): with
 //! many requests at once, Redis then reads one command per socket read and the application
 //! makes one `write` and one `read` per command, which costs more than those instructions save
 //! when Redis shares the application's cores.
@@ -15,8 +15,13 @@
 //! what has arrived (one `read` for every reply Redis has sent), handing each reply to the
 //! request it belongs to. Replies come back in the order the commands were written, so each
 //! request has a slot in a queue, by sequence number. A request that finds other commands
-//! already waiting for replies yields once before writing, so that the requests the runtime
-//! is about to poll can add theirs to the same write; a request alone writes at once.
+//! already waiting for replies, or comes right after a read that handed out several replies,
+//! yields once before writing, so that the requests the runtime is about to poll can add theirs
+//! to the same write; a request alone writes at once.
+//!
+//! The command timeout is one watchdog timer per connection, set for the earliest deadline of
+//! the requests waiting on it: when it fires, those past their deadline fail (their replies are
+//! dropped when they come) and it is set for the next. No timer per command.
 //!
 //! The socket is read and written with non-blocking calls made while holding the connection's
 //! lock (never across an `.await`): the lock is what keeps commands, their slots and their
