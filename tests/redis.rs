@@ -434,6 +434,14 @@ async fn deadlines_expire_requests_without_crossing_replies() {
     }
     let keys = std::sync::Arc::new(keys);
     let port = server.port();
+    let connections = || async move {
+        let info = common::servers::redis_cli(port, &["info", "stats"]).await;
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let connections_before = connections().await;
     let pauses = tokio::spawn(async move {
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -484,6 +492,13 @@ async fn deadlines_expire_requests_without_crossing_replies() {
         "the pauses expired too few requests: {expired}"
     );
     assert!(answered > expired, "{answered} answered, {expired} expired");
+    // A request past its deadline gives up its reply, not the connection: the only new
+    // connections are redis-cli's (five pauses, and this count).
+    assert_eq!(
+        connections().await - connections_before,
+        6,
+        "the store reconnected after deadlines"
+    );
 }
 
 /// Replies that are not what Redis sends (bytes that are not RESP2, a reply nobody asked for)

@@ -227,7 +227,11 @@ impl Pipe {
         let (reply, then_reply) = match poll_fn(|cx| waiting.poll_replies(cx)).await {
             Ok(replies) => replies,
             Err(e) => {
-                self.retire(&line);
+                // A broken connection is replaced; one that only kept a request past its
+                // deadline serves on.
+                if !line.is_open() {
+                    self.retire(&line);
+                }
                 return Err(e);
             }
         };
@@ -240,19 +244,22 @@ impl Pipe {
     /// The connection in use, or a new one (by `deadline`).
     async fn line(&self, deadline: Instant) -> Result<Arc<Line>, SendError> {
         loop {
-            let cell = Arc::clone(&lock(&self.current));
-            match cell.get() {
-                Some(line) if line.is_open() => return Ok(Arc::clone(line)),
-                Some(line) => self.retire(line),
-                None => {
-                    let connected =
-                        cell.get_or_try_init(|| async { self.connect().await.map(Arc::new) });
-                    let line = tokio::time::timeout_at(deadline.into(), connected)
-                        .await
-                        .map_err(|_| SendError::TimedOut)??;
-                    return Ok(Arc::clone(line));
+            let cell = {
+                let current = lock(&self.current);
+                match current.get() {
+                    Some(line) if line.is_open() => return Ok(Arc::clone(line)),
+                    _ => Arc::clone(&current),
                 }
+            };
+            if let Some(broken) = cell.get() {
+                self.retire(broken);
+                continue;
             }
+            let connected = cell.get_or_try_init(|| async { self.connect().await.map(Arc::new) });
+            let line = tokio::time::timeout_at(deadline.into(), connected)
+                .await
+                .map_err(|_| SendError::TimedOut)??;
+            return Ok(Arc::clone(line));
         }
     }
 
