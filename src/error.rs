@@ -37,6 +37,8 @@ pub(crate) enum Kind {
     Config,
     /// The session was already destroyed in this request.
     Destroyed,
+    /// An owner or label the application passed was refused (empty, or too long).
+    Invalid,
 }
 
 impl Error {
@@ -103,6 +105,13 @@ impl Error {
         self.inner.kind == Kind::Config
     }
 
+    /// An owner or label passed to [`Session::set_owner`](crate::Session::set_owner) or
+    /// [`Session::set_label`](crate::Session::set_label) was refused: empty, or longer than
+    /// [`MAX_OWNER_BYTES`](crate::MAX_OWNER_BYTES).
+    pub fn is_invalid(&self) -> bool {
+        self.inner.kind == Kind::Invalid
+    }
+
     fn store_error(&self) -> Option<&StoreError> {
         self.inner.cause.as_ref()?.downcast_ref::<StoreError>()
     }
@@ -136,6 +145,7 @@ impl fmt::Display for Error {
             Kind::MissingLayer => "request has no session: SessionLayer is not installed",
             Kind::Config => "invalid session layer configuration",
             Kind::Destroyed => "session was destroyed earlier in this request",
+            Kind::Invalid => "session owner or label refused (empty, or too long)",
         })
     }
 }

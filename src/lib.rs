@@ -168,7 +168,7 @@ pub use crate::key::Fingerprint;
 pub use crate::service::{
     DEFAULT_MAX_RECORD_BYTES, SessionLayer, SessionLayerBuilder, SessionService,
 };
-pub use crate::session::Session;
+pub use crate::session::{Handle, MAX_OWNER_BYTES, Owners, Session, SessionInfo};
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]

@@ -15,7 +15,7 @@ use crate::config::{
 };
 use crate::cookie::{self, CookieAction, CookieLookup, find_session_id};
 use crate::error::{Chain, Error};
-use crate::session::{Session, Shared};
+use crate::session::{Owners, Session, Shared};
 use crate::store::SessionStore;
 
 #[cfg(feature = "tower")]
@@ -93,6 +93,14 @@ impl SessionLayer {
             absolute_lifetime: None,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             error_handler: Arc::new(default_error_handler),
+        }
+    }
+
+    /// The sessions of any owner, for code outside a request (an administrator ending a
+    /// user's sessions, say); see [`Owners`].
+    pub fn owners(&self) -> Owners {
+        Owners {
+            shared: Arc::clone(&self.shared),
         }
     }
 

@@ -30,11 +30,14 @@
 //!
 //! The checks cover what [`SessionStore`] promises: expired records never returned, creates
 //! that never overwrite, every change conditional on the version (`Conflict` and `Missing`
-//! answered exactly), concurrent compare-and-sets with one winner, records kept byte for byte.
+//! answered exactly), concurrent compare-and-sets with one winner, records kept byte for byte,
+//! owners kept with their records and listed exactly (through every change, and among many).
 //! What the layer builds on top (no lost updates, destroy is final, the races of a request
 //! parked between its load and its commit) follows from these; the crate's own test suite checks
 //! it over HTTP for its stores.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -78,6 +81,38 @@ async fn created<S: SessionStore>(store: &S, ms: u64) -> Key {
         .unwrap();
     assert_eq!(outcome, CreateOutcome::Created);
     key
+}
+
+/// An owner name no other check or run uses, with the characters a store might trip on
+/// (quotes, braces, a colon, a space, non-ASCII).
+fn new_owner() -> Arc<str> {
+    let unique = new_key().to_hex();
+    format!("user:{{{}}} \"zürich\" {}", &unique[..8], &unique[8..]).into()
+}
+
+fn owned_record(key: Key, owner: &Arc<str>, version: u64, expires_at: SystemTime) -> Record {
+    record(key, DATA, version, expires_at).with_owner(Some(owner.clone()))
+}
+
+/// The keys `store` lists for `owner`, checking that each listed record is the stored one.
+async fn listed<S: SessionStore>(store: &S, owner: &str) -> BTreeSet<Key> {
+    let records = store.owned(owner).await.unwrap();
+    let keys: BTreeSet<Key> = records.iter().map(Record::key).collect();
+    assert_eq!(keys.len(), records.len(), "a record was listed twice");
+    for r in &records {
+        assert_eq!(
+            r.owner(),
+            Some(owner),
+            "a record of another owner was listed"
+        );
+        let stored = store.load(&r.key()).await.unwrap();
+        assert_eq!(
+            stored.as_ref(),
+            Some(r),
+            "a listed record differs from the stored one"
+        );
+    }
+    keys
 }
 
 /// Defines each check as a public function and lists it in [`CHECKS`] and [`check_store`]: a
@@ -339,6 +374,87 @@ checks! {
             "record did not round-trip byte for byte"
         );
     }
+
+    /// Owners are kept by create, save and touch, and `owned` lists exactly an owner's live records.
+    async fn owners_are_kept_and_listed(store) {
+        let (me, other) = (new_owner(), new_owner());
+        let mine: Vec<Key> = (0..4).map(|_| new_key()).collect();
+        for &key in &mine {
+            let rec = owned_record(key, &me, 1, in_ms(60_000));
+            assert_eq!(store.create(&rec).await.unwrap(), CreateOutcome::Created);
+        }
+        let theirs = new_key();
+        store.create(&owned_record(theirs, &other, 1, in_ms(60_000))).await.unwrap();
+        let nobody = created(&store, 60_000).await;
+        assert_eq!(store.load(&nobody).await.unwrap().unwrap().owner(), None);
+        assert_eq!(store.load(&mine[0]).await.unwrap().unwrap().owner(), Some(&*me));
+        assert_eq!(listed(&store, &me).await, mine.iter().copied().collect());
+        assert_eq!(listed(&store, &other).await, BTreeSet::from([theirs]));
+        assert!(listed(&store, &new_owner()).await.is_empty());
+
+        // A touch keeps the owner.
+        let touched = store.touch(&mine[0], 1, in_ms(120_000)).await.unwrap();
+        assert_eq!(touched, SaveOutcome::Saved);
+        assert_eq!(store.load(&mine[0]).await.unwrap().unwrap().owner(), Some(&*me));
+        // A save under another owner moves the record to that owner's list; one without an
+        // owner takes it out of every list.
+        let moved = owned_record(mine[1], &other, 2, in_ms(60_000));
+        assert_eq!(store.save(&moved, 1).await.unwrap(), SaveOutcome::Saved);
+        let dropped = record(mine[2], DATA, 2, in_ms(60_000));
+        assert_eq!(store.save(&dropped, 1).await.unwrap(), SaveOutcome::Saved);
+        assert_eq!(listed(&store, &me).await, BTreeSet::from([mine[0], mine[3]]));
+        assert_eq!(listed(&store, &other).await, BTreeSet::from([theirs, mine[1]]));
+        // Given the owner back, it is listed again.
+        let back = owned_record(mine[2], &me, 3, in_ms(60_000));
+        assert_eq!(store.save(&back, 2).await.unwrap(), SaveOutcome::Saved);
+        assert!(listed(&store, &me).await.contains(&mine[2]));
+
+        // Removed and deleted records are not listed.
+        assert_eq!(store.remove(&mine[0], 1).await.unwrap(), SaveOutcome::Saved);
+        store.delete(&mine[2]).await.unwrap();
+        assert_eq!(listed(&store, &me).await, BTreeSet::from([mine[3]]));
+
+        // Nor are expired ones.
+        let brief = new_key();
+        store.create(&owned_record(brief, &me, 1, in_ms(300))).await.unwrap();
+        assert!(listed(&store, &me).await.contains(&brief));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(listed(&store, &me).await, BTreeSet::from([mine[3]]));
+    }
+
+    /// One owner's 150 records among 300 are listed exactly, while saves to them run.
+    async fn owned_lists_many(store) {
+        let (me, other) = (new_owner(), new_owner());
+        let mut mine = BTreeSet::new();
+        for i in 0..300 {
+            let key = new_key();
+            let rec = match i % 4 {
+                0 | 1 => {
+                    mine.insert(key);
+                    owned_record(key, &me, 1, in_ms(60_000))
+                }
+                2 => owned_record(key, &other, 1, in_ms(60_000)),
+                _ => record(key, DATA, 1, in_ms(60_000)),
+            };
+            store.create(&rec).await.unwrap();
+        }
+        let writer = {
+            let (store, me) = (store.clone(), me.clone());
+            let keys: Vec<Key> = mine.iter().copied().collect();
+            tokio::spawn(async move {
+                for (i, key) in keys.into_iter().enumerate() {
+                    let rec = owned_record(key, &me, 2, in_ms(60_000 + i as u64));
+                    assert_eq!(store.save(&rec, 1).await.unwrap(), SaveOutcome::Saved);
+                }
+            })
+        };
+        for _ in 0..3 {
+            assert_eq!(listed(&store, &me).await, mine);
+        }
+        writer.await.unwrap();
+        assert_eq!(listed(&store, &me).await, mine);
+        assert_eq!(store.owned(&other).await.unwrap().len(), 75);
+    }
 }
 
 #[cfg(all(test, feature = "memory"))]
@@ -379,6 +495,9 @@ mod tests {
         }
         async fn delete(&self, key: &Key) -> Result<(), StoreError> {
             self.0.delete(key).await
+        }
+        async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+            self.0.owned(owner).await
         }
     }
 

@@ -61,6 +61,13 @@ impl Outcome for CreateOutcome {
 }
 
 #[cfg(feature = "tracing")]
+impl Outcome for Vec<Record> {
+    fn outcome(&self) -> &'static str {
+        if self.is_empty() { "none" } else { "listed" }
+    }
+}
+
+#[cfg(feature = "tracing")]
 impl Outcome for Option<Record> {
     fn outcome(&self) -> &'static str {
         if self.is_some() { "found" } else { "absent" }

@@ -960,6 +960,10 @@ impl SessionStore for Counting {
         self.count();
         self.inner.delete(key).await
     }
+    async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+        self.count();
+        self.inner.owned(owner).await
+    }
 }
 
 // ---- a real restart: the app process is killed and started again on the same table ----

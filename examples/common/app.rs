@@ -236,6 +236,41 @@ async fn extras(
             session.contains("").await?;
             ok(session.id().map(|id| id.to_string()).unwrap_or_default())
         }
+        ["owner", owner] => {
+            session.set_owner(&percent_decode(owner)).await?;
+            let label = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("label=")));
+            if let Some(label) = label {
+                session.set_label(&percent_decode(label)).await?;
+            }
+            ok("ok")
+        }
+        ["sessions"] => {
+            let ms = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            };
+            let list: Vec<serde_json::Value> = session
+                .owner_sessions()
+                .await?
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "handle": s.handle.to_string(),
+                        "current": s.current,
+                        "label": s.label,
+                        "created": ms(s.created),
+                        "last_seen": ms(s.last_seen),
+                        "expires": ms(s.expires),
+                    })
+                })
+                .collect();
+            ok(serde_json::Value::from(list).to_string())
+        }
+        ["revoke", handle] => match handle.parse() {
+            Ok(handle) if session.revoke(handle).await? => ok("ok"),
+            _ => text(StatusCode::NOT_FOUND, Bytes::new()),
+        },
+        ["revoke-others"] => ok(session.revoke_others().await?.to_string()),
         ["remember", secs] => {
             let secs = secs.parse().unwrap_or(60);
             session

@@ -2,6 +2,7 @@
 
 mod commit;
 mod json;
+mod owners;
 pub(crate) mod payload;
 mod state;
 
@@ -25,6 +26,8 @@ use crate::key::{Fingerprint, IdKey};
 use crate::store::DynStore;
 use crate::store::record::{Record, unix_ms};
 use crate::trace::{Op, event, op};
+
+pub use self::owners::{Handle, MAX_OWNER_BYTES, Owners, SessionInfo};
 
 /// What every request of one layer shares: the store and the configuration.
 pub(crate) struct Shared {

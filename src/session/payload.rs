@@ -15,8 +15,9 @@ fn decimal_len(n: u64) -> usize {
 
 /// The decoded session payload: the user's values plus the middleware's bookkeeping.
 ///
-/// Encoded as a JSON object: `{"d":{key: value, ...}, "f":[flash keys], "x":{...}, "c":created}`,
-/// where only `d` is always present (`c`, the creation time, is written for every session).
+/// Encoded as a JSON object: `{"d":{key: value, ...}, "f":[flash keys], "x":{...}, "c":created,
+/// "o":owner, "l":label}`, where only `d` is always present (`c`, the creation time, is written
+/// for every session; `o` and `l` only for a session whose owner or label was set).
 /// Decoding is zero-copy: keys and values that need no unescaping stay slices of the stored bytes (shared, reference-counted), so loading a session
 /// allocates one small vector however many values it holds, and each value is parsed only when
 /// it is read.
@@ -32,6 +33,10 @@ pub(crate) struct SessionData {
     pub(crate) expiry: Option<Expiry>,
     /// When the session was created (Unix ms): the start of the layer's absolute lifetime.
     pub(crate) created: Option<u64>,
+    /// The user the session belongs to, as the application named it.
+    pub(crate) owner: Option<Arc<str>>,
+    /// The application's name for this session in its owner's list (a device, say).
+    pub(crate) label: Option<Arc<str>>,
 }
 
 /// A string held either as a range of the stored bytes or on its own.
@@ -184,6 +189,14 @@ impl SessionData {
             out.extend_from_slice(b",\"c\":");
             out.extend_from_slice(itoa::Buffer::new().format(created).as_bytes());
         }
+        if let Some(owner) = &self.owner {
+            out.extend_from_slice(b",\"o\":");
+            let _ = serde_json::to_writer(&mut out, &**owner);
+        }
+        if let Some(label) = &self.label {
+            out.extend_from_slice(b",\"l\":");
+            let _ = serde_json::to_writer(&mut out, &**label);
+        }
         out.push(b'}');
         debug_assert!(self.exact_len().is_none_or(|n| n == out.len()));
         Bytes::from(out)
@@ -192,7 +205,11 @@ impl SessionData {
     /// The encoded size when it is cheap to know exactly: only values, and keys that need no
     /// escaping (the usual case).
     fn exact_len(&self) -> Option<usize> {
-        if !self.flash.is_empty() || self.expiry.is_some() {
+        if !self.flash.is_empty()
+            || self.expiry.is_some()
+            || self.owner.is_some()
+            || self.label.is_some()
+        {
             return None;
         }
         let mut len = b"{\"d\":{}}".len() + self.values.len().saturating_sub(1);
@@ -258,8 +275,9 @@ impl SessionData {
         self.values.len()
     }
 
+    /// No values, no owner and no label: nothing worth a record.
     pub(crate) fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.values.is_empty() && self.owner.is_none() && self.label.is_none()
     }
 
     /// The size of the encoded form, without encoding: keys and values plus JSON punctuation
@@ -271,7 +289,12 @@ impl SessionData {
             .map(|(k, v)| self.raw_bytes(k).len() + self.raw_bytes(v).len() + 4)
             .sum();
         let flash: usize = self.flash.iter().map(|k| k.len() + 3).sum();
-        values + flash + 48
+        let named: usize = [&self.owner, &self.label]
+            .into_iter()
+            .flatten()
+            .map(|s| s.len() + 8)
+            .sum();
+        values + flash + named + 48
     }
 
     /// The size `approx_len` counts for one entry.
@@ -315,9 +338,12 @@ impl SessionData {
         }
     }
 
+    /// Removes every value, and the owner and label with them.
     pub(crate) fn clear(&mut self) {
         self.values.clear();
         self.flash.clear();
+        self.owner = None;
+        self.label = None;
     }
 
     fn unflash(&mut self, key: &str) {
@@ -333,6 +359,8 @@ impl SessionData {
         self.flash == other.flash
             && self.expiry == other.expiry
             && self.created == other.created
+            && self.owner == other.owner
+            && self.label == other.label
             && self.values.len() == other.values.len()
             && self
                 .values
@@ -384,7 +412,7 @@ mod read {
             .map_err(|e| DecodeError::json(&e))
     }
 
-    /// The payload object: `d` (required), `f`, `x` and `c`, each at most once, and nothing
+    /// The payload object: `d` (required), `f`, `x`, `c`, `o` and `l`, each at most once, and nothing
     /// else. Read with `deserialize_map`, so only an object: a derived struct would also take
     /// the array form (`[{}]`, found by the `record_decode` fuzzer).
     struct Payload<'a> {
@@ -402,6 +430,10 @@ mod read {
         Expiry,
         #[serde(rename = "c")]
         Created,
+        #[serde(rename = "o")]
+        Owner,
+        #[serde(rename = "l")]
+        Label,
     }
 
     /// Fills an empty slot; a second value for it is a repeated field.
@@ -421,6 +453,7 @@ mod read {
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SessionData, A::Error> {
             let (mut values, mut flash, mut expiry, mut created) = (None, None, None, None);
+            let (mut owner, mut label) = (None, None);
             while let Some(field) = map.next_key()? {
                 match field {
                     Field::Values => {
@@ -430,6 +463,8 @@ mod read {
                     Field::Flash => once(&mut flash, "f", map.next_value::<Vec<String>>()?)?,
                     Field::Expiry => once(&mut expiry, "x", map.next_value::<Expiry>()?)?,
                     Field::Created => once(&mut created, "c", map.next_value::<u64>()?)?,
+                    Field::Owner => once(&mut owner, "o", map.next_value::<String>()?.into())?,
+                    Field::Label => once(&mut label, "l", map.next_value::<String>()?.into())?,
                 }
             }
             Ok(SessionData {
@@ -437,6 +472,8 @@ mod read {
                 flash: flash.unwrap_or_default(),
                 expiry,
                 created,
+                owner,
+                label,
                 ..SessionData::default()
             })
         }
@@ -690,6 +727,8 @@ mod tests {
         d.set("name", raw(r#""a/b?c%d#e \"q\"\n é""#));
         d.set_flash("message", raw(r#""Saved!""#));
         d.created = Some(1_900_000_000_000);
+        d.owner = Some("user \"42\"".into());
+        d.label = Some("Firefox".into());
         let bytes = d.encode();
         let back = SessionData::decode(&bytes, 1 << 20).unwrap();
         assert!(back.same_as(&d));

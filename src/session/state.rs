@@ -59,6 +59,10 @@ pub(crate) enum Change {
     Update(Box<str>, UpdateFn),
     /// The session's own expiry policy; `None` goes back to the layer's.
     SetExpiry(Option<Expiry>),
+    /// The session's owner.
+    SetOwner(Arc<str>),
+    /// The session's label in its owner's list.
+    SetLabel(Arc<str>),
 }
 
 impl Change {
@@ -80,6 +84,8 @@ impl Change {
                 data.set(k, new);
             }
             Change::SetExpiry(e) => data.expiry = *e,
+            Change::SetOwner(owner) => data.owner = Some(owner.clone()),
+            Change::SetLabel(label) => data.label = Some(label.clone()),
         }
         Ok(())
     }
@@ -272,7 +278,8 @@ impl State {
         if bytes.len() > config.max_record_bytes {
             return Err(too_large(bytes.len(), config.max_record_bytes));
         }
-        Ok(Record::from_unix_ms(id.key, bytes, version, expires_ms))
+        Ok(Record::from_unix_ms(id.key, bytes, version, expires_ms)
+            .with_owner(self.data.owner.clone()))
     }
 
     /// The store work the commit does next, at `now_ms`.

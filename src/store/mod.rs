@@ -80,8 +80,17 @@ pub enum SaveOutcome {
 ///   `expected_version`, without changing its data or version; otherwise as `save`.
 /// - **`remove`** deletes a live record if its version is `expected_version`; otherwise as
 ///   `save` (an emptied session, and the old record of a cycled one).
-/// - **`delete`** removes the record whatever its version (a destroyed session); deleting a
-///   missing record succeeds.
+/// - **`delete`** removes the record whatever its version (a destroyed session, a revoked
+///   one); deleting a missing record succeeds.
+/// - **Owners.** A record may carry an [`owner`](Record::owner). `create` and `save` keep the
+///   record's owner (none included) with it, `touch` leaves it as it is, and `load` returns it.
+///   **`owned`** returns every live record whose owner is the one asked for, and nothing else:
+///   a record removed, deleted, expired or saved with another owner is not listed. A store
+///   whose owner index cannot change atomically with the record (Redis Cluster, where they live
+///   in different slots) writes the index entry before the record, so that a record never
+///   exists without its entry, and drops entries whose record is gone or belongs to another
+///   owner when it lists or sweeps them. Requests that do not change a session's owner must
+///   cost no more round trips than without owners.
 /// - Failures are [`StoreError`]s with their cause: [`StoreError::unavailable`] for an
 ///   unreachable, slow or full store (the middleware answers 503 by default),
 ///   [`StoreError::corrupt`] for a record that cannot be read back (the middleware starts a
@@ -157,7 +166,7 @@ pub enum SaveOutcome {
 ///                 if r.version() != expected {
 ///                     return Ok(SaveOutcome::Conflict);
 ///                 }
-///                 *r = Record::new(r.key(), r.data().clone(), r.version(), expires_at);
+///                 *r = r.clone().with_expires_at(expires_at);
 ///                 Ok(SaveOutcome::Saved)
 ///             }
 ///             _ => Ok(SaveOutcome::Missing),
@@ -183,6 +192,17 @@ pub enum SaveOutcome {
 ///         let mut map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
 ///         map.remove(key);
 ///         Ok(())
+///     }
+///
+///     async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+///         // A real store keeps an index by owner; a scan keeps the example short.
+///         let map = self.0.lock().map_err(|_| StoreError::other("poisoned"))?;
+///         let now = SystemTime::now();
+///         Ok(map
+///             .values()
+///             .filter(|r| r.owner() == Some(owner) && !r.is_expired_at(now))
+///             .cloned()
+///             .collect())
 ///     }
 /// }
 ///
@@ -230,6 +250,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Removes the record with this key whatever its version, if there is one.
     fn delete(&self, key: &Key) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every live record whose [`owner`](Record::owner) is `owner`, in any order.
+    fn owned(&self, owner: &str) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -295,6 +318,7 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     ) -> Call<'a, SaveOutcome>;
     fn remove<'a>(&'a self, key: &'a Key, expected: u64) -> Call<'a, SaveOutcome>;
     fn delete<'a>(&'a self, key: &'a Key) -> Call<'a, ()>;
+    fn owned<'a>(&'a self, owner: &'a str) -> Call<'a, Vec<Record>>;
 }
 
 impl<S: SessionStore> DynStore for S {
@@ -327,6 +351,9 @@ impl<S: SessionStore> DynStore for S {
     }
     fn delete<'a>(&'a self, key: &'a Key) -> Call<'a, ()> {
         call(S::NEVER_WAITS, SessionStore::delete(self, key))
+    }
+    fn owned<'a>(&'a self, owner: &'a str) -> Call<'a, Vec<Record>> {
+        call(S::NEVER_WAITS, SessionStore::owned(self, owner))
     }
 }
 
@@ -366,6 +393,9 @@ mod tests {
         }
         async fn delete(&self, _: &Key) -> Result<(), StoreError> {
             Ok(())
+        }
+        async fn owned(&self, _: &str) -> Result<Vec<Record>, StoreError> {
+            Ok(Vec::new())
         }
     }
 

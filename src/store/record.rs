@@ -1,6 +1,7 @@
 //! The stored record ([`Record`]): what a store keeps, and the millisecond clock of its expiry.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -13,12 +14,18 @@ use crate::key::Key;
 /// `version` and the expiry beside it: `version` drives the compare-and-set of
 /// [`SessionStore::save`](crate::store::SessionStore::save), and the expiry is when the store must
 /// stop returning the record. Expiry instants have millisecond precision.
+///
+/// A record may name its session's **owner** (the user it belongs to, as the application named
+/// it with [`Session::set_owner`](crate::Session::set_owner)). A store keeps the owner with the
+/// record and indexes it: [`SessionStore::owned`](crate::store::SessionStore::owned) lists an
+/// owner's live records.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
     key: Key,
     data: Bytes,
     version: u64,
     expires_ms: u64,
+    owner: Option<Arc<str>>,
 }
 
 impl Record {
@@ -40,7 +47,28 @@ impl Record {
             data,
             version,
             expires_ms: expires_at_unix_ms,
+            owner: None,
         }
+    }
+
+    /// The same record with this owner (or none). Stores call this when they load a record
+    /// that has one.
+    #[must_use]
+    pub fn with_owner(mut self, owner: Option<Arc<str>>) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    /// The owner of the session, if the application named one. A store keeps it with the record
+    /// and answers [`owned`](crate::store::SessionStore::owned) from it. It names a user: like
+    /// the data, it belongs in no log or error.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
+    /// The owner, shared (an in-process store keeps it without copying).
+    pub(crate) fn owner_shared(&self) -> Option<&Arc<str>> {
+        self.owner.as_ref()
     }
 
     /// The same record with another expiry.
@@ -88,6 +116,7 @@ impl fmt::Debug for Record {
             .field("data_len", &self.data.len())
             .field("version", &self.version)
             .field("expires_at_unix_ms", &self.expires_ms)
+            .field("owned", &self.owner.is_some())
             .finish()
     }
 }

@@ -455,4 +455,9 @@ impl<S: SessionStore> SessionStore for Observed<S> {
         self.check_write()?;
         self.inner.remove(key, expected).await
     }
+    async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.owned(owner).await
+    }
 }

@@ -128,6 +128,9 @@ impl<S: SessionStore> SessionStore for Logged<S> {
         self.push(|r| Event::Delete(r, *key));
         Ok(())
     }
+    async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+        self.inner.owned(owner).await
+    }
 }
 
 /// A session's data as the model sees it: values, flash keys, own expiry policy.

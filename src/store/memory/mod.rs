@@ -339,4 +339,14 @@ impl SessionStore for MemoryStore {
         self.shard(key).delete(key);
         Ok(())
     }
+
+    /// One shard locked at a time: a listing never holds up the requests of other shards.
+    async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+        let now_ms = now_ms();
+        let mut records = Vec::new();
+        for shard in &self.inner.shards {
+            lock(shard).owned(owner, now_ms, &mut records);
+        }
+        Ok(records)
+    }
 }

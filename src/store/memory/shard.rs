@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -49,9 +50,18 @@ pub(super) const SWEEP_STEP: u32 = 8;
 
 const NIL: u32 = u32::MAX;
 
+/// The bytes an owned session counts for beyond its owner's name: its entry in the shard's
+/// owner index.
+const OWNER_OVERHEAD: usize = 64;
+
 /// The bytes a session with `data_len` bytes of data counts for.
 pub(crate) fn cost(data_len: usize) -> usize {
     data_len.saturating_add(ENTRY_OVERHEAD)
+}
+
+/// The bytes a record counts for: its data, its owner's name and index entry, the overhead.
+fn record_cost(data_len: usize, owner: Option<&Arc<str>>) -> usize {
+    cost(data_len).saturating_add(owner.map_or(0, |o| o.len() + OWNER_OVERHEAD))
 }
 
 /// Where a slot is.
@@ -68,6 +78,8 @@ struct Slot {
     version: u64,
     expires_ms: u64,
     data: Bytes,
+    /// Also in the shard's owner index.
+    owner: Option<Arc<str>>,
     prev: u32,
     next: u32,
     queue: Queue,
@@ -78,6 +90,15 @@ struct Slot {
 impl Slot {
     fn live(&self, now_ms: u64) -> bool {
         self.expires_ms > now_ms
+    }
+
+    fn cost(&self) -> usize {
+        record_cost(self.data.len(), self.owner.as_ref())
+    }
+
+    fn record(&self) -> Record {
+        Record::from_unix_ms(self.key, self.data.clone(), self.version, self.expires_ms)
+            .with_owner(self.owner.clone())
     }
 }
 
@@ -105,9 +126,12 @@ pub(super) struct Limits {
     pub(super) bytes: usize,
 }
 
-/// One shard: the map from id to slot, the slab, the two queues and the totals.
+/// One shard: the map from id to slot, the slab, the two queues, the owner index and the
+/// totals.
 pub(super) struct Shard {
     map: HashMap<Key, u32, BuildHasherDefault<KeyHasher>>,
+    /// The slots of each owner's sessions (expired ones until they are removed).
+    owners: HashMap<Arc<str>, Vec<u32>>,
     slots: Vec<Slot>,
     free: u32,
     /// Where the next [`Shard::sweep_some`] starts.
@@ -154,6 +178,7 @@ impl Shard {
     pub(super) fn new(limits: Limits) -> Self {
         Shard {
             map: HashMap::default(),
+            owners: HashMap::new(),
             slots: Vec::new(),
             free: NIL,
             cursor: 0,
@@ -190,13 +215,41 @@ impl Shard {
     pub(super) fn load(&mut self, key: &Key, now_ms: u64) -> Option<Record> {
         let i = self.live(key, now_ms)?;
         self.mark_used(i);
-        let slot = &self.slots[i as usize];
-        Some(Record::from_unix_ms(
-            *key,
-            slot.data.clone(),
-            slot.version,
-            slot.expires_ms,
-        ))
+        Some(self.slots[i as usize].record())
+    }
+
+    /// The live sessions of this owner.
+    pub(super) fn owned(&self, owner: &str, now_ms: u64, out: &mut Vec<Record>) {
+        let Some(slots) = self.owners.get(owner) else {
+            return;
+        };
+        out.extend(
+            slots
+                .iter()
+                .map(|&i| &self.slots[i as usize])
+                .filter(|slot| slot.live(now_ms))
+                .map(Slot::record),
+        );
+    }
+
+    /// Adds slot `i` to its owner's entry of the index.
+    fn index_owner(&mut self, i: u32) {
+        if let Some(owner) = &self.slots[i as usize].owner {
+            self.owners.entry(owner.clone()).or_default().push(i);
+        }
+    }
+
+    /// Takes slot `i` out of its owner's entry of the index.
+    fn unindex_owner(&mut self, i: u32) {
+        let Some(owner) = &self.slots[i as usize].owner else {
+            return;
+        };
+        if let Some(slots) = self.owners.get_mut(&**owner) {
+            slots.retain(|&j| j != i);
+            if slots.is_empty() {
+                self.owners.remove(&**owner);
+            }
+        }
     }
 
     pub(super) fn create(
@@ -212,7 +265,7 @@ impl Shard {
             self.remove_slot(i);
         }
         let len = record.data().len();
-        let cost = cost(len);
+        let cost = record_cost(len, record.owner_shared());
         if cost > self.limits.bytes {
             return Err(too_large(len, self.limits.bytes));
         }
@@ -222,6 +275,7 @@ impl Shard {
             version: record.version(),
             expires_ms: record.expires_at_unix_ms(),
             data: record.data().clone(),
+            owner: record.owner_shared().cloned(),
             prev: NIL,
             next: NIL,
             queue: Queue::Free,
@@ -237,6 +291,7 @@ impl Shard {
             i
         };
         self.map.insert(key, i);
+        self.index_owner(i);
         self.bytes += cost;
         self.push_back(Queue::Probation, i);
         Ok(CreateOutcome::Created)
@@ -262,12 +317,17 @@ impl Shard {
             Err(outcome) => return Ok(outcome),
         };
         let len = record.data().len();
-        let new = cost(len);
+        let new = record_cost(len, record.owner_shared());
         if new > self.limits.bytes {
             return Err(too_large(len, self.limits.bytes));
         }
+        let old = self.slots[i as usize].cost();
+        if self.slots[i as usize].owner.as_deref() != record.owner() {
+            self.unindex_owner(i);
+            self.slots[i as usize].owner = record.owner_shared().cloned();
+            self.index_owner(i);
+        }
         let slot = &mut self.slots[i as usize];
-        let old = cost(slot.data.len());
         slot.version = record.version();
         slot.expires_ms = record.expires_at_unix_ms();
         slot.data = record.data().clone();
@@ -413,25 +473,22 @@ impl Shard {
 
     fn remove_slot(&mut self, i: u32) {
         self.unlink(i);
+        self.unindex_owner(i);
         let slot = &mut self.slots[i as usize];
-        let cost = cost(slot.data.len());
-        self.bytes -= cost;
+        self.bytes -= slot.cost();
         self.map.remove(&slot.key);
         slot.data = Bytes::new();
+        slot.owner = None;
         slot.queue = Queue::Free;
         slot.next = self.free;
         self.free = i;
     }
 
     fn unlink(&mut self, i: u32) {
+        let cost = self.slots[i as usize].cost();
         let Slot {
-            prev,
-            next,
-            queue,
-            ref data,
-            ..
+            prev, next, queue, ..
         } = self.slots[i as usize];
-        let cost = cost(data.len());
         let list = &mut self.lists[queue as usize];
         list.len -= 1;
         list.bytes -= cost;
@@ -456,7 +513,7 @@ impl Shard {
         }
         list.len += 1;
         let slot = &mut self.slots[i as usize];
-        list.bytes += cost(slot.data.len());
+        list.bytes += slot.cost();
         slot.queue = queue;
         slot.prev = tail;
         slot.next = NIL;
@@ -495,7 +552,7 @@ mod tests {
                     assert_eq!(slot.prev, prev);
                     assert_eq!(self.map[&slot.key], i);
                     len += 1;
-                    bytes += cost(slot.data.len());
+                    bytes += slot.cost();
                     prev = i;
                     i = slot.next;
                 }
@@ -511,11 +568,75 @@ mod tests {
                 self.map.len() <= self.limits.sessions,
                 "over the session bound"
             );
+            // The owner index holds exactly the owned sessions, each once.
+            let indexed: usize = self.owners.values().map(Vec::len).sum();
+            let owned = self
+                .map
+                .values()
+                .filter(|&&i| self.slots[i as usize].owner.is_some());
+            assert_eq!(indexed, owned.count());
+            for (owner, slots) in &self.owners {
+                assert!(!slots.is_empty());
+                for &i in slots {
+                    assert_eq!(self.slots[i as usize].owner.as_ref(), Some(owner));
+                    assert_eq!(self.map[&self.slots[i as usize].key], i);
+                }
+            }
         }
 
         fn contains(&self, r: &Record) -> bool {
             self.map.contains_key(&r.key())
         }
+    }
+
+    fn owned_by(s: &Shard, owner: &str, now_ms: u64) -> Vec<Key> {
+        let mut out = Vec::new();
+        s.owned(owner, now_ms, &mut out);
+        let mut keys: Vec<Key> = out.iter().map(Record::key).collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn the_owner_index_follows_creates_saves_removals_and_evictions() {
+        let mut s = shard(4, usize::MAX);
+        let owner: Arc<str> = Arc::from("42");
+        let mine: Vec<Record> = (0..3)
+            .map(|_| record(10, LATER).with_owner(Some(owner.clone())))
+            .collect();
+        for r in &mine {
+            s.create(r, NOW).unwrap();
+        }
+        s.check();
+        let mut keys: Vec<Key> = mine.iter().map(Record::key).collect();
+        keys.sort();
+        assert_eq!(owned_by(&s, "42", NOW), keys);
+        assert!(owned_by(&s, "4", NOW).is_empty());
+        // Saved with another owner: listed under that one only.
+        let moved = Record::from_unix_ms(mine[0].key(), Bytes::from_static(b"y"), 2, LATER)
+            .with_owner(Some(Arc::from("7")));
+        assert_eq!(s.save(&moved, 1, NOW).unwrap(), SaveOutcome::Saved);
+        s.check();
+        assert_eq!(owned_by(&s, "42", NOW).len(), 2);
+        assert_eq!(owned_by(&s, "7", NOW), vec![mine[0].key()]);
+        // A touch keeps the owner; a removal and a delete drop it.
+        assert_eq!(
+            s.touch(&mine[1].key(), 1, LATER + 1, NOW),
+            SaveOutcome::Saved
+        );
+        assert_eq!(s.load(&mine[1].key(), NOW).unwrap().owner(), Some("42"));
+        assert_eq!(s.remove(&mine[1].key(), 1, NOW), SaveOutcome::Saved);
+        s.delete(&mine[0].key());
+        s.check();
+        assert_eq!(owned_by(&s, "42", NOW), vec![mine[2].key()]);
+        assert!(owned_by(&s, "7", NOW).is_empty());
+        // Expired: not listed, and gone from the index once swept or evicted.
+        assert!(owned_by(&s, "42", LATER).is_empty());
+        for _ in 0..4 {
+            s.create(&record(10, LATER + 10), LATER).unwrap();
+        }
+        s.check();
+        assert!(s.owners.is_empty());
     }
 
     /// The worst case for a second-chance eviction: every session in the shard used since the

@@ -784,6 +784,12 @@ impl SessionStore for PostgresStore {
             .await?;
         Ok(())
     }
+
+    async fn owned(&self, _owner: &str) -> Result<Vec<Record>, StoreError> {
+        Err(StoreError::other(
+            "TODO(#16): owner listing is not implemented for this store yet",
+        ))
+    }
 }
 
 async fn delete_expired(inner: &Inner) -> Result<u64, StoreError> {

@@ -1017,6 +1017,17 @@ macro_rules! session_store_on_protocol {
             {
                 self.protocol.delete(key)
             }
+
+            fn owned(
+                &self,
+                _owner: &str,
+            ) -> impl std::future::Future<
+                Output = Result<Vec<$crate::store::Record>, $crate::error::StoreError>,
+            > + Send {
+                std::future::ready(Err($crate::error::StoreError::other(
+                    "TODO(#16): owner listing is not implemented for this store yet",
+                )))
+            }
         }
     };
 }

@@ -537,6 +537,12 @@ impl SessionStore for SqliteStore {
         })
         .await
     }
+
+    async fn owned(&self, _owner: &str) -> Result<Vec<Record>, StoreError> {
+        Err(StoreError::other(
+            "TODO(#16): owner listing is not implemented for this store yet",
+        ))
+    }
 }
 
 /// Why a conditional write matched no row: a live row with another version is a conflict, no
