@@ -18,6 +18,8 @@ use hyper_sessions::{Expiry, Id, SessionLayer};
 pub use super::lifecycle::*;
 #[allow(unused_imports)]
 pub use super::model::model_check;
+#[allow(unused_imports)]
+pub use super::owners::*;
 use super::{Browser, Conn, serve};
 
 /// The store contract's checks (`src/testing.rs`, the `testing` feature's module), included as
@@ -56,6 +58,20 @@ macro_rules! lifecycle_checks {
     };
 }
 
+/// Calls `$callback!{ $($args)* [checks] }` with the checks of a user's sessions (`owners.rs`):
+/// the one list of them.
+#[macro_export]
+macro_rules! owner_checks {
+    ($($callback:ident)::+! { $($args:tt)* }) => {
+        $($callback)::+! { $($args)* [
+            owner_lists_and_revokes_sessions, owner_survives_cycle_and_goes_with_clear,
+            revoked_session_racing_a_write_stays_revoked,
+            revoked_session_racing_a_cycle_stays_revoked,
+            listing_misses_no_session_being_written, owners_cost_no_store_calls,
+        ] }
+    };
+}
+
 /// The whole suite on a store: the contract's checks (one test), and one `#[tokio::test]` per
 /// check of the layer over HTTP and per lifecycle race. `$fixture` is an async fn returning
 /// `(store, guard)`: a fresh store, and whatever keeps its server alive.
@@ -69,6 +85,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@contract $fixture);
         $crate::layer_checks!($crate::conformance_suite! { @tests $fixture; });
         $crate::lifecycle_checks!($crate::conformance_suite! { @tests $fixture; });
+        $crate::owner_checks!($crate::conformance_suite! { @tests $fixture; });
     };
     (@contract $fixture:path) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,20 +112,27 @@ macro_rules! check_names {
     };
 }
 
-/// Every check written in this file and in `lifecycle.rs` (a `pub async fn` taking a store) is
-/// in one of the two lists, so none is written and then never run.
+/// Every check written in this file, `lifecycle.rs` and `owners.rs` (a `pub async fn` taking a
+/// store) is in one of the lists, so none is written and then never run.
 pub fn every_check_is_listed() {
     let layer: &[&str] = layer_checks!(check_names! {});
     let lifecycle: &[&str] = lifecycle_checks!(check_names! {});
-    for source in [include_str!("conformance.rs"), include_str!("lifecycle.rs")] {
+    let owners: &[&str] = owner_checks!(check_names! {});
+    let sources = [
+        include_str!("conformance.rs"),
+        include_str!("lifecycle.rs"),
+        include_str!("owners.rs"),
+    ];
+    for source in sources {
         for line in source.lines() {
             let Some(rest) = line.strip_prefix("pub async fn ") else {
                 continue;
             };
             let name = rest.split(['<', '(']).next().unwrap_or_default();
             assert!(
-                layer.contains(&name) || lifecycle.contains(&name),
-                "the check `{name}` is in no list: add it to layer_checks! or lifecycle_checks!"
+                layer.contains(&name) || lifecycle.contains(&name) || owners.contains(&name),
+                "the check `{name}` is in no list: add it to layer_checks!, lifecycle_checks! \
+                 or owner_checks!"
             );
         }
     }

@@ -6,6 +6,7 @@ pub mod conformance;
 pub mod faults;
 pub mod lifecycle;
 pub mod model;
+pub mod owners;
 pub mod script;
 pub mod servers;
 

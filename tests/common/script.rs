@@ -6,8 +6,9 @@
 //! `flash:k=v`, `remove:k`, `clear`, `incr:k`
 //! (an `update` adding one; answers the new value), `inactive:ms` / `browser:ms` (the
 //! session's own expiry: `OnInactivity` / `OnSessionEnd`), `reset` (`reset_expiry`), `cycle`,
-//! `destroy`, `keys` (answers them, comma-separated), `id` (answers the id or `-`), `sleep:ms`
-//! and `park:name`. The body is the answers, space-separated. A step that fails stops the
+//! `destroy`, `keys` (answers them, comma-separated), `id` (answers the id or `-`),
+//! `owner:name`, `label:text`, `sessions` (answers how many the owner has), `others`
+//! (`revoke_others`: answers how many), `sleep:ms` and `park:name`. The body is the answers, space-separated. A step that fails stops the
 //! script with a 500 whose body names the error (`gone`, `destroyed`, `conflict`, `store`,
 //! `other`); a failed save after the script is the layer's own empty 500/503.
 
@@ -235,6 +236,10 @@ async fn step_once(
             Ok(None)
         }
         "keys" => Ok(Some(session.keys().await?.join(","))),
+        "owner" => session.set_owner(arg).await.map(|()| None),
+        "label" => session.set_label(arg).await.map(|()| None),
+        "sessions" => Ok(Some(session.owner_sessions().await?.len().to_string())),
+        "others" => Ok(Some(session.revoke_others().await?.to_string())),
         "id" => {
             // Loaded first, as the other steps do.
             session.contains("").await?;
