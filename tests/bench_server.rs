@@ -104,6 +104,63 @@ async fn remove_racing_a_set_keeps_the_set(addr: SocketAddr) {
     assert_eq!(browser.cookie.as_deref(), Some(cookie.as_str()));
 }
 
+/// The owner endpoints: two sessions of one owner list each other (`/sessions`, the asker
+/// marked current), `/revoke-others` from one of them while the other's `/sleep/300/set/late`
+/// is parked: the parked write fails as gone, and the revoked session comes back empty.
+async fn revoke_racing_a_parked_write_stays_revoked(addr: SocketAddr) {
+    let owner = format!("owner-{}", std::process::id());
+    let mut laptop = session_with(addr, &[&format!("/owner/{owner}?label=laptop")]).await;
+    let phone = session_with(addr, &[&format!("/owner/{owner}?label=phone"), "/set/a"]).await;
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&laptop.get("/sessions").await.body).unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(
+        list.iter()
+            .any(|s| s["label"] == "laptop" && s["current"] == true)
+    );
+    assert!(
+        list.iter()
+            .any(|s| s["label"] == "phone" && s["current"] == false)
+    );
+    let phone_cookie = phone.cookie.clone().unwrap();
+    let start = Instant::now();
+    let parked = tokio::spawn(async move {
+        let path = format!("/sleep/{PARK_MS}/set/late");
+        Conn::http1(addr)
+            .await
+            .get(&path, Some(&phone_cookie))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(LOAD_MS)).await;
+    assert_eq!(laptop.get("/revoke-others").await.body, "1");
+    assert!(
+        start.elapsed() < Duration::from_millis(PARK_MS),
+        "no race: the revocation was late"
+    );
+    let late = parked.await.unwrap();
+    assert_eq!(
+        (late.status, late.body.as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, "")
+    );
+    let mut phone = Browser::with_cookie(addr, phone.cookie.as_deref().unwrap()).await;
+    assert_eq!(
+        phone.get("/keys").await.body,
+        "",
+        "the revoked session came back"
+    );
+    assert_eq!(phone.get("/sessions").await.body, "[]");
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&laptop.get("/sessions").await.body).unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let handle = list[0]["handle"].as_str().unwrap().to_owned();
+    assert_eq!(
+        laptop.get("/revoke/0000000000000000").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(laptop.get(&format!("/revoke/{handle}")).await.body, "ok");
+    assert_eq!(laptop.get("/sessions").await.body, "[]");
+}
+
 mod memory {
     use super::BenchServer;
 
@@ -121,6 +178,12 @@ mod memory {
     async fn remove_racing_a_set_keeps_the_set() {
         let server = server().await;
         super::remove_racing_a_set_keeps_the_set(server.addr()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn revoke_racing_a_parked_write_stays_revoked() {
+        let server = server().await;
+        super::revoke_racing_a_parked_write_stays_revoked(server.addr()).await;
     }
 }
 
