@@ -1,5 +1,5 @@
-//! No session id (in any spelling), no whole store key and no stored value ever appears in an
-//! error or a log line, on every error path of every store.
+//! No session id (in any spelling), no whole store key, no stored value and no session owner
+//! ever appears in an error or a log line, on every error path of every store.
 //!
 //! Each case makes a session holding a secret value, breaks the store the way it breaks in
 //! production (down, slow, locked, full, a corrupt or foreign record), then drives every
@@ -126,7 +126,13 @@ async fn app(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>
         .unwrap_or("")
         .to_owned();
     let result: Result<(), Error> = match req.uri().path() {
-        "/put" => session.insert("secret", &value).await,
+        "/put" => match session.insert("secret", &value).await {
+            // The owner names a user: as secret as the data.
+            Ok(()) => session.set_owner(&format!("owner-{value}")).await,
+            Err(e) => Err(e),
+        },
+        "/list" => session.owner_sessions().await.map(drop),
+        "/revoke-others" => session.revoke_others().await.map(drop),
         "/get" => session.get::<String>("secret").await.map(drop),
         "/incr" => session
             .update("n", |n: Option<u64>| n.unwrap_or(0) + 1)
@@ -174,6 +180,7 @@ async fn no_secret_leaks<S: SessionStore + Clone>(
     let mut secrets = Secrets::default();
     let value = secret_value();
     secrets.value(&value);
+    let owner = format!("owner-{value}");
     let r = browser.get(&format!("/put?v={value}")).await;
     assert_eq!(r.status, StatusCode::OK, "{what}: the session was not made");
     let id = browser.id().expect("a session cookie");
@@ -188,6 +195,8 @@ async fn no_secret_leaks<S: SessionStore + Clone>(
     let mut statuses = Vec::new();
     for path in [
         "/get".to_owned(),
+        "/list".to_owned(),
+        "/revoke-others".to_owned(),
         format!("/put?v={written}"),
         "/incr".to_owned(),
         format!("/flash?v={written}"),
@@ -200,8 +209,11 @@ async fn no_secret_leaks<S: SessionStore + Clone>(
     }
     let data = Bytes::from(format!(r#"{{"d":{{"secret":"{written}"}}}}"#));
     let expires = SystemTime::now() + Duration::from_secs(60);
-    let record = |version| Record::new(key, data.clone(), version, expires);
+    let owned: std::sync::Arc<str> = owner.into();
+    let record =
+        |version| Record::new(key, data.clone(), version, expires).with_owner(Some(owned.clone()));
     errors.extend(store.load(&key).await.err());
+    errors.extend(store.owned(&owned).await.err());
     errors.extend(store.create(&record(1)).await.err());
     errors.extend(store.save(&record(2), 1).await.err());
     errors.extend(store.touch(&key, 1, expires).await.err());
@@ -237,6 +249,8 @@ async fn corrupt_payloads<S: SessionStore + Clone>(what: &str, store: S) {
         r#"{"d":{"secret":"VALUE"},"c":"VALUE"}"#,
         r#"{"d":{"secret":"VALUE"},"x":{"i":"VALUE"}}"#,
         "{\"d\":{\"VALUE\":\"\u{1}\"}}",
+        r#"{"d":{},"o":["VALUE"]}"#,
+        r#"{"d":{},"o":"x","l":{"VALUE":1}}"#,
     ] {
         let target = store.clone();
         no_secret_leaks(
