@@ -71,6 +71,15 @@
 //! it destroyed or emptied itself. When a store cannot tell whether a write was applied (its
 //! reply was lost), the request fails with a 503 instead of replaying.
 //!
+//! # A user's sessions
+//! At login, [`Session::set_owner`] names the user a session belongs to (and
+//! [`Session::set_label`] a name for it the user will recognise). Every store indexes owners, so
+//! [`Session::owner_sessions`] lists the user's live sessions ([`SessionInfo`]: a non-secret
+//! [`Handle`], the label, created, last seen, expires, and which one is asking), and
+//! [`Session::revoke`] and [`Session::revoke_others`] end them; [`SessionLayer::owners`] does
+//! the same outside a request ([`Owners`]). A revoked session is deleted as a destroyed one is,
+//! and stays gone: a request of it running at the same time fails to save.
+//!
 //! # Security model
 //! - Ids are 122 random bits from the operating system's CSPRNG (UUID v4), parsed strictly.
 //! - A client-chosen id is never adopted: an id the store does not hold starts a fresh session
