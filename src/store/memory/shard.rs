@@ -34,11 +34,12 @@ use crate::key::Key;
 use crate::store::{CreateOutcome, Record, SaveOutcome};
 
 /// The bytes a session costs beyond its data, as the store counts them: its slot in the slab
-/// (80 bytes), its entry in the id map (24 bytes, at the map's load factor), the allocation
+/// (96 bytes), its entry in the id map (24 bytes, at the map's load factor), the allocation
 /// that holds its data (an allocator header, rounding, and the shared header a load adds), and
 /// the spare capacity of the slab and map as they grow by doubling. Measured by
-/// `cargo bench --bench footprint` (1,000,000 sessions of 30 bytes: about 190 resident bytes
-/// each beyond the data).
+/// `cargo bench --bench footprint` (1,000,000 sessions of 30 bytes without owners: about 190
+/// resident bytes each beyond the data, before and after the slot grew from 80 bytes for the
+/// owner).
 pub(crate) const ENTRY_OVERHEAD: usize = 192;
 
 /// The most used sessions one eviction passes over (giving each a second chance) before it
@@ -587,6 +588,11 @@ mod tests {
         fn contains(&self, r: &Record) -> bool {
             self.map.contains_key(&r.key())
         }
+    }
+
+    #[test]
+    fn a_slot_is_96_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 96);
     }
 
     fn owned_by(s: &Shard, owner: &str, now_ms: u64) -> Vec<Key> {
