@@ -32,7 +32,7 @@ pub const HEADER_SEPARATOR: u8 = b'\n';
 /// The layer's cookie lookup as it runs on every request, for `benches/micro.rs`: whether the
 /// headers carry a valid session id under `name`.
 pub fn find_session(headers: &http::HeaderMap, name: &str) -> bool {
-    matches!(find_session_id(headers, name), CookieLookup::Found(_))
+    matches!(find_session_id(headers, name, None), CookieLookup::Found(_))
 }
 
 /// Cookie header bytes: `data` split on [`HEADER_SEPARATOR`] into header values, each looked
@@ -58,7 +58,7 @@ pub fn cookie_header(data: &[u8]) {
 
     for name in COOKIE_NAMES {
         for &piece in &pieces {
-            let got = find_in_header(piece, name.as_bytes());
+            let got = find_in_header(piece, name.as_bytes(), None);
             assert_eq!(
                 got,
                 expected_in_header(piece, name.as_bytes()),
@@ -66,7 +66,7 @@ pub fn cookie_header(data: &[u8]) {
             );
         }
 
-        let got = find_session_id(&headers, name);
+        let got = find_session_id(&headers, name, None);
         let expected = valid
             .iter()
             .map(|h| expected_in_header(h, name.as_bytes()))
@@ -81,7 +81,7 @@ pub fn cookie_header(data: &[u8]) {
 
         let stripped = rebuild(&valid, name, &[]);
         assert_eq!(
-            find_session_id(&stripped, name),
+            find_session_id(&stripped, name, None),
             got,
             "stripping other cookies changed the lookup of {name:?} in {valid:?}"
         );
@@ -89,7 +89,7 @@ pub fn cookie_header(data: &[u8]) {
         let junk: Vec<&[u8]> = junk.iter().map(Vec::as_slice).collect();
         let padded = rebuild(&valid, name, &junk);
         assert_eq!(
-            find_session_id(&padded, name),
+            find_session_id(&padded, name, None),
             got,
             "junk cookies of other names changed the lookup of {name:?} in {valid:?}"
         );

@@ -138,6 +138,7 @@ mod id;
 mod key;
 mod service;
 mod session;
+mod sign;
 pub mod store;
 mod trace;
 

@@ -168,6 +168,9 @@ pub(crate) struct State {
     /// When this request last read the clock (Unix ms): at the load, or at a commit.
     pub(crate) clock_ms: u64,
     pub(crate) cookie: Cookie,
+    /// The cookie was signed with an older signing key: once the session is loaded, the
+    /// response re-sends it (signed with the current key) even if nothing else changed.
+    resign: bool,
 }
 
 impl State {
@@ -187,7 +190,14 @@ impl State {
             expiry_changed: false,
             clock_ms: 0,
             cookie: Cookie::Keep,
+            resign: false,
         }
+    }
+
+    /// The state of a request whose cookie was signed with an older key (see `resign`).
+    pub(crate) fn resigning(mut self) -> State {
+        self.resign = true;
+        self
     }
 
     /// `Ok` while the session can be used.
@@ -554,9 +564,24 @@ impl State {
     }
 
     /// The cookie action for the response.
-    pub(crate) fn cookie_action(&self) -> CookieAction {
+    ///
+    /// A cookie signed with an older key is re-sent (the layer signs it with the current key)
+    /// when the session was loaded and is still stored under the cookie's id: the record's
+    /// expiry, known from the load, gives a persistent cookie its `Max-Age`. An untouched
+    /// session is not re-signed, since its expiry would cost a store round trip.
+    pub(crate) fn cookie_action(&self, config: &Config) -> CookieAction {
         match self.cookie {
-            Cookie::Keep => CookieAction::None,
+            Cookie::Keep => match self.stored {
+                Some(stored)
+                    if self.resign && self.phase == Phase::Live && self.moving_from.is_none() =>
+                {
+                    let max_age = self.policy(config).persistent_cookie().then(|| {
+                        Duration::from_millis(stored.expires_ms.saturating_sub(self.clock_ms))
+                    });
+                    CookieAction::Set(stored.id.id, max_age)
+                }
+                _ => CookieAction::None,
+            },
             Cookie::Set(id, max_age) => CookieAction::Set(id, max_age),
             Cookie::Remove => CookieAction::Remove,
         }
