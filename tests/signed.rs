@@ -311,8 +311,8 @@ async fn short_keys_are_refused_at_build() {
     );
     // The builder's and the layer's Debug never show a key.
     let builder = SessionLayer::builder(MemoryStore::default()).signing_keys([[0x5a; 32]]);
-    let mut text = format!("{builder:?}");
-    text += &format!("{:?}", builder.build().unwrap());
+    let debug_builder = format!("{builder:?}");
+    let text = format!("{debug_builder} {:?}", builder.build().unwrap());
     assert!(!text.contains("90, 90") && !text.contains("5a5a"), "{text}");
 }
 
@@ -338,7 +338,7 @@ async fn an_unsigned_layer_works_as_before_and_refuses_signed_values() {
     );
 }
 
-/// Rotation on a real SQLite store: the same rules as on the memory store.
+/// Rotation on a real `SQLite` store: the same rules as on the memory store.
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn rotation_on_sqlite() {
