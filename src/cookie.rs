@@ -247,6 +247,39 @@ mod tests {
     }
 
     #[test]
+    fn signed_values_are_found_by_their_key() {
+        let keys = |list: &[u8]| {
+            let owned: Vec<Vec<u8>> = list.iter().map(|&b| vec![b; 32]).collect();
+            Keys::new(&owned).unwrap().unwrap()
+        };
+        let (a, b) = (Id::random(), Id::random());
+        let signed = |k: u8, id| String::from_utf8(keys(&[k]).sign(b"id", id).to_vec()).unwrap();
+        let (a1, b2) = (signed(1, a), signed(2, b));
+        let rotated = keys(&[2, 1]);
+        // The fast path (value then `;`), the slow one (trailing space), and forged or unsigned
+        // values before the valid one.
+        let h = headers(&[format!("id={a1}; x=y").as_bytes()]);
+        assert_eq!(
+            find_session_id(&h, "id", Some(&rotated)),
+            CookieLookup::FoundOlderKey(a)
+        );
+        let h = headers(&[format!("id={a}; id={}x; id={b2} ", &a1[..79]).as_bytes()]);
+        assert_eq!(
+            find_session_id(&h, "id", Some(&rotated)),
+            CookieLookup::Found(b)
+        );
+        let h = headers(&[format!("id={a}").as_bytes(), format!("id={a1}").as_bytes()]);
+        assert_eq!(
+            find_session_id(&h, "id", Some(&keys(&[2]))),
+            CookieLookup::Invalid
+        );
+        // A signed value is not an id to an unsigned layer.
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Found(a));
+        let h = headers(&[format!("id={a1}").as_bytes()]);
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Invalid);
+    }
+
+    #[test]
     fn duplicates_take_the_first_valid() {
         let (a, b) = (Id::random(), Id::random());
         let h = headers(&[format!("id={a}; id={b}").as_bytes()]);
