@@ -8,6 +8,10 @@
 #
 #   benches/callgrind.sh [STORE ...]     # default: memory
 #   N1=1000 N2=3000 benches/callgrind.sh memory sqlite
+#   SIGNING_KEY=$(openssl rand -hex 32) benches/callgrind.sh memory   # signed cookies
+#
+# SIGNING_KEY (64 hex digits) is passed to bench_server as `--signing-key`: every store's
+# server then signs its cookies, and the pool cookies are the signed ones /login hands out.
 #
 # Needs valgrind (Debian package valgrind); the Redis store needs redis-server, the PostgreSQL
 # store postgresql (benches/postgres.sh starts it on the other CPU).
@@ -20,6 +24,8 @@ REDIS_PORT=${REDIS_PORT:-16390}
 PG_PORT=${PG_PORT:-15490}
 FEATURES=${FEATURES:-memory,sqlite,redis,webdis,postgres}
 STORES=("$@")
+SIGN=()
+[ -z "${SIGNING_KEY:-}" ] || SIGN=(--signing-key "$SIGNING_KEY")
 [ ${#STORES[@]} -gt 0 ] || STORES=(memory)
 
 command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -y valgrind" >&2; exit 1; }
@@ -106,17 +112,17 @@ out="$work/results"
 measure bare "$BIN/bare_server" | tee -a "$out"
 for store in "${STORES[@]}"; do
   case $store in
-    memory) measure memory "$BIN/bench_server" --store memory | tee -a "$out" ;;
-    sqlite) measure sqlite "$BIN/bench_server" --store sqlite --db "$work/cg.db" | tee -a "$out" ;;
+    memory) measure memory "$BIN/bench_server" --store memory "${SIGN[@]}" | tee -a "$out" ;;
+    sqlite) measure sqlite "$BIN/bench_server" --store sqlite --db "$work/cg.db" "${SIGN[@]}" | tee -a "$out" ;;
     redis)
       taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null 2>&1 &
       pids+=("$!")
       sleep 0.5
-      measure redis "$BIN/bench_server" --store redis --redis "redis://127.0.0.1:$REDIS_PORT" | tee -a "$out" ;;
+      measure redis "$BIN/bench_server" --store redis --redis "redis://127.0.0.1:$REDIS_PORT" "${SIGN[@]}" | tee -a "$out" ;;
     postgres)
       start_postgres "$work/pg" "$PG_PORT" 1
       pids+=("$postgres_pid")
-      measure postgres "$BIN/bench_server" --store postgres --postgres "postgres://postgres@127.0.0.1:$PG_PORT/postgres" | tee -a "$out" ;;
+      measure postgres "$BIN/bench_server" --store postgres --postgres "postgres://postgres@127.0.0.1:$PG_PORT/postgres" "${SIGN[@]}" | tee -a "$out" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
 done

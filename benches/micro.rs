@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the hot pieces (divan): `cargo bench --bench micro`.
 //!
-//! - finding the session id in a Cookie header;
+//! - finding the session id in a Cookie header (bare, and signed with the current or an older
+//!   key);
 //! - id generation, parsing and display;
 //! - whole requests through `SessionService` in-process (no network): a loaded session's
 //!   `get` and `insert`, with records of 100 B, 4 KiB and 64 KiB, which includes decoding the
@@ -18,6 +19,7 @@ use divan::{Bencher, black_box};
 use http::{HeaderMap, HeaderValue, Request, Response, header::COOKIE};
 use http_body_util::{Empty, Full};
 use hyper::service::Service;
+use hyper_sessions::__fuzz::SignedLookup;
 use hyper_sessions::__fuzz::find_session as find_session_id;
 use hyper_sessions::store::{Key, Record, SessionStore};
 use hyper_sessions::{Id, MemoryStore, Session, SessionLayer, SessionService};
@@ -52,6 +54,25 @@ mod cookie {
     fn absent(b: Bencher) {
         let h = headers("theme=dark; lang=en");
         b.bench(|| find_session_id(black_box(&h), "id"));
+    }
+
+    /// With signing keys: a cookie signed with the current key (one HMAC-SHA256).
+    #[divan::bench]
+    fn signed_current_key(b: Bencher) {
+        let lookup = SignedLookup::new(&[[1; 32], [2; 32]]);
+        let h = headers(&format!("id={}", lookup.sign("id", Id::random())));
+        assert!(lookup.find(&h, "id"));
+        b.bench(|| lookup.find(black_box(&h), "id"));
+    }
+
+    /// With signing keys: a cookie signed with the older key (two HMACs).
+    #[divan::bench]
+    fn signed_older_key(b: Bencher) {
+        let older = SignedLookup::new(&[[2; 32]]);
+        let lookup = SignedLookup::new(&[[1; 32], [2; 32]]);
+        let h = headers(&format!("id={}", older.sign("id", Id::random())));
+        assert!(lookup.find(&h, "id"));
+        b.bench(|| lookup.find(black_box(&h), "id"));
     }
 }
 

@@ -25,9 +25,13 @@
 //! request open between its load and its commit while others on the same session finish, so
 //! that a race between any two operations can be driven over HTTP on every store.
 //!
+//! `--signing-key HEX` (64 hex digits: a 32-byte key; repeatable) signs the session cookies, for
+//! every store: the first key signs, all of them verify (`SessionLayerBuilder::signing_keys`).
+//!
 //! For the scaling runs of `benches/scale.sh`: `--prefill N` creates N sessions in the store
 //! before serving, each holding `count` and a string of `--value-bytes B` bytes (default 0),
-//! and `--pool-out FILE` writes the cookies of the first 1000 of them, one per line.
+//! and `--pool-out FILE` writes the cookies of the first 1000 of them, one per line (signed with
+//! the first `--signing-key`, if any).
 
 #[path = "common/app.rs"]
 mod app;
@@ -51,6 +55,8 @@ struct Args {
     prefill: usize,
     value_bytes: usize,
     pool_out: Option<String>,
+    /// `--signing-key` values, decoded; the first signs.
+    signing_keys: Vec<[u8; 32]>,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     redis: String,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -70,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
     let mut redis = "redis://127.0.0.1:6379".to_owned();
     let mut min_replicas_ack = 0;
     let (mut prefill, mut value_bytes, mut pool_out) = (0, 0, None);
+    let mut signing_keys = Vec::new();
     let mut webdis = "http://127.0.0.1:7379".to_owned();
     let mut db = "bench_sessions.db".to_owned();
     let mut postgres = "postgres://postgres@127.0.0.1:5432/postgres".to_owned();
@@ -93,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--value-bytes: {e}"))?;
             }
             "--pool-out" => pool_out = Some(value()?),
+            "--signing-key" => signing_keys.push(parse_key(&value()?)?),
             "--webdis" => webdis = value()?,
             "--db" => db = value()?,
             "--postgres" => postgres = value()?,
@@ -110,12 +118,49 @@ fn parse_args() -> Result<Args, String> {
         prefill,
         value_bytes,
         pool_out,
+        signing_keys,
         redis,
         min_replicas_ack,
         webdis,
         db,
         postgres,
     })
+}
+
+/// A `--signing-key`: exactly 64 hex digits. The error never repeats the key.
+fn parse_key(hex: &str) -> Result<[u8; 32], String> {
+    let digits = hex.as_bytes();
+    if digits.len() != 64 {
+        return Err(format!(
+            "--signing-key needs 64 hex digits (32 bytes), got {} characters",
+            digits.len()
+        ));
+    }
+    let mut key = [0u8; 32];
+    for (byte, pair) in key.iter_mut().zip(digits.chunks_exact(2)) {
+        let pair = std::str::from_utf8(pair).ok();
+        *byte = pair
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or("--signing-key holds a character that is not a hex digit")?;
+    }
+    Ok(key)
+}
+
+/// The `Cookie` pair a client sends for `id`: the bare id, or with signing keys the id signed
+/// with the first, as the layer signs it (`<id>.<base64url(HMAC-SHA256(key, "id=<id>"))>`).
+/// Written here from the documented format, not through the library.
+fn cookie_pair(id: Id, signing_keys: &[[u8; 32]]) -> String {
+    use base64::Engine as _;
+    use hmac::{KeyInit, Mac};
+
+    let Some(key) = signing_keys.first() else {
+        return format!("id={id}");
+    };
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key)
+        .expect("HMAC takes keys of any length");
+    mac.update(format!("id={id}").as_bytes());
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("id={id}.{tag}")
 }
 
 #[tokio::main]
@@ -234,7 +279,7 @@ async fn prefill<S: SessionStore + Clone>(store: &S, args: &Args) -> Result<(), 
     for n in 0..args.prefill {
         let id = Id::random();
         if pool.len() < 1000 {
-            pool.push(format!("id={id}"));
+            pool.push(cookie_pair(id, &args.signing_keys));
         }
         let (store, payload) = (store.clone(), payload.clone());
         tasks.spawn(async move {
@@ -260,7 +305,16 @@ async fn run<S: SessionStore + Clone>(store: S, args: &Args) -> ExitCode {
         eprintln!("bench_server: {e}");
         return ExitCode::FAILURE;
     }
-    let layer = SessionLayer::new(store);
+    let layer = match SessionLayer::builder(store)
+        .signing_keys(&args.signing_keys)
+        .build()
+    {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("bench_server: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,

@@ -8,6 +8,7 @@ use http::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Kind};
+use crate::sign::Keys;
 
 pub use cookie::SameSite;
 
@@ -105,6 +106,8 @@ pub(crate) struct Config {
     pub(crate) max_record_bytes: usize,
     pub(crate) max_save_attempts: u32,
     pub(crate) error_handler: ErrorHandler,
+    /// The signing keys, first one current; `None`: unsigned cookies.
+    pub(crate) signing_keys: Option<Keys>,
 }
 
 impl fmt::Debug for Config {
@@ -116,6 +119,7 @@ impl fmt::Debug for Config {
             .field("absolute_lifetime", &self.absolute_lifetime)
             .field("max_record_bytes", &self.max_record_bytes)
             .field("max_save_attempts", &self.max_save_attempts)
+            .field("signing_keys", &self.signing_keys)
             .finish_non_exhaustive()
     }
 }

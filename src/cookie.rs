@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::config::Config;
 use crate::id::{ID_LEN, Id};
+use crate::sign::{Keys, SIGNED_LEN, Verified};
 
 /// What the request's Cookie headers say about the session cookie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,29 +17,39 @@ pub(crate) enum CookieLookup {
     Absent,
     /// Cookies with the name, none of which holds a valid id (malformed or forged).
     Invalid,
-    /// The first cookie with the name whose value is a valid id.
+    /// The first cookie with the name whose value is a valid id (with signing keys: signed
+    /// with the current key).
     Found(Id),
+    /// As `Found`, signed with an older key of the list: the response re-signs it when the
+    /// session is loaded.
+    FoundOlderKey(Id),
 }
 
 /// Finds the session id among every `Cookie` header of a request, without allocating.
 ///
-/// The first cookie named `name` whose value parses as an [`Id`] wins (browsers send the most
-/// specific cookie first); other cookies, and cookies with invalid values, are ignored. Header
-/// values that are not UTF-8 are scanned as bytes.
-pub(crate) fn find_session_id(headers: &HeaderMap, name: &str) -> CookieLookup {
+/// The first cookie named `name` whose value is a valid id wins (browsers send the most
+/// specific cookie first); other cookies, and cookies with invalid values, are ignored. With
+/// `keys`, a valid value is a signed one ([`crate::sign`]) whose MAC verifies under one of them;
+/// without, the bare id. Header values that are not UTF-8 are scanned as bytes.
+pub(crate) fn find_session_id(
+    headers: &HeaderMap,
+    name: &str,
+    keys: Option<&Keys>,
+) -> CookieLookup {
     let mut lookup = CookieLookup::Absent;
     for value in headers.get_all(COOKIE) {
-        match find_in_header(value.as_bytes(), name.as_bytes()) {
-            CookieLookup::Found(id) => return CookieLookup::Found(id),
+        match find_in_header(value.as_bytes(), name.as_bytes(), keys) {
             CookieLookup::Invalid => lookup = CookieLookup::Invalid,
             CookieLookup::Absent => {}
+            found => return found,
         }
     }
     lookup
 }
 
 /// [`find_session_id`] for the bytes of one Cookie header value.
-pub(crate) fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
+pub(crate) fn find_in_header(header: &[u8], name: &[u8], keys: Option<&Keys>) -> CookieLookup {
+    let value_len = if keys.is_some() { SIGNED_LEN } else { ID_LEN };
     let mut lookup = CookieLookup::Absent;
     let mut rest = header;
     while !rest.is_empty() {
@@ -48,16 +59,24 @@ pub(crate) fn find_in_header(header: &[u8], name: &[u8]) -> CookieLookup {
             && let Some((b'=', value)) = trim_start(after).split_first()
         {
             let value = trim_start(value);
-            // A value of an id's length followed by the end or the next pair (the usual case)
-            // needs no scan for the `;`.
-            let (value, next) = match value.get(ID_LEN) {
-                None if value.len() == ID_LEN => (value, &[][..]),
-                Some(b';') => (&value[..ID_LEN], &value[ID_LEN + 1..]),
+            // A value of the expected length followed by the end or the next pair (the usual
+            // case) needs no scan for the `;`.
+            let (value, next) = match value.get(value_len) {
+                None if value.len() == value_len => (value, &[][..]),
+                Some(b';') => (&value[..value_len], &value[value_len + 1..]),
                 _ => split_pair(value),
             };
-            match Id::parse_bytes(trim(value)) {
-                Ok(id) => return CookieLookup::Found(id),
-                Err(_) => lookup = CookieLookup::Invalid,
+            let value = trim(value);
+            match keys {
+                None => match Id::parse_bytes(value) {
+                    Ok(id) => return CookieLookup::Found(id),
+                    Err(_) => lookup = CookieLookup::Invalid,
+                },
+                Some(keys) => match keys.verify(name, value) {
+                    Verified::Current(id) => return CookieLookup::Found(id),
+                    Verified::Older(id) => return CookieLookup::FoundOlderKey(id),
+                    Verified::Invalid => lookup = CookieLookup::Invalid,
+                },
             }
             rest = next;
         } else {
@@ -114,12 +133,17 @@ pub(crate) fn set_cookie_value(config: &Config, action: CookieAction) -> Option<
         CookieAction::Remove => (EXPIRED.as_bytes(), &[]),
     };
     let mut id_text = [0u8; ID_LEN];
-    let id_text: &[u8] = match action {
-        CookieAction::Set(id, _) => {
+    let signed;
+    let id_text: &[u8] = match (action, &config.signing_keys) {
+        (CookieAction::Set(id, _), None) => {
             id.encode(&mut id_text);
             &id_text
         }
-        CookieAction::None | CookieAction::Remove => &[],
+        (CookieAction::Set(id, _), Some(keys)) => {
+            signed = keys.sign(config.cookie_name.as_bytes(), id);
+            &signed
+        }
+        (CookieAction::None | CookieAction::Remove, _) => &[],
     };
     let parts = [
         config.cookie_prefix.as_bytes(),
@@ -198,35 +222,68 @@ mod tests {
     fn finds_the_id_among_other_cookies() {
         let id = Id::random();
         let h = headers(&[format!("a=1; id={id}; b=2").as_bytes()]);
-        assert_eq!(find_session_id(&h, "id"), CookieLookup::Found(id));
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Found(id));
         let h = headers(&[b"a=1", format!("  id = {id} ").as_bytes()]);
-        assert_eq!(find_session_id(&h, "id"), CookieLookup::Found(id));
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Found(id));
     }
 
     #[test]
     fn other_names_and_prefixes_do_not_match() {
         let id = Id::random();
         let h = headers(&[format!("xid={id}; idx={id}; ID={id}").as_bytes()]);
-        assert_eq!(find_session_id(&h, "id"), CookieLookup::Absent);
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Absent);
     }
 
     #[test]
     fn invalid_values_are_reported_and_skipped() {
         let id = Id::random();
         let h = headers(&[b"id=garbage; id=", format!("id={id}").as_bytes()]);
-        assert_eq!(find_session_id(&h, "id"), CookieLookup::Found(id));
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Found(id));
         let h = headers(&[b"id=\"quoted\"; id=\xff\xfe"]);
-        assert_eq!(find_session_id(&h, "id"), CookieLookup::Invalid);
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Invalid);
         let upper = id.to_string().to_uppercase();
         let h = headers(&[format!("id={upper}").as_bytes()]);
-        assert_eq!(find_session_id(&h, "id"), CookieLookup::Invalid);
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Invalid);
+    }
+
+    #[test]
+    fn signed_values_are_found_by_their_key() {
+        let keys = |list: &[u8]| {
+            let owned: Vec<Vec<u8>> = list.iter().map(|&b| vec![b; 32]).collect();
+            Keys::new(&owned).unwrap().unwrap()
+        };
+        let (a, b) = (Id::random(), Id::random());
+        let signed = |k: u8, id| String::from_utf8(keys(&[k]).sign(b"id", id).to_vec()).unwrap();
+        let (a1, b2) = (signed(1, a), signed(2, b));
+        let rotated = keys(&[2, 1]);
+        // The fast path (value then `;`), the slow one (trailing space), and forged or unsigned
+        // values before the valid one.
+        let h = headers(&[format!("id={a1}; x=y").as_bytes()]);
+        assert_eq!(
+            find_session_id(&h, "id", Some(&rotated)),
+            CookieLookup::FoundOlderKey(a)
+        );
+        let h = headers(&[format!("id={a}; id={}x; id={b2} ", &a1[..79]).as_bytes()]);
+        assert_eq!(
+            find_session_id(&h, "id", Some(&rotated)),
+            CookieLookup::Found(b)
+        );
+        let h = headers(&[format!("id={a}").as_bytes(), format!("id={a1}").as_bytes()]);
+        assert_eq!(
+            find_session_id(&h, "id", Some(&keys(&[2]))),
+            CookieLookup::Invalid
+        );
+        // A signed value is not an id to an unsigned layer.
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Found(a));
+        let h = headers(&[format!("id={a1}").as_bytes()]);
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Invalid);
     }
 
     #[test]
     fn duplicates_take_the_first_valid() {
         let (a, b) = (Id::random(), Id::random());
         let h = headers(&[format!("id={a}; id={b}").as_bytes()]);
-        assert_eq!(find_session_id(&h, "id"), CookieLookup::Found(a));
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Found(a));
     }
 
     fn config() -> Config {
@@ -241,6 +298,7 @@ mod tests {
             max_record_bytes: 1000,
             max_save_attempts: 1,
             error_handler: std::sync::Arc::new(crate::config::default_error_handler),
+            signing_keys: None,
         }
     }
 
@@ -285,6 +343,6 @@ mod tests {
     fn huge_header_is_scanned_without_panic() {
         let big = "x=y; ".repeat(100_000);
         let h = headers(&[big.as_bytes()]);
-        assert_eq!(find_session_id(&h, "id"), CookieLookup::Absent);
+        assert_eq!(find_session_id(&h, "id", None), CookieLookup::Absent);
     }
 }

@@ -17,6 +17,7 @@ use crate::cookie::{CookieLookup, find_in_header, find_session_id};
 use crate::id::Id;
 use crate::service::DEFAULT_MAX_RECORD_BYTES;
 use crate::session::payload::{DecodeError, SessionData};
+use crate::sign::Keys;
 
 /// The cookie names the `cookie_header` target looks up: the short default style, and a
 /// prefixed one (so near-miss prefixes such as `Host-id` or `__host-id` are exercised).
@@ -32,7 +33,36 @@ pub const HEADER_SEPARATOR: u8 = b'\n';
 /// The layer's cookie lookup as it runs on every request, for `benches/micro.rs`: whether the
 /// headers carry a valid session id under `name`.
 pub fn find_session(headers: &http::HeaderMap, name: &str) -> bool {
-    matches!(find_session_id(headers, name), CookieLookup::Found(_))
+    matches!(find_session_id(headers, name, None), CookieLookup::Found(_))
+}
+
+/// The layer's cookie lookup with signing keys, for `benches/micro.rs`: the keys' HMAC states
+/// are made once, as a layer makes them at build.
+#[derive(Debug)]
+pub struct SignedLookup(Keys);
+
+impl SignedLookup {
+    /// The lookup of a layer with these signing keys (the first current).
+    ///
+    /// # Panics
+    /// If a key is shorter than 32 bytes, or there is none.
+    pub fn new(keys: &[[u8; 32]]) -> Self {
+        let owned: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        SignedLookup(Keys::new(&owned).unwrap().expect("at least one key"))
+    }
+
+    /// Whether the headers carry a session id under `name` signed with one of the keys.
+    pub fn find(&self, headers: &http::HeaderMap, name: &str) -> bool {
+        !matches!(
+            find_session_id(headers, name, Some(&self.0)),
+            CookieLookup::Absent | CookieLookup::Invalid
+        )
+    }
+
+    /// The signed cookie value of `id` under the first key.
+    pub fn sign(&self, name: &str, id: Id) -> String {
+        String::from_utf8_lossy(&self.0.sign(name.as_bytes(), id)).into_owned()
+    }
 }
 
 /// Cookie header bytes: `data` split on [`HEADER_SEPARATOR`] into header values, each looked
@@ -58,7 +88,7 @@ pub fn cookie_header(data: &[u8]) {
 
     for name in COOKIE_NAMES {
         for &piece in &pieces {
-            let got = find_in_header(piece, name.as_bytes());
+            let got = find_in_header(piece, name.as_bytes(), None);
             assert_eq!(
                 got,
                 expected_in_header(piece, name.as_bytes()),
@@ -66,7 +96,7 @@ pub fn cookie_header(data: &[u8]) {
             );
         }
 
-        let got = find_session_id(&headers, name);
+        let got = find_session_id(&headers, name, None);
         let expected = valid
             .iter()
             .map(|h| expected_in_header(h, name.as_bytes()))
@@ -81,7 +111,7 @@ pub fn cookie_header(data: &[u8]) {
 
         let stripped = rebuild(&valid, name, &[]);
         assert_eq!(
-            find_session_id(&stripped, name),
+            find_session_id(&stripped, name, None),
             got,
             "stripping other cookies changed the lookup of {name:?} in {valid:?}"
         );
@@ -89,7 +119,7 @@ pub fn cookie_header(data: &[u8]) {
         let junk: Vec<&[u8]> = junk.iter().map(Vec::as_slice).collect();
         let padded = rebuild(&valid, name, &junk);
         assert_eq!(
-            find_session_id(&padded, name),
+            find_session_id(&padded, name, None),
             got,
             "junk cookies of other names changed the lookup of {name:?} in {valid:?}"
         );
@@ -196,6 +226,126 @@ fn rebuild(headers: &[&[u8]], name: &str, junk: &[&[u8]]) -> HeaderMap {
         push(&all_junk);
     }
     out
+}
+
+/// The signing keys of the `signed_cookie` target, current first: the committed seeds hold
+/// values signed with them (and with [`UNKNOWN_KEY`]).
+pub const SIGNING_KEYS: [[u8; 32]; 2] = [[0x11; 32], [0x22; 32]];
+
+/// A key the `signed_cookie` target's layer does not list.
+pub const UNKNOWN_KEY: [u8; 32] = [0x33; 32];
+
+/// Cookie header bytes as in [`cookie_header`], looked up by a layer with signing keys
+/// ([`SIGNING_KEYS`]: the first current, the second older).
+///
+/// # Panics
+/// When an invariant fails: a lookup (`find_in_header` per header, `find_session_id` over the
+/// valid ones) differs from the rule written plainly here, with its own HMAC: the first cookie
+/// with the name whose trimmed value is `<id>.<mac>`, a canonical id and the unpadded
+/// base64url of HMAC-SHA256(key, `"<name>=<id>"`) under a listed key, wins (`Found` for the
+/// first key, `FoundOlderKey` for the other); `Invalid` when cookies with the name exist but
+/// none verifies. Also: a found value is byte for byte what the layer signs for that id (one
+/// accepted spelling per id and key), and a layer listing only the older key finds, as
+/// current, what the reference finds with that key alone (the cookie found as older included).
+pub fn signed_cookie(data: &[u8]) {
+    let listed: Vec<Vec<u8>> = SIGNING_KEYS.iter().map(|k| k.to_vec()).collect();
+    let keys = Keys::new(&listed).unwrap().expect("keys");
+    let older_only = Keys::new(&listed[1..]).unwrap().expect("keys");
+    let pieces: Vec<&[u8]> = data.split(|&b| b == HEADER_SEPARATOR).collect();
+    let mut headers = HeaderMap::new();
+    let mut valid: Vec<&[u8]> = Vec::new();
+    for &piece in &pieces {
+        if let Ok(value) = HeaderValue::from_bytes(piece) {
+            headers.append(COOKIE, value);
+            valid.push(piece);
+        }
+    }
+    for name in COOKIE_NAMES {
+        for &piece in &pieces {
+            let got = find_in_header(piece, name.as_bytes(), Some(&keys));
+            assert_eq!(
+                got,
+                expected_signed(piece, name, &SIGNING_KEYS),
+                "find_in_header({piece:?}, {name:?}) with keys"
+            );
+            // Rotation: a layer that lists only the older key finds, as current, the first
+            // cookie it signed; in particular the one found as older above.
+            let older = find_in_header(piece, name.as_bytes(), Some(&older_only));
+            assert_eq!(older, expected_signed(piece, name, &SIGNING_KEYS[1..]));
+            if let CookieLookup::FoundOlderKey(id) = got {
+                assert_eq!(
+                    older,
+                    CookieLookup::Found(id),
+                    "rotation lost an older cookie"
+                );
+            }
+        }
+        let got = find_session_id(&headers, name, Some(&keys));
+        let expected = valid
+            .iter()
+            .map(|h| expected_signed(h, name, &SIGNING_KEYS))
+            .find(|l| matches!(l, CookieLookup::Found(_) | CookieLookup::FoundOlderKey(_)))
+            .unwrap_or_else(|| {
+                if valid
+                    .iter()
+                    .any(|h| expected_signed(h, name, &SIGNING_KEYS) == CookieLookup::Invalid)
+                {
+                    CookieLookup::Invalid
+                } else {
+                    CookieLookup::Absent
+                }
+            });
+        assert_eq!(
+            got, expected,
+            "find_session_id with keys over {valid:?}, {name:?}"
+        );
+    }
+}
+
+/// The signed lookup rule for one header, written plainly with a fresh HMAC per key and the
+/// MAC compared as text; also checks that [`Keys::sign`] makes exactly the value found.
+fn expected_signed(header: &[u8], name: &str, keys: &[[u8; 32]]) -> CookieLookup {
+    use base64::Engine as _;
+    use hmac::{Hmac, KeyInit, Mac};
+
+    let mut lookup = CookieLookup::Absent;
+    for pair in header.split(|&b| b == b';') {
+        let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        if trim_ows(&pair[..eq]) != name.as_bytes() {
+            continue;
+        }
+        lookup = CookieLookup::Invalid;
+        let value = trim_ows(&pair[eq + 1..]);
+        let Some(dot) = value.iter().position(|&b| b == b'.') else {
+            continue;
+        };
+        let Ok(id) = Id::parse_bytes(&value[..dot]) else {
+            continue;
+        };
+        for (i, key) in keys.iter().enumerate() {
+            let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).expect("any key");
+            mac.update(format!("{name}={id}").as_bytes());
+            let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(mac.finalize().into_bytes());
+            if value[dot + 1..] == *tag.as_bytes() {
+                let owned: Vec<Vec<u8>> = vec![key.to_vec()];
+                let signer = Keys::new(&owned).unwrap().expect("a key");
+                assert_eq!(
+                    &signer.sign(name.as_bytes(), id)[..],
+                    value,
+                    "the value found is not what the layer signs"
+                );
+                return if i == 0 {
+                    CookieLookup::Found(id)
+                } else {
+                    CookieLookup::FoundOlderKey(id)
+                };
+            }
+        }
+    }
+    lookup
 }
 
 /// Session id text: [`Id::parse_bytes`] (and `FromStr` for UTF-8 input).

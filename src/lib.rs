@@ -43,8 +43,9 @@
 //! ```
 //!
 //! # How a request goes
-//! 1. The layer finds the session cookie and parses the id strictly; an id this crate could
-//!    not have issued is dropped without a store lookup, and the request gets a fresh session.
+//! 1. The layer finds the session cookie and parses the id strictly (and checks its signature,
+//!    with signing keys); an id this crate could not have issued is dropped without a store
+//!    lookup, and the request gets a fresh session.
 //! 2. The [`Session`] goes into the request's extensions. Nothing is loaded yet: a request that
 //!    never uses its session costs no store I/O.
 //! 3. The first read or write loads the record (one store round trip).
@@ -87,6 +88,9 @@
 //! - The cookie is `HttpOnly; SameSite=Lax; Secure; Path=/` by default; each weakening setter
 //!   says why in its docs, and `__Host-`/`__Secure-` names are checked when the layer is built.
 //! - Responses that set or remove the cookie carry `Vary: Cookie` and `Cache-Control: private`.
+//! - Optionally, signed cookies ([`SessionLayerBuilder::signing_keys`]): the id with an
+//!   HMAC-SHA256 of the cookie's name and the id, verified in constant time; unsigned, forged
+//!   or unknown-key cookies never reach the store, and keys rotate without logging anyone out.
 //! - The record is loaded and its expiry re-checked on every use; a store is never trusted to
 //!   have removed expired sessions. Call [`Session::cycle_id`] on login.
 //!
@@ -147,6 +151,7 @@ mod id;
 mod key;
 mod service;
 mod session;
+mod sign;
 pub mod store;
 mod trace;
 

@@ -16,6 +16,7 @@ use crate::config::{
 use crate::cookie::{self, CookieAction, CookieLookup, find_session_id};
 use crate::error::{Chain, Error};
 use crate::session::{Owners, Session, Shared};
+use crate::sign::Keys;
 use crate::store::SessionStore;
 
 #[cfg(feature = "tower")]
@@ -93,6 +94,7 @@ impl SessionLayer {
             absolute_lifetime: None,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             error_handler: Arc::new(default_error_handler),
+            signing_keys: Vec::new(),
         }
     }
 
@@ -130,6 +132,7 @@ pub struct SessionLayerBuilder {
     absolute_lifetime: Option<Duration>,
     max_record_bytes: usize,
     error_handler: ErrorHandler,
+    signing_keys: Vec<Vec<u8>>,
 }
 
 impl SessionLayerBuilder {
@@ -243,13 +246,67 @@ impl SessionLayerBuilder {
         self
     }
 
+    /// Signs the session cookie with the first of these keys and accepts cookies signed with
+    /// any of them (default: none, unsigned cookies). Each key is at least 32 random bytes (64
+    /// hex digits' worth); keep them as secret as a database password.
+    ///
+    /// With keys, the cookie's value is `<id>.<mac>`: the id, a dot, and the unpadded base64url
+    /// of HMAC-SHA256(key, `"<name>=<id>"`), 80 characters. The MAC binds the cookie's name
+    /// too, so a value cannot be replayed under another cookie name. A cookie that is unsigned,
+    /// malformed, or signed with a key not in the list is dropped before any store lookup, as
+    /// an invalid id is: the request gets a fresh session.
+    ///
+    /// Signing does not make a leaked cookie any less valid (the id is already a 122-bit
+    /// secret); it lets the layer refuse forged and stale cookies without asking the store, and
+    /// it lets you end every cookie at once by dropping a key.
+    ///
+    /// # Rotating keys
+    /// Put a new key first and keep the old one after it: `[new, old]`. Cookies signed with
+    /// `old` are still accepted, and **the response of the first request that loads the
+    /// session** (reads or writes it) re-sends the cookie signed with `new`, with the lifetime
+    /// the stored session has left, even when nothing else changed. A request that never
+    /// touches its session is not re-signed: re-sending needs the session's expiry, which only
+    /// a store round trip would tell, and such requests cost no store I/O. Keep `old` listed
+    /// for as long as the idle timeout (or the longest per-session expiry you set), then drop
+    /// it: cookies still signed with it then start fresh sessions.
+    ///
+    /// Verification tries the keys in order, so keep the list short (two or three).
+    ///
+    /// # Examples
+    /// ```
+    /// use hyper_sessions::{MemoryStore, SessionLayer};
+    ///
+    /// let current = [7u8; 32]; // in production: 32 random bytes from your secret store
+    /// let previous = [9u8; 32];
+    /// let layer = SessionLayer::builder(MemoryStore::default())
+    ///     .signing_keys([current, previous])
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    ///
+    /// // Keys shorter than 32 bytes are refused when the layer is built.
+    /// let err = SessionLayer::builder(MemoryStore::default())
+    ///     .signing_keys([b"too short"])
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(err.is_config());
+    /// ```
+    pub fn signing_keys<I>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<[u8]>,
+    {
+        self.signing_keys = keys.into_iter().map(|k| k.as_ref().to_vec()).collect();
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     ///
     /// # Errors
     /// [`Error::is_config`]: a cookie name that is not a token, a `__Host-` name with a domain
     /// or a path other than `/`, a `__Secure-`/`__Host-` name, `SameSite=None` or `Partitioned`
     /// without `Secure`, a path or domain with `;` or control characters, a zero idle timeout
-    /// or lifetime, or a zero record size limit.
+    /// or lifetime, a zero record size limit, or a signing key shorter than 32 bytes.
     pub fn build(self) -> Result<SessionLayer, Error> {
         let (cookie_prefix, cookie_attributes) = self.cookie.render()?;
         let config_error = |msg: &str| Error::with(crate::error::Kind::Config, msg.to_owned());
@@ -264,6 +321,7 @@ impl SessionLayerBuilder {
         if self.max_record_bytes == 0 {
             return Err(config_error("the record size limit must be above zero"));
         }
+        let signing_keys = Keys::new(&self.signing_keys)?;
         let config = Config {
             cookie_name: self.cookie.name,
             cookie_prefix,
@@ -273,6 +331,7 @@ impl SessionLayerBuilder {
             max_record_bytes: self.max_record_bytes,
             max_save_attempts: 24,
             error_handler: self.error_handler,
+            signing_keys,
         };
         Ok(SessionLayer {
             shared: Arc::new(Shared {
@@ -290,6 +349,8 @@ impl fmt::Debug for SessionLayerBuilder {
             .field("expiry", &self.expiry)
             .field("absolute_lifetime", &self.absolute_lifetime)
             .field("max_record_bytes", &self.max_record_bytes)
+            // How many, never the keys.
+            .field("signing_keys", &self.signing_keys.len())
             .finish_non_exhaustive()
     }
 }
@@ -325,7 +386,12 @@ impl<S> SessionService<S> {
 /// Creates the session for a request and puts it in the extensions: the part of a call that
 /// comes before the inner service, shared by the hyper and tower paths.
 fn attach<B>(shared: &Arc<Shared>, req: &mut Request<B>) -> Session {
-    let lookup = find_session_id(req.headers(), &shared.config.cookie_name);
+    let config = &shared.config;
+    let lookup = find_session_id(
+        req.headers(),
+        &config.cookie_name,
+        config.signing_keys.as_ref(),
+    );
     if lookup == CookieLookup::Invalid {
         crate::trace::event!(
             debug,

@@ -17,6 +17,7 @@ type Target = (&'static str, fn(&[u8]));
 /// a cargo feature gets `#[cfg(feature = "...")]` on its entry.
 const TARGETS: &[Target] = &[
     ("cookie_header", __fuzz::cookie_header),
+    ("signed_cookie", __fuzz::signed_cookie),
     ("session_id", __fuzz::session_id),
     ("record_decode", __fuzz::record_decode),
     #[cfg(feature = "webdis")]
@@ -96,6 +97,11 @@ fn replay(target: &str) {
 #[test]
 fn cookie_header_seeds() {
     replay("cookie_header");
+}
+
+#[test]
+fn signed_cookie_seeds() {
+    replay("signed_cookie");
 }
 
 #[test]

@@ -778,3 +778,70 @@ mod postgres {
         .await;
     }
 }
+
+/// Signed cookies: a forged or stale cookie is logged as ignored without its id or its MAC,
+/// and a short signing key's build error names neither the key nor its bytes.
+mod signed {
+    use super::*;
+
+    #[tokio::test]
+    async fn forged_cookies_and_short_keys() {
+        capture_logs();
+        let current = [0x4b_u8; 32];
+        let dropped = [0x7c_u8; 32];
+        let layer = |key: [u8; 32]| {
+            SessionLayer::builder(MemoryStore::default())
+                .signing_keys([key])
+                .build()
+                .unwrap()
+        };
+        // A real signed value, made by a layer whose key is then dropped.
+        let old = serve_service(layer(dropped).wrap(hyper::service::service_fn(app))).await;
+        let mut browser = Browser::new(old.addr).await;
+        assert_eq!(browser.get("/put?v=x").await.status, StatusCode::OK);
+        let pair = browser.cookie.clone().expect("a signed cookie");
+        let value = pair.strip_prefix("id=").unwrap().to_owned();
+        let (id, mac) = value.split_once('.').unwrap();
+        let mut secrets = Secrets::default();
+        secrets.id(id.parse().unwrap());
+        secrets.words.push(mac.to_owned());
+        secrets.words.push(mac[..16].to_owned());
+
+        let server = serve_service(layer(current).wrap(hyper::service::service_fn(app))).await;
+        let logs_before = LOGS.lock().unwrap().len();
+        for cookie in [
+            pair.clone(),
+            format!("id={id}"),
+            format!("id={id}.{}", &mac[..40]),
+        ] {
+            let mut b = Browser::with_cookie(server.addr, &cookie).await;
+            assert_eq!(b.get("/get").await.status, StatusCode::OK);
+        }
+        let logs: Vec<String> = LOGS.lock().unwrap()[logs_before..].to_vec();
+        assert!(
+            logs.iter().any(|l| l.contains("forged")),
+            "the ignored cookies were not logged: {logs:?}"
+        );
+        for line in &logs {
+            secrets.check("a forged-cookie log line", line);
+        }
+
+        let short = b"0123456789abcdef-short-key".to_vec();
+        let err = SessionLayer::builder(MemoryStore::default())
+            .signing_keys([current.to_vec(), short.clone()])
+            .build()
+            .unwrap_err();
+        let key_secrets = Secrets {
+            words: vec![
+                "0123456789abcdef-short-key".to_owned(),
+                "short-key".to_owned(),
+                byte_list(&short[..6]),
+                byte_list(&current[..6]),
+                "4b4b4b".to_owned(),
+            ],
+        };
+        for text in error_texts(&err) {
+            key_secrets.check("a short signing key's error", &text);
+        }
+    }
+}

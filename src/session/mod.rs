@@ -135,7 +135,12 @@ fn serde_error(e: serde_json::Error) -> Error {
 impl Session {
     pub(crate) fn new(shared: Arc<Shared>, cookie: CookieLookup) -> Self {
         // Without a valid id there is nothing to load.
-        let state = State::new(matches!(cookie, CookieLookup::Found(_)));
+        let (cookie, state) = match cookie {
+            CookieLookup::FoundOlderKey(id) => {
+                (CookieLookup::Found(id), State::new(true).resigning())
+            }
+            other => (other, State::new(matches!(other, CookieLookup::Found(_)))),
+        };
         Session {
             inner: Arc::new(Inner {
                 shared,
@@ -578,13 +583,13 @@ impl Session {
         if st.needs_commit(self.config(), st.clock_ms) {
             return None;
         }
-        Some(st.cookie_action())
+        Some(st.cookie_action(self.config()))
     }
 
     /// Commits and returns the cookie action for the response.
     pub(crate) async fn finish(&self) -> (Result<(), Error>, CookieAction) {
         let result = self.commit_now().await;
-        let action = self.state().cookie_action();
+        let action = self.state().cookie_action(self.config());
         (result, action)
     }
 

@@ -174,6 +174,9 @@ pub(crate) struct State {
     /// When this request last read the clock (Unix ms): at the load, or at a commit.
     pub(crate) clock_ms: u64,
     pub(crate) cookie: Cookie,
+    /// The cookie was signed with an older signing key: once the session is loaded, the
+    /// response re-sends it (signed with the current key) even if nothing else changed.
+    resign: bool,
 }
 
 impl State {
@@ -193,7 +196,14 @@ impl State {
             expiry_changed: false,
             clock_ms: 0,
             cookie: Cookie::Keep,
+            resign: false,
         }
+    }
+
+    /// The state of a request whose cookie was signed with an older key (see `resign`).
+    pub(crate) fn resigning(mut self) -> State {
+        self.resign = true;
+        self
     }
 
     /// `Ok` while the session can be used.
@@ -561,9 +571,24 @@ impl State {
     }
 
     /// The cookie action for the response.
-    pub(crate) fn cookie_action(&self) -> CookieAction {
+    ///
+    /// A cookie signed with an older key is re-sent (the layer signs it with the current key)
+    /// when the session was loaded and is still stored under the cookie's id: the record's
+    /// expiry, known from the load, gives a persistent cookie its `Max-Age`. An untouched
+    /// session is not re-signed, since its expiry would cost a store round trip.
+    pub(crate) fn cookie_action(&self, config: &Config) -> CookieAction {
         match self.cookie {
-            Cookie::Keep => CookieAction::None,
+            Cookie::Keep => match self.stored {
+                Some(stored)
+                    if self.resign && self.phase == Phase::Live && self.moving_from.is_none() =>
+                {
+                    let max_age = self.policy(config).persistent_cookie().then(|| {
+                        Duration::from_millis(stored.expires_ms.saturating_sub(self.clock_ms))
+                    });
+                    CookieAction::Set(stored.id.id, max_age)
+                }
+                _ => CookieAction::None,
+            },
             Cookie::Set(id, max_age) => CookieAction::Set(id, max_age),
             Cookie::Remove => CookieAction::Remove,
         }
@@ -640,6 +665,7 @@ mod tests {
             max_record_bytes: 1 << 20,
             max_save_attempts: 24,
             error_handler: Arc::new(default_error_handler),
+            signing_keys: None,
         }
     }
 
@@ -696,6 +722,70 @@ mod tests {
         let (mut st, id) = loaded(&config);
         st.install(id, None, &config, NOW);
         assert!(st.stored.is_some());
+    }
+
+    #[test]
+    fn an_older_key_cookie_is_resent_once_loaded_with_the_stored_lifetime() {
+        let config = config(None);
+        let id = IdKey::random();
+        let payload = format!(r#"{{"d":{{"a":1}},"c":{NOW}}}"#);
+        let load = |st: &mut State, now| {
+            st.install(id, Some(record(id, &payload, 3, NOW + DAY)), &config, now);
+        };
+        // Unloaded: nothing to re-send (its expiry is unknown).
+        let st = State::new(true).resigning();
+        assert_eq!(st.cookie_action(&config), CookieAction::None);
+        // Loaded an hour later, nothing changed and no refresh due: re-sent with what is left.
+        let mut st = State::new(true).resigning();
+        load(&mut st, NOW + 3_600_000);
+        assert!(matches!(
+            st.plan(&config, NOW + 3_600_000).unwrap(),
+            Plan::Nothing
+        ));
+        assert_eq!(
+            st.cookie_action(&config),
+            CookieAction::Set(id.id, Some(Duration::from_millis(DAY - 3_600_000)))
+        );
+        // A browser-session policy: no Max-Age.
+        let session_end = Config {
+            expiry: Expiry::OnSessionEnd(Duration::from_millis(DAY)),
+            ..self::config(None)
+        };
+        let mut st = State::new(true).resigning();
+        st.install(
+            id,
+            Some(record(id, &payload, 3, NOW + DAY)),
+            &session_end,
+            NOW,
+        );
+        assert_eq!(
+            st.cookie_action(&session_end),
+            CookieAction::Set(id.id, None)
+        );
+        // A current-key cookie is not re-sent; nor one whose session is gone or destroyed.
+        let mut st = State::new(true);
+        load(&mut st, NOW);
+        assert_eq!(st.cookie_action(&config), CookieAction::None);
+        let mut st = State::new(true).resigning();
+        st.install(id, None, &config, NOW);
+        assert_eq!(st.cookie_action(&config), CookieAction::None);
+        let mut st = State::new(true).resigning();
+        load(&mut st, NOW);
+        st.destroyed(true);
+        assert_eq!(st.cookie_action(&config), CookieAction::Remove);
+        // A cycle sends the new id (the layer signs it with the current key).
+        let mut st = State::new(true).resigning();
+        load(&mut st, NOW);
+        st.cycle();
+        let plan = st.plan(&config, NOW).unwrap();
+        let Plan::Create { id: new, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        st.done(&plan, &config, NOW);
+        assert!(matches!(
+            st.cookie_action(&config),
+            CookieAction::Set(sent, _) if sent == new.id
+        ));
     }
 
     #[test]
