@@ -147,19 +147,19 @@ fn parse_key(hex: &str) -> Result<[u8; 32], String> {
 }
 
 /// The `Cookie` pair a client sends for `id`: the bare id, or with signing keys the id signed
-/// with the first, as the layer signs it (`<id>.<base64url(HMAC-SHA256(key, "id=<id>"))>`).
-/// Written here from the documented format, not through the library.
+/// with the first, as the layer signs it (`<id>.<base64url(first 16 bytes of BLAKE3-keyed(k,
+/// "id=<id>"))>`, `k`
+/// derived from the key; see `SessionLayerBuilder::signing_keys`). Written here from the
+/// documented format, not through the library.
 fn cookie_pair(id: Id, signing_keys: &[[u8; 32]]) -> String {
     use base64::Engine as _;
-    use hmac::{KeyInit, Mac};
 
     let Some(key) = signing_keys.first() else {
         return format!("id={id}");
     };
-    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key)
-        .expect("HMAC takes keys of any length");
-    mac.update(format!("id={id}").as_bytes());
-    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    let mac_key = blake3::derive_key("hyper-sessions 2026-12-01 session cookie MAC key", key);
+    let tag = blake3::keyed_hash(&mac_key, format!("id={id}").as_bytes());
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&tag.as_bytes()[..16]);
     format!("id={id}.{tag}")
 }
 

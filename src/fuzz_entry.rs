@@ -36,8 +36,8 @@ pub fn find_session(headers: &http::HeaderMap, name: &str) -> bool {
     matches!(find_session_id(headers, name, None), CookieLookup::Found(_))
 }
 
-/// The layer's cookie lookup with signing keys, for `benches/micro.rs`: the keys' HMAC states
-/// are made once, as a layer makes them at build.
+/// The layer's cookie lookup with signing keys, for `benches/micro.rs`: the keys' MAC keys are
+/// derived once, as a layer derives them at build.
 #[derive(Debug)]
 pub struct SignedLookup(Keys);
 
@@ -240,9 +240,10 @@ pub const UNKNOWN_KEY: [u8; 32] = [0x33; 32];
 ///
 /// # Panics
 /// When an invariant fails: a lookup (`find_in_header` per header, `find_session_id` over the
-/// valid ones) differs from the rule written plainly here, with its own HMAC: the first cookie
+/// valid ones) differs from the rule written plainly here, with its own MAC: the first cookie
 /// with the name whose trimmed value is `<id>.<mac>`, a canonical id and the unpadded
-/// base64url of HMAC-SHA256(key, `"<name>=<id>"`) under a listed key, wins (`Found` for the
+/// base64url of the keyed BLAKE3 of `"<name>=<id>"` (its first 16 bytes) under a listed key,
+/// wins (`Found` for the
 /// first key, `FoundOlderKey` for the other); `Invalid` when cookies with the name exist but
 /// none verifies. Also: a found value is byte for byte what the layer signs for that id (one
 /// accepted spelling per id and key), and a layer listing only the older key finds, as
@@ -302,11 +303,10 @@ pub fn signed_cookie(data: &[u8]) {
     }
 }
 
-/// The signed lookup rule for one header, written plainly with a fresh HMAC per key and the
+/// The signed lookup rule for one header, written plainly with a fresh MAC per key and the
 /// MAC compared as text; also checks that [`Keys::sign`] makes exactly the value found.
 fn expected_signed(header: &[u8], name: &str, keys: &[[u8; 32]]) -> CookieLookup {
     use base64::Engine as _;
-    use hmac::{Hmac, KeyInit, Mac};
 
     let mut lookup = CookieLookup::Absent;
     for pair in header.split(|&b| b == b';') {
@@ -325,10 +325,10 @@ fn expected_signed(header: &[u8], name: &str, keys: &[[u8; 32]]) -> CookieLookup
             continue;
         };
         for (i, key) in keys.iter().enumerate() {
-            let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).expect("any key");
-            mac.update(format!("{name}={id}").as_bytes());
-            let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .encode(mac.finalize().into_bytes());
+            let mac_key = blake3::derive_key(crate::sign::KEY_CONTEXT, key);
+            let mac = blake3::keyed_hash(&mac_key, format!("{name}={id}").as_bytes());
+            let tag =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&mac.as_bytes()[..16]);
             if value[dot + 1..] == *tag.as_bytes() {
                 let owned: Vec<Vec<u8>> = vec![key.to_vec()];
                 let signer = Keys::new(&owned).unwrap().expect("a key");

@@ -88,8 +88,8 @@
 //! - The cookie is `HttpOnly; SameSite=Lax; Secure; Path=/` by default; each weakening setter
 //!   says why in its docs, and `__Host-`/`__Secure-` names are checked when the layer is built.
 //! - Responses that set or remove the cookie carry `Vary: Cookie` and `Cache-Control: private`.
-//! - Optionally, signed cookies ([`SessionLayerBuilder::signing_keys`]): the id with an
-//!   HMAC-SHA256 of the cookie's name and the id, verified in constant time; unsigned, forged
+//! - Optionally, signed cookies ([`SessionLayerBuilder::signing_keys`]): the id with a MAC
+//!   (keyed BLAKE3) of the cookie's name and the id, verified in constant time; unsigned, forged
 //!   or unknown-key cookies never reach the store, and keys rotate without logging anyone out.
 //! - The record is loaded and its expiry re-checked on every use; a store is never trusted to
 //!   have removed expired sessions. Call [`Session::cycle_id`] on login.
