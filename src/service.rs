@@ -253,9 +253,9 @@ impl SessionLayerBuilder {
     /// With keys, the cookie's value is `<id>.<mac>`: the id, a dot, and the unpadded base64url
     /// of the first 16 bytes of the keyed BLAKE3 hash of `"<name>=<id>"` under a MAC key
     /// derived from the key (`blake3::derive_key("hyper-sessions 2026-12-01 session cookie MAC
-    /// key", key)`), 59 characters. Keyed BLAKE3 is a MAC like HMAC-SHA256, at a tenth of its cost on CPUs
-    /// without SHA instructions; the crate already uses BLAKE3. The MAC binds the cookie's name
-    /// too, so a value cannot be replayed under another cookie name. A cookie that is unsigned,
+    /// key", key)`), 59 characters. Keyed BLAKE3 is a MAC like HMAC-SHA256, at a tenth of its
+    /// cost on CPUs without SHA instructions; the crate already uses BLAKE3. The MAC binds the
+    /// cookie's name too, so a value cannot be replayed under another cookie name. A cookie that is unsigned,
     /// malformed, or signed with a key not in the list is dropped before any store lookup, as
     /// an invalid id is: the request gets a fresh session.
     ///
