@@ -37,7 +37,7 @@ const PAYLOAD: usize = 100;
 
 /// Who owns the `i`-th session of the fill (`i` from 1): the same rule for every store.
 fn owner_of(i: u64) -> Option<String> {
-    if i % EVERY == 0 {
+    if i.is_multiple_of(EVERY) {
         Some(TARGET.to_owned())
     } else if i % 10 == 1 {
         None
@@ -110,7 +110,7 @@ fn expires_at() -> SystemTime {
 
 async fn memory() {
     let store = MemoryStore::builder()
-        .max_sessions(2 * SESSIONS as usize)
+        .max_sessions(2 * usize::try_from(SESSIONS).unwrap())
         .max_bytes(usize::MAX / 2)
         .build();
     let expires = expires_at();
@@ -122,7 +122,7 @@ async fn memory() {
         store.create(&record).await.unwrap();
     }
     eprintln!("memory: filled in {:.1} s", started.elapsed().as_secs_f64());
-    assert_eq!(store.len(), SESSIONS as usize);
+    assert_eq!(store.len(), usize::try_from(SESSIONS).unwrap());
     time_listing("memory", &store).await;
 }
 

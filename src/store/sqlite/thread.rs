@@ -463,8 +463,8 @@ fn load_row(load: &mut Statement<'_>, id: &[u8; 16]) -> Result<Option<Stored>, F
 }
 
 /// The live rows of `owner` as records; one unreadable row fails the listing (as corrupt).
-fn owned_rows(owned: &mut Statement<'_>, owner: &Arc<str>) -> Result<Vec<Record>, Fail> {
-    let mut rows = owned.query(params![&**owner])?;
+fn owned_rows(stmt: &mut Statement<'_>, owner: &Arc<str>) -> Result<Vec<Record>, Fail> {
+    let mut rows = stmt.query(params![&**owner])?;
     let mut records = Vec::new();
     while let Some(row) = rows.next()? {
         let key = match row.get_ref(0)? {
