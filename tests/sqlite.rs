@@ -886,6 +886,65 @@ fn now_unix_ms() -> u64 {
     unix_ms(SystemTime::now())
 }
 
+/// A save that keeps the expiry but changes the owner (given, moved, taken away) changes it:
+/// the same-expiry statement, which leaves the owner out of its `SET`, must not match then. A
+/// touch keeps the owner; a listing follows each change.
+#[tokio::test]
+async fn saves_that_change_only_the_owner() {
+    let (store, dir) = file_fixture().await;
+    let c = raw(&dir.db());
+    let stored_owner = |key: Key| -> Option<String> {
+        c.query_row(
+            "SELECT owner FROM sessions WHERE id = ?1",
+            [&key.to_bytes()[..]],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let expires = u64::try_from(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+        + 60_000;
+    let id = new_key();
+    let at = |v, owner: Option<&str>| {
+        record_at_ms(id, Bytes::from_static(b"{}"), v, expires).with_owner(owner.map(Into::into))
+    };
+    store.create(&at(1, None)).await.unwrap();
+    let steps: [(u64, Option<&str>); 5] = [
+        (2, None),
+        (3, Some("ada")),
+        (4, Some("ada")),
+        (5, Some("bob")),
+        (6, None),
+    ];
+    for (version, owner) in steps {
+        let saved = store.save(&at(version, owner), version - 1).await.unwrap();
+        assert_eq!(saved, SaveOutcome::Saved, "version {version}");
+        assert_eq!(stored_owner(id).as_deref(), owner, "version {version}");
+        let back = store.load(&id).await.unwrap().unwrap();
+        assert_eq!((back.version(), back.owner()), (version, owner));
+        assert_eq!(back.expires_at_unix_ms(), expires);
+        for name in ["ada", "bob"] {
+            let listed = store.owned(name).await.unwrap();
+            assert_eq!(listed.len(), usize::from(owner == Some(name)), "{name}");
+        }
+    }
+    store.save(&at(7, Some("ada")), 6).await.unwrap();
+    let later = common::unix_ms(in_ms(120_000));
+    assert_eq!(
+        store
+            .touch(&id, 7, common::from_unix_ms(later))
+            .await
+            .unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(stored_owner(id).as_deref(), Some("ada"));
+}
+
 /// `touch` and `remove` are compare-and-sets on the version: the right version changes the row
 /// (touch: the expiry only), another version is a conflict that changes nothing, and a missing
 /// or expired row is missing (and stays as it was: never revived, never counted as removed).
