@@ -14,6 +14,9 @@
 //! opened): one transaction with a prepared `INSERT` for `SQLite` (a file in a temporary
 //! directory), one `INSERT ... SELECT FROM generate_series` for PostgreSQL (then `VACUUM
 //! ANALYZE`, as autovacuum would do after such a fill); the fill is not what is measured.
+//!
+//! Then, per SQL store, the time to open a version-1 table (before owners) of as many sessions,
+//! which the store migrates (adds the column, builds the owner index) before it answers.
 //! `OWNERS_BENCH_SKIP=postgres` (or `sqlite`, `memory`, comma-separated) leaves stores out.
 
 use std::path::{Path, PathBuf};
@@ -191,6 +194,50 @@ async fn sqlite() {
     );
     drop(c);
     time_listing("sqlite", &store).await;
+    drop(store);
+    sqlite_migration(&dir.0.join("v1.db")).await;
+}
+
+/// How long opening a version-1 table (before owners) of 1,000,000 sessions takes: the
+/// migration adds the column and builds the owner index.
+async fn sqlite_migration(path: &Path) {
+    let mut c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode = WAL; \
+         CREATE TABLE hyper_sessions_schema \
+         (table_name TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL) WITHOUT ROWID; \
+         CREATE TABLE sessions (id BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL, \
+         version INTEGER NOT NULL, expires_at INTEGER NOT NULL) WITHOUT ROWID; \
+         CREATE INDEX sessions_expires_at ON sessions (expires_at); \
+         INSERT INTO hyper_sessions_schema VALUES ('sessions', 1);",
+    )
+    .unwrap();
+    let tx = c.transaction().unwrap();
+    {
+        let mut insert = tx
+            .prepare("INSERT INTO sessions VALUES (?1, ?2, 1, 4102444800000)")
+            .unwrap();
+        let data = vec![b'x'; PAYLOAD];
+        for _ in 0..SESSIONS {
+            insert
+                .execute(rusqlite::params![Key::of(Id::random()).to_bytes(), data])
+                .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    drop(c);
+    let started = Instant::now();
+    let store = SqliteStore::builder(path)
+        .cleanup_interval(None)
+        .open()
+        .await
+        .unwrap();
+    println!(
+        "{:>10}: opening a version-1 table of {SESSIONS} sessions (the migration): {:.0} ms",
+        "sqlite",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    drop(store);
 }
 
 async fn postgres() {
@@ -260,6 +307,35 @@ async fn postgres() {
         .map(|r| r.get(0))
         .collect();
     eprintln!("postgres, on the server:\n  {}", analyzed.join("\n  "));
+
+    // Opening a version-1 table (before owners) of as many sessions: the migration.
+    c.batch_execute(&format!(
+        "CREATE TABLE sessions_v1 (key bytea PRIMARY KEY CHECK (octet_length(key) = 16), \
+           data bytea NOT NULL, version bigint NOT NULL, expires_at timestamptz NOT NULL) \
+           WITH (fillfactor = 90); \
+         CREATE INDEX sessions_v1_expires_at ON sessions_v1 (expires_at); \
+         INSERT INTO hyper_sessions_schema (table_name, version) VALUES ('sessions_v1', 1); \
+         INSERT INTO sessions_v1 (key, data, version, expires_at) \
+         SELECT decode(md5(i::text), 'hex'), convert_to(repeat('x', {PAYLOAD}), 'UTF8'), 1, \
+           now() + interval '1 day' FROM generate_series(1, {SESSIONS}) AS i"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("VACUUM ANALYZE sessions_v1").await.unwrap();
+    let started = Instant::now();
+    let migrated = PostgresStore::builder()
+        .table("sessions_v1")
+        .cleanup_interval(None)
+        .statement_timeout(Duration::from_secs(30))
+        .open(&url)
+        .await
+        .unwrap();
+    println!(
+        "{:>10}: opening a version-1 table of {SESSIONS} sessions (the migration): {:.0} ms",
+        "postgres",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    drop(migrated);
     drop(store);
     drop(server);
 }
