@@ -393,8 +393,9 @@ async fn a_failed_migration_changes_nothing() {
     assert_eq!(owner_columns, 0, "the column was added without the rest");
 }
 
-/// An owner column whose type was changed after the store opened: `load` says corrupt (naming
-/// the column, not the owner), and so does a listing; neither names the owner.
+/// An unreadable row among an owner's makes the listing corrupt (naming the row by its key's
+/// fingerprint); an owner column whose type was changed after the store opened makes `load`
+/// corrupt (naming the column) and the listing fail; no error names the owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_owner_is_a_corrupt_row() {
     let server = PostgresServer::shared().await;
@@ -408,6 +409,23 @@ async fn an_unreadable_owner_is_a_corrupt_row() {
         .unwrap();
     assert_eq!(store.owned(owner).await.unwrap().len(), 1);
     let c = server.client("postgres").await;
+    // An unreadable version among the owner's rows: the listing is corrupt, naming the row by
+    // its fingerprint and not the owner.
+    c.batch_execute(&format!(
+        "ALTER TABLE {table} ALTER COLUMN version DROP NOT NULL; \
+         UPDATE {table} SET version = NULL"
+    ))
+    .await
+    .unwrap();
+    let err = store.owned(owner).await.unwrap_err();
+    let text = chain(&err);
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{text}");
+    assert!(text.contains("column version"), "{text}");
+    check_named_by_fingerprint_only(&text, key);
+    assert!(!text.contains("alice"), "the owner leaked: {text}");
+    c.batch_execute(&format!("UPDATE {table} SET version = 1"))
+        .await
+        .unwrap();
     c.batch_execute(&format!(
         "ALTER TABLE {table} ALTER COLUMN owner TYPE bytea USING convert_to(owner, 'UTF8')"
     ))

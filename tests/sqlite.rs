@@ -711,6 +711,12 @@ async fn a_corrupt_row_in_an_owners_listing() {
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{}", chain(&err));
     let text = chain(&err);
     assert!(text.contains("column version"), "{text}");
+    let full = bad.to_hex();
+    assert!(text.contains(&full[..8]), "the row is named: {text}");
+    assert!(
+        !text.contains(&full[..9]),
+        "more than the fingerprint: {text}"
+    );
     for secret in [owner, "alice", "secret"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }

@@ -730,7 +730,12 @@ fn decode_owned(row: &Row, owner: &Arc<str>) -> Result<Record, Fail> {
         .map_err(|e| Fail::Corrupt(format!("column key: {e}")))?;
     let key = <[u8; 16]>::try_from(key)
         .map_err(|_| Fail::Corrupt("column key is not 16 bytes".to_owned()))?;
-    decode(row, 1, Key::from_bytes(key), Some(owner))
+    let key = Key::from_bytes(key);
+    // Named by the key's fingerprint, as a load names its row.
+    decode(row, 1, key, Some(owner)).map_err(|fail| match fail {
+        Fail::Corrupt(what) => Fail::Corrupt(format!("session row {}…: {what}", key.fingerprint())),
+        other => other,
+    })
 }
 
 /// What a conditional write found: no live row is missing, the expected version saved (the

@@ -474,8 +474,15 @@ fn owned_rows(stmt: &mut Statement<'_>, owner: &Arc<str>) -> Result<Vec<Record>,
         let Some(key) = key else {
             return Err(Fail::Corrupt("column id is not a 16-byte BLOB".to_owned()));
         };
-        let stored = read_row(row, 1, Some(owner))?;
-        records.push(stored.into_record(Key::from_bytes(key)));
+        let key = Key::from_bytes(key);
+        // Named by the key's fingerprint, as a load names its row.
+        let stored = read_row(row, 1, Some(owner)).map_err(|fail| match fail {
+            Fail::Corrupt(what) => {
+                Fail::Corrupt(format!("session row {}…: {what}", key.fingerprint()))
+            }
+            other => other,
+        })?;
+        records.push(stored.into_record(key));
     }
     Ok(records)
 }
