@@ -49,9 +49,9 @@ impl Key {
         Key(key)
     }
 
-    /// The key with these bytes, as [`to_bytes`](Key::to_bytes) gave them. Crate-private until a
-    /// store needs to read keys back (the owner listing of the user-sessions issue).
-    #[cfg(test)]
+    /// The key with these bytes, as [`to_bytes`](Key::to_bytes) gave them: for the stores that
+    /// read keys back (an owner's listing). Crate-private.
+    #[cfg(any(test, feature = "sqlite", feature = "postgres"))]
     pub(crate) fn from_bytes(bytes: [u8; 16]) -> Key {
         Key(bytes)
     }

@@ -238,6 +238,53 @@ async fn no_secret_leaks<S: SessionStore + Clone>(
     }
 }
 
+/// Three sessions of an owner whose name is a secret; `break_rows` (given the owner and two of
+/// the keys) makes some rows unreadable. Then the owner's listing, the loads and owned writes
+/// meet errors, and neither they nor any log line show the owner.
+async fn owners_never_show<S: SessionStore>(
+    what: &str,
+    store: S,
+    break_rows: impl FnOnce(String, Key, Key) -> Step,
+) {
+    capture_logs();
+    let owner = format!("owner{}", secret_value());
+    let mut secrets = Secrets::default();
+    secrets.value(&owner);
+    let logs_before = LOGS.lock().unwrap().len();
+    let expires = SystemTime::now() + Duration::from_secs(60);
+    let record = |key, version| {
+        Record::new(key, Bytes::from_static(b"{\"d\":{}}"), version, expires)
+            .with_owner(Some(owner.as_str().into()))
+    };
+    let keys: Vec<Key> = (0..3).map(|_| Key::of(Id::random())).collect();
+    for &key in &keys {
+        store.create(&record(key, 1)).await.unwrap();
+    }
+    assert_eq!(store.owned(&owner).await.unwrap().len(), 3, "{what}");
+
+    let mut errors = break_rows(owner.clone(), keys[0], keys[1]).await;
+    errors.extend(store.owned(&owner).await.err());
+    for key in &keys {
+        errors.extend(store.load(key).await.err());
+    }
+    errors.extend(store.save(&record(keys[2], 2), 1).await.err());
+    errors.extend(store.create(&record(Key::of(Id::random()), 1)).await.err());
+
+    assert!(
+        !errors.is_empty(),
+        "{what}: no error at all; the case proves nothing"
+    );
+    let logs: Vec<String> = LOGS.lock().unwrap()[logs_before..].to_vec();
+    for line in &logs {
+        secrets.check(&format!("{what}: a log line"), line);
+    }
+    for e in &errors {
+        for text in error_texts(e) {
+            secrets.check(&format!("{what}: a store error"), &text);
+        }
+    }
+}
+
 /// Replaces the session's record with one the layer cannot read, holding secrets in every
 /// part a decoder might quote.
 async fn corrupt_payloads<S: SessionStore + Clone>(what: &str, store: S) {
@@ -401,6 +448,31 @@ mod sqlite {
             },
             nothing,
         )
+        .await;
+    }
+
+    /// An owner's rows with a version that is not one and an owner that is not UTF-8 (the
+    /// owner's bytes behind a stray 0xff).
+    #[tokio::test]
+    async fn an_owners_unreadable_rows() {
+        let db = Db::new();
+        let path = db.path();
+        owners_never_show("sqlite, owners", store(&db).await, move |owner, a, b| {
+            Box::pin(async move {
+                let c = rusqlite::Connection::open(&path).unwrap();
+                c.execute(
+                    "UPDATE sessions SET version = 'abc' WHERE id = ?1",
+                    [&a.to_bytes()[..]],
+                )
+                .unwrap();
+                c.execute(
+                    "UPDATE sessions SET owner = CAST(x'ff' AS TEXT) || ?2 WHERE id = ?1",
+                    rusqlite::params![&b.to_bytes()[..], owner],
+                )
+                .unwrap();
+                Vec::new()
+            })
+        })
         .await;
     }
 
@@ -712,6 +784,28 @@ mod postgres {
             },
             nothing,
         )
+        .await;
+    }
+
+    /// The owner column's type changed by hand under the store (its statements prepared for
+    /// `text`): loads, the listing and owned writes fail, showing no owner.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_owner_column_of_another_type() {
+        let server = PostgresServer::shared().await;
+        let (store, table) = store(&server).await;
+        let target = Arc::clone(&server);
+        owners_never_show("postgres, owners", store, move |_, _, _| {
+            Box::pin(async move {
+                let c = target.client("postgres").await;
+                c.batch_execute(&format!(
+                    "ALTER TABLE {table} ALTER COLUMN owner TYPE bytea \
+                     USING convert_to(owner, 'UTF8')"
+                ))
+                .await
+                .unwrap();
+                Vec::new()
+            })
+        })
         .await;
     }
 

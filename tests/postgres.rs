@@ -80,7 +80,7 @@ async fn schema_is_created_once_and_versioned() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     let columns: Vec<(String, String)> = c
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -97,6 +97,7 @@ async fn schema_is_created_once_and_versioned() {
         ("data", "bytea"),
         ("version", "bigint"),
         ("expires_at", "timestamp with time zone"),
+        ("owner", "text"),
     ];
     assert_eq!(
         columns,
@@ -111,6 +112,18 @@ async fn schema_is_created_once_and_versioned() {
         .unwrap()
         .get(0);
     assert!(index.contains("(expires_at)"), "{index}");
+    let index: String = c
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = $1 AND indexname = $2",
+            &[&table, &format!("{table}_owner")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        index.contains("(owner)") && index.contains("WHERE (owner IS NOT NULL)"),
+        "{index}"
+    );
     // A second store on the same table (another app server, a restart) finds it as it is, and
     // both see the same sessions.
     let key = new_key();
@@ -152,7 +165,7 @@ async fn unusable_tables_are_clear_errors_at_open() {
     let newer = fresh_table();
     builder(&newer).open(&server.url()).await.unwrap();
     c.execute(
-        "UPDATE public.hyper_sessions_schema SET version = 2 WHERE table_name = $1",
+        "UPDATE public.hyper_sessions_schema SET version = 3 WHERE table_name = $1",
         &[&newer],
     )
     .await
@@ -160,7 +173,7 @@ async fn unusable_tables_are_clear_errors_at_open() {
     let err = open(newer.clone()).await;
     assert_eq!(err.kind(), StoreErrorKind::Other);
     let text = chain(&err);
-    assert!(text.contains("schema version 2"), "{text}");
+    assert!(text.contains("schema version 3"), "{text}");
     assert!(text.contains(&newer), "{text}");
 
     let foreign = fresh_table();
@@ -240,6 +253,193 @@ async fn unusable_tables_are_clear_errors_at_open() {
         debug.contains("app") && debug.contains("Web_Sessions"),
         "{debug}"
     );
+}
+
+/// Creates `table` exactly as the release before owners did (schema version 1), under the
+/// stores' setup lock (`0x6879_7065_7273_6573`: other tests' stores may be creating the version
+/// table meanwhile).
+async fn create_v1_table(c: &tokio_postgres::Client, table: &str) {
+    c.batch_execute(&format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(7528171833140667763); \
+         CREATE TABLE IF NOT EXISTS public.hyper_sessions_schema \
+         (table_name text PRIMARY KEY, version integer NOT NULL); \
+         CREATE TABLE public.\"{table}\" (\
+           key bytea PRIMARY KEY CHECK (octet_length(key) = 16), \
+           data bytea NOT NULL, \
+           version bigint NOT NULL, \
+           expires_at timestamptz NOT NULL\
+         ) WITH (fillfactor = 90); \
+         CREATE INDEX \"{table}_expires_at\" ON public.\"{table}\" (expires_at); \
+         INSERT INTO public.hyper_sessions_schema (table_name, version) VALUES ('{table}', 1); \
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+}
+
+/// A version-1 table (no owners) is migrated when stores open it, several at once (app
+/// servers starting together): the column and its index are added once, the version row says
+/// 2, the rows it held load as they were (without an owner), and owners work from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_1_tables_are_migrated() {
+    let server = PostgresServer::shared().await;
+    let c = server.client("postgres").await;
+    let table = fresh_table();
+    create_v1_table(&c, &table).await;
+    let old = new_key();
+    c.execute(
+        &format!(
+            "INSERT INTO {table} (key, data, version, expires_at) \
+             VALUES ($1, $2, 3, now() + interval '1 hour')"
+        ),
+        &[&&old.to_bytes()[..], &&b"{\"d\":{\"n\":1}}"[..]],
+    )
+    .await
+    .unwrap();
+
+    let mut opens = Vec::new();
+    for _ in 0..4 {
+        let (url, table) = (server.url(), table.clone());
+        opens.push(tokio::spawn(
+            async move { builder(&table).open(&url).await },
+        ));
+    }
+    let mut stores = Vec::new();
+    for open in opens {
+        stores.push(open.await.unwrap().unwrap());
+    }
+    let store = &stores[0];
+    let back = store.load(&old).await.unwrap().expect("the old row loads");
+    assert_eq!(back.data(), &Bytes::from_static(b"{\"d\":{\"n\":1}}"));
+    assert_eq!((back.version(), back.owner()), (3, None));
+    let version: i32 = c
+        .query_one(
+            "SELECT version FROM public.hyper_sessions_schema WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 2);
+    let index: String = c
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = $1 AND indexname = $2",
+            &[&table, &format!("{table}_owner")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(index.contains("WHERE (owner IS NOT NULL)"), "{index}");
+
+    // Owners work: the old row given one by a save, a new one created with one; every store
+    // on the table sees them.
+    let saved =
+        Record::new(old, back.data().clone(), 4, back.expires_at()).with_owner(Some("42".into()));
+    assert_eq!(store.save(&saved, 3).await.unwrap(), SaveOutcome::Saved);
+    let new = new_key();
+    let created = record(new, "{}", in_ms(60_000)).with_owner(Some("42".into()));
+    store.create(&created).await.unwrap();
+    let mut expected = vec![old, new];
+    expected.sort();
+    for store in &stores {
+        let mut listed: Vec<Key> = store
+            .owned("42")
+            .await
+            .unwrap()
+            .iter()
+            .map(Record::key)
+            .collect();
+        listed.sort();
+        assert_eq!(listed, expected);
+    }
+    assert_eq!(
+        stores[3].load(&old).await.unwrap().unwrap().owner(),
+        Some("42")
+    );
+}
+
+/// A migration that cannot be made (the name of the owner index is taken) changes nothing: the
+/// table stays at version 1 without the column, and the store does not open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_migration_changes_nothing() {
+    let server = PostgresServer::shared().await;
+    let c = server.client("postgres").await;
+    let table = fresh_table();
+    create_v1_table(&c, &table).await;
+    c.batch_execute(&format!("CREATE TABLE \"{table}_owner\" (x int)"))
+        .await
+        .unwrap();
+    let err = builder(&table).open(&server.url()).await.unwrap_err();
+    let text = chain(&err);
+    assert!(text.contains(&format!("{table}_owner")), "{text}");
+    let version: i32 = c
+        .query_one(
+            "SELECT version FROM public.hyper_sessions_schema WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 1);
+    let owner_columns: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_name = $1 AND column_name = 'owner'",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner_columns, 0, "the column was added without the rest");
+}
+
+/// An unreadable row among an owner's makes the listing corrupt (naming the row by its key's
+/// fingerprint); an owner column whose type was changed after the store opened makes `load`
+/// corrupt (naming the column) and the listing fail; no error names the owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_owner_is_a_corrupt_row() {
+    let server = PostgresServer::shared().await;
+    let table = fresh_table();
+    let store = builder(&table).open(&server.url()).await.unwrap();
+    let owner = "alice@example.com";
+    let key = new_key();
+    store
+        .create(&record(key, "{}", in_ms(60_000)).with_owner(Some(owner.into())))
+        .await
+        .unwrap();
+    assert_eq!(store.owned(owner).await.unwrap().len(), 1);
+    let c = server.client("postgres").await;
+    // An unreadable version among the owner's rows: the listing is corrupt, naming the row by
+    // its fingerprint and not the owner.
+    c.batch_execute(&format!(
+        "ALTER TABLE {table} ALTER COLUMN version DROP NOT NULL; \
+         UPDATE {table} SET version = NULL"
+    ))
+    .await
+    .unwrap();
+    let err = store.owned(owner).await.unwrap_err();
+    let text = chain(&err);
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{text}");
+    assert!(text.contains("column version"), "{text}");
+    check_named_by_fingerprint_only(&text, key);
+    assert!(!text.contains("alice"), "the owner leaked: {text}");
+    c.batch_execute(&format!("UPDATE {table} SET version = 1"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "ALTER TABLE {table} ALTER COLUMN owner TYPE bytea USING convert_to(owner, 'UTF8')"
+    ))
+    .await
+    .unwrap();
+    let err = store.load(&key).await.unwrap_err();
+    let text = chain(&err);
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{text}");
+    assert!(text.contains("column owner"), "{text}");
+    check_named_by_fingerprint_only(&text, key);
+    assert!(!text.contains("alice"), "the owner leaked: {text}");
+    let err = store.owned(owner).await.unwrap_err();
+    let text = chain(&err);
+    assert!(!text.contains("alice"), "the owner leaked: {text}");
 }
 
 /// Table and schema names that are not plain identifiers never reach SQL: `open` refuses them

@@ -113,7 +113,7 @@ async fn schema_and_pragmas() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     // The id is the 16-byte blob; the expiry an integer; an index serves the cleanup.
     let (key, kind): (Vec<u8>, String) = c
         .query_row("SELECT id, typeof(expires_at) FROM sessions", [], |r| {
@@ -131,6 +131,28 @@ async fn schema_and_pragmas() {
         )
         .unwrap();
     assert_eq!(index, 1);
+    // The owner: NULL for none, and a partial index that `owned` uses.
+    let owner: Option<String> = c
+        .query_row("SELECT owner FROM sessions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(owner, None);
+    let index: String = c
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE type = 'index' AND name = 'sessions_owner'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(index.contains("WHERE owner IS NOT NULL"), "{index}");
+    let plan: String = c
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT id, data, version, expires_at, owner FROM sessions \
+             WHERE owner = ?1 AND expires_at > 0",
+            ["42"],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(plan.contains("sessions_owner"), "{plan}");
     // Reopening finds the schema and keeps the data.
     drop(store);
     let store = SqliteStore::open(dir.db()).await.unwrap();
@@ -166,6 +188,117 @@ async fn newer_schema_and_foreign_tables_are_refused() {
     let id = new_key();
     other.create(&record(id, "x", in_ms(60_000))).await.unwrap();
     assert!(other.load(&id).await.unwrap().is_some());
+}
+
+/// The exact version-1 schema (before owners), as the release before it created it.
+const V1_SCHEMA: &str = "CREATE TABLE hyper_sessions_schema \
+     (table_name TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL) WITHOUT ROWID; \
+     CREATE TABLE \"sessions\" (\
+       id BLOB PRIMARY KEY NOT NULL, \
+       data BLOB NOT NULL, \
+       version INTEGER NOT NULL, \
+       expires_at INTEGER NOT NULL\
+     ) WITHOUT ROWID; \
+     CREATE INDEX \"sessions_expires_at\" ON \"sessions\" (expires_at); \
+     INSERT INTO hyper_sessions_schema (table_name, version) VALUES ('sessions', 1);";
+
+/// A version-1 table (no owners) is migrated when a store opens it: the column and its index
+/// are added, the version row says 2, the rows it held load as they were (without an owner),
+/// and owners work from then on, on this store and on one opened later.
+#[tokio::test]
+async fn version_1_tables_are_migrated() {
+    let dir = TempDir::new();
+    let old = new_key();
+    let far = i64::try_from(unix_ms(in_ms(3_600_000))).unwrap();
+    let c = raw(&dir.db());
+    c.execute_batch(V1_SCHEMA).unwrap();
+    c.execute(
+        "INSERT INTO sessions (id, data, version, expires_at) VALUES (?1, ?2, 3, ?3)",
+        rusqlite::params![old.to_bytes(), &b"{\"d\":{\"n\":1}}"[..], far],
+    )
+    .unwrap();
+    drop(c);
+
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    let back = store.load(&old).await.unwrap().expect("the old row loads");
+    assert_eq!(back.data(), &Bytes::from_static(b"{\"d\":{\"n\":1}}"));
+    assert_eq!((back.version(), back.owner()), (3, None));
+    let c = raw(&dir.db());
+    let version: i64 = c
+        .query_row(
+            "SELECT version FROM hyper_sessions_schema WHERE table_name = 'sessions'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, 2);
+    let index: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = 'sessions_owner'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(index, 1);
+
+    // Owners work: the old row given one by a save, a new one created with one.
+    let saved =
+        Record::new(old, back.data().clone(), 4, back.expires_at()).with_owner(Some("42".into()));
+    assert_eq!(store.save(&saved, 3).await.unwrap(), SaveOutcome::Saved);
+    let new = new_key();
+    let created = record(new, "{}", in_ms(60_000)).with_owner(Some("42".into()));
+    assert_eq!(
+        store.create(&created).await.unwrap(),
+        CreateOutcome::Created
+    );
+    let mut listed: Vec<Key> = store
+        .owned("42")
+        .await
+        .unwrap()
+        .iter()
+        .map(Record::key)
+        .collect();
+    listed.sort();
+    let mut expected = vec![old, new];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    // Reopened (already at version 2): nothing to migrate, everything kept.
+    drop(store);
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    assert_eq!(store.owned("42").await.unwrap().len(), 2);
+    assert_eq!(store.load(&old).await.unwrap().unwrap().owner(), Some("42"));
+}
+
+/// A migration that cannot be made (a name the owner index needs is taken) changes nothing:
+/// the table stays at version 1, and the store does not open.
+#[tokio::test]
+async fn a_failed_migration_changes_nothing() {
+    let dir = TempDir::new();
+    let c = raw(&dir.db());
+    c.execute_batch(V1_SCHEMA).unwrap();
+    c.execute_batch("CREATE TABLE sessions_owner (x INTEGER)")
+        .unwrap();
+    drop(c);
+    let err = SqliteStore::open(dir.db()).await.unwrap_err();
+    assert!(chain(&err).contains("sessions_owner"), "{}", chain(&err));
+    let c = raw(&dir.db());
+    let version: i64 = c
+        .query_row(
+            "SELECT version FROM hyper_sessions_schema WHERE table_name = 'sessions'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, 1);
+    let columns: i64 = c
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('sessions') WHERE name = 'owner'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(columns, 0, "the column was added without the rest");
 }
 
 #[tokio::test]
@@ -493,7 +626,7 @@ async fn corrupt_rows_are_reported_and_start_a_fresh_session() {
     let server = serve(&SessionLayer::new(store.clone())).await;
     let c = raw(&dir.db());
     let far = i64::try_from(unix_ms(in_ms(3_600_000))).unwrap();
-    let cases: [(&str, &str); 4] = [
+    let cases: [(&str, &str); 6] = [
         (
             "version",
             "UPDATE sessions SET version = 'abc' WHERE id = ?1",
@@ -503,6 +636,11 @@ async fn corrupt_rows_are_reported_and_start_a_fresh_session() {
         (
             "expires_at",
             "UPDATE sessions SET expires_at = 'soon' WHERE id = ?1",
+        ),
+        ("owner", "UPDATE sessions SET owner = x'2a' WHERE id = ?1"),
+        (
+            "owner",
+            "UPDATE sessions SET owner = CAST(x'ff34' AS TEXT) WHERE id = ?1",
         ),
     ];
     for (column, garbage) in cases {
@@ -542,6 +680,51 @@ async fn corrupt_rows_are_reported_and_start_a_fresh_session() {
     let mut b = Browser::new(server.addr).await;
     assert_eq!(b.get("/counter").await.body, "1");
     assert_eq!(b.get("/counter").await.body, "2");
+}
+
+/// An unreadable row among an owner's fails the listing as corrupt (the layer answers it as a
+/// store failure), naming neither the owner nor the rows' data; the other owners' listings and
+/// the row's own owner are unaffected.
+#[tokio::test]
+async fn a_corrupt_row_in_an_owners_listing() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    let owner = "alice@example.com";
+    let (good, bad) = (new_key(), new_key());
+    for key in [good, bad] {
+        let r = record(key, "{\"d\":{\"secret\":1}}", in_ms(60_000)).with_owner(Some(owner.into()));
+        store.create(&r).await.unwrap();
+    }
+    let other = new_key();
+    store
+        .create(&record(other, "{}", in_ms(60_000)).with_owner(Some("bob".into())))
+        .await
+        .unwrap();
+    assert_eq!(store.owned(owner).await.unwrap().len(), 2);
+    raw(&dir.db())
+        .execute(
+            "UPDATE sessions SET version = 'abc' WHERE id = ?1",
+            [bad.to_bytes()],
+        )
+        .unwrap();
+    let err = store.owned(owner).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{}", chain(&err));
+    let text = chain(&err);
+    assert!(text.contains("column version"), "{text}");
+    let full = bad.to_hex();
+    assert!(text.contains(&full[..8]), "the row is named: {text}");
+    assert!(
+        !text.contains(&full[..9]),
+        "more than the fingerprint: {text}"
+    );
+    for secret in [owner, "alice", "secret"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    assert_eq!(store.owned("bob").await.unwrap().len(), 1);
+    assert_eq!(
+        store.load(&good).await.unwrap().unwrap().owner(),
+        Some(owner)
+    );
 }
 
 #[tokio::test]
@@ -707,6 +890,65 @@ fn stored_row(c: &rusqlite::Connection, key: Key) -> Option<(Vec<u8>, i64, i64)>
 
 fn now_unix_ms() -> u64 {
     unix_ms(SystemTime::now())
+}
+
+/// A save that keeps the expiry but changes the owner (given, moved, taken away) changes it:
+/// the same-expiry statement, which leaves the owner out of its `SET`, must not match then. A
+/// touch keeps the owner; a listing follows each change.
+#[tokio::test]
+async fn saves_that_change_only_the_owner() {
+    let (store, dir) = file_fixture().await;
+    let c = raw(&dir.db());
+    let stored_owner = |key: Key| -> Option<String> {
+        c.query_row(
+            "SELECT owner FROM sessions WHERE id = ?1",
+            [&key.to_bytes()[..]],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let expires = u64::try_from(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+        + 60_000;
+    let id = new_key();
+    let at = |v, owner: Option<&str>| {
+        record_at_ms(id, Bytes::from_static(b"{}"), v, expires).with_owner(owner.map(Into::into))
+    };
+    store.create(&at(1, None)).await.unwrap();
+    let steps: [(u64, Option<&str>); 5] = [
+        (2, None),
+        (3, Some("ada")),
+        (4, Some("ada")),
+        (5, Some("bob")),
+        (6, None),
+    ];
+    for (version, owner) in steps {
+        let saved = store.save(&at(version, owner), version - 1).await.unwrap();
+        assert_eq!(saved, SaveOutcome::Saved, "version {version}");
+        assert_eq!(stored_owner(id).as_deref(), owner, "version {version}");
+        let back = store.load(&id).await.unwrap().unwrap();
+        assert_eq!((back.version(), back.owner()), (version, owner));
+        assert_eq!(back.expires_at_unix_ms(), expires);
+        for name in ["ada", "bob"] {
+            let listed = store.owned(name).await.unwrap();
+            assert_eq!(listed.len(), usize::from(owner == Some(name)), "{name}");
+        }
+    }
+    store.save(&at(7, Some("ada")), 6).await.unwrap();
+    let later = common::unix_ms(in_ms(120_000));
+    assert_eq!(
+        store
+            .touch(&id, 7, common::from_unix_ms(later))
+            .await
+            .unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(stored_owner(id).as_deref(), Some("ada"));
 }
 
 /// `touch` and `remove` are compare-and-sets on the version: the right version changes the row

@@ -67,6 +67,8 @@ impl Record {
     }
 
     /// The owner, shared (an in-process store keeps it without copying).
+    // Unused in a build with only the stores that copy the owner onto their wire.
+    #[cfg_attr(not(any(feature = "memory", feature = "sqlite")), allow(dead_code))]
     pub(crate) fn owner_shared(&self) -> Option<&Arc<str>> {
         self.owner.as_ref()
     }

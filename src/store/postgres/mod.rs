@@ -47,14 +47,26 @@ const CLEANUP_BATCH: i64 = 1000;
 ///     key bytea PRIMARY KEY CHECK (octet_length(key) = 16),  -- a digest of the id, never the id
 ///     data bytea NOT NULL,                                    -- the encoded record
 ///     version bigint NOT NULL,
-///     expires_at timestamptz NOT NULL
+///     expires_at timestamptz NOT NULL,
+///     owner text                                              -- the session's owner, if any
 /// ) WITH (fillfactor = 90);
 /// CREATE INDEX sessions_expires_at ON sessions (expires_at);
+/// CREATE INDEX sessions_owner ON sessions (owner) WHERE owner IS NOT NULL;
 /// ```
 ///
+/// The [owner](Record::owner) is written by `create` and `save` (`NULL` for none) and left
+/// alone by `touch`; [`owned`](SessionStore::owned) is one statement through the partial owner
+/// index (sessions without an owner cost it nothing).
+///
 /// Its schema version is kept in a `hyper_sessions_schema` table beside it (one row per session
-/// table), so a later release can migrate: the next version adds an indexed `owner` column for
-/// listing and revoking a user's sessions. A table of that name that the store did not create,
+/// table), so that a release can migrate: a table of schema version 1 (before owners) gets the
+/// `owner` column (nullable, no default: no row is rewritten) and its index when a store of this
+/// release opens it, in the transaction and under the advisory lock that check the schema.
+/// Building the index reads the table once, while the `ALTER TABLE`'s lock holds off other
+/// statements on it; like every setup statement it is bounded by the statement timeout, so open
+/// a large version-1 table once with a longer one. App servers of the older release that are
+/// already running keep working (their sessions have no owner); one started afterwards refuses
+/// the newer schema. A table of that name that the store did not create,
 /// one of a newer schema version, or one whose columns have other types is refused when the
 /// store opens, with an error saying which.
 ///
@@ -511,6 +523,35 @@ impl ToSql for Secret<'_> {
     to_sql_checked!();
 }
 
+/// An owner (`text`, `NULL` for none) as a parameter whose `Debug` hides it: an owner names a
+/// user, and tokio-postgres logs every statement's parameters at debug level.
+struct Owner<'a>(Option<&'a str>);
+
+impl fmt::Debug for Owner<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(owner) => write!(f, "<owner, {} bytes>", owner.len()),
+            None => f.write_str("NULL"),
+        }
+    }
+}
+
+impl ToSql for Owner<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <Option<&str> as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
 /// A pooled connection lent to one statement. Dropped before the statement answered (the
 /// timeout fired, or the caller gave up), it asks the server to cancel the statement (which may
 /// be waiting for a row lock, and would otherwise go on, and perhaps write, behind the caller's
@@ -560,8 +601,22 @@ impl Inner {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, StoreError> {
+        let rows = self.query_rows(op, sql, params, false).await?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// Runs one prepared statement, bounded by the timeout; answers its rows (`many`), or its
+    /// row if any (else more than one row is an error).
+    async fn query_rows(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        many: bool,
+    ) -> Result<Vec<Row>, StoreError> {
         let waiting = AtomicBool::new(true);
-        match tokio::time::timeout(self.timeout, self.query_now(sql, params, &waiting)).await {
+        match tokio::time::timeout(self.timeout, self.query_now(sql, params, many, &waiting)).await
+        {
             Ok(result) => result.map_err(|e| fail_error(op, &self.label, e)),
             Err(_) => Err(fail_error(
                 op,
@@ -578,18 +633,19 @@ impl Inner {
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
+        many: bool,
         waiting: &AtomicBool,
-    ) -> Result<Option<Row>, Fail> {
+    ) -> Result<Vec<Row>, Fail> {
         let mut lent = Lent {
             client: Some(self.pool.get().await?),
             tls: &self.tls,
         };
         waiting.store(false, Ordering::Relaxed);
         let answer = match lent.client.as_deref() {
-            Some(client) => run(client, sql, params).await,
+            Some(client) => run(client, sql, params, many).await,
             None => return Err(Fail::Setup("no pooled connection".to_owned())),
         };
-        // Answered (a row, none, or an error): the connection goes back to the pool, which
+        // Answered (rows, none, or an error): the connection goes back to the pool, which
         // drops it when it is closed.
         drop(lent.client.take());
         Ok(answer?)
@@ -600,7 +656,8 @@ impl Inner {
 /// one (serialization failure, deadlock) before the failure is reported (as unavailable).
 const CONFLICT_ATTEMPTS: usize = 8;
 
-/// Prepares (once per connection) and runs one statement.
+/// Prepares (once per connection) and runs one statement: all its rows (`many`), or its one
+/// row if any.
 ///
 /// A statement that failed changed nothing, so two failures are retried here, within the
 /// caller's timeout: a stale prepared statement (the table changed under it, or the statement
@@ -613,12 +670,21 @@ async fn run(
     client: &ClientWrapper,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
-) -> Result<Option<Row>, tokio_postgres::Error> {
+    many: bool,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
     let mut stmt = client.prepare_cached(sql).await?;
     let mut prepared_again = false;
     let mut attempt = 1;
     loop {
-        match client.query_opt(&stmt, params).await {
+        let answer = if many {
+            client.query(&stmt, params).await
+        } else {
+            client
+                .query_opt(&stmt, params)
+                .await
+                .map(|row| row.into_iter().collect())
+        };
+        match answer {
             Err(e) if is_stale_statement(&e) && !prepared_again => {
                 prepared_again = true;
                 client.statement_cache.remove(sql, &[]);
@@ -630,24 +696,46 @@ async fn run(
     }
 }
 
-/// A stored row as a record; a value that cannot be read is a corrupt row.
-fn decode(row: &Row, key: Key) -> Result<Record, Fail> {
+/// A stored row (`data, version, expires_at, owner` from column `at` on) as a record; a value
+/// that cannot be read is a corrupt row. `shared` is the owner the row was selected by, if any:
+/// shared by each row instead of copied.
+fn decode(row: &Row, at: usize, key: Key, shared: Option<&Arc<str>>) -> Result<Record, Fail> {
     let column =
         |name: &str, e: tokio_postgres::Error| Fail::Corrupt(format!("column {name}: {e}"));
-    let data: &[u8] = row.try_get(0).map_err(|e| column("data", e))?;
-    let version: i64 = row.try_get(1).map_err(|e| column("version", e))?;
+    let data: &[u8] = row.try_get(at).map_err(|e| column("data", e))?;
+    let version: i64 = row.try_get(at + 1).map_err(|e| column("version", e))?;
     let version = u64::try_from(version).map_err(|_| {
         Fail::Corrupt(format!(
             "column version holds {version}, expected a version >= 0"
         ))
     })?;
-    let expires_at: SystemTime = row.try_get(2).map_err(|e| column("expires_at", e))?;
-    Ok(Record::new(
-        key,
-        Bytes::copy_from_slice(data),
-        version,
-        expires_at,
-    ))
+    let expires_at: SystemTime = row.try_get(at + 2).map_err(|e| column("expires_at", e))?;
+    // The owner names a user: the error says the column, never the value (tokio-postgres's
+    // conversion errors name types, not values).
+    let owner = match row.try_get::<_, Option<&str>>(at + 3) {
+        Ok(None) => None,
+        Ok(Some(text)) => match shared {
+            Some(owner) if &**owner == text => Some(owner.clone()),
+            _ => Some(Arc::from(text)),
+        },
+        Err(e) => return Err(column("owner", e)),
+    };
+    Ok(Record::new(key, Bytes::copy_from_slice(data), version, expires_at).with_owner(owner))
+}
+
+/// A row of an owner's listing (`key` first, then as [`decode`] reads them).
+fn decode_owned(row: &Row, owner: &Arc<str>) -> Result<Record, Fail> {
+    let key: &[u8] = row
+        .try_get(0)
+        .map_err(|e| Fail::Corrupt(format!("column key: {e}")))?;
+    let key = <[u8; 16]>::try_from(key)
+        .map_err(|_| Fail::Corrupt("column key is not 16 bytes".to_owned()))?;
+    let key = Key::from_bytes(key);
+    // Named by the key's fingerprint, as a load names its row.
+    decode(row, 1, key, Some(owner)).map_err(|fail| match fail {
+        Fail::Corrupt(what) => Fail::Corrupt(format!("session row {}…: {what}", key.fingerprint())),
+        other => other,
+    })
 }
 
 /// What a conditional write found: no live row is missing, the expected version saved (the
@@ -692,7 +780,7 @@ impl SessionStore for PostgresStore {
         let Some(row) = inner.query("load", &inner.sql.load, &[&Secret(&k)]).await? else {
             return Ok(None);
         };
-        decode(&row, *key)
+        decode(&row, 0, *key, None)
             .map(Some)
             .map_err(|e| name_row(fail_error("load", &inner.label, e), *key))
     }
@@ -710,6 +798,7 @@ impl SessionStore for PostgresStore {
                     &Secret(record.data()),
                     &version,
                     &record.expires_at(),
+                    &Owner(record.owner()),
                 ],
             )
             .await?;
@@ -739,6 +828,7 @@ impl SessionStore for PostgresStore {
                     &version,
                     &record.expires_at(),
                     &expected,
+                    &Owner(record.owner()),
                 ],
             )
             .await?;
@@ -785,10 +875,16 @@ impl SessionStore for PostgresStore {
         Ok(())
     }
 
-    async fn owned(&self, _owner: &str) -> Result<Vec<Record>, StoreError> {
-        Err(StoreError::other(
-            "TODO(#16): owner listing is not implemented for this store yet",
-        ))
+    async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+        let inner = &*self.inner;
+        let rows = inner
+            .query_rows("owned", &inner.sql.owned, &[&Owner(Some(owner))], true)
+            .await?;
+        let owner: Arc<str> = Arc::from(owner);
+        rows.iter()
+            .map(|row| decode_owned(row, &owner))
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail_error("owned", &inner.label, e))
     }
 }
 

@@ -9,11 +9,11 @@ use crate::error::StoreError;
 /// The schema version this release writes and reads.
 ///
 /// Version 1: `key bytea PRIMARY KEY, data bytea, version bigint, expires_at timestamptz`,
-/// indexed on `expires_at`. The next version (the session owners of the user-sessions issue)
-/// adds a nullable `owner text` column with its own index, by an `ALTER TABLE` run when a store
-/// of that release opens a version-1 table (under the same advisory lock as the creation here);
-/// every statement names its columns, so the added column changes none of them.
-pub(super) const SCHEMA_VERSION: i32 = 1;
+/// indexed on `expires_at`. Version 2 adds the session owners: a nullable `owner text` column
+/// with a partial index (`WHERE owner IS NOT NULL`), by an `ALTER TABLE` run when a store of
+/// this release opens a version-1 table, under the same advisory lock as the creation here
+/// (see [`migrate`]).
+pub(super) const SCHEMA_VERSION: i32 = 2;
 
 /// The table that records each session table's schema version (one row per table), in the
 /// session table's schema.
@@ -31,11 +31,12 @@ const MAX_SCHEMA_NAME: usize = 63;
 const SETUP_LOCK: i64 = 0x6879_7065_7273_6573; // "hyperses"
 
 /// The columns every statement uses and their types, as `format_type` names them.
-const COLUMNS: [(&str, &str); 4] = [
+const COLUMNS: [(&str, &str); 5] = [
     ("key", "bytea"),
     ("data", "bytea"),
     ("version", "bigint"),
     ("expires_at", "timestamp with time zone"),
+    ("owner", "text"),
 ];
 
 /// The statements, with the schema and table names quoted in. Each is one statement, prepared
@@ -55,6 +56,8 @@ pub(super) struct Sql {
     pub(super) remove: String,
     pub(super) delete: String,
     pub(super) delete_expired: String,
+    /// An owner's live rows, through the owner index.
+    pub(super) owned: String,
 }
 
 impl Sql {
@@ -64,16 +67,23 @@ impl Sql {
         let cur =
             format!("cur AS (SELECT key, version FROM {t} WHERE key = $1 AND {live} FOR UPDATE)");
         Sql {
-            load: format!("SELECT data, version, expires_at FROM {t} WHERE key = $1 AND {live}"),
+            load: format!(
+                "SELECT data, version, expires_at, owner FROM {t} WHERE key = $1 AND {live}"
+            ),
             create: format!(
-                "INSERT INTO {t} AS s (key, data, version, expires_at) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO {t} AS s (key, data, version, expires_at, owner) \
+                 VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (key) DO UPDATE SET data = EXCLUDED.data, \
-                 version = EXCLUDED.version, expires_at = EXCLUDED.expires_at \
+                 version = EXCLUDED.version, expires_at = EXCLUDED.expires_at, \
+                 owner = EXCLUDED.owner \
                  WHERE s.expires_at <= clock_timestamp() RETURNING 1"
             ),
+            // An owner set to the value it had changes no indexed value: still a heap-only
+            // update when the expiry stays.
             save: format!(
-                "WITH {cur}, w AS (UPDATE {t} AS s SET data = $2, version = $3, expires_at = $4 \
-                 FROM cur WHERE s.key = cur.key AND cur.version = $5) SELECT version FROM cur"
+                "WITH {cur}, w AS (UPDATE {t} AS s SET data = $2, version = $3, expires_at = $4, \
+                 owner = $6 FROM cur WHERE s.key = cur.key AND cur.version = $5) \
+                 SELECT version FROM cur"
             ),
             touch: format!(
                 "WITH {cur}, w AS (UPDATE {t} AS s SET expires_at = $2 \
@@ -89,6 +99,10 @@ impl Sql {
                 "WITH d AS (DELETE FROM {t} WHERE key IN (SELECT key FROM {t} \
                  WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED) \
                  AND expires_at <= now() RETURNING 1) SELECT count(*) FROM d"
+            ),
+            owned: format!(
+                "SELECT key, data, version, expires_at, owner FROM {t} \
+                 WHERE owner = $1 AND {live}"
             ),
         }
     }
@@ -177,7 +191,8 @@ pub(super) async fn setup(
                  (this one knows up to {SCHEMA_VERSION})"
             )));
         }
-        Some(_) => {}
+        Some(SCHEMA_VERSION) => {}
+        Some(v) => migrate(&tx, &t, &versions, table, v).await?,
         None => {
             if exists(t.clone()).await? {
                 return Err(Fail::Setup(format!(
@@ -205,9 +220,12 @@ pub(super) async fn setup(
                    key bytea PRIMARY KEY CHECK (octet_length(key) = 16), \
                    data bytea NOT NULL, \
                    version bigint NOT NULL, \
-                   expires_at timestamptz NOT NULL\
+                   expires_at timestamptz NOT NULL, \
+                   owner text\
                  ) WITH (fillfactor = 90); \
-                 CREATE INDEX \"{table}_expires_at\" ON {t} (expires_at);"
+                 CREATE INDEX \"{table}_expires_at\" ON {t} (expires_at); \
+                 {}",
+                owner_index(&t, table)
             ))
             .await?;
             tx.execute(
@@ -219,6 +237,43 @@ pub(super) async fn setup(
     }
     check_columns(&tx, &t).await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// The owner index: partial, so that sessions without an owner cost it nothing (a query's
+/// `owner = $1` implies `owner IS NOT NULL`, so the planner uses it for `owned`).
+fn owner_index(t: &str, table: &str) -> String {
+    format!("CREATE INDEX \"{table}_owner\" ON {t} (owner) WHERE owner IS NOT NULL;")
+}
+
+/// Brings a table of an older schema version up to [`SCHEMA_VERSION`], in the setup's
+/// transaction (under its advisory lock, all or nothing): version 1 gets the `owner` column
+/// (nullable without a default: no row is rewritten) and its index, whose build reads the
+/// table once while the `ALTER TABLE`'s lock holds off every other statement on it.
+async fn migrate(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &str,
+    versions: &str,
+    table: &str,
+    from: i32,
+) -> Result<(), Fail> {
+    if from < 1 {
+        return Err(Fail::Setup(format!(
+            "table {t} has schema version {from}, which no release wrote"
+        )));
+    }
+    if from < 2 {
+        tx.batch_execute(&format!(
+            "ALTER TABLE {t} ADD COLUMN owner text; {}",
+            owner_index(t, table)
+        ))
+        .await?;
+    }
+    tx.execute(
+        &format!("UPDATE {versions} SET version = $2 WHERE table_name = $1"),
+        &[&table, &SCHEMA_VERSION],
+    )
+    .await?;
     Ok(())
 }
 
@@ -298,6 +353,7 @@ mod tests {
             &sql.remove,
             &sql.delete,
             &sql.delete_expired,
+            &sql.owned,
         ] {
             assert!(s.contains("\"app\".\"Sessions\""), "{s}");
         }

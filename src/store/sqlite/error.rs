@@ -34,6 +34,18 @@ impl Fail {
             "column {column} holds {found}, expected {expected}"
         ))
     }
+
+    /// An owner column of another type than TEXT: its type is said, never its value (an owner
+    /// names a user).
+    pub(super) fn corrupt_owner(value: ValueRef<'_>) -> Self {
+        let found = match value {
+            ValueRef::Null | ValueRef::Text(_) => "TEXT",
+            ValueRef::Integer(_) => "an INTEGER",
+            ValueRef::Real(_) => "a REAL",
+            ValueRef::Blob(_) => "a BLOB",
+        };
+        Fail::Corrupt(format!("column owner holds {found}, expected TEXT or NULL"))
+    }
 }
 
 impl From<rusqlite::Error> for Fail {

@@ -15,7 +15,7 @@ use rusqlite::params;
 
 use self::error::{Fail, fail_error, name_row, thread_stopped};
 use self::schema::validate_table_name;
-use self::thread::{Job, Load, Msg, Stmts, Stored, deadline_after, serve, serve_reads, spawn};
+use self::thread::{Job, Msg, Query, Read, Stmts, deadline_after, serve, serve_reads, spawn};
 use crate::error::StoreError;
 use crate::key::Key;
 use crate::store::cleanup;
@@ -39,16 +39,37 @@ const CLEANUP_BATCH: i64 = 1000;
 ///
 /// # Storage
 /// One table (default `sessions`, see [`SqliteStoreBuilder::table`]) holding, per session, the
-/// id as a 16-byte blob primary key, the encoded record, its version and its expiry as integer
-/// Unix milliseconds, with an index on the expiry. Expired rows are never returned nor changed
+/// id as a 16-byte blob primary key, the encoded record, its version, its expiry as integer
+/// Unix milliseconds and its [owner](Record::owner) (`TEXT`, `NULL` for none), with an index on
+/// the expiry and a partial one on the owner (`WHERE owner IS NOT NULL`: sessions without an
+/// owner cost it nothing):
+///
+/// ```sql
+/// CREATE TABLE sessions (
+///     id BLOB PRIMARY KEY NOT NULL,  -- a digest of the session id, never the id
+///     data BLOB NOT NULL,            -- the encoded record
+///     version INTEGER NOT NULL,
+///     expires_at INTEGER NOT NULL,   -- Unix milliseconds
+///     owner TEXT                     -- the session's owner, if it has one
+/// ) WITHOUT ROWID;
+/// CREATE INDEX sessions_expires_at ON sessions (expires_at);
+/// CREATE INDEX sessions_owner ON sessions (owner) WHERE owner IS NOT NULL;
+/// ```
+///
+/// [`owned`](SessionStore::owned) is one statement through the owner index, run on a reader
+/// like a load. Expired rows are never returned nor changed
 /// (every statement compares the expiry, as an integer, with the time it runs), and each contract
 /// method is one round trip to a store thread (a reader for a load, else the writer) running one
 /// to three statements, all prepared once when the store opens. Every change to a loaded record
 /// (`save`, `touch`, `remove`) is a conditional statement (`... WHERE id = ? AND version = ? AND
 /// expires_at > now`); only when it matches no row does one more statement tell a conflict (a
 /// live row of another version) from a missing row.
-/// The schema version is kept in a small `hyper_sessions_schema` table, so a later release can
-/// migrate the data.
+/// The schema version is kept in a small `hyper_sessions_schema` table, so that a release can
+/// migrate the data: a table of schema version 1 (before owners) gets the `owner` column
+/// (`NULL` in every row; no row is rewritten) and its index when a store of this release opens
+/// it, in the transaction that checks the schema. Building the index reads the table once,
+/// under the write lock. A process of an older release that already has the file open keeps
+/// working (its sessions have no owner); one that opens it afterwards refuses the newer schema.
 ///
 /// A file database runs in WAL mode with `synchronous=NORMAL`: readers never block the writer,
 /// and a committed write survives the process being killed (it can be lost only to a power
@@ -117,7 +138,7 @@ struct Inner {
 
 /// One reader thread: its queue, and how many loads are in it or under way.
 struct Reader {
-    tx: Sender<Load>,
+    tx: Sender<Read>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -358,14 +379,17 @@ impl SqliteStore {
     }
 }
 
-/// Loads a row: on the reader with the fewest loads queued, or on the writer thread when there
-/// are no readers.
-async fn load(inner: &Inner, key: [u8; 16]) -> Result<Option<Stored>, StoreError> {
+/// Runs a read (a load, an owner's listing): on the reader with the fewest reads queued, or on
+/// the writer thread when there are no readers.
+async fn read<T>(
+    inner: &Inner,
+    op: &'static str,
+    query: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, Fail>>) -> Query,
+) -> Result<T, StoreError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let job = Load {
-        key,
+    let job = Read {
+        query: query(tx),
         deadline: deadline_after(inner.busy_timeout),
-        tx,
     };
     let sent = match inner
         .readers
@@ -380,14 +404,14 @@ async fn load(inner: &Inner, key: [u8; 16]) -> Result<Option<Stored>, StoreError
             }
             sent
         }
-        None => inner.tx.send(Msg::Load(job)).is_ok(),
+        None => inner.tx.send(Msg::Read(job)).is_ok(),
     };
     if !sent {
-        return Err(thread_stopped("load", &inner.label));
+        return Err(thread_stopped(op, &inner.label));
     }
     match rx.await {
-        Ok(result) => result.map_err(|e| fail_error("load", &inner.label, e)),
-        Err(_) => Err(thread_stopped("load", &inner.label)),
+        Ok(result) => result.map_err(|e| fail_error(op, &inner.label, e)),
+        Err(_) => Err(thread_stopped(op, &inner.label)),
     }
 }
 
@@ -443,7 +467,7 @@ impl fmt::Debug for SqliteStore {
 impl SessionStore for SqliteStore {
     async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
         let (key, bytes) = (*key, key.to_bytes());
-        let stored = load(&self.inner, bytes)
+        let stored = read(&self.inner, "load", |tx| Query::Load { key: bytes, tx })
             .await
             .map_err(|e| name_row(e, key))?;
         Ok(stored.map(|s| s.into_record(key)))
@@ -454,9 +478,10 @@ impl SessionStore for SqliteStore {
         let data = record.data().clone();
         let version = version_param(record.version())?;
         let expires = ms(record.expires_at());
+        let owner = record.owner_shared().cloned();
         let n = write(&self.inner, "create", move |s| {
             Ok(s.create
-                .execute(params![key, &data[..], version, expires])?)
+                .execute(params![key, &data[..], version, expires, owner.as_deref()])?)
         })
         .await?;
         Ok(if n == 0 {
@@ -477,15 +502,16 @@ impl SessionStore for SqliteStore {
         // No stored version is beyond SQLite's integers: such an expectation matches no row.
         let expected = i64::try_from(expected_version).ok();
         let expires = ms(record.expires_at());
+        let owner = record.owner_shared().cloned();
         write(&self.inner, "save", move |s| {
             if let Some(expected) = expected {
-                let args = params![key, &data[..], version, expires, expected];
-                // Most saves keep the stored expiry (the core slides it only now and then). An
-                // UPDATE that names `expires_at` rewrites its index entry even when the value is
-                // the same (about 8,000 instructions and one more WAL page per commit), so that
-                // case goes first, without it; a changed expiry matches no row there and takes
-                // the full statement. Each statement checks the version on its own, so either is
-                // a compare-and-set.
+                let args = params![key, &data[..], version, expires, expected, owner.as_deref()];
+                // Most saves keep the stored expiry (the core slides it only now and then) and
+                // owner. An UPDATE that names `expires_at` rewrites its index entry even when the
+                // value is the same (about 8,000 instructions and one more WAL page per commit),
+                // and so for `owner`, so that case goes first, without them; a changed expiry or
+                // owner matches no row there and takes the full statement. Each statement checks
+                // the version on its own, so either is a compare-and-set.
                 if s.save_same_expiry.execute(args)? > 0 || s.save.execute(args)? > 0 {
                     return Ok(SaveOutcome::Saved);
                 }
@@ -538,10 +564,9 @@ impl SessionStore for SqliteStore {
         .await
     }
 
-    async fn owned(&self, _owner: &str) -> Result<Vec<Record>, StoreError> {
-        Err(StoreError::other(
-            "TODO(#16): owner listing is not implemented for this store yet",
-        ))
+    async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+        let owner: Arc<str> = Arc::from(owner);
+        read(&self.inner, "owned", |tx| Query::Owned { owner, tx }).await
     }
 }
 

@@ -10,7 +10,11 @@ use super::thread::{setup_timeout, wait_for_lock};
 use crate::error::StoreError;
 
 /// The schema version this release writes and reads.
-const SCHEMA_VERSION: i64 = 1;
+///
+/// Version 1: `id`, `data`, `version`, `expires_at`, indexed on `expires_at`. Version 2 adds
+/// the nullable `owner TEXT` column and its partial index (`WHERE owner IS NOT NULL`); a
+/// version-1 table is migrated when a store of this release opens it (see [`setup`]).
+const SCHEMA_VERSION: i64 = 2;
 
 /// The table that records each session table's schema version (one row per table).
 const SCHEMA_TABLE: &str = "hyper_sessions_schema";
@@ -31,6 +35,8 @@ pub(super) struct Sql {
     pub(super) touch: String,
     pub(super) remove: String,
     pub(super) delete_expired: String,
+    /// An owner's live rows, through the owner index.
+    pub(super) owned: String,
 }
 
 /// The current time in integer Unix milliseconds, read by `SQLite` when the statement runs:
@@ -46,20 +52,25 @@ impl Sql {
         let t = format!("\"{table}\"");
         Sql {
             load: format!(
-                "SELECT data, version, expires_at FROM {t} WHERE id = ?1 AND expires_at > {NOW}"
+                "SELECT data, version, expires_at, owner FROM {t} \
+                 WHERE id = ?1 AND expires_at > {NOW}"
             ),
             create: format!(
-                "INSERT INTO {t} (id, data, version, expires_at) VALUES (?1, ?2, ?3, ?4) \
+                "INSERT INTO {t} (id, data, version, expires_at, owner) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (id) DO UPDATE SET data = excluded.data, version = excluded.version, \
-                 expires_at = excluded.expires_at WHERE {t}.expires_at <= {NOW}"
+                 expires_at = excluded.expires_at, owner = excluded.owner \
+                 WHERE {t}.expires_at <= {NOW}"
             ),
             save: format!(
-                "UPDATE {t} SET data = ?2, version = ?3, expires_at = ?4 \
+                "UPDATE {t} SET data = ?2, version = ?3, expires_at = ?4, owner = ?6 \
                  WHERE id = ?1 AND version = ?5 AND expires_at > {NOW}"
             ),
+            // Neither the expiry nor the owner named in the `SET`: their indexes are left alone.
             save_same_expiry: format!(
                 "UPDATE {t} SET data = ?2, version = ?3 \
-                 WHERE id = ?1 AND version = ?5 AND expires_at = ?4 AND expires_at > {NOW}"
+                 WHERE id = ?1 AND version = ?5 AND expires_at = ?4 AND owner IS ?6 \
+                 AND expires_at > {NOW}"
             ),
             exists: format!("SELECT 1 FROM {t} WHERE id = ?1 AND expires_at > {NOW}"),
             delete: format!("DELETE FROM {t} WHERE id = ?1"),
@@ -73,6 +84,10 @@ impl Sql {
             delete_expired: format!(
                 "DELETE FROM {t} WHERE id IN \
                  (SELECT id FROM {t} WHERE expires_at <= {NOW} LIMIT ?1)"
+            ),
+            owned: format!(
+                "SELECT id, data, version, expires_at, owner FROM {t} \
+                 WHERE owner = ?1 AND expires_at > {NOW}"
             ),
         }
     }
@@ -140,7 +155,8 @@ pub(super) fn setup(
                  (this one knows up to {SCHEMA_VERSION})"
             )));
         }
-        Some(_) => {}
+        Some(SCHEMA_VERSION) => {}
+        Some(v) => migrate(&tx, table, v)?,
         None => {
             let exists: bool = tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1)",
@@ -158,9 +174,12 @@ pub(super) fn setup(
                    id BLOB PRIMARY KEY NOT NULL, \
                    data BLOB NOT NULL, \
                    version INTEGER NOT NULL, \
-                   expires_at INTEGER NOT NULL\
+                   expires_at INTEGER NOT NULL, \
+                   owner TEXT\
                  ) WITHOUT ROWID; \
-                 CREATE INDEX \"{table}_expires_at\" ON \"{table}\" (expires_at);"
+                 CREATE INDEX \"{table}_expires_at\" ON \"{table}\" (expires_at); \
+                 {}",
+                owner_index(table)
             ))?;
             tx.execute(
                 &format!("INSERT INTO {SCHEMA_TABLE} (table_name, version) VALUES (?1, ?2)"),
@@ -171,7 +190,7 @@ pub(super) fn setup(
     // The columns every statement uses must be there (a table altered by hand is refused here,
     // not on the first request).
     tx.prepare(&format!(
-        "SELECT id, data, version, expires_at FROM \"{table}\" LIMIT 0"
+        "SELECT id, data, version, expires_at, owner FROM \"{table}\" LIMIT 0"
     ))
     .map_err(|e| {
         Fail::Setup(format!(
@@ -181,6 +200,34 @@ pub(super) fn setup(
     tx.commit()?;
     c.busy_handler(Some(wait_for_lock))?;
     Ok(wal)
+}
+
+/// The owner index: partial, so that sessions without an owner cost it nothing. A query's
+/// `owner = ?` implies `owner IS NOT NULL`, so `SQLite` uses it for `owned`.
+fn owner_index(table: &str) -> String {
+    format!("CREATE INDEX \"{table}_owner\" ON \"{table}\" (owner) WHERE owner IS NOT NULL;")
+}
+
+/// Brings a table of an older schema version up to [`SCHEMA_VERSION`], inside the setup's
+/// transaction (so under its write lock, and all or nothing): version 1 gets the `owner` column
+/// (`NULL` in every existing row: no row is rewritten) and its index.
+fn migrate(tx: &rusqlite::Transaction<'_>, table: &str, from: i64) -> Result<(), Fail> {
+    if from < 1 {
+        return Err(Fail::Setup(format!(
+            "table \"{table}\" has schema version {from}, which no release wrote"
+        )));
+    }
+    if from < 2 {
+        tx.execute_batch(&format!(
+            "ALTER TABLE \"{table}\" ADD COLUMN owner TEXT; {}",
+            owner_index(table)
+        ))?;
+    }
+    tx.execute(
+        &format!("UPDATE {SCHEMA_TABLE} SET version = ?2 WHERE table_name = ?1"),
+        params![table, SCHEMA_VERSION],
+    )?;
+    Ok(())
 }
 
 pub(super) fn validate_table_name(name: &str) -> Result<(), StoreError> {

@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
@@ -20,24 +21,60 @@ use crate::store::{Record, from_unix_ms};
 
 /// A piece of work for the writer thread.
 pub(super) enum Msg {
-    /// A load, when there are no reader threads: run at once (outside any write batch).
-    Load(Load),
+    /// A read, when there are no reader threads: run at once (outside any write batch).
+    Read(Read),
     /// A write, committed together with the writes queued right behind it.
     Write(Box<dyn WriteJob>),
 }
 
-/// A load: the id's key, when it must give up waiting for a lock, and where its row goes.
-pub(super) struct Load {
-    pub(super) key: [u8; 16],
+/// A read: a load or an owner's listing, when it must give up waiting for a lock, and where
+/// its rows go.
+pub(super) struct Read {
+    pub(super) query: Query,
     pub(super) deadline: Instant,
-    pub(super) tx: tokio::sync::oneshot::Sender<Result<Option<Stored>, Fail>>,
 }
 
-impl Load {
-    /// Runs the load on `stmt` (the prepared `load` statement) and sends its answer.
-    fn answer(self, stmt: &mut Statement<'_>) {
+/// What a [`Read`] asks, and where its answer goes.
+pub(super) enum Query {
+    /// The live row with this id.
+    Load {
+        key: [u8; 16],
+        tx: tokio::sync::oneshot::Sender<Result<Option<Stored>, Fail>>,
+    },
+    /// The live rows of this owner.
+    Owned {
+        owner: Arc<str>,
+        tx: tokio::sync::oneshot::Sender<Result<Vec<Record>, Fail>>,
+    },
+}
+
+/// The statements a read runs: prepared once per connection (a reader's, or the writer's).
+pub(super) struct ReadStmts<'c> {
+    pub(super) load: Statement<'c>,
+    pub(super) owned: Statement<'c>,
+}
+
+impl<'c> ReadStmts<'c> {
+    fn prepare(conn: &'c rusqlite::Connection, sql: &Sql) -> rusqlite::Result<Self> {
+        Ok(ReadStmts {
+            load: conn.prepare(&sql.load)?,
+            owned: conn.prepare(&sql.owned)?,
+        })
+    }
+}
+
+impl Read {
+    /// Runs the read on its prepared statement and sends its answer.
+    fn answer(self, stmts: &mut ReadStmts<'_>) {
         DEADLINE.set(Some(self.deadline));
-        let _ = self.tx.send(load_row(stmt, &self.key));
+        match self.query {
+            Query::Load { key, tx } => {
+                let _ = tx.send(load_row(&mut stmts.load, &key));
+            }
+            Query::Owned { owner, tx } => {
+                let _ = tx.send(owned_rows(&mut stmts.owned, &owner));
+            }
+        }
     }
 }
 
@@ -76,7 +113,7 @@ pub(super) fn deadline_after(timeout: Duration) -> Instant {
 /// The statements, prepared once on the writer thread for the connection's lifetime.
 pub(super) struct Stmts<'c> {
     pub(super) conn: &'c rusqlite::Connection,
-    pub(super) load: Statement<'c>,
+    pub(super) read: ReadStmts<'c>,
     pub(super) create: Statement<'c>,
     pub(super) save: Statement<'c>,
     pub(super) save_same_expiry: Statement<'c>,
@@ -93,7 +130,7 @@ impl<'c> Stmts<'c> {
     fn prepare(conn: &'c rusqlite::Connection, sql: &Sql) -> rusqlite::Result<Self> {
         Ok(Stmts {
             conn,
-            load: conn.prepare(&sql.load)?,
+            read: ReadStmts::prepare(conn, sql)?,
             create: conn.prepare(&sql.create)?,
             save: conn.prepare(&sql.save)?,
             save_same_expiry: conn.prepare(&sql.save_same_expiry)?,
@@ -133,13 +170,13 @@ pub(super) fn setup_timeout(busy: Duration) -> Duration {
 }
 
 /// A reader thread: opens a read-only connection on the file (already in WAL mode, the table
-/// made), prepares the load statement, answers `ready`, then runs loads until every sender is
+/// made), prepares the read statements, answers `ready`, then runs reads until every sender is
 /// gone.
 pub(super) fn serve_reads(
     path: &Path,
     table: &str,
     busy: Duration,
-    rx: &Receiver<Load>,
+    rx: &Receiver<Read>,
     queued: &AtomicUsize,
     ready: tokio::sync::oneshot::Sender<Result<(), Fail>>,
 ) {
@@ -158,8 +195,8 @@ pub(super) fn serve_reads(
             return;
         }
     };
-    let mut load = match conn.prepare(&Sql::new(table).load) {
-        Ok(stmt) => stmt,
+    let mut stmts = match ReadStmts::prepare(&conn, &Sql::new(table)) {
+        Ok(stmts) => stmts,
         Err(e) => {
             let _ = ready.send(Err(Fail::Sql(e)));
             return;
@@ -169,7 +206,7 @@ pub(super) fn serve_reads(
         return;
     }
     while let Ok(job) = rx.recv() {
-        job.answer(&mut load);
+        job.answer(&mut stmts);
         queued.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -232,7 +269,7 @@ pub(super) fn serve(
             },
         };
         match msg {
-            Msg::Load(load) => load.answer(&mut stmts.load),
+            Msg::Read(read) => read.answer(&mut stmts.read),
             Msg::Write(job) => {
                 batch.push(job);
                 while batch.len() < MAX_BATCH {
@@ -364,6 +401,7 @@ pub(super) struct Stored {
     pub(super) data: Bytes,
     pub(super) version: u64,
     pub(super) expires_ms: i64,
+    pub(super) owner: Option<Arc<str>>,
 }
 
 impl Stored {
@@ -374,34 +412,77 @@ impl Stored {
             self.version,
             from_unix_ms(u64::try_from(self.expires_ms).unwrap_or(0)),
         )
+        .with_owner(self.owner)
     }
 }
 
-/// Reads `data, version, expires_at` strictly: any other type is a corrupt row.
-fn read_row(row: &Row<'_>) -> Result<Stored, Fail> {
-    let data = match row.get_ref(0)? {
+/// Reads `data, version, expires_at, owner` (from column `at` on) strictly: any other type,
+/// or an owner that is not UTF-8, is a corrupt row. `owner` is the owner the rows were
+/// selected by, if any: shared by each row instead of copied.
+fn read_row(row: &Row<'_>, at: usize, owner: Option<&Arc<str>>) -> Result<Stored, Fail> {
+    let data = match row.get_ref(at)? {
         ValueRef::Blob(b) | ValueRef::Text(b) => Bytes::copy_from_slice(b),
         other => return Err(Fail::corrupt("data", other, "a BLOB")),
     };
-    let version = match row.get_ref(1)? {
+    let version = match row.get_ref(at + 1)? {
         ValueRef::Integer(v) if v >= 0 => u64::try_from(v).unwrap_or(0),
         other => return Err(Fail::corrupt("version", other, "a non-negative INTEGER")),
     };
-    let expires_ms = match row.get_ref(2)? {
+    let expires_ms = match row.get_ref(at + 2)? {
         ValueRef::Integer(v) => v,
         other => return Err(Fail::corrupt("expires_at", other, "an INTEGER (Unix ms)")),
+    };
+    // The owner names a user: an error says what kind of value it found, never the value.
+    let owner = match (row.get_ref(at + 3)?, owner) {
+        (ValueRef::Null, _) => None,
+        (ValueRef::Text(text), Some(owner)) if text == owner.as_bytes() => Some(owner.clone()),
+        (ValueRef::Text(text), _) => match std::str::from_utf8(text) {
+            Ok(text) => Some(Arc::from(text)),
+            Err(_) => {
+                return Err(Fail::Corrupt(
+                    "column owner holds TEXT that is not UTF-8".to_owned(),
+                ));
+            }
+        },
+        (other, _) => return Err(Fail::corrupt_owner(other)),
     };
     Ok(Stored {
         data,
         version,
         expires_ms,
+        owner,
     })
 }
 
 fn load_row(load: &mut Statement<'_>, id: &[u8; 16]) -> Result<Option<Stored>, Fail> {
     let mut rows = load.query(params![id])?;
     match rows.next()? {
-        Some(row) => read_row(row).map(Some),
+        Some(row) => read_row(row, 0, None).map(Some),
         None => Ok(None),
     }
+}
+
+/// The live rows of `owner` as records; one unreadable row fails the listing (as corrupt).
+fn owned_rows(stmt: &mut Statement<'_>, owner: &Arc<str>) -> Result<Vec<Record>, Fail> {
+    let mut rows = stmt.query(params![&**owner])?;
+    let mut records = Vec::new();
+    while let Some(row) = rows.next()? {
+        let key = match row.get_ref(0)? {
+            ValueRef::Blob(b) => <[u8; 16]>::try_from(b).ok(),
+            _ => None,
+        };
+        let Some(key) = key else {
+            return Err(Fail::Corrupt("column id is not a 16-byte BLOB".to_owned()));
+        };
+        let key = Key::from_bytes(key);
+        // Named by the key's fingerprint, as a load names its row.
+        let stored = read_row(row, 1, Some(owner)).map_err(|fail| match fail {
+            Fail::Corrupt(what) => {
+                Fail::Corrupt(format!("session row {}…: {what}", key.fingerprint()))
+            }
+            other => other,
+        })?;
+        records.push(stored.into_record(key));
+    }
+    Ok(records)
 }
