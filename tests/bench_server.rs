@@ -256,4 +256,10 @@ mod postgres {
         let (bench, _postgres) = servers().await;
         super::remove_racing_a_set_keeps_the_set(bench.addr()).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn revoke_racing_a_parked_write_stays_revoked() {
+        let (bench, _postgres) = servers().await;
+        super::revoke_racing_a_parked_write_stays_revoked(bench.addr()).await;
+    }
 }
