@@ -12,7 +12,7 @@ use hyper_sessions::{Id, SessionLayer};
 use serde_json::Value;
 
 use super::script::ScriptServer;
-use super::{Browser, Conn, Observed, serve, unix_ms};
+use super::{Browser, Conn, Observed, Resp, serve, unix_ms};
 
 /// An owner no other test uses (stores may be shared between tests).
 fn new_owner() -> String {
@@ -178,10 +178,13 @@ pub async fn owner_survives_cycle_and_goes_with_clear<S: SessionStore + Clone>(s
     assert!(layer.owners().list(&owner).await.unwrap().is_empty());
 }
 
-/// A request of a session parked between its load and its commit while the session is
-/// revoked: its write fails, the session stays revoked, and its next request starts fresh.
-pub async fn revoked_session_racing_a_write_stays_revoked<S: SessionStore + Clone>(store: S) {
-    let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
+/// Two sessions of one owner, `a` and `b`; `b`'s request `parked` (a script ending in
+/// `park:p`, then its last steps) is held at its park point while `a` revokes every other
+/// session of theirs, then let go. Answers both browsers and `b`'s parked response.
+async fn revoke_others_while_parked(
+    server: &ScriptServer,
+    parked: &str,
+) -> (Browser, Browser, Resp) {
     let owner = new_owner();
     let (mut a, mut b) = (
         Browser::new(server.addr).await,
@@ -190,17 +193,21 @@ pub async fn revoked_session_racing_a_write_stays_revoked<S: SessionStore + Clon
     a.get(&format!("/owner:{owner}/set:k=a")).await;
     b.get(&format!("/owner:{owner}/set:k=b")).await;
     let mut park = server.park("p");
-    let (addr, b_cookie) = (server.addr, cookie(&b));
-    let late = tokio::spawn(async move {
-        Conn::http1(addr)
-            .await
-            .get("/get:k/park:p/set:late=1", Some(&b_cookie))
-            .await
-    });
+    let (addr, b_cookie, parked) = (server.addr, cookie(&b), parked.to_owned());
+    let late =
+        tokio::spawn(async move { Conn::http1(addr).await.get(&parked, Some(&b_cookie)).await });
     park.arrived().await;
     assert_eq!(a.get("/others").await.body, "1");
     park.release();
-    let late = late.await.unwrap();
+    (a, b, late.await.unwrap())
+}
+
+/// A request of a session parked between its load and its commit while the session is
+/// revoked: its write fails, the session stays revoked, and its next request starts fresh.
+pub async fn revoked_session_racing_a_write_stays_revoked<S: SessionStore + Clone>(store: S) {
+    let server = ScriptServer::start(&SessionLayer::new(store.clone())).await;
+    let (mut a, mut b, late) =
+        revoke_others_while_parked(&server, "/get:k/park:p/set:late=1").await;
     assert_eq!(
         late.status,
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -219,28 +226,10 @@ pub async fn revoked_session_racing_a_write_stays_revoked<S: SessionStore + Clon
 pub async fn revoked_session_racing_a_cycle_stays_revoked<S: SessionStore + Clone>(store: S) {
     let observed = Observed::new(store.clone());
     let server = ScriptServer::start(&SessionLayer::new(observed.clone())).await;
-    let owner = new_owner();
-    let (mut a, mut b) = (
-        Browser::new(server.addr).await,
-        Browser::new(server.addr).await,
-    );
-    a.get(&format!("/owner:{owner}/set:k=a")).await;
-    b.get(&format!("/owner:{owner}/set:k=b")).await;
-    let mut park = server.park("p");
-    let (addr, b_cookie) = (server.addr, cookie(&b));
-    let late = tokio::spawn(async move {
-        Conn::http1(addr)
-            .await
-            .get("/get:k/park:p/cycle", Some(&b_cookie))
-            .await
-    });
-    park.arrived().await;
-    assert_eq!(a.get("/others").await.body, "1");
-    let created_before = observed.created_ids().len();
-    park.release();
-    let late = late.await.unwrap();
+    let (mut a, b, late) = revoke_others_while_parked(&server, "/get:k/park:p/cycle").await;
     assert_eq!(late.status, StatusCode::INTERNAL_SERVER_ERROR, "{late:?}");
-    for key in &observed.created_ids()[created_before..] {
+    // Every record created meanwhile (the cycle's copy) is gone, as is the old one.
+    for key in observed.created_ids().iter().skip(2) {
         assert!(
             store.load(key).await.unwrap().is_none(),
             "the cycled copy outlived the revocation"
