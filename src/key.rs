@@ -49,9 +49,9 @@ impl Key {
         Key(key)
     }
 
-    /// The key with these bytes, as [`to_bytes`](Key::to_bytes) gave them. Crate-private until a
-    /// store needs to read keys back (the owner listing of the user-sessions issue).
-    #[cfg(test)]
+    /// The key with these bytes, as [`to_bytes`](Key::to_bytes) gave them. Crate-private: the
+    /// Redis family reads keys back from its owner indexes.
+    #[cfg(any(test, feature = "redis", feature = "webdis"))]
     pub(crate) fn from_bytes(bytes: [u8; 16]) -> Key {
         Key(bytes)
     }

@@ -1008,11 +1008,12 @@ fn has(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The writes as RESP on the wire: a save's `EVALSHA` has 7 elements (sha, key count, key and
-/// three arguments), a touch's 6, a remove's 5; a create is `SET` (a load is `GET`).
+/// The writes as RESP on the wire: a save's `EVALSHA` has 8 elements (sha, key count, key and
+/// four arguments), a touch's 6, a remove's 5; a create is `SET` (a load is `GET`). (The owner
+/// index's add script has 8 too; these records have no owner.)
 const TRIGGERS: lost_reply::Triggers = lost_reply::Triggers {
     create: |b| has(b, b"*7\r\n$3\r\nSET\r\n"),
-    save: |b| has(b, b"*7\r\n$7\r\nEVALSHA\r\n"),
+    save: |b| has(b, b"*8\r\n$7\r\nEVALSHA\r\n"),
     touch: |b| has(b, b"*6\r\n$7\r\nEVALSHA\r\n"),
     remove: |b| has(b, b"*5\r\n$7\r\nEVALSHA\r\n"),
 };

@@ -851,12 +851,12 @@ fn script_request(b: &[u8], method: &str, slashes: usize) -> bool {
             .is_some_and(|p| p.starts_with("/EVALSHA/") && p.matches('/').count() == slashes)
 }
 
-/// The writes as Webdis requests: `/EVALSHA/<sha>/1/<key>/` and then a save's two arguments
+/// The writes as Webdis requests: `/EVALSHA/<sha>/1/<key>/` and then a save's three arguments
 /// (`PUT`, the value as the body), a create's two (`PUT`), a touch's two (`GET`), a remove's
 /// one (`GET`).
 const TRIGGERS: lost_reply::Triggers = lost_reply::Triggers {
     create: |b| script_request(b, "PUT", 5),
-    save: |b| script_request(b, "PUT", 6),
+    save: |b| script_request(b, "PUT", 7),
     touch: |b| script_request(b, "GET", 6),
     remove: |b| script_request(b, "GET", 5),
 };

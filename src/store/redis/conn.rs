@@ -24,9 +24,9 @@ use super::protocol::{
     Arg, Command, Head, KeyName, Protocol, Reply, SendError, Sent, ServerError, Transport,
     opening_failed, session_store_on_protocol,
 };
-use super::value::{Header, MAX_HEADER_LEN};
+use super::value::Header;
 use crate::error::StoreError;
-use crate::key::Key;
+use crate::key::{KEY_HEX_LEN, Key};
 
 /// Sessions in Redis (7.0 or newer, or Valkey), on a single node, a Redis Cluster, or a master
 /// managed by Redis Sentinel.
@@ -580,8 +580,9 @@ fn packed(cmd: &Command<'_>) -> PooledCmd {
         bytes += match arg {
             Arg::Word(w) => w.len(),
             Arg::Int(_) => 20,
-            Arg::Value(_, data) => MAX_HEADER_LEN + data.len(),
+            Arg::Value(header, data) => header.as_bytes().len() + data.len(),
             Arg::Source(source) => source.len(),
+            Arg::Key(_) => KEY_HEX_LEN,
         };
     }
     let mut out = match cmd.head {
@@ -609,6 +610,7 @@ fn packed(cmd: &Command<'_>) -> PooledCmd {
             Arg::Int(n) => out.arg(n),
             Arg::Value(header, data) => out.arg(ValueArg { header, data }),
             Arg::Source(source) => out.arg(source),
+            Arg::Key(key) => out.arg(KeyArg(KeyName { prefix: "", key })),
         };
     }
     out
@@ -682,6 +684,9 @@ impl Transport for Conn {
     const NAME: &'static str = "redis";
     const VALUE_LAST: bool = false;
     const BINARY_SAFE: bool = true;
+    // One batch of `GET`s on the store's own connection; the cluster client's multiplexed
+    // connections take as many.
+    const CONCURRENT_LOADS: usize = 256;
 
     fn keeps_deadline(&self) -> bool {
         matches!(self, Conn::Pipe(_))
