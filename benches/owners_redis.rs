@@ -95,7 +95,10 @@ fn cli(port: u16, args: &[&str]) -> String {
 /// Three masters joined into a cluster, every slot served.
 fn start_cluster() -> Vec<Server> {
     let nodes: Vec<Server> = (0..3).map(|_| start_server(true)).collect();
-    let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
     let status = Command::new("redis-cli")
         .args(["--cluster", "create"])
         .args(&addrs)
@@ -109,7 +112,10 @@ fn start_cluster() -> Vec<Server> {
         .iter()
         .all(|n| cli(n.port, &["cluster", "info"]).contains("cluster_state:ok"))
     {
-        assert!(started.elapsed() < Duration::from_secs(30), "cluster not ok");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "cluster not ok"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     nodes
@@ -144,8 +150,8 @@ async fn fill(store: &RedisStore, total: usize, mine: usize, me: &Arc<str>) {
                 } else {
                     format!("user-{}", i % OTHER_OWNERS).into()
                 };
-                let record =
-                    Record::new(Key::of(Id::random()), data.clone(), 1, expires).with_owner(Some(owner));
+                let record = Record::new(Key::of(Id::random()), data.clone(), 1, expires)
+                    .with_owner(Some(owner));
                 store.create(&record).await.expect("create");
             }
         });

@@ -488,13 +488,8 @@ mod redis {
         let logs_before = LOGS.lock().unwrap().len();
         let expires = SystemTime::now() + Duration::from_secs(60);
         let owned = |owner: &str| {
-            Record::new(
-                Key::of(Id::random()),
-                Bytes::from_static(b"{}"),
-                1,
-                expires,
-            )
-            .with_owner(Some(owner.into()))
+            Record::new(Key::of(Id::random()), Bytes::from_static(b"{}"), 1, expires)
+                .with_owner(Some(owner.into()))
         };
         let mut errors = Vec::new();
         // Every key of the database made a hash: the owner's index among them.
