@@ -12,7 +12,7 @@
 //! store's real values and owner indexes: the owner's 1,000 among sessions owned by 333,333
 //! other owners (3 each). Prints the fill time, Redis's memory, and the median, fastest and
 //! slowest of 20 listings. Needs `redis-server` and `redis-cli` on the `PATH`. (The memory,
-//! SQLite and PostgreSQL stores' owner listing is measured by `benches/owners.rs`.)
+//! `SQLite` and PostgreSQL stores' owner listing is measured by `benches/owners.rs`.)
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};

@@ -1528,11 +1528,9 @@ async fn min_replicas_ack_confirms_each_write_with_wait() {
 /// the owner's BLAKE3 digest in hex (the store's layout, written out here).
 fn index_key(prefix: &str, owner: &str) -> String {
     let digest = blake3::hash(owner.as_bytes());
-    let hex: String = digest.as_bytes()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{prefix}owner:{hex}")
+    let mut bytes = [0; 16];
+    bytes.copy_from_slice(&digest.as_bytes()[..16]);
+    format!("{prefix}owner:{:032x}", u128::from_be_bytes(bytes))
 }
 
 /// An owner with the characters that could trip a key or a script: braces (a hash tag), a colon,

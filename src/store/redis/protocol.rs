@@ -1486,7 +1486,7 @@ mod tests {
 
     #[test]
     fn the_save_script_reads_a_whole_owned_header() {
-        assert!(value::MAX_OWNED_HEADER_LEN <= 512);
+        const { assert!(value::MAX_OWNED_HEADER_LEN <= 512) };
         assert!(SAVE_LUA.contains("'0' and 511 or 63"));
     }
 
@@ -1497,7 +1497,7 @@ mod tests {
         assert_eq!(member_key(&member), Some(key));
         for foreign in [
             Reply::Bulk(Bytes::from(key.to_hex().to_uppercase())),
-            Reply::Bulk(Bytes::from(&key.to_hex()[1..])),
+            Reply::Bulk(Bytes::from(key.to_hex()[1..].to_owned())),
             Reply::Bulk(Bytes::from(format!("{}0", key.to_hex()))),
             Reply::Bulk(Bytes::from_static(b"zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz")),
             Reply::Int(1),

@@ -254,8 +254,8 @@ pub(crate) fn parse_head(value: &[u8]) -> Result<Head, Malformed> {
         .iter()
         .try_fold(0u64, |n, &d| Some(n << 4 | u64::from(hex_digit(d)?)))
         .ok_or(Malformed::Token)?;
-    let (payload_len, rest, owner_len) = match decimal_then(&rest[1..], b'/') {
-        Some((payload_len, rest)) => {
+    let (payload_len, rest, owner_len) =
+        if let Some((payload_len, rest)) = decimal_then(&rest[1..], b'/') {
             let (owner_len, rest) = decimal(rest).ok_or(Malformed::Owner)?;
             let owner_len = usize::try_from(owner_len)
                 .ok()
@@ -263,12 +263,10 @@ pub(crate) fn parse_head(value: &[u8]) -> Result<Head, Malformed> {
                 .ok_or(Malformed::Owner)?;
             std::str::from_utf8(&rest[..owner_len]).map_err(|_| Malformed::Owner)?;
             (payload_len, &rest[owner_len..], Some(owner_len))
-        }
-        None => {
+        } else {
             let (payload_len, rest) = decimal(&rest[1..]).ok_or(Malformed::Length)?;
             (payload_len, rest, None)
-        }
-    };
+        };
     Ok(Head {
         version,
         expires_ms,
