@@ -67,6 +67,7 @@ impl Record {
     }
 
     /// The owner, shared (an in-process store keeps it without copying).
+    #[cfg(feature = "memory")]
     pub(crate) fn owner_shared(&self) -> Option<&Arc<str>> {
         self.owner.as_ref()
     }
