@@ -1962,3 +1962,46 @@ async fn the_index_never_misses_a_live_session_on_a_cluster() {
     assert_eq!(listed_keys(&store.owned(&me).await.unwrap()), keys);
     the_index_never_misses_a_live_session(store).await;
 }
+
+/// An owner change whose final save's reply is lost: the retry recognises its own write
+/// (`Saved`), and the session is in its new owner's list (its entry was written before either
+/// attempt). The first script's "owner differs" answer wrote nothing, so the save after the
+/// index add is a first save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_change_whose_save_reply_was_lost_is_saved_and_listed() {
+    let server = RedisServer::start().await;
+    let proxy = ReplyDroppingProxy::start(server.addr()).await;
+    let through_proxy = RedisStore::open(format!("redis://{}", proxy.addr))
+        .await
+        .unwrap();
+    let direct = RedisStore::open(server.url()).await.unwrap();
+    let (me, other) = (owner_name("before"), owner_name("after"));
+    let key = new_key();
+    let exp = now_ms() + 60_000;
+    direct.create(&owned_at_ms(key, &me, 5, exp)).await.unwrap();
+    // The save told not to check the owner: its `EVALSHA` holds `1` twice (the key count and
+    // the flag); the first, checking one holds `0` as its flag, the add script `1` once.
+    proxy.arm(|b| {
+        has(b, b"*8\r\n$7\r\nEVALSHA\r\n")
+            && b.windows(7).filter(|w| w == b"$1\r\n1\r\n").count() == 2
+    });
+    let task = {
+        let (store, rec) = (through_proxy.clone(), owned_at_ms(key, &other, 6, exp));
+        tokio::spawn(async move { store.save(&rec, 5).await })
+    };
+    proxy.caught().await;
+    proxy.release();
+    let saved = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(saved.unwrap(), SaveOutcome::Saved);
+    assert!(!proxy.is_armed());
+    let back = direct.load(&key).await.unwrap().unwrap();
+    assert_eq!((back.version(), back.owner()), (6, Some(other.as_str())));
+    assert_eq!(
+        listed_keys(&direct.owned(&other).await.unwrap()),
+        [key].into()
+    );
+    assert!(direct.owned(&me).await.unwrap().is_empty());
+}
