@@ -1652,6 +1652,14 @@ async fn commands_per_request_kind_with_an_owner() {
         "owner's list: load + index script + one GET per listed session",
     )
     .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/cycle",
+        &["GET", "EVALSHA", "SET", "EVALSHA"],
+        "cycle id of an owned session: load + index add for the new key + create + remove",
+    )
+    .await;
     expect(&mut b, &mut monitor, "/destroy", &["DEL"], "destroy: DEL").await;
 
     // An anonymous session given an owner (login on an existing session).

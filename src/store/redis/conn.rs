@@ -54,6 +54,7 @@ use crate::key::{KEY_HEX_LEN, Key};
 /// | new session with an owner (login) | `EVALSHA` (owner index add) + `SET ... NX` |
 /// | sets or changes the owner | `GET` + `EVALSHA` (save: owner differs, nothing written) + `EVALSHA` (index add) + `EVALSHA` (save) |
 /// | lists the owner's sessions | `EVALSHA` (the index) + one `GET` per listed session, sent together |
+/// | cycles an owned session's id | `GET` + `EVALSHA` (index add for the new key) + `SET ... NX` + `EVALSHA` (remove) |
 ///
 /// A session's owner costs nothing on requests that keep it: an owned session's read is one
 /// `GET` and its write `GET` + `EVALSHA`, as above.
