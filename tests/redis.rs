@@ -1648,8 +1648,8 @@ async fn commands_per_request_kind_with_an_owner() {
         &mut b,
         &mut monitor,
         "/sessions",
-        &["GET", "EVALSHA", "GET"],
-        "owner's list: load + index script + one GET per listed session",
+        &["GET", "EVALSHA", "MGET"],
+        "owner's list: load + index script + one MGET for the listed sessions",
     )
     .await;
     expect(

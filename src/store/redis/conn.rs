@@ -53,7 +53,7 @@ use crate::key::{KEY_HEX_LEN, Key};
 /// | destroy | `DEL` |
 /// | new session with an owner (login) | `EVALSHA` (owner index add) + `SET ... NX` |
 /// | sets or changes the owner | `GET` + `EVALSHA` (save: owner differs, nothing written) + `EVALSHA` (index add) + `EVALSHA` (save) |
-/// | lists the owner's sessions | `EVALSHA` (the index) + one `GET` per listed session, sent together |
+/// | lists the owner's sessions | `EVALSHA` (the index) + one `MGET` per 256 listed sessions (on a cluster, a `GET` each, sent together) |
 /// | cycles an owned session's id | `GET` + `EVALSHA` (index add for the new key) + `SET ... NX` + `EVALSHA` (remove) |
 ///
 /// A session's owner costs nothing on requests that keep it: an owned session's read is one
@@ -87,7 +87,8 @@ use crate::key::{KEY_HEX_LEN, Key};
 /// sessions are listed or the owner logs in again, once their score has passed (an entry with a
 /// later score may belong to a write under way). An owner's index thus holds their live
 /// sessions, plus those ended since their last login or listing, plus those ended before their
-/// entry's score. Listing reads the index, loads the sessions together (256 at a time) and
+/// entry's score. Listing reads the index, loads the sessions (an `MGET` per 256; on a
+/// cluster, where they are spread over the nodes, a `GET` each, 256 under way at a time) and
 /// answers the live ones that have that owner: an owner's 1,000 sessions among 1,000,000 took
 /// 7.6 ms on a single node and 11.5 ms on a 3-master cluster (medians; BENCHMARKS.md, "Owner
 /// listing: Redis"); the time grows with the owner's sessions, not with the store's.
@@ -606,6 +607,7 @@ fn packed(cmd: &Command<'_>) -> PooledCmd {
             Arg::Value(header, data) => header.as_bytes().len() + data.len(),
             Arg::Source(source) => source.len(),
             Arg::Key(_) => KEY_HEX_LEN,
+            Arg::Name(name) => name.len(),
         };
     }
     let mut out = match cmd.head {
@@ -634,6 +636,7 @@ fn packed(cmd: &Command<'_>) -> PooledCmd {
             Arg::Value(header, data) => out.arg(ValueArg { header, data }),
             Arg::Source(source) => out.arg(source),
             Arg::Key(key) => out.arg(KeyArg(KeyName { prefix: "", key })),
+            Arg::Name(name) => out.arg(KeyArg(name)),
         };
     }
     out
@@ -713,6 +716,10 @@ impl Transport for Conn {
 
     fn keeps_deadline(&self) -> bool {
         matches!(self, Conn::Pipe(_))
+    }
+
+    fn one_node(&self) -> bool {
+        !matches!(self, Conn::Cluster(_))
     }
 
     /// Sends a command once (on a cluster, until the cluster has run it: see [`Resend`]), with

@@ -771,6 +771,11 @@ fn encode(out: &mut Vec<u8>, cmd: &Command<'_>) {
                 key.encode(&mut hex);
                 bulk(out, &hex);
             }
+            Arg::Name(name) => {
+                bulk_header(out, name.len());
+                name.write(out);
+                out.extend_from_slice(b"\r\n");
+            }
         }
     }
 }

@@ -13,7 +13,7 @@
 //! | touch | the [touch script](TOUCH_LUA) |
 //! | remove | the [remove script](REMOVE_LUA) |
 //! | delete | `DEL key` |
-//! | owned | the [list script](LIST_LUA) on the owner's index, a `GET` per listed session (sent together), and the [drop script](DROP_LUA) for stale entries, if any |
+//! | owned | the [list script](LIST_LUA) on the owner's index, an `MGET` per 256 listed sessions (a cluster: a `GET` each, sent together), and the [drop script](DROP_LUA) for stale entries, if any |
 //!
 //! # Owners
 //! A record's [owner](Record::owner) is kept in its value (see [`value`](super::value)), so a
@@ -195,6 +195,9 @@ pub(crate) const SWEEP_LIMIT: u64 = 32;
 
 /// The most stale entries one drop script call takes.
 const DROP_BATCH: usize = 64;
+
+/// The most keys one `MGET` of an owner listing asks for.
+const MGET_KEYS: usize = 256;
 
 /// `SET key value NX PXAT ms GET` with the value last, for a transport that sends the value as
 /// the last argument (Webdis, as the request body): `KEYS[1]` the key; `ARGV[1]` the expiry
@@ -385,6 +388,12 @@ pub(crate) trait Transport: Send + Sync + 'static {
         deadline: Instant,
     ) -> impl std::future::Future<Output = Result<Sent, SendError>> + Send;
 
+    /// Whether every key is on the one server this transport talks to, so that a command may
+    /// name several (`MGET`): not on a cluster.
+    fn one_node(&self) -> bool {
+        false
+    }
+
     /// Whether `send` itself fails with [`SendError::TimedOut`] once its deadline passes; for
     /// a transport that does not, the protocol races each operation against a timer of its own.
     fn keeps_deadline(&self) -> bool {
@@ -460,6 +469,8 @@ pub(crate) enum Arg<'a> {
     Source(&'static str),
     /// A session's key in hex, without the prefix (a member of an owner's index).
     Key(Key),
+    /// A session's whole key name (`MGET`'s keys after the first).
+    Name(KeyName<'a>),
 }
 
 /// The replicas a write must reach (`WAIT`) before it counts as stored.
@@ -642,7 +653,13 @@ impl<T: Transport> Protocol<T> {
             key: Some(self.key_name(key)),
             args: &[],
         };
-        let value = match self.run(op, &cmd, false).await?.reply {
+        let reply = self.run(op, &cmd, false).await?.reply;
+        Self::live(op, reply)
+    }
+
+    /// A `GET`'s reply as the live stored value it holds, if any.
+    fn live(op: Op, reply: Reply) -> Result<Option<value::Stored>, StoreError> {
+        let value = match reply {
             Reply::Nil => return Ok(None),
             Reply::Bulk(value) => value,
             other => return Err(Self::unexpected(op, &other)),
@@ -882,7 +899,9 @@ impl<T: Transport> Protocol<T> {
             return;
         }
         let mut stale = Vec::new();
-        let loaded = self.fetch_many(due.keys.iter().copied()).await;
+        let Ok(loaded) = self.fetch_many(due.keys.iter().copied()).await else {
+            return;
+        };
         for (&key, got) in due.keys.iter().zip(loaded) {
             match got {
                 Ok(Some(stored)) if stored.owner.as_deref() == Some(owner) => {}
@@ -924,7 +943,7 @@ impl<T: Transport> Protocol<T> {
                 .unwrap_or(f64::INFINITY);
             listed.push((key, score));
         }
-        let loaded = self.fetch_many(listed.iter().map(|&(k, _)| k)).await;
+        let loaded = self.fetch_many(listed.iter().map(|&(k, _)| k)).await?;
         let mut records = Vec::new();
         let mut stale = Vec::new();
         #[expect(clippy::cast_precision_loss, reason = "ms instants are below 2^53")]
@@ -948,9 +967,56 @@ impl<T: Transport> Protocol<T> {
         Ok(records)
     }
 
-    /// The live stored values of `keys`, in order: loaded together (a batch of `GET`s on the
-    /// wire), at most [`Transport::CONCURRENT_LOADS`] at a time.
+    /// The live stored values of `keys`, in order: by `MGET`s of [`MGET_KEYS`] keys on a
+    /// transport to [one node](Transport::one_node), else loaded together (a batch of `GET`s on
+    /// the wire), at most [`Transport::CONCURRENT_LOADS`] at a time.
     async fn fetch_many(
+        &self,
+        keys: impl Iterator<Item = Key>,
+    ) -> Result<Vec<Result<Option<value::Stored>, StoreError>>, StoreError> {
+        if !self.transport.one_node() {
+            return Ok(self.fetch_each(keys).await);
+        }
+        let keys: Vec<Key> = keys.collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(MGET_KEYS) {
+            out.extend(self.mget(batch).await?);
+        }
+        Ok(out)
+    }
+
+    /// `MGET` of `keys`, in order (a key of another type answers nil: missing).
+    async fn mget(
+        &self,
+        keys: &[Key],
+    ) -> Result<Vec<Result<Option<value::Stored>, StoreError>>, StoreError> {
+        let op = Op {
+            name: "owner listing load",
+            session: None,
+        };
+        let Some((first, rest)) = keys.split_first() else {
+            return Ok(Vec::new());
+        };
+        let args: Vec<Arg<'_>> = rest.iter().map(|k| Arg::Name(self.key_name(k))).collect();
+        let cmd = Command {
+            head: Head::Name("MGET"),
+            key: Some(self.key_name(first)),
+            args: &args,
+        };
+        let replies = match self.run(op, &cmd, false).await?.reply {
+            Reply::Array(replies) if replies.len() == keys.len() => replies,
+            other => return Err(Self::unexpected(op, &other)),
+        };
+        Ok(keys
+            .iter()
+            .zip(replies)
+            .map(|(key, reply)| Self::live(Op::on("owner listing load", key), reply))
+            .collect())
+    }
+
+    /// The live stored values of `keys`, in order, each by a `GET` of its own, at most
+    /// [`Transport::CONCURRENT_LOADS`] under way at a time.
+    async fn fetch_each(
         &self,
         keys: impl Iterator<Item = Key>,
     ) -> Vec<Result<Option<value::Stored>, StoreError>> {

@@ -142,6 +142,11 @@ pub(super) fn request(
             Arg::Word(word) => segment(word.as_bytes()),
             Arg::Int(n) => segment(itoa::Buffer::new().format(n).as_bytes()),
             Arg::Key(key) => segment(key.to_hex().as_bytes()),
+            Arg::Name(name) => {
+                let mut bytes = Vec::with_capacity(name.len());
+                name.write(&mut bytes);
+                segment(&bytes);
+            }
             Arg::Value(header, data) if last => {
                 let mut value = Vec::with_capacity(header.as_bytes().len() + data.len());
                 value.extend_from_slice(header.as_bytes());
