@@ -43,13 +43,20 @@
 //!   does. So an owner's index holds their live sessions, the entries whose score has not passed
 //!   yet, and at most the entries that turned stale since the owner's last login or listing.
 //!
-//! Why no live owned record is ever without its entry: an entry is added (its score raised to
-//! at least the write's expiry) before any write that gives a record that owner, and a dropped
-//! entry was seen stale after the listing started while its score had not passed the start: any
-//! write that gave the record back to the owner afterwards added the entry again first (then
-//! the score is later than the start, and the drop leaves it), and any earlier one has expired.
-//! This holds within the clock skew between application servers (scores and expiries are their
-//! clocks' instants).
+//! Why no live owned record is ever without its entry. Every write that gives a record an owner
+//! (a create, or a save whose script found another owner) runs after the add script, which
+//! leaves the entry's score at least that write's expiry (`GT`: the score never falls while the
+//! entry lives). A listing or sweep that starts at `T` drops an entry only if the record, loaded
+//! after `T`, was missing or not the owner's, and only if the entry's score is still at most
+//! `T` when the drop script runs (checked and dropped in one atomic step). Take a write that
+//! gives the record the owner after that load: if its add ran after `T`, the score it set is
+//! its expiry, later than `T`, and the drop leaves the entry (or, if the add came after the
+//! drop, the entry is back before the write); if its add ran before `T`, the write's expiry is
+//! at most the score, so at most `T`: the record it writes is expired already. A lost reply
+//! changes nothing: the add is idempotent and retried before the write, and a write is never
+//! sent before its add was acknowledged (by the replicas too, with `min_replicas_ack`). This
+//! holds within the clock skew between application servers (scores, expiries and `T` are
+//! their clocks' instants).
 //!
 //! Scripts go by `EVALSHA`; a server that lacks one (after a restart or `SCRIPT FLUSH`, or a
 //! cluster node that never saw it) answers `NOSCRIPT`, and the command goes again once as
@@ -89,9 +96,9 @@ end
 /// value has no owner, or its owner's index entry is written); `ARGV[4]` the new value (last,
 /// so that Webdis can send it as the request body). Answers 0 (missing), 1 (conflict), 2
 /// (saved) or 3 (the expected version, but another owner, and `ARGV[3]` is `0`: nothing
-/// written, the owner's index entry is to be written first). A stored value that already carries the new
-/// value's version *and write token* is this very write, applied by an earlier attempt whose
-/// reply was lost: it answers 2 again instead of a false conflict. (If another writer saved on
+/// written, the owner's index entry is to be written first). A stored value that already
+/// carries the new value's version *and write token* is this very write, applied by an earlier
+/// attempt whose reply was lost: it answers 2 again instead of a false conflict. (If another writer saved on
 /// top of it since, the retry answers 1, which [`settle`] turns into an unknown outcome.)
 ///
 /// Checking the owner, it reads the value's first 512 bytes instead of 64 (the longest header
