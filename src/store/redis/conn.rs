@@ -90,8 +90,8 @@ use crate::key::{KEY_HEX_LEN, Key};
 /// entry's score. Listing reads the index, loads the sessions (an `MGET` per 256; on a
 /// cluster, where they are spread over the nodes, a `GET` each, 256 under way at a time) and
 /// answers the live ones that have that owner: an owner's 1,000 sessions among 1,000,000 took
-/// 7.6 ms on a single node and 11.5 ms on a 3-master cluster (medians; BENCHMARKS.md, "Owner
-/// listing: Redis"); the time grows with the owner's sessions, not with the store's.
+/// 5.7 ms on a single node and 11.5 to 13.8 ms on a 3-master cluster (medians; BENCHMARKS.md,
+/// "Owner listing: Redis"); the time grows with the owner's sessions, not with the store's.
 ///
 /// # Failures
 /// Connection errors, timeouts, a loading, read-only or out-of-memory server are
