@@ -986,6 +986,8 @@ impl<T: Transport> Protocol<T> {
         }
         let keys: Vec<Key> = keys.collect();
         let mut out = Vec::with_capacity(keys.len());
+        // One at a time: the store's own connection stalls when one task polls several large
+        // requests at once (BENCHMARKS.md, "Owner listing: Redis").
         for batch in keys.chunks(MGET_KEYS) {
             out.extend(self.mget(batch).await?);
         }
