@@ -453,6 +453,7 @@ fn redis_value(data: &[u8]) -> Option<Bytes> {
             head.expires_ms,
             head.token,
             stored.payload.len(),
+            stored.owner.as_deref(),
         );
         let mut again = header.as_bytes().to_vec();
         again.extend_from_slice(&stored.payload);

@@ -50,8 +50,15 @@ impl Key {
     }
 
     /// The key with these bytes, as [`to_bytes`](Key::to_bytes) gave them: for the stores that
-    /// read keys back (an owner's listing). Crate-private.
-    #[cfg(any(test, feature = "sqlite", feature = "postgres"))]
+    /// read keys back (an owner's listing; the Redis family from its owner indexes).
+    /// Crate-private.
+    #[cfg(any(
+        test,
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "redis",
+        feature = "webdis"
+    ))]
     pub(crate) fn from_bytes(bytes: [u8; 16]) -> Key {
         Key(bytes)
     }

@@ -111,6 +111,9 @@ async fn listed_while<S: SessionStore>(store: &S, owner: &str, saving: bool) -> 
             Some(owner),
             "a record of another owner was listed"
         );
+        // Loaded after the listing: a save running meanwhile (`owned_lists_many`) may have
+        // stored a later version since, which a store that lists and loads in separate steps
+        // cannot rule out.
         let stored = store.load(&r.key()).await.unwrap();
         if saving {
             let stored = stored.expect("a listed record is not stored");

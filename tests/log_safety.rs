@@ -561,6 +561,49 @@ mod redis {
         }
     }
 
+    /// The owner index's errors (a key of another type where an index belongs, an owner too
+    /// long to store, a server that is down) never name the owner, nor log it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn owner_errors() {
+        capture_logs();
+        let mut server = RedisServer::start().await;
+        let store = store(&server).await;
+        let owner = secret_value();
+        let mut secrets = Secrets::default();
+        secrets.value(&owner);
+        let logs_before = LOGS.lock().unwrap().len();
+        let expires = SystemTime::now() + Duration::from_secs(60);
+        let with_owner = |owner: &str| {
+            Record::new(Key::of(Id::random()), Bytes::from_static(b"{}"), 1, expires)
+                .with_owner(Some(owner.into()))
+        };
+        let mut errors = Vec::new();
+        // Every key of the database made a hash: the owner's index among them.
+        store.create(&with_owner(&owner)).await.unwrap();
+        let keys = common::servers::redis_cli(server.port(), &["keys", "*owner:*"]).await;
+        for index in keys.lines().filter(|l| !l.is_empty()) {
+            common::servers::redis_cli(server.port(), &["del", index]).await;
+            common::servers::redis_cli(server.port(), &["hset", index, &owner, &owner]).await;
+        }
+        errors.extend(store.owned(&owner).await.err());
+        errors.extend(store.create(&with_owner(&owner)).await.err());
+        let long = format!("{owner}{}", "x".repeat(300));
+        secrets.value(&long);
+        errors.extend(store.create(&with_owner(&long)).await.err());
+        server.kill();
+        errors.extend(store.owned(&owner).await.err());
+        errors.extend(store.create(&with_owner(&owner)).await.err());
+        assert_eq!(errors.len(), 5, "each case an error: {errors:?}");
+        for line in &LOGS.lock().unwrap()[logs_before..] {
+            secrets.check("redis owners: a log line", line);
+        }
+        for e in &errors {
+            for text in error_texts(e) {
+                secrets.check("redis owners: a store error", &text);
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_server_that_is_down() {
         let server = RedisServer::start().await;

@@ -1008,11 +1008,12 @@ fn has(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The writes as RESP on the wire: a save's `EVALSHA` has 7 elements (sha, key count, key and
-/// three arguments), a touch's 6, a remove's 5; a create is `SET` (a load is `GET`).
+/// The writes as RESP on the wire: a save's `EVALSHA` has 8 elements (sha, key count, key and
+/// four arguments), a touch's 6, a remove's 5; a create is `SET` (a load is `GET`). (The owner
+/// index's add script has 8 too; these records have no owner.)
 const TRIGGERS: lost_reply::Triggers = lost_reply::Triggers {
     create: |b| has(b, b"*7\r\n$3\r\nSET\r\n"),
-    save: |b| has(b, b"*7\r\n$7\r\nEVALSHA\r\n"),
+    save: |b| has(b, b"*8\r\n$7\r\nEVALSHA\r\n"),
     touch: |b| has(b, b"*6\r\n$7\r\nEVALSHA\r\n"),
     remove: |b| has(b, b"*5\r\n$7\r\nEVALSHA\r\n"),
 };
@@ -1519,4 +1520,496 @@ async fn min_replicas_ack_confirms_each_write_with_wait() {
     let err = store.delete(&id).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     assert!(store.load(&id).await.unwrap().is_none());
+}
+
+// ---- Owners (#16): the owner index -------------------------------------------------------
+
+/// The Redis key of `owner`'s index under `prefix`: `<prefix>owner:` and the first 128 bits of
+/// the owner's BLAKE3 digest in hex (the store's layout, written out here).
+fn index_key(prefix: &str, owner: &str) -> String {
+    let digest = blake3::hash(owner.as_bytes());
+    let mut bytes = [0; 16];
+    bytes.copy_from_slice(&digest.as_bytes()[..16]);
+    format!("{prefix}owner:{:032x}", u128::from_be_bytes(bytes))
+}
+
+/// An owner with the characters that could trip a key or a script: braces (a hash tag), a colon,
+/// quotes, a space, non-ASCII.
+fn owner_name(tag: &str) -> String {
+    format!("user:{{{tag}}} \"zürich\" {}", &new_key().to_hex()[..8])
+}
+
+fn owned_at_ms(
+    key: Key,
+    owner: &str,
+    version: u64,
+    expires_ms: u64,
+) -> hyper_sessions::store::Record {
+    record_at_ms(
+        key,
+        bytes::Bytes::from_static(br#"{"d":{"n":1}}"#),
+        version,
+        expires_ms,
+    )
+    .with_owner(Some(owner.into()))
+}
+
+/// The index's members (session keys in hex) and scores, as Redis holds them.
+async fn index_entries(server: &RedisServer, index: &str) -> Vec<(String, u64)> {
+    let out = server
+        .cli(&["zrange", index, "0", "-1", "withscores"])
+        .await;
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    lines
+        .chunks_exact(2)
+        .map(|p| (p[0].to_owned(), p[1].parse().unwrap()))
+        .collect()
+}
+
+fn listed_keys(records: &[hyper_sessions::store::Record]) -> std::collections::BTreeSet<Key> {
+    records
+        .iter()
+        .map(hyper_sessions::store::Record::key)
+        .collect()
+}
+
+/// Commands per request for an owned session (issue #16): a read is one `GET` and a write
+/// `GET` + `EVALSHA` as without owners; only a request that sets or changes the owner pays for
+/// the index (its add script before the record's write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_per_request_kind_with_an_owner() {
+    let (store, server) = single_node().await;
+    let layer = SessionLayer::new(store);
+    let app = serve(&layer).await;
+    let mut b = Browser::new(app.addr).await;
+    // Warm up: the scripts get into the server's cache.
+    b.get("/counter").await;
+    b.get("/owner/warm").await;
+    b.get("/destroy").await;
+    let mut monitor = Monitor::start(&server).await;
+
+    expect(
+        &mut b,
+        &mut monitor,
+        "/owner/alice",
+        &["EVALSHA", "SET"],
+        "login, new session: index add + SET NX",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/read",
+        &["GET"],
+        "owned read: one GET",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/counter",
+        &["GET", "EVALSHA"],
+        "owned write: load + compare-and-set",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/incr/n",
+        &["GET", "EVALSHA"],
+        "owned update: load + compare-and-set",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/owner/alice",
+        &["GET"],
+        "same owner again: nothing to write",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/owner/bob",
+        &["GET", "EVALSHA", "EVALSHA", "EVALSHA"],
+        "owner change: load + save (answers: owner differs) + index add + save",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/read",
+        &["GET"],
+        "read after the change: one GET",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/sessions",
+        &["GET", "EVALSHA", "MGET"],
+        "owner's list: load + index script + one MGET for the listed sessions",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/cycle",
+        &["GET", "EVALSHA", "SET", "EVALSHA"],
+        "cycle id of an owned session: load + index add for the new key + create + remove",
+    )
+    .await;
+    expect(&mut b, &mut monitor, "/destroy", &["DEL"], "destroy: DEL").await;
+
+    // An anonymous session given an owner (login on an existing session).
+    b.get("/counter").await;
+    monitor.take().await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/owner/carol",
+        &["GET", "EVALSHA", "EVALSHA", "EVALSHA"],
+        "login on an anonymous session: load + save (owner differs) + index add + save",
+    )
+    .await;
+    expect(
+        &mut b,
+        &mut monitor,
+        "/counter",
+        &["GET", "EVALSHA"],
+        "write after login: load + compare-and-set",
+    )
+    .await;
+}
+
+/// Stale entries (record deleted, removed, expired, or saved with another owner) are dropped by
+/// a listing once their score (the adding write's expiry) has passed, and by the sweep of the
+/// owner's next login; an entry whose score is later (a write under way: entry written, record
+/// not yet) is kept; a live record whose entry's score lags its expiry (touched since) is
+/// listed and kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
+async fn stale_index_entries_are_dropped_and_pending_ones_kept() {
+    let (store, server) = single_node().await;
+    let (me, other) = (owner_name("me"), owner_name("other"));
+    let index = index_key("session:", &me);
+    let soon = now_ms() + 500;
+    let [deleted, removed, expired, moved, disowned, touched, live] =
+        std::array::from_fn(|_| new_key());
+    for key in [deleted, removed, expired, moved, disowned, touched] {
+        store.create(&owned_at_ms(key, &me, 1, soon)).await.unwrap();
+    }
+    store
+        .create(&owned_at_ms(live, &me, 1, now_ms() + 60_000))
+        .await
+        .unwrap();
+    store.delete(&deleted).await.unwrap();
+    assert_eq!(store.remove(&removed, 1).await.unwrap(), SaveOutcome::Saved);
+    let later = now_ms() + 60_000;
+    assert_eq!(
+        store
+            .save(&owned_at_ms(moved, &other, 2, later), 1)
+            .await
+            .unwrap(),
+        SaveOutcome::Saved
+    );
+    let ownerless = record_at_ms(disowned, bytes::Bytes::from_static(b"{}"), 2, later);
+    assert_eq!(store.save(&ownerless, 1).await.unwrap(), SaveOutcome::Saved);
+    let far = std::time::SystemTime::now() + Duration::from_secs(60);
+    assert_eq!(
+        store.touch(&touched, 1, far).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    // A write under way: its entry written (score: its expiry, later), its record not yet.
+    let pending = new_key();
+    let pending_score = (now_ms() + 60_000).to_string();
+    server
+        .cli(&["zadd", &index, &pending_score, &pending.to_hex()])
+        .await;
+    // An entry whose score passed long ago and whose record never came.
+    let ghost = new_key();
+    server.cli(&["zadd", &index, "1000", &ghost.to_hex()]).await;
+
+    // Before the scores pass: nothing but the ghost is due; the listing is exact anyway.
+    let listed = store.owned(&me).await.unwrap();
+    assert_eq!(listed_keys(&listed), [expired, touched, live].into());
+    let left: Vec<String> = index_entries(&server, &index)
+        .await
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    assert_eq!(left.len(), 8, "only the ghost dropped: {left:?}");
+    assert!(!left.contains(&ghost.to_hex()));
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let listed = store.owned(&me).await.unwrap();
+    assert_eq!(listed_keys(&listed), [touched, live].into());
+    let mut left: Vec<String> = index_entries(&server, &index)
+        .await
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    left.sort();
+    let mut want = vec![touched.to_hex(), live.to_hex(), pending.to_hex()];
+    want.sort();
+    assert_eq!(
+        left, want,
+        "stale entries dropped, the pending and lagging ones kept"
+    );
+    // The record under way arrives: listed.
+    store
+        .create(&owned_at_ms(pending, &me, 1, now_ms() + 60_000))
+        .await
+        .unwrap();
+    assert!(listed_keys(&store.owned(&me).await.unwrap()).contains(&pending));
+    // The other owner's list has the moved record; nobody's has the ownerless one.
+    assert_eq!(
+        listed_keys(&store.owned(&other).await.unwrap()),
+        [moved].into()
+    );
+
+    // The sweep at login: entries turned stale, then a new session of the same owner.
+    let short = now_ms() + 300;
+    let [gone, elsewhere] = std::array::from_fn(|_| new_key());
+    for key in [gone, elsewhere] {
+        store
+            .create(&owned_at_ms(key, &me, 1, short))
+            .await
+            .unwrap();
+    }
+    store.delete(&gone).await.unwrap();
+    assert_eq!(
+        store
+            .save(&owned_at_ms(elsewhere, &other, 2, now_ms() + 60_000), 1)
+            .await
+            .unwrap(),
+        SaveOutcome::Saved
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let login = new_key();
+    store
+        .create(&owned_at_ms(login, &me, 1, now_ms() + 60_000))
+        .await
+        .unwrap();
+    let mut left: Vec<String> = index_entries(&server, &index)
+        .await
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    left.sort();
+    let mut want = vec![
+        touched.to_hex(),
+        live.to_hex(),
+        pending.to_hex(),
+        login.to_hex(),
+    ];
+    want.sort();
+    assert_eq!(left, want, "the login's sweep dropped the stale entries");
+    // No owner in any key.
+    let keys = server.cli(&["keys", "*"]).await;
+    assert!(
+        !keys.contains("zürich") && !keys.contains("user:"),
+        "{keys}"
+    );
+}
+
+/// One process's record of when each session was surely the owner's: from after the write that
+/// gave it the owner was acknowledged to before the write that took it away was sent.
+#[derive(Default)]
+struct Ownership {
+    spans: std::sync::Mutex<Vec<(Key, Instant, Option<Instant>)>>,
+}
+
+impl Ownership {
+    fn begin(&self, key: Key) -> usize {
+        let mut spans = self.spans.lock().unwrap();
+        spans.push((key, Instant::now(), None));
+        spans.len() - 1
+    }
+
+    fn end(&self, span: usize) {
+        self.spans.lock().unwrap()[span].2 = Some(Instant::now());
+    }
+
+    /// The sessions that were the owner's all through `from..=to`.
+    fn throughout(&self, from: Instant, to: Instant) -> std::collections::BTreeSet<Key> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, begin, end)| *begin <= from && end.is_none_or(|end| end >= to))
+            .map(|(key, _, _)| *key)
+            .collect()
+    }
+}
+
+/// Many tasks create, save, move to another owner and back, and delete owned sessions while
+/// listings run: every session that was the owner's all through a listing is listed (and every
+/// listed one is the owner's). The spans are taken conservatively around each write, so the
+/// check is exact, not timing-dependent.
+async fn the_index_never_misses_a_live_session(store: RedisStore) {
+    let me: std::sync::Arc<str> = owner_name("busy").into();
+    let other: std::sync::Arc<str> = owner_name("elsewhere").into();
+    let spans = std::sync::Arc::new(Ownership::default());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (store, me, other, spans, stop) = (
+            store.clone(),
+            me.clone(),
+            other.clone(),
+            spans.clone(),
+            stop.clone(),
+        );
+        workers.spawn(async move {
+            // The writes that add an index entry give it a short expiry (its score), which
+            // later writes extend: the entries' scores pass while the sessions live on, so
+            // listings do drop entries (of sessions moved away), and a drop that lost a live
+            // session's entry would show.
+            let exp = || now_ms() + 60_000;
+            let brief = || now_ms() + 300;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = new_key();
+                store
+                    .create(&owned_at_ms(key, &me, 1, brief()))
+                    .await
+                    .unwrap();
+                let span = spans.begin(key);
+                // Saves that keep the owner (no index write), long enough to span listings.
+                let mut v = 1;
+                while v < 30 {
+                    let saved = store.save(&owned_at_ms(key, &me, v + 1, exp()), v).await;
+                    assert_eq!(saved.unwrap(), SaveOutcome::Saved);
+                    v += 1;
+                }
+                spans.end(span);
+                let moved = store.save(&owned_at_ms(key, &other, v + 1, exp()), v).await;
+                assert_eq!(moved.unwrap(), SaveOutcome::Saved);
+                // Away long enough for the entry's score to pass: listings drop it.
+                tokio::time::sleep(Duration::from_millis(350)).await;
+                let back = store
+                    .save(&owned_at_ms(key, &me, v + 2, brief()), v + 1)
+                    .await;
+                assert_eq!(back.unwrap(), SaveOutcome::Saved);
+                v += 2;
+                let span = spans.begin(key);
+                for _ in 0..10 {
+                    let far = std::time::SystemTime::now() + Duration::from_secs(60);
+                    assert_eq!(store.touch(&key, v, far).await.unwrap(), SaveOutcome::Saved);
+                }
+                spans.end(span);
+                store.delete(&key).await.unwrap();
+            }
+        });
+    }
+    let mut checked = 0;
+    for _ in 0..100 {
+        let from = Instant::now();
+        let listed = store.owned(&me).await.unwrap();
+        let to = Instant::now();
+        for r in &listed {
+            assert_eq!(r.owner(), Some(&*me), "another owner's record listed");
+        }
+        let must = spans.throughout(from, to);
+        let got = listed_keys(&listed);
+        let missed: Vec<_> = must.difference(&got).collect();
+        assert!(
+            missed.is_empty(),
+            "live sessions missing from the list: {missed:?}"
+        );
+        checked += must.len();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(done) = workers.join_next().await {
+        done.unwrap();
+    }
+    assert!(
+        checked > 0,
+        "no session was the owner's through any listing"
+    );
+    println!("{checked} sessions checked over 100 listings");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_never_misses_a_live_session_under_churn() {
+    let (store, _server) = single_node().await;
+    the_index_never_misses_a_live_session(store).await;
+}
+
+/// The same on a 3-master cluster, where an owner's index and most of their sessions are on
+/// different nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_never_misses_a_live_session_on_a_cluster() {
+    let cluster = common::servers::RedisCluster::shared().await;
+    let prefix = "owners-churn:session:";
+    let store = RedisStore::builder()
+        .key_prefix(prefix)
+        .open_cluster(cluster.urls())
+        .await
+        .unwrap();
+    // The index and the sessions are on different nodes: an owner's sessions land on every
+    // master, and listing them still works.
+    let me = owner_name("spread");
+    let index_node = cluster.master_of(0, &index_key(prefix, &me)).await;
+    let mut elsewhere = 0;
+    let mut keys = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let key = new_key();
+        store
+            .create(&owned_at_ms(key, &me, 1, now_ms() + 60_000))
+            .await
+            .unwrap();
+        if cluster.master_of(0, &store.key(&key)).await != index_node {
+            elsewhere += 1;
+        }
+        keys.insert(key);
+    }
+    assert!(elsewhere > 0, "every session landed on the index's node");
+    assert_eq!(listed_keys(&store.owned(&me).await.unwrap()), keys);
+    the_index_never_misses_a_live_session(store).await;
+}
+
+/// An owner change whose final save's reply is lost: the retry recognises its own write
+/// (`Saved`), and the session is in its new owner's list (its entry was written before either
+/// attempt). The first script's "owner differs" answer wrote nothing, so the save after the
+/// index add is a first save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_change_whose_save_reply_was_lost_is_saved_and_listed() {
+    let server = RedisServer::start().await;
+    let proxy = ReplyDroppingProxy::start(server.addr()).await;
+    let through_proxy = RedisStore::open(format!("redis://{}", proxy.addr))
+        .await
+        .unwrap();
+    let direct = RedisStore::open(server.url()).await.unwrap();
+    let (me, other) = (owner_name("before"), owner_name("after"));
+    let key = new_key();
+    let exp = now_ms() + 60_000;
+    direct.create(&owned_at_ms(key, &me, 5, exp)).await.unwrap();
+    // The save told not to check the owner: its `EVALSHA` holds `1` twice (the key count and
+    // the flag); the first, checking one holds `0` as its flag, the add script `1` once.
+    proxy.arm(|b| {
+        has(b, b"*8\r\n$7\r\nEVALSHA\r\n")
+            && b.windows(7).filter(|w| w == b"$1\r\n1\r\n").count() == 2
+    });
+    let task = {
+        let (store, rec) = (through_proxy.clone(), owned_at_ms(key, &other, 6, exp));
+        tokio::spawn(async move { store.save(&rec, 5).await })
+    };
+    proxy.caught().await;
+    proxy.release();
+    let saved = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(saved.unwrap(), SaveOutcome::Saved);
+    assert!(!proxy.is_armed());
+    let back = direct.load(&key).await.unwrap().unwrap();
+    assert_eq!((back.version(), back.owner()), (6, Some(other.as_str())));
+    assert_eq!(
+        listed_keys(&direct.owned(&other).await.unwrap()),
+        [key].into()
+    );
+    assert!(direct.owned(&me).await.unwrap().is_empty());
 }

@@ -851,12 +851,12 @@ fn script_request(b: &[u8], method: &str, slashes: usize) -> bool {
             .is_some_and(|p| p.starts_with("/EVALSHA/") && p.matches('/').count() == slashes)
 }
 
-/// The writes as Webdis requests: `/EVALSHA/<sha>/1/<key>/` and then a save's two arguments
+/// The writes as Webdis requests: `/EVALSHA/<sha>/1/<key>/` and then a save's three arguments
 /// (`PUT`, the value as the body), a create's two (`PUT`), a touch's two (`GET`), a remove's
 /// one (`GET`).
 const TRIGGERS: lost_reply::Triggers = lost_reply::Triggers {
     create: |b| script_request(b, "PUT", 5),
-    save: |b| script_request(b, "PUT", 6),
+    save: |b| script_request(b, "PUT", 7),
     touch: |b| script_request(b, "GET", 6),
     remove: |b| script_request(b, "GET", 5),
 };
@@ -892,4 +892,54 @@ async fn an_update_whose_save_response_was_lost_is_applied_once() {
     ))
     .await;
     lost_reply::layer_level(a.addr, b.addr, &proxy, TRIGGERS.save).await;
+}
+
+/// Owners (#16) over Webdis: an owner's sessions written by either store are listed by both
+/// (one index per owner, the same keys and values), an owner change through Webdis moves the
+/// session between lists, and the requests that keep the owner cost what they cost without one.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_are_shared_with_the_redis_store() {
+    let mut s = servers().await;
+    let webdis = WebdisStore::open(&s.webdis.url()).await.unwrap();
+    let redis = hyper_sessions::RedisStore::open(s.redis.url())
+        .await
+        .unwrap();
+    let (me, other) = ("user:{1} \"zürich\"", "someone else");
+    let exp = unix_ms(SystemTime::now()) + 60_000;
+    let owned = |key, owner: &str, version| {
+        record_at_ms(key, Bytes::from_static(b"{\"d\":{}}"), version, exp)
+            .with_owner(Some(owner.into()))
+    };
+    let (a, b) = (new_key(), new_key());
+    webdis.create(&owned(a, me, 1)).await.unwrap();
+    redis.create(&owned(b, me, 1)).await.unwrap();
+    let keys = |records: Vec<Record>| -> std::collections::BTreeSet<Key> {
+        records.iter().map(Record::key).collect()
+    };
+    assert_eq!(keys(webdis.owned(me).await.unwrap()), [a, b].into());
+    assert_eq!(keys(redis.owned(me).await.unwrap()), [a, b].into());
+    assert_eq!(webdis.load(&b).await.unwrap().unwrap().owner(), Some(me));
+    // Moved to another owner through Webdis: the save script answers "owner differs", the
+    // index entry is added, the save runs again.
+    s.webdis.take_requests();
+    assert_eq!(
+        webdis.save(&owned(a, other, 2), 1).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    let names: Vec<String> = s
+        .webdis
+        .take_requests()
+        .iter()
+        .map(|p| p.split('/').nth(1).unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, ["EVALSHA", "EVALSHA", "EVALSHA"]);
+    // A save that keeps the owner: one request.
+    assert_eq!(
+        webdis.save(&owned(a, other, 3), 2).await.unwrap(),
+        SaveOutcome::Saved
+    );
+    assert_eq!(s.webdis.take_requests().len(), 1);
+    assert_eq!(keys(redis.owned(me).await.unwrap()), [b].into());
+    assert_eq!(keys(webdis.owned(other).await.unwrap()), [a].into());
 }

@@ -50,6 +50,7 @@ use tokio::time::Sleep;
 
 use super::protocol::{Arg, Command, Head, Reply, SendError, Sent, ServerError};
 use super::resp::{self, Parsed};
+use crate::key::KEY_HEX_LEN;
 
 /// Room made in the read buffer before a read.
 const READ_BUF: usize = 16 << 10;
@@ -765,6 +766,16 @@ fn encode(out: &mut Vec<u8>, cmd: &Command<'_>) {
                 out.extend_from_slice(b"\r\n");
             }
             Arg::Source(source) => bulk(out, source.as_bytes()),
+            Arg::Key(key) => {
+                let mut hex = [0; KEY_HEX_LEN];
+                key.encode(&mut hex);
+                bulk(out, &hex);
+            }
+            Arg::Name(name) => {
+                bulk_header(out, name.len());
+                name.write(out);
+                out.extend_from_slice(b"\r\n");
+            }
         }
     }
 }
@@ -885,7 +896,7 @@ mod tests {
     #[test]
     fn commands_are_arrays_of_bulk_strings() {
         let key = Key::random();
-        let header = Header::new(2, 5, 1, 2);
+        let header = Header::new(2, 5, 1, 2, None);
         let args = [
             Arg::Value(&header, b"{}"),
             Arg::Word("NX"),

@@ -13,6 +13,50 @@
 //! | touch | the [touch script](TOUCH_LUA) |
 //! | remove | the [remove script](REMOVE_LUA) |
 //! | delete | `DEL key` |
+//! | owned | the [list script](LIST_LUA) on the owner's index, an `MGET` per 256 listed sessions (a cluster: a `GET` each, sent together), and the [drop script](DROP_LUA) for stale entries, if any |
+//!
+//! # Owners
+//! A record's [owner](Record::owner) is kept in its value (see [`value`](super::value)), so a
+//! load returns it with the same `GET`. Each owner has an index: a sorted set at
+//! `<prefix>owner:<digest>` (the digest: the first 128 bits of the BLAKE3 hash of the owner, in
+//! hex, so that no owner appears in a key, and no owner's braces make a hash tag), whose members
+//! are the owner's session keys (their 32 hex digits) and whose scores are the expiry (Unix ms)
+//! of the write that added each. The index and the sessions live in different cluster slots,
+//! so no command spans both: the index entry is written **before** the record, never after.
+//!
+//! - A `create` of an owned record first runs the [add script](ADD_LUA) on the index (`ZADD
+//!   GT`), then creates the record: a login is one round trip more.
+//! - A `save` of an owned record asks the [save script](SAVE_LUA) to check that the stored owner
+//!   is the record's; if it is not (the owner changes), the script writes nothing and answers 3,
+//!   the store adds the index entry and runs the script again, told not to check: an owner
+//!   change costs two round trips more, a save that keeps the owner none.
+//! - `touch`, `remove`, `delete` and a save without an owner never touch an index: the entries
+//!   they leave behind (for a record gone, or no longer the owner's) are stale.
+//! - Listing reads the whole index, loads every listed session, and answers those that are live
+//!   and the owner's. A stale entry is dropped, by the [drop script](DROP_LUA), only when its
+//!   score is not after the instant the listing started: an entry whose score is later may
+//!   belong to a write still under way (its entry written, its record not yet), and is kept
+//!   until its score passes. The drop script checks the score again, atomically with the drop,
+//!   so an entry added again meanwhile (its score then the new write's expiry, later) stays.
+//! - The add script also answers the index's entries whose score has passed (at most
+//!   [`SWEEP_LIMIT`]); the store loads them after its write and drops the stale ones, as a listing
+//!   does. So an owner's index holds their live sessions, the entries whose score has not passed
+//!   yet, and at most the entries that turned stale since the owner's last login or listing.
+//!
+//! Why no live owned record is ever without its entry. Every write that gives a record an owner
+//! (a create, or a save whose script found another owner) runs after the add script, which
+//! leaves the entry's score at least that write's expiry (`GT`: the score never falls while the
+//! entry lives). A listing or sweep that starts at `T` drops an entry only if the record, loaded
+//! after `T`, was missing or not the owner's, and only if the entry's score is still at most
+//! `T` when the drop script runs (checked and dropped in one atomic step). Take a write that
+//! gives the record the owner after that load: if its add ran after `T`, the score it set is
+//! its expiry, later than `T`, and the drop leaves the entry (or, if the add came after the
+//! drop, the entry is back before the write); if its add ran before `T`, the write's expiry is
+//! at most the score, so at most `T`: the record it writes is expired already. A lost reply
+//! changes nothing: the add is idempotent and retried before the write, and a write is never
+//! sent before its add was acknowledged (by the replicas too, with `min_replicas_ack`). This
+//! holds within the clock skew between application servers (scores, expiries and `T` are
+//! their clocks' instants).
 //!
 //! Scripts go by `EVALSHA`; a server that lacks one (after a restart or `SCRIPT FLUSH`, or a
 //! cluster node that never saw it) answers `NOSCRIPT`, and the command goes again once as
@@ -33,27 +77,50 @@ use crate::key::{KEY_HEX_LEN, Key};
 use crate::store::record::{Record, unix_ms};
 use crate::store::{CreateOutcome, SaveOutcome};
 
+/// The stored owner of a value (`s`, or its first bytes) in Lua: nil for a value without one.
+macro_rules! lua_owner_of {
+    () => {
+        r"local function owner(s)
+  local n, i = string.match(s, '^%d+:%d+:%x+:%d+/(%d+):()')
+  if n == nil then return nil end
+  return string.sub(s, i, i + tonumber(n) - 1)
+end
+"
+    };
+}
+
 /// Compare-and-set on the version in the stored value's header.
 ///
 /// `KEYS[1]` the key; `ARGV[1]` the expected version; `ARGV[2]` the new value's expiry (Unix
-/// ms); `ARGV[3]` the new value (last, so that Webdis can send it as the request body).
-/// Answers 0 (missing), 1 (conflict) or 2 (saved). A stored value that already carries the new
-/// value's version *and write token* is this very write, applied by an earlier attempt whose
-/// reply was lost: it answers 2 again instead of a false conflict. (If another writer saved on
+/// ms); `ARGV[3]` `0` to check that the stored owner is the new value's, `1` not to (the new
+/// value has no owner, or its owner's index entry is written); `ARGV[4]` the new value (last,
+/// so that Webdis can send it as the request body). Answers 0 (missing), 1 (conflict), 2
+/// (saved) or 3 (the expected version, but another owner, and `ARGV[3]` is `0`: nothing
+/// written, the owner's index entry is to be written first). A stored value that already
+/// carries the new value's version *and write token* is this very write, applied by an earlier
+/// attempt whose reply was lost: it answers 2 again instead of a false conflict. (If another writer saved on
 /// top of it since, the retry answers 1, which [`settle`] turns into an unknown outcome.)
+///
+/// Checking the owner, it reads the value's first 512 bytes instead of 64 (the longest header
+/// with an owner fits: see the unit test), in the same one `GETRANGE`.
 pub(crate) const SAVE_LUA: &str = concat!(
-    r"local h = redis.call('GETRANGE', KEYS[1], 0, 63)
+    r"local h = redis.call('GETRANGE', KEYS[1], 0, ARGV[3] == '0' and 511 or 63)
 if h == '' then return 0 end
 local v = string.match(h, '^(%d+):')
 if v == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[2])
+  if ARGV[3] == '0' then
+",
+    lua_owner_of!(),
+    r"    if owner(h) ~= owner(ARGV[4]) then return 3 end
+  end
+  redis.call('SET', KEYS[1], ARGV[4], 'PXAT', ARGV[2])
   return 2
 end
 local p = '",
     lua_header_pattern!(),
     r"'
 local sv, t = string.match(h, p)
-local nv, nt = string.match(ARGV[3], p)
+local nv, nt = string.match(ARGV[4], p)
 if sv ~= nil and sv == nv and t == nt then return 2 end
 return 1
 "
@@ -100,6 +167,45 @@ return 2
 pub(crate) const REMOVE_LUA: &str =
     concat!(if_version!(), "redis.call('DEL', KEYS[1])\nreturn 2\n");
 
+/// Adds a session to its owner's index (`ZADD GT`: a score only ever rises while the entry
+/// lives) and answers the index's entries whose score has passed, for a sweep.
+///
+/// `KEYS[1]` the owner's index; `ARGV[1]` the score (the write's expiry, Unix ms); `ARGV[2]`
+/// the session key's hex; `ARGV[3]` now (Unix ms); `ARGV[4]` at most this many entries answered.
+pub(crate) const ADD_LUA: &str = r"redis.call('ZADD', KEYS[1], 'GT', ARGV[1], ARGV[2])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])
+";
+
+/// An owner's whole index, members and scores (a script: its scores come back as strings on
+/// every protocol version and transport).
+///
+/// `KEYS[1]` the owner's index. Answers `member, score, member, score, ...`.
+pub(crate) const LIST_LUA: &str = "return redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')\n";
+
+/// Drops stale entries from an owner's index: each whose score is, now still, at most the
+/// instant given (an entry added again since the sweep started has a later score, and stays).
+///
+/// `KEYS[1]` the owner's index; `ARGV[1]` the instant the sweep started (Unix ms); `ARGV[2..]`
+/// the session keys' hex. Answers how many were dropped.
+pub(crate) const DROP_LUA: &str = r"local n = 0
+for i = 2, #ARGV do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) <= tonumber(ARGV[1]) then
+    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
+";
+
+/// The most entries of an index the add script hands to a sweep.
+pub(crate) const SWEEP_LIMIT: u64 = 32;
+
+/// The most stale entries one drop script call takes.
+const DROP_BATCH: usize = 64;
+
+/// The most keys one `MGET` of an owner listing asks for.
+const MGET_KEYS: usize = 256;
+
 /// `SET key value NX PXAT ms GET` with the value last, for a transport that sends the value as
 /// the last argument (Webdis, as the request body): `KEYS[1]` the key; `ARGV[1]` the expiry
 /// (Unix ms); `ARGV[2]` the value. Answers what `SET` answers (the old value, or nil), so that
@@ -130,6 +236,9 @@ struct Scripts {
     touch: Script,
     remove: Script,
     create: Script,
+    add: Script,
+    list: Script,
+    drop: Script,
 }
 
 /// A reply from Redis, in the shapes the family's commands get (and a few they never should).
@@ -272,6 +381,8 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// Whether a stored value may hold any bytes (Webdis's JSON replies carry UTF-8 text
     /// without NUL bytes only).
     const BINARY_SAFE: bool;
+    /// How many loads an owner listing keeps under way at once.
+    const CONCURRENT_LOADS: usize;
 
     /// Sends `cmd` once, and `then` after it in the same round trip, on the same connection (a
     /// `WAIT`, which needs the connection that made the write; asked for only by a store
@@ -283,6 +394,12 @@ pub(crate) trait Transport: Send + Sync + 'static {
         then: Option<&Command<'_>>,
         deadline: Instant,
     ) -> impl std::future::Future<Output = Result<Sent, SendError>> + Send;
+
+    /// Whether every key is on the one server this transport talks to, so that a command may
+    /// name several (`MGET`): not on a cluster.
+    fn one_node(&self) -> bool {
+        false
+    }
 
     /// Whether `send` itself fails with [`SendError::TimedOut`] once its deadline passes; for
     /// a transport that does not, the protocol races each operation against a timer of its own.
@@ -357,6 +474,10 @@ pub(crate) enum Arg<'a> {
     Value(&'a Header, &'a [u8]),
     /// A script's source (`SCRIPT LOAD`).
     Source(&'static str),
+    /// A session's key in hex, without the prefix (a member of an owner's index).
+    Key(Key),
+    /// A session's whole key name (`MGET`'s keys after the first).
+    Name(KeyName<'a>),
 }
 
 /// The replicas a write must reach (`WAIT`) before it counts as stored.
@@ -374,8 +495,36 @@ pub(crate) struct Protocol<T> {
     pub(crate) timeout: Duration,
     pub(crate) acks: Option<Acks>,
     scripts: Scripts,
+    /// The start of an owner index's key: the prefix, then `owner:`.
+    owner_prefix: String,
     /// Write tokens: a random start, then one more per write.
     tokens: AtomicU64,
+}
+
+/// Entries of an owner's index whose score had passed when the add script ran, for a sweep.
+#[derive(Debug, Default)]
+struct Due {
+    /// When the add script ran (Unix ms): the entries scored at most this are due.
+    since: u64,
+    keys: Vec<Key>,
+}
+
+/// The session key an index member names, if it is one (32 lowercase hex digits).
+fn member_key(member: &Reply) -> Option<Key> {
+    let Reply::Bulk(hex) = member else {
+        return None;
+    };
+    let hex: &[u8; KEY_HEX_LEN] = hex.as_ref().try_into().ok()?;
+    let mut bytes = [0; 16];
+    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        let digit = |d: u8| match d {
+            b'0'..=b'9' => Some(d - b'0'),
+            b'a'..=b'f' => Some(d - b'a' + 10),
+            _ => None,
+        };
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(Key::from_bytes(bytes))
 }
 
 /// A reply, whether it answered a second attempt (the first may have been applied: see
@@ -422,7 +571,6 @@ impl<T: Transport> Protocol<T> {
                 });
         Protocol {
             transport,
-            prefix,
             timeout,
             acks,
             scripts: Scripts {
@@ -430,7 +578,12 @@ impl<T: Transport> Protocol<T> {
                 touch: Script::new(TOUCH_LUA),
                 remove: Script::new(REMOVE_LUA),
                 create: Script::new(CREATE_LUA),
+                add: Script::new(ADD_LUA),
+                list: Script::new(LIST_LUA),
+                drop: Script::new(DROP_LUA),
             },
+            owner_prefix: format!("{prefix}owner:"),
+            prefix,
             tokens: AtomicU64::new(uuid::Uuid::new_v4().as_u64_pair().0),
         }
     }
@@ -447,6 +600,17 @@ impl<T: Transport> Protocol<T> {
         }
     }
 
+    /// The key of `owner`'s index: `<prefix>owner:` and a digest of the owner, never the owner.
+    fn index_name(&self, owner: &str) -> KeyName<'_> {
+        let digest = blake3::hash(owner.as_bytes());
+        let mut bytes = [0; 16];
+        bytes.copy_from_slice(&digest.as_bytes()[..16]);
+        KeyName {
+            prefix: &self.owner_prefix,
+            key: Key::from_bytes(bytes),
+        }
+    }
+
     /// Loads the scripts this transport uses into the server's cache (`SCRIPT LOAD`), which
     /// also checks that Redis answers; each must come back under the SHA1 computed here.
     pub(crate) async fn load_scripts(&self) -> Result<(), StoreError> {
@@ -456,7 +620,8 @@ impl<T: Transport> Protocol<T> {
         };
         let s = &self.scripts;
         let create = T::VALUE_LAST.then_some(&s.create);
-        for script in [&s.save, &s.touch, &s.remove].into_iter().chain(create) {
+        let all = [&s.save, &s.touch, &s.remove, &s.add, &s.list, &s.drop];
+        for script in all.into_iter().chain(create) {
             let args = [Arg::Word("LOAD"), Arg::Source(script.source)];
             let cmd = Command {
                 head: Head::Name("SCRIPT"),
@@ -472,13 +637,36 @@ impl<T: Transport> Protocol<T> {
     }
 
     pub(crate) async fn load(&self, key: &Key) -> Result<Option<Record>, StoreError> {
-        let op = Op::on("load", key);
+        let Some(stored) = self.fetch(Op::on("load", key), key).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Self::record(key, stored)))
+    }
+
+    fn record(key: &Key, stored: value::Stored) -> Record {
+        Record::from_unix_ms(
+            *key,
+            stored.payload,
+            stored.head.version,
+            stored.head.expires_ms,
+        )
+        .with_owner(stored.owner)
+    }
+
+    /// The live stored value of `key`, decoded.
+    async fn fetch(&self, op: Op, key: &Key) -> Result<Option<value::Stored>, StoreError> {
         let cmd = Command {
             head: Head::Name("GET"),
             key: Some(self.key_name(key)),
             args: &[],
         };
-        let value = match self.run(op, &cmd, false).await?.reply {
+        let reply = self.run(op, &cmd, false).await?.reply;
+        Self::live(op, reply)
+    }
+
+    /// A `GET`'s reply as the live stored value it holds, if any.
+    fn live(op: Op, reply: Reply) -> Result<Option<value::Stored>, StoreError> {
+        let value = match reply {
             Reply::Nil => return Ok(None),
             Reply::Bulk(value) => value,
             other => return Err(Self::unexpected(op, &other)),
@@ -490,12 +678,7 @@ impl<T: Transport> Protocol<T> {
         if stored.head.expires_ms <= unix_ms(SystemTime::now()) {
             return Ok(None);
         }
-        Ok(Some(Record::from_unix_ms(
-            *key,
-            stored.payload,
-            stored.head.version,
-            stored.head.expires_ms,
-        )))
+        Ok(Some(stored))
     }
 
     pub(crate) async fn create(&self, record: &Record) -> Result<CreateOutcome, StoreError> {
@@ -503,8 +686,33 @@ impl<T: Transport> Protocol<T> {
         Self::check_payload(op, record)?;
         let token = self.next_token();
         let expires_ms = clamp_expiry(record.expires_at_unix_ms());
+        // The index entry first: a record never exists without it.
+        let due = match record.owner() {
+            Some(owner) => self.index(op, owner, &record.key(), expires_ms).await?,
+            None => Due::default(),
+        };
+        let outcome = self.create_record(op, record, token, expires_ms).await;
+        if let (Ok(_), Some(owner)) = (&outcome, record.owner()) {
+            self.sweep(owner, due).await;
+        }
+        outcome
+    }
+
+    async fn create_record(
+        &self,
+        op: Op,
+        record: &Record,
+        token: u64,
+        expires_ms: u64,
+    ) -> Result<CreateOutcome, StoreError> {
         let data = record.data();
-        let header = Header::new(record.version(), expires_ms, token, data.len());
+        let header = Header::new(
+            record.version(),
+            expires_ms,
+            token,
+            data.len(),
+            record.owner(),
+        );
         let value = Arg::Value(&header, data);
         let key = Some(self.key_name(&record.key()));
         let answer = if T::VALUE_LAST {
@@ -556,15 +764,52 @@ impl<T: Transport> Protocol<T> {
         Self::check_payload(op, record)?;
         let expires_ms = clamp_expiry(record.expires_at_unix_ms());
         let data = record.data();
-        let header = Header::new(record.version(), expires_ms, self.next_token(), data.len());
+        let owner = record.owner();
+        let header = Header::new(
+            record.version(),
+            expires_ms,
+            self.next_token(),
+            data.len(),
+            owner,
+        );
+        let value = Arg::Value(&header, data);
+        // An owned record: the script checks that the owner stays (answering 3 if not).
+        let check = if owner.is_some() { "0" } else { "1" };
         let args = [
             Arg::Int(expected_version),
             Arg::Int(expires_ms),
-            Arg::Value(&header, data),
+            Arg::Word(check),
+            value,
         ];
-        // After a conflict, the layer spreads out its retries.
-        self.conditional(op, &self.scripts.save, &record.key(), &args)
-            .await
+        let key = record.key();
+        let answer = self
+            .send_conditional(op, &self.scripts.save, &key, &args)
+            .await?;
+        let (owner, Reply::Int(3)) = (owner, &answer.reply) else {
+            // After a conflict, the layer spreads out its retries.
+            return self.sort_conditional(op, answer);
+        };
+        let Some(owner) = owner else {
+            return Err(Self::unexpected(op, &answer.reply));
+        };
+        // The owner changes: its index entry first, then the save, told not to check again.
+        // The first script wrote nothing (even after a lost reply: it answered 3 on the
+        // expected version, so no attempt had saved), so this is a first save.
+        let due = self.index(op, owner, &key, expires_ms).await?;
+        let args = [
+            Arg::Int(expected_version),
+            Arg::Int(expires_ms),
+            Arg::Word("1"),
+            value,
+        ];
+        let answer = self
+            .send_conditional(op, &self.scripts.save, &key, &args)
+            .await?;
+        let outcome = self.sort_conditional(op, answer);
+        if outcome.is_ok() {
+            self.sweep(owner, due).await;
+        }
+        outcome
     }
 
     pub(crate) async fn touch(
@@ -614,6 +859,227 @@ impl<T: Transport> Protocol<T> {
         }
     }
 
+    /// Adds `key` to `owner`'s index with the score `expires_ms` (the [add script](ADD_LUA)),
+    /// before the write that gives the record this owner; answers the index's entries due for
+    /// a sweep.
+    async fn index(
+        &self,
+        op: Op,
+        owner: &str,
+        key: &Key,
+        expires_ms: u64,
+    ) -> Result<Due, StoreError> {
+        let now = unix_ms(SystemTime::now());
+        let args = [
+            Arg::Int(expires_ms),
+            Arg::Key(*key),
+            Arg::Int(now),
+            Arg::Int(SWEEP_LIMIT),
+        ];
+        let cmd = Command {
+            head: Head::EvalSha(&self.scripts.add),
+            key: Some(self.index_name(owner)),
+            args: &args,
+        };
+        let op = Op {
+            name: "owner index",
+            ..op
+        };
+        let answer = self.run(op, &cmd, true).await?;
+        // Replicas must have the entry before the record is written (else a failover could keep
+        // the record and lose its entry).
+        self.confirmed(op, answer.acked, answer.retried)?;
+        let Reply::Array(members) = answer.reply else {
+            return Err(Self::unexpected(op, &answer.reply));
+        };
+        let keys = members
+            .iter()
+            .filter_map(member_key)
+            .filter(|k| k != key)
+            .collect();
+        Ok(Due { since: now, keys })
+    }
+
+    /// Drops the stale entries among `due` (best effort: a failure leaves them for later).
+    async fn sweep(&self, owner: &str, due: Due) {
+        if due.keys.is_empty() {
+            return;
+        }
+        let mut stale = Vec::new();
+        let Ok(loaded) = self.fetch_many(due.keys.iter().copied()).await else {
+            return;
+        };
+        for (&key, got) in due.keys.iter().zip(loaded) {
+            match got {
+                Ok(Some(stored)) if stored.owner.as_deref() == Some(owner) => {}
+                Ok(_) => stale.push(key),
+                Err(e) if e.is_corrupt() => stale.push(key),
+                Err(_) => {}
+            }
+        }
+        self.drop_stale(owner, due.since, &stale).await;
+    }
+
+    /// Every live record of `owner`: the index read whole, each listed session loaded, the
+    /// stale entries dropped (see the [module docs](self)).
+    pub(crate) async fn owned(&self, owner: &str) -> Result<Vec<Record>, StoreError> {
+        let op = Op {
+            name: "owner listing",
+            session: None,
+        };
+        // Taken before the index is read: entries scored after it may belong to writes under way.
+        let started = unix_ms(SystemTime::now());
+        let cmd = Command {
+            head: Head::EvalSha(&self.scripts.list),
+            key: Some(self.index_name(owner)),
+            args: &[],
+        };
+        let entries = match self.run(op, &cmd, false).await?.reply {
+            Reply::Array(entries) => entries,
+            other => return Err(Self::unexpected(op, &other)),
+        };
+        let mut listed = Vec::with_capacity(entries.len() / 2);
+        for pair in entries.chunks_exact(2) {
+            // A member that is no session key (written by someone else) is left alone.
+            let (Some(key), Reply::Bulk(score)) = (member_key(&pair[0]), &pair[1]) else {
+                continue;
+            };
+            let score = std::str::from_utf8(score)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(f64::INFINITY);
+            listed.push((key, score));
+        }
+        let loaded = self.fetch_many(listed.iter().map(|&(k, _)| k)).await?;
+        let mut records = Vec::new();
+        let mut stale = Vec::new();
+        #[expect(clippy::cast_precision_loss, reason = "ms instants are below 2^53")]
+        let due = |score: f64| score <= started as f64;
+        for (&(key, score), got) in listed.iter().zip(loaded) {
+            let not_ours = match got {
+                Ok(Some(stored)) if stored.owner.as_deref() == Some(owner) => {
+                    records.push(Self::record(&key, stored));
+                    false
+                }
+                Ok(_) => true,
+                // A value that is not a session, or a key of another type: not the owner's.
+                Err(e) if e.is_corrupt() => true,
+                Err(e) => return Err(e),
+            };
+            if not_ours && due(score) {
+                stale.push(key);
+            }
+        }
+        self.drop_stale(owner, started, &stale).await;
+        Ok(records)
+    }
+
+    /// The live stored values of `keys`, in order: by `MGET`s of [`MGET_KEYS`] keys on a
+    /// transport to [one node](Transport::one_node), else loaded together (a batch of `GET`s on
+    /// the wire), at most [`Transport::CONCURRENT_LOADS`] at a time.
+    async fn fetch_many(
+        &self,
+        keys: impl Iterator<Item = Key>,
+    ) -> Result<Vec<Result<Option<value::Stored>, StoreError>>, StoreError> {
+        if !self.transport.one_node() {
+            return Ok(self.fetch_each(keys).await);
+        }
+        let keys: Vec<Key> = keys.collect();
+        let mut out = Vec::with_capacity(keys.len());
+        // One at a time: the store's own connection stalls when one task polls several large
+        // requests at once (BENCHMARKS.md, "Owner listing: Redis").
+        for batch in keys.chunks(MGET_KEYS) {
+            out.extend(self.mget(batch).await?);
+        }
+        Ok(out)
+    }
+
+    /// `MGET` of `keys`, in order (a key of another type answers nil: missing).
+    async fn mget(
+        &self,
+        keys: &[Key],
+    ) -> Result<Vec<Result<Option<value::Stored>, StoreError>>, StoreError> {
+        let op = Op {
+            name: "owner listing load",
+            session: None,
+        };
+        let Some((first, rest)) = keys.split_first() else {
+            return Ok(Vec::new());
+        };
+        let args: Vec<Arg<'_>> = rest.iter().map(|k| Arg::Name(self.key_name(k))).collect();
+        let cmd = Command {
+            head: Head::Name("MGET"),
+            key: Some(self.key_name(first)),
+            args: &args,
+        };
+        let replies = match self.run(op, &cmd, false).await?.reply {
+            Reply::Array(replies) if replies.len() == keys.len() => replies,
+            other => return Err(Self::unexpected(op, &other)),
+        };
+        Ok(keys
+            .iter()
+            .zip(replies)
+            .map(|(key, reply)| Self::live(Op::on("owner listing load", key), reply))
+            .collect())
+    }
+
+    /// The live stored values of `keys`, in order, each by a `GET` of its own, at most
+    /// [`Transport::CONCURRENT_LOADS`] under way at a time.
+    async fn fetch_each(
+        &self,
+        keys: impl Iterator<Item = Key>,
+    ) -> Vec<Result<Option<value::Stored>, StoreError>> {
+        use futures_util::StreamExt;
+        use futures_util::stream::FuturesUnordered;
+
+        let mut keys = keys.enumerate();
+        let mut out = Vec::new();
+        let mut running = FuturesUnordered::new();
+        let fetch = |(i, key): (usize, Key)| async move {
+            (
+                i,
+                self.fetch(Op::on("owner listing load", &key), &key).await,
+            )
+        };
+        for next in keys.by_ref().take(T::CONCURRENT_LOADS) {
+            running.push(fetch(next));
+        }
+        while let Some((i, got)) = running.next().await {
+            if out.len() <= i {
+                out.resize_with(i + 1, || None);
+            }
+            out[i] = Some(got);
+            if let Some(next) = keys.next() {
+                running.push(fetch(next));
+            }
+        }
+        out.into_iter().map(|got| got.unwrap_or(Ok(None))).collect()
+    }
+
+    /// Drops `stale` entries from `owner`'s index, each only if its score is still at most
+    /// `since` (the [drop script](DROP_LUA)). Best effort: entries left are dropped by a later
+    /// listing or sweep, and a failure here changes no answer.
+    async fn drop_stale(&self, owner: &str, since: u64, stale: &[Key]) {
+        let op = Op {
+            name: "owner index sweep",
+            session: None,
+        };
+        for batch in stale.chunks(DROP_BATCH) {
+            let mut args = Vec::with_capacity(batch.len() + 1);
+            args.push(Arg::Int(since));
+            args.extend(batch.iter().map(|&k| Arg::Key(k)));
+            let cmd = Command {
+                head: Head::EvalSha(&self.scripts.drop),
+                key: Some(self.index_name(owner)),
+                args: &args,
+            };
+            if let Err(e) = self.run(op, &cmd, false).await {
+                log::debug!("stale owner index entries left for a later sweep: {e}");
+                return;
+            }
+        }
+    }
+
     /// Runs a conditional script (`save`, `touch`, `remove`) and sorts its answer.
     async fn conditional(
         &self,
@@ -622,12 +1088,28 @@ impl<T: Transport> Protocol<T> {
         key: &Key,
         args: &[Arg<'_>],
     ) -> Result<SaveOutcome, StoreError> {
+        let answer = self.send_conditional(op, script, key, args).await?;
+        self.sort_conditional(op, answer)
+    }
+
+    /// Runs a conditional script.
+    async fn send_conditional(
+        &self,
+        op: Op,
+        script: &Script,
+        key: &Key,
+        args: &[Arg<'_>],
+    ) -> Result<Answer, StoreError> {
         let cmd = Command {
             head: Head::EvalSha(script),
             key: Some(self.key_name(key)),
             args,
         };
-        let answer = self.run(op, &cmd, true).await?;
+        self.run(op, &cmd, true).await
+    }
+
+    /// What a conditional script's answer says.
+    fn sort_conditional(&self, op: Op, answer: Answer) -> Result<SaveOutcome, StoreError> {
         let outcome = match answer.reply {
             Reply::Int(0) => SaveOutcome::Missing,
             Reply::Int(1) => SaveOutcome::Conflict,
@@ -732,6 +1214,14 @@ impl<T: Transport> Protocol<T> {
 
     /// Refuses a record this transport could not read back whole.
     fn check_payload(op: Op, record: &Record) -> Result<(), StoreError> {
+        if let Some(owner) = record.owner() {
+            if owner.len() > value::MAX_OWNER_LEN {
+                return Err(StoreError::other(Problem::new(op, What::OwnerTooLong)));
+            }
+            if !T::BINARY_SAFE && owner.contains('\0') {
+                return Err(StoreError::other(Problem::new(op, What::TextOnly(T::NAME))));
+            }
+        }
         let data = record.data();
         if !T::BINARY_SAFE && (std::str::from_utf8(data).is_err() || data.contains(&0)) {
             return Err(StoreError::other(Problem::new(op, What::TextOnly(T::NAME))));
@@ -870,6 +1360,8 @@ enum What {
     Failed(&'static str),
     /// A payload the transport could not read back.
     TextOnly(&'static str),
+    /// An owner longer than a value holds.
+    OwnerTooLong,
 }
 
 impl Problem {
@@ -924,6 +1416,11 @@ impl fmt::Display for Problem {
             }
             What::Malformed => write!(f, "a {op} found a value that is not a session record"),
             What::Failed(transport) => write!(f, "{transport} {op} failed"),
+            What::OwnerTooLong => write!(
+                f,
+                "a {op} was not sent: its owner is longer than {} bytes",
+                value::MAX_OWNER_LEN
+            ),
             What::TextOnly(transport) => write!(
                 f,
                 "the {transport} store keeps UTF-8 text without NUL bytes only (its replies \
@@ -1020,13 +1517,11 @@ macro_rules! session_store_on_protocol {
 
             fn owned(
                 &self,
-                _owner: &str,
+                owner: &str,
             ) -> impl std::future::Future<
                 Output = Result<Vec<$crate::store::Record>, $crate::error::StoreError>,
             > + Send {
-                std::future::ready(Err($crate::error::StoreError::other(
-                    "TODO(#16): owner listing is not implemented for this store yet",
-                )))
+                self.protocol.owned(owner)
             }
         }
     };
@@ -1065,8 +1560,30 @@ mod tests {
     }
 
     #[test]
+    fn the_save_script_reads_a_whole_owned_header() {
+        const { assert!(value::MAX_OWNED_HEADER_LEN <= 512) };
+        assert!(SAVE_LUA.contains("'0' and 511 or 63"));
+    }
+
+    #[test]
+    fn index_members_are_session_keys_in_hex() {
+        let key = Key::random();
+        let member = Reply::Bulk(Bytes::from(key.to_hex()));
+        assert_eq!(member_key(&member), Some(key));
+        for foreign in [
+            Reply::Bulk(Bytes::from(key.to_hex().to_uppercase())),
+            Reply::Bulk(Bytes::from(key.to_hex()[1..].to_owned())),
+            Reply::Bulk(Bytes::from(format!("{}0", key.to_hex()))),
+            Reply::Bulk(Bytes::from_static(b"zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz")),
+            Reply::Int(1),
+        ] {
+            assert_eq!(member_key(&foreign), None);
+        }
+    }
+
+    #[test]
     fn create_recognises_its_own_write() {
-        let header = Header::new(1, 1_764_590_400_000, 0xabc, 2);
+        let header = Header::new(1, 1_764_590_400_000, 0xabc, 2, None);
         let mut mine = header.as_bytes().to_vec();
         mine.extend_from_slice(b"{}");
         let mine = Reply::Bulk(Bytes::from(mine));
@@ -1087,7 +1604,7 @@ mod tests {
             create_outcome(&mine, 2, 0xabc),
             Some(CreateOutcome::IdTaken)
         );
-        let touched = Header::new(1, 1_764_590_999_999, 0xabc, 2);
+        let touched = Header::new(1, 1_764_590_999_999, 0xabc, 2, None);
         assert_eq!(
             create_outcome(
                 &Reply::Bulk(Bytes::copy_from_slice(touched.as_bytes())),

@@ -4,6 +4,8 @@
 //! ```text
 //! <version>:<expiry>:<token>:<length>:<payload>
 //! 7:001764590400000:3f2a9c0e1b7d4e58:27:{"d":{"count":7},"c":1764...}
+//! <version>:<expiry>:<token>:<length>/<owner length>:<owner><payload>
+//! 7:001764590400000:3f2a9c0e1b7d4e58:27/5:alice{"d":{"count":7},"c":1764...}
 //! ```
 //!
 //! - `version`: the record's version in decimal, without leading zeros (the scripts compare it
@@ -15,6 +17,11 @@
 //!   whose reply was lost recognises its own effect when retried;
 //! - `length`: the payload's length in bytes, in decimal, so that a value cut short on its way
 //!   (Webdis's JSON stops at a NUL byte) is refused rather than read as another record;
+//! - for a session with an [owner](crate::store::Record::owner) only: `/`, the owner's length in
+//!   bytes (at most [`MAX_OWNER_BYTES`](crate::MAX_OWNER_BYTES)), `:` and the owner's UTF-8
+//!   bytes. A value without them (every value written before owners existed) has no owner. The
+//!   owner sits in the header, before the payload, so that the save script reads it with one
+//!   bounded `GETRANGE` whatever the payload's size;
 //! - the payload, byte for byte.
 //!
 //! The key's TTL is set to the same expiry by every write (and by the touch script, in the same
@@ -22,6 +29,7 @@
 //! load checks, against the application server's clock.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 
@@ -36,9 +44,15 @@ pub(crate) const MAX_EXPIRES_MS: u64 = 253_402_300_799_999;
 /// The digits of the token field.
 const TOKEN_DIGITS: usize = 16;
 
-/// The longest header: a 20-digit version, the expiry, the token, a 20-digit length, and the
-/// four colons.
+/// The longest header without an owner: a 20-digit version, the expiry, the token, a 20-digit
+/// length, and the four colons.
 pub(crate) const MAX_HEADER_LEN: usize = 20 + EXPIRY_DIGITS + TOKEN_DIGITS + 20 + 4;
+
+/// The longest owner a value holds (the layer's own limit).
+pub(crate) const MAX_OWNER_LEN: usize = crate::MAX_OWNER_BYTES;
+
+/// The longest header with an owner: the owner's `/`, its length's 3 digits and the owner.
+pub(crate) const MAX_OWNED_HEADER_LEN: usize = MAX_HEADER_LEN + 1 + 3 + MAX_OWNER_LEN;
 
 /// The Lua pattern of a header's start, capturing the version and the token (Lua 5.1 patterns
 /// have no counted repetition, hence the spelled-out digits).
@@ -49,21 +63,30 @@ macro_rules! lua_header_pattern {
 }
 pub(crate) use lua_header_pattern;
 
-/// The header of a stored value, `<version>:<expiry>:<token>:<length>:`, in a fixed buffer
-/// (no formatting machinery, no allocation: one is built for every write).
+/// The header of a stored value, `<version>:<expiry>:<token>:<length>:` (or
+/// `<version>:<expiry>:<token>:<length>/<owner length>:<owner>`), in a fixed buffer (no
+/// formatting machinery, no allocation: one is built for every write).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Header {
-    buf: [u8; MAX_HEADER_LEN],
+    buf: [u8; MAX_OWNED_HEADER_LEN],
     len: usize,
 }
 
 impl Header {
-    /// The header of a value holding `payload_len` bytes of payload. `expires_ms` is clamped to
-    /// what Redis accepts (see [`clamp_expiry`]).
-    pub(crate) fn new(version: u64, expires_ms: u64, token: u64, payload_len: usize) -> Header {
+    /// The header of a value holding `payload_len` bytes of payload and `owner`. `expires_ms`
+    /// is clamped to what Redis accepts (see [`clamp_expiry`]). An owner longer than
+    /// [`MAX_OWNER_LEN`] is cut there: the protocol refuses such a record before it builds a
+    /// header.
+    pub(crate) fn new(
+        version: u64,
+        expires_ms: u64,
+        token: u64,
+        payload_len: usize,
+        owner: Option<&str>,
+    ) -> Header {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut header = Header {
-            buf: [0; MAX_HEADER_LEN],
+            buf: [0; MAX_OWNED_HEADER_LEN],
             len: 0,
         };
         header.push(itoa::Buffer::new().format(version).as_bytes());
@@ -84,7 +107,15 @@ impl Header {
         header.push(&hex);
         header.push(b":");
         header.push(itoa::Buffer::new().format(payload_len).as_bytes());
-        header.push(b":");
+        if let Some(owner) = owner {
+            let owner = &owner.as_bytes()[..owner.len().min(MAX_OWNER_LEN)];
+            header.push(b"/");
+            header.push(itoa::Buffer::new().format(owner.len()).as_bytes());
+            header.push(b":");
+            header.push(owner);
+        } else {
+            header.push(b":");
+        }
         header
     }
 
@@ -105,10 +136,12 @@ pub(crate) fn clamp_expiry(ms: u64) -> u64 {
     ms.clamp(1, MAX_EXPIRES_MS)
 }
 
-/// A stored value, decoded: its header, and the payload, which shares the value's buffer.
+/// A stored value, decoded: its header, the owner, and the payload, which shares the value's
+/// buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {
     pub(crate) head: Head,
+    pub(crate) owner: Option<Arc<str>>,
     pub(crate) payload: Bytes,
 }
 
@@ -120,8 +153,17 @@ pub(crate) struct Head {
     pub(crate) token: u64,
     /// The payload's length, as the header says.
     pub(crate) payload_len: u64,
+    /// The owner's length, for a value with an owner (its bytes end the header).
+    pub(crate) owner_len: Option<usize>,
     /// The header's length: where the payload starts.
     pub(crate) len: usize,
+}
+
+impl Head {
+    /// The owner's bytes in `value`, the value this header was read from.
+    pub(crate) fn owner<'v>(&self, value: &'v [u8]) -> Option<&'v [u8]> {
+        self.owner_len.map(|n| &value[self.len - n..self.len])
+    }
 }
 
 /// Why a value is not one this layout describes. It names the field, never the value's bytes
@@ -136,6 +178,8 @@ pub(crate) enum Malformed {
     Token,
     /// The length is missing, not decimal, or has leading zeros.
     Length,
+    /// The owner's length is not decimal, too long, or the owner is not that long or not UTF-8.
+    Owner,
     /// The payload is not as long as the header says (the value was cut short on its way, or
     /// is not one of ours).
     Truncated {
@@ -154,6 +198,7 @@ impl fmt::Display for Malformed {
             Malformed::Expiry => write!(f, "no 15-digit expiry in the {LAYOUT}"),
             Malformed::Token => write!(f, "no 16-hex-digit write token in the {LAYOUT}"),
             Malformed::Length => write!(f, "no payload length in the {LAYOUT}"),
+            Malformed::Owner => write!(f, "no well-formed owner in the {LAYOUT}"),
             Malformed::Truncated { said, got } => write!(
                 f,
                 "the payload is {got} bytes where its header says {said} (cut short on its \
@@ -178,9 +223,14 @@ pub(crate) fn decode(mut value: Bytes) -> Result<Stored, Malformed> {
     }
     // Advancing keeps a buffer made from a `Vec` without a shared-buffer allocation, which a
     // slice would need.
+    // Checked UTF-8 by `parse_head`.
+    let owner = head
+        .owner(&value)
+        .map(|o| Arc::from(String::from_utf8_lossy(o)));
     value.advance(head.len);
     Ok(Stored {
         head,
+        owner,
         payload: value,
     })
 }
@@ -204,12 +254,25 @@ pub(crate) fn parse_head(value: &[u8]) -> Result<Head, Malformed> {
         .iter()
         .try_fold(0u64, |n, &d| Some(n << 4 | u64::from(hex_digit(d)?)))
         .ok_or(Malformed::Token)?;
-    let (payload_len, rest) = decimal(&rest[1..]).ok_or(Malformed::Length)?;
+    let (payload_len, rest, owner_len) =
+        if let Some((payload_len, rest)) = decimal_then(&rest[1..], b'/') {
+            let (owner_len, rest) = decimal(rest).ok_or(Malformed::Owner)?;
+            let owner_len = usize::try_from(owner_len)
+                .ok()
+                .filter(|&n| n <= MAX_OWNER_LEN && n <= rest.len())
+                .ok_or(Malformed::Owner)?;
+            std::str::from_utf8(&rest[..owner_len]).map_err(|_| Malformed::Owner)?;
+            (payload_len, &rest[owner_len..], Some(owner_len))
+        } else {
+            let (payload_len, rest) = decimal(&rest[1..]).ok_or(Malformed::Length)?;
+            (payload_len, rest, None)
+        };
     Ok(Head {
         version,
         expires_ms,
         token,
         payload_len,
+        owner_len,
         len: value.len() - rest.len(),
     })
 }
@@ -217,8 +280,13 @@ pub(crate) fn parse_head(value: &[u8]) -> Result<Head, Malformed> {
 /// A canonical decimal `u64` (no sign, no leading zeros) followed by a colon, and what follows
 /// the colon.
 fn decimal(s: &[u8]) -> Option<(u64, &[u8])> {
+    decimal_then(s, b':')
+}
+
+/// A canonical decimal `u64` followed by `end`, and what follows `end`.
+fn decimal_then(s: &[u8], end: u8) -> Option<(u64, &[u8])> {
     let digits = s.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || (digits > 1 && s[0] == b'0') || s.get(digits) != Some(&b':') {
+    if digits == 0 || (digits > 1 && s[0] == b'0') || s.get(digits) != Some(&end) {
         return None;
     }
     let n = s[..digits].iter().try_fold(0u64, |n, &d| {
@@ -249,7 +317,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let payload = br#"{"d":{"n":1},"c":1764590400000}"#;
-        let header = Header::new(42, 1_764_590_400_000, 0xdead_beef, payload.len());
+        let header = Header::new(42, 1_764_590_400_000, 0xdead_beef, payload.len(), None);
         assert_eq!(
             header.as_bytes(),
             b"42:001764590400000:00000000deadbeef:31:"
@@ -263,20 +331,22 @@ mod tests {
                     expires_ms: 1_764_590_400_000,
                     token: 0xdead_beef,
                     payload_len: 31,
+                    owner_len: None,
                     len: header.as_bytes().len(),
                 },
+                owner: None,
                 payload: Bytes::from_static(payload),
             }
         );
         // The extremes fit the buffer.
-        let max = Header::new(u64::MAX, u64::MAX, u64::MAX, usize::MAX);
+        let max = Header::new(u64::MAX, u64::MAX, u64::MAX, usize::MAX, None);
         assert_eq!(max.as_bytes().len(), MAX_HEADER_LEN);
         let head = parse_head(max.as_bytes()).unwrap();
         assert_eq!(
             (head.version, head.expires_ms, head.token),
             (u64::MAX, MAX_EXPIRES_MS, u64::MAX)
         );
-        let min = Header::new(0, 0, 0, 0);
+        let min = Header::new(0, 0, 0, 0, None);
         assert_eq!(min.as_bytes(), b"0:000000000000001:0000000000000000:0:");
         assert_eq!(decode(value(&min, b"")).unwrap().payload, Bytes::new());
     }
@@ -291,7 +361,7 @@ mod tests {
         ] {
             let want = format!("{version}:{ms:015}:{token:016x}:{len}:");
             assert_eq!(
-                Header::new(version, ms, token, len).as_bytes(),
+                Header::new(version, ms, token, len, None).as_bytes(),
                 want.as_bytes()
             );
         }
@@ -299,7 +369,7 @@ mod tests {
 
     #[test]
     fn the_payload_keeps_the_values_buffer() {
-        let header = Header::new(3, 5, 1, 2);
+        let header = Header::new(3, 5, 1, 2, None);
         let v = value(&header, b"{}");
         let start = v.as_ptr() as usize;
         let stored = decode(v).unwrap();
@@ -375,6 +445,50 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(&stored.payload[..], b"\xff\0\n:");
+    }
+
+    #[test]
+    fn owners_round_trip_and_old_values_have_none() {
+        let payload = br#"{"d":{}}"#;
+        let header = Header::new(7, 5, 0xab, payload.len(), Some("al:ice/{x}"));
+        assert_eq!(
+            header.as_bytes(),
+            b"7:000000000000005:00000000000000ab:8/10:al:ice/{x}"
+        );
+        let stored = decode(value(&header, payload)).unwrap();
+        assert_eq!(stored.owner.as_deref(), Some("al:ice/{x}"));
+        assert_eq!((stored.head.version, stored.head.owner_len), (7, Some(10)));
+        assert_eq!(&stored.payload[..], payload);
+        // The longest owner fits the buffer.
+        let long = "é".repeat(MAX_OWNER_LEN / 2);
+        let max = Header::new(u64::MAX, u64::MAX, u64::MAX, usize::MAX, Some(&long));
+        assert_eq!(max.as_bytes().len(), MAX_OWNED_HEADER_LEN);
+        assert_eq!(
+            parse_head(max.as_bytes()).unwrap().owner(max.as_bytes()),
+            Some(long.as_bytes())
+        );
+        // A value written before owners existed has none.
+        let old = decode(Bytes::from_static(
+            b"1:001764590400000:0000000000000001:2:{}",
+        ))
+        .unwrap();
+        assert_eq!((old.owner, old.head.owner_len), (None, None));
+        // A malformed owner part.
+        for bad in [
+            &b"1:001764590400000:0000000000000001:2/:{}"[..],
+            b"1:001764590400000:0000000000000001:2/01:a{}",
+            b"1:001764590400000:0000000000000001:2/9:ab",
+            b"1:001764590400000:0000000000000001:2/257:{}",
+            b"1:001764590400000:0000000000000001:2/1:\xff{}",
+            b"1:001764590400000:0000000000000001:2/1{}",
+        ] {
+            assert_eq!(
+                decode(Bytes::copy_from_slice(bad)),
+                Err(Malformed::Owner),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -349,6 +349,8 @@ impl Transport for Http {
     const NAME: &'static str = "webdis";
     const VALUE_LAST: bool = true;
     const BINARY_SAFE: bool = false;
+    // Each load is an HTTP request of its own, on a connection of its own.
+    const CONCURRENT_LOADS: usize = 32;
 
     /// The deadline is the protocol's to keep (its timer), as `keeps_deadline` says.
     async fn send(

@@ -141,6 +141,12 @@ pub(super) fn request(
         match *arg {
             Arg::Word(word) => segment(word.as_bytes()),
             Arg::Int(n) => segment(itoa::Buffer::new().format(n).as_bytes()),
+            Arg::Key(key) => segment(key.to_hex().as_bytes()),
+            Arg::Name(name) => {
+                let mut bytes = Vec::with_capacity(name.len());
+                name.write(&mut bytes);
+                segment(&bytes);
+            }
             Arg::Value(header, data) if last => {
                 let mut value = Vec::with_capacity(header.as_bytes().len() + data.len());
                 value.extend_from_slice(header.as_bytes());
@@ -228,7 +234,7 @@ mod tests {
             prefix: "a/b.",
             key,
         };
-        let header = Header::new(2, 5, 1, 7);
+        let header = Header::new(2, 5, 1, 7, None);
         let args = [Arg::Int(1), Arg::Int(5), Arg::Value(&header, b"{\"/\":1}")];
         let cmd = Command {
             head: Head::Name("SET"),
