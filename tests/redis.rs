@@ -67,6 +67,69 @@ async fn expect(b: &mut Browser, monitor: &mut Monitor, path: &str, want: &[&str
     println!("{what:<36} {path:<11} sent {sent:?}, in scripts {scripted:?}");
 }
 
+/// With signing keys, a forged or stale cookie (unsigned, a bad MAC, a dropped key's) sends
+/// Redis nothing: it is refused before any lookup. A rotated key's cookie costs its read only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_signed_cookies_send_redis_nothing() {
+    let (store, server) = single_node().await;
+    let (old_key, new_key) = ([0x0a_u8; 32], [0x0b_u8; 32]);
+    let old = SessionLayer::builder(store.clone())
+        .signing_keys([old_key])
+        .build()
+        .unwrap();
+    let old_app = serve(&old).await;
+    let mut b = Browser::new(old_app.addr).await;
+    b.get("/counter").await;
+    let signed = b.cookie.clone().expect("a signed cookie");
+    let (id, mac) = signed.strip_prefix("id=").unwrap().split_once('.').unwrap();
+    let flipped: String = mac
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 3 {
+                if c == 'A' { 'B' } else { 'A' }
+            } else {
+                c
+            }
+        })
+        .collect();
+    let rotated = SessionLayer::builder(store.clone())
+        .signing_keys([new_key, old_key])
+        .build()
+        .unwrap();
+    let dropped = SessionLayer::builder(store)
+        .signing_keys([new_key])
+        .build()
+        .unwrap();
+    let (rotated_app, dropped_app) = (serve(&rotated).await, serve(&dropped).await);
+    let mut monitor = Monitor::start(&server).await;
+    for (addr, cookie, want, what) in [
+        (rotated_app.addr, format!("id={id}"), &[][..], "unsigned"),
+        (
+            rotated_app.addr,
+            format!("id={id}.{flipped}"),
+            &[],
+            "a bad MAC",
+        ),
+        (dropped_app.addr, signed.clone(), &[], "a dropped key's"),
+        (
+            rotated_app.addr,
+            signed.clone(),
+            &["GET"],
+            "an older key's: one read",
+        ),
+    ] {
+        let r = Conn::http1(addr).await.get("/read", Some(&cookie)).await;
+        assert_eq!(r.status, StatusCode::OK, "{what}: {r:?}");
+        let seen = monitor.take().await;
+        assert_eq!(
+            client_commands(&seen),
+            want,
+            "{what}: Redis received {seen:#?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_per_request_kind() {
     let (store, server) = single_node().await;
