@@ -241,6 +241,7 @@ async fn no_secret_leaks<S: SessionStore + Clone>(
 /// Three sessions of an owner whose name is a secret; `break_rows` (given the owner and two of
 /// the keys) makes some rows unreadable. Then the owner's listing, the loads and owned writes
 /// meet errors, and neither they nor any log line show the owner.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 async fn owners_never_show<S: SessionStore>(
     what: &str,
     store: S,
