@@ -2014,9 +2014,10 @@ async fn an_owner_change_whose_save_reply_was_lost_is_saved_and_listed() {
     assert!(direct.owned(&me).await.unwrap().is_empty());
 }
 
-/// Several requests polled together by ONE task (`join_all`, `FuturesUnordered`), their
-/// commands or replies tens of kilobytes: each is answered, with its own data, well within the
-/// command timeout (the store's own connection once left them waiting until it).
+/// Several requests polled together by one task (`join_all`, `FuturesUnordered`) or by a task
+/// each, their commands or replies tens of kilobytes: each is answered, with its own data, well
+/// within the command timeout (the store's own connection once left some waiting past it: a
+/// request woken to take over the socket's registration returned without registering).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_requests_polled_by_one_task_are_answered() {
     use futures_util::StreamExt;
@@ -2093,5 +2094,21 @@ async fn large_requests_polled_by_one_task_are_answered() {
         })
         .await
         .unwrap_or_else(|_| panic!("round {round}: loads of 40 KB by FuturesUnordered hung"));
+        // And from a task each (they stalled too, the command timeout not firing either).
+        let tasks: Vec<_> = large
+            .iter()
+            .map(|rec| {
+                let (store, rec) = (store.clone(), rec.clone());
+                tokio::spawn(async move {
+                    let got = tokio::time::timeout(patience, store.load(&rec.key())).await;
+                    (rec, got)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (rec, got) = task.await.unwrap();
+            let got = got.unwrap_or_else(|_| panic!("round {round}: a spawned load of 40 KB hung"));
+            assert_eq!(got.unwrap().unwrap().data(), rec.data());
+        }
     }
 }

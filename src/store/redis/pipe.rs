@@ -578,7 +578,8 @@ impl State {
     /// request that had returned, and every other request waiting until its client gave up.
     /// Requests polled by one task through `FuturesUnordered`, each with a waker of its own and
     /// polled only when woken, made it happen every time with replies of tens of kilobytes
-    /// (one read, one reply); `join_all` of a few, all polled on any wake, hid it.
+    /// (one read, one reply), and a task each often; `join_all` of a few, all polled on any
+    /// wake, hid it.
     fn leave(&mut self, seq: u64) {
         for registered in [&mut self.reader, &mut self.writer] {
             if *registered == Some(seq) {
