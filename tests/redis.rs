@@ -2076,3 +2076,102 @@ async fn an_owner_change_whose_save_reply_was_lost_is_saved_and_listed() {
     );
     assert!(direct.owned(&me).await.unwrap().is_empty());
 }
+
+/// Several requests polled together by one task (`join_all`, `FuturesUnordered`) or by a task
+/// each, their commands or replies tens of kilobytes: each is answered, with its own data, well
+/// within the command timeout (the store's own connection once left some waiting past it: a
+/// request woken to take over the socket's registration returned without registering).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_polled_by_one_task_are_answered() {
+    use futures_util::StreamExt;
+    use futures_util::future::join_all;
+    use futures_util::stream::FuturesUnordered;
+
+    let (store, _server) = single_node().await;
+    let store = &store;
+    let data = |i: usize, len: usize| {
+        let mut v = vec![b"abcdefghijklmnopqrstuvwxyz"[i % 26]; len];
+        v[..i.to_string().len()].copy_from_slice(i.to_string().as_bytes());
+        bytes::Bytes::from(v)
+    };
+    let patience = Duration::from_millis(1_500);
+    for round in 0..3 {
+        // Creates of 12 KB, together from one task.
+        let small: Vec<_> = (0..16)
+            .map(|i| record_at_ms(new_key(), data(i, 12 << 10), 1, now_ms() + 3_600_000))
+            .collect();
+        let created =
+            tokio::time::timeout(patience, join_all(small.iter().map(|r| store.create(r))))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("round {round}: creates of 12 KB polled by one task hung")
+                });
+        for c in created {
+            c.unwrap();
+        }
+        let small: Vec<_> = (0..16)
+            .map(|i| record_at_ms(new_key(), data(i, 12 << 10), 1, now_ms() + 3_600_000))
+            .collect();
+        let mut running: FuturesUnordered<_> = small.iter().map(|r| store.create(r)).collect();
+        tokio::time::timeout(patience, async {
+            while let Some(created) = running.next().await {
+                created.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: creates of 12 KB by FuturesUnordered hung"));
+        for rec in &small {
+            assert_eq!(
+                store.load(&rec.key()).await.unwrap().unwrap().data(),
+                rec.data()
+            );
+        }
+        // Loads of 40 KB, together from one task (`join_all`, then `FuturesUnordered`).
+        let large: Vec<_> = (0..16)
+            .map(|i| record_at_ms(new_key(), data(i, 40 << 10), 1, now_ms() + 3_600_000))
+            .collect();
+        for rec in &large {
+            store.create(rec).await.unwrap();
+        }
+        let loaded = tokio::time::timeout(
+            patience,
+            join_all(
+                large
+                    .iter()
+                    .map(|r| async move { store.load(&r.key()).await }),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: loads of 40 KB by join_all hung"));
+        for (rec, got) in large.iter().zip(loaded) {
+            assert_eq!(got.unwrap().unwrap().data(), rec.data());
+        }
+        let mut running: FuturesUnordered<_> = large
+            .iter()
+            .map(|r| async move { (r, store.load(&r.key()).await) })
+            .collect();
+        tokio::time::timeout(patience, async {
+            while let Some((rec, got)) = running.next().await {
+                assert_eq!(got.unwrap().unwrap().data(), rec.data());
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: loads of 40 KB by FuturesUnordered hung"));
+        // And from a task each (they stalled too, the command timeout not firing either).
+        let tasks: Vec<_> = large
+            .iter()
+            .map(|rec| {
+                let (store, rec) = (store.clone(), rec.clone());
+                tokio::spawn(async move {
+                    let got = tokio::time::timeout(patience, store.load(&rec.key())).await;
+                    (rec, got)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (rec, got) = task.await.unwrap();
+            let got = got.unwrap_or_else(|_| panic!("round {round}: a spawned load of 40 KB hung"));
+            assert_eq!(got.unwrap().unwrap().data(), rec.data());
+        }
+    }
+}

@@ -461,10 +461,12 @@ impl Waiting<'_> {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => state.fail(Broken::Io(e.kind())),
                         Poll::Pending => {
+                            // Registered (even if the watchdog has it go round again): from
+                            // now on it hands over when it leaves.
+                            state.reader = Some(self.seq);
                             if state.watch(self.deadline, cx) {
                                 continue;
                             }
-                            state.reader = Some(self.seq);
                             state.wait_in(self.seq + self.count as u64 - 1, cx.waker());
                             return Poll::Pending;
                         }
@@ -566,16 +568,26 @@ impl State {
     }
 
     /// The request whose first reply is `seq` stops polling: if it was the one registered
-    /// for the socket, another waiting request is woken to register in its place.
+    /// for the socket, or no one is, another waiting request is woken to register in its
+    /// place.
+    ///
+    /// "Or no one is": the request woken to take over has not registered yet when it is
+    /// polled, and may finish without registering: its read returned its whole reply without
+    /// blocking, or its reply had come before it got to write. Handing over only from the one
+    /// registered then left the socket's readiness (and the watchdog) with the waker of a
+    /// request that had returned, and every other request waiting until its client gave up.
+    /// Requests polled by one task through `FuturesUnordered`, each with a waker of its own and
+    /// polled only when woken, made it happen every time with replies of tens of kilobytes
+    /// (one read, one reply), and a task each often; `join_all` of a few, all polled on any
+    /// wake, hid it.
     fn leave(&mut self, seq: u64) {
-        let mut was_registered = false;
         for registered in [&mut self.reader, &mut self.writer] {
             if *registered == Some(seq) {
                 *registered = None;
-                was_registered = true;
             }
         }
-        if was_registered {
+        let unwritten = !self.flush_due && self.written < self.out.len();
+        if self.reader.is_none() || self.writer.is_none() && unwritten {
             self.hand_over();
         }
     }

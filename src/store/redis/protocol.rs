@@ -206,6 +206,10 @@ const DROP_BATCH: usize = 64;
 /// The most keys one `MGET` of an owner listing asks for.
 const MGET_KEYS: usize = 256;
 
+/// The most `MGET`s of one owner listing under way at a time: a listing of up to 1,024
+/// sessions in one round trip, at most that many values in flight.
+const MGETS_UNDER_WAY: usize = 4;
+
 /// `SET key value NX PXAT ms GET` with the value last, for a transport that sends the value as
 /// the last argument (Webdis, as the request body): `KEYS[1]` the key; `ARGV[1]` the expiry
 /// (Unix ms); `ARGV[2]` the value. Answers what `SET` answers (the old value, or nil), so that
@@ -974,22 +978,34 @@ impl<T: Transport> Protocol<T> {
         Ok(records)
     }
 
-    /// The live stored values of `keys`, in order: by `MGET`s of [`MGET_KEYS`] keys on a
-    /// transport to [one node](Transport::one_node), else loaded together (a batch of `GET`s on
-    /// the wire), at most [`Transport::CONCURRENT_LOADS`] at a time.
+    /// The live stored values of `keys`, in order: by `MGET`s of [`MGET_KEYS`] keys,
+    /// [`MGETS_UNDER_WAY`] at a time, on a transport to [one node](Transport::one_node), else
+    /// loaded together (a batch of `GET`s on the wire), at most
+    /// [`Transport::CONCURRENT_LOADS`] at a time.
     async fn fetch_many(
         &self,
         keys: impl Iterator<Item = Key>,
     ) -> Result<Vec<Result<Option<value::Stored>, StoreError>>, StoreError> {
+        use futures_util::StreamExt;
+        use futures_util::stream::FuturesOrdered;
+
         if !self.transport.one_node() {
             return Ok(self.fetch_each(keys).await);
         }
         let keys: Vec<Key> = keys.collect();
         let mut out = Vec::with_capacity(keys.len());
-        // One at a time: the store's own connection stalls when one task polls several large
-        // requests at once (BENCHMARKS.md, "Owner listing: Redis").
-        for batch in keys.chunks(MGET_KEYS) {
-            out.extend(self.mget(batch).await?);
+        // Answered in order: the first batch to fail, in the keys' order, is the error (those
+        // after it are dropped unanswered), as when they went one at a time.
+        let mut batches = keys.chunks(MGET_KEYS);
+        let mut running = FuturesOrdered::new();
+        for batch in batches.by_ref().take(MGETS_UNDER_WAY) {
+            running.push_back(self.mget(batch));
+        }
+        while let Some(batch) = running.next().await {
+            if let Some(next) = batches.next() {
+                running.push_back(self.mget(next));
+            }
+            out.extend(batch?);
         }
         Ok(out)
     }
